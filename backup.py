@@ -1,0 +1,395 @@
+"""Back up a folder (or one file) to S3, uploading only what changed.
+
+usage: python backup.py LOCAL BUCKET::PREFIX [options]
+       python backup.py LOCAL s3://BUCKET/PREFIX [options]
+
+Each file becomes the object PREFIX/<path relative to LOCAL>, with its mtime
+and mode in user metadata. The bucket is created when it does not exist.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import botocore.exceptions
+
+from s3common import (
+    MULTIPART_THRESHOLD,
+    PART_WORKERS,
+    STORAGE_CLASSES,
+    ArgumentParser,
+    CliError,
+    Console,
+    ExitCode,
+    Failure,
+    Filters,
+    ProgressSubscriber,
+    RemoteObject,
+    Summary,
+    add_shared_options,
+    bucket_name_problem,
+    client_error_code,
+    connect,
+    describe_error,
+    folder_prefix,
+    format_mtime,
+    key_for,
+    list_objects,
+    parse_location,
+    relative_key,
+    run_cli,
+    run_in_parallel,
+    usage_error,
+)
+
+DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    path: str
+    size: int
+    mtime_ns: int
+    mode: int
+
+
+@dataclass(frozen=True)
+class Upload:
+    key: str
+    file: LocalFile
+    reason: str  # "new", "size changed" or "newer"
+
+
+@dataclass(frozen=True)
+class BackupPlan:
+    uploads: tuple[Upload, ...]
+    deletes: tuple[str, ...]
+    skipped: int
+
+
+@dataclass
+class Scan:
+    files: dict[str, LocalFile] = field(default_factory=dict)  # by S3 key
+    warnings: list[str] = field(default_factory=list)
+    errors: list[Failure] = field(default_factory=list)
+
+
+# --- Deciding: pure functions --------------------------------------------------
+
+
+def upload_reason(local: LocalFile, remote: Optional[RemoteObject]) -> Optional[str]:
+    """Why a file must go up, or None when the object already matches it."""
+    if remote is None:
+        return "new"
+    if remote.size != local.size:
+        return "size changed"
+    if local.mtime_ns / 1e9 > remote.last_modified:
+        return "newer"
+    return None
+
+
+def plan_backup(
+    local: dict[str, LocalFile],
+    remote: dict[str, RemoteObject],
+    prefix: str,
+    filters: Filters,
+    delete: bool,
+) -> BackupPlan:
+    """What to upload and delete, from the local and the remote listing keyed by S3 key."""
+    uploads, skipped = [], 0
+    for key in sorted(local):
+        if not filters.includes(relative_key(prefix, key)):
+            continue
+        reason = upload_reason(local[key], remote.get(key))
+        if reason:
+            uploads.append(Upload(key, local[key], reason))
+        else:
+            skipped += 1
+    deletes = ()
+    if delete:
+        deletes = tuple(
+            key
+            for key in sorted(remote)
+            if key not in local
+            and not key.endswith("/")
+            and filters.includes(relative_key(prefix, key))
+        )
+    return BackupPlan(tuple(uploads), deletes, skipped)
+
+
+def upload_args(file: LocalFile, extra: dict) -> dict:
+    """Metadata (mtime and mode as rclone writes them), Content-Type and the pass-through options."""
+    args = {"Metadata": {"mtime": format_mtime(file.mtime_ns), "mode": format(file.mode, "o")}}
+    content_type, _ = mimetypes.guess_type(file.path, strict=False)
+    if content_type:
+        args["ContentType"] = content_type
+    args.update(extra)
+    return args
+
+
+# --- Doing: the local walk and the S3 calls -------------------------------------
+
+
+def scan_folder(root: str, prefix: str, follow_symlinks: bool) -> Scan:
+    """Every regular file under root, in sorted order, keyed by its S3 key.
+
+    Symbolic links are followed unless told not to; a link back to a folder
+    on the way down is a loop, reported and not followed.
+    """
+    scan = Scan()
+    root_stat = os.stat(root)
+    stack = [(root, "", frozenset({(root_stat.st_dev, root_stat.st_ino)}))]
+    while stack:
+        folder, relative_folder, ancestors = stack.pop()
+        try:
+            with os.scandir(folder) as entries:
+                entries = sorted(entries, key=lambda entry: entry.name)
+        except OSError as exc:
+            scan.errors.append(Failure(folder, exc))
+            continue
+        subfolders = []
+        for entry in entries:
+            relative = relative_folder + entry.name
+            try:
+                if not follow_symlinks and entry.is_symlink():
+                    continue
+                info = entry.stat()
+            except FileNotFoundError:
+                scan.warnings.append(f"broken symbolic link skipped: {entry.path}")
+                continue
+            except OSError as exc:
+                scan.errors.append(Failure(entry.path, exc))
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                identity = (info.st_dev, info.st_ino)
+                if identity in ancestors:
+                    scan.warnings.append(f"symbolic link loop not followed: {entry.path}")
+                else:
+                    subfolders.append((entry.path, relative + "/", ancestors | {identity}))
+            elif stat.S_ISREG(info.st_mode):
+                scan.files[key_for(prefix, relative)] = LocalFile(
+                    entry.path, info.st_size, info.st_mtime_ns, info.st_mode
+                )
+            else:
+                scan.warnings.append(f"not a regular file, skipped: {entry.path}")
+        stack.extend(reversed(subfolders))
+    return scan
+
+
+def scan_local(local: str, prefix: str, follow_symlinks: bool) -> tuple[Scan, bool]:
+    """The files to back up from LOCAL, and whether LOCAL is a folder."""
+    try:
+        info = os.stat(local)
+    except FileNotFoundError:
+        raise usage_error(f"{local!r} does not exist: give the folder or file to back up") from None
+    if stat.S_ISDIR(info.st_mode):
+        return scan_folder(local, prefix, follow_symlinks), True
+    if not stat.S_ISREG(info.st_mode):
+        raise usage_error(f"{local!r} is not a regular file or a folder")
+    name = os.path.basename(os.path.normpath(local))
+    file = LocalFile(local, info.st_size, info.st_mtime_ns, info.st_mode)
+    return Scan(files={key_for(prefix, name): file}), False
+
+
+def ensure_bucket(client, bucket: str, region: str, dry_run: bool, console: Console) -> bool:
+    """Make sure the bucket exists, creating it when missing; False when a dry run would create it."""
+    try:
+        client.head_bucket(Bucket=bucket)
+        return True
+    except botocore.exceptions.ClientError as exc:
+        if client_error_code(exc) not in ("404", "NoSuchBucket"):
+            raise CliError(f"bucket {bucket}: {describe_error(exc)[0]}") from None
+    problem = bucket_name_problem(bucket)
+    if problem:
+        raise usage_error(f"cannot create bucket {bucket!r}: {problem}")
+    if dry_run:
+        console.info(f"(dry run) create bucket s3://{bucket} in {region}")
+        return False
+    # us-east-1 is the default location and refuses to be named as a constraint.
+    location = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+    try:
+        client.create_bucket(Bucket=bucket, **location)
+    except botocore.exceptions.ClientError as exc:
+        if client_error_code(exc) != "BucketAlreadyOwnedByYou":
+            raise CliError(f"cannot create bucket {bucket}: {describe_error(exc)[0]}") from None
+    client.get_waiter("bucket_exists").wait(Bucket=bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+    console.info(f"created bucket s3://{bucket} in {region}")
+    return True
+
+
+def make_uploader(client, bucket: str, extra: dict, console: Console):
+    """The work function for run_in_parallel: one file up, as one PUT or a parallel multipart."""
+
+    def upload(item: Upload, manager, cancel) -> None:
+        file = item.file
+        args = upload_args(file, extra)
+        # One PutObject is the cheapest request for a small file; the transfer
+        # manager's futures and callbacks cost more than the upload itself.
+        if file.size < MULTIPART_THRESHOLD:
+            with open(file.path, "rb") as body:
+                client.put_object(Bucket=bucket, Key=item.key, Body=body, **args)
+            console.advance(nbytes=file.size)
+        else:
+            subscribers = [ProgressSubscriber(console)]
+            manager.upload(file.path, bucket, item.key, extra_args=args, subscribers=subscribers).result()
+        console.advance(files=1)
+        console.detail(f"upload: {file.path} -> s3://{bucket}/{item.key}")
+
+    return upload
+
+
+def delete_objects(client, bucket: str, keys: tuple[str, ...], console: Console) -> list[Failure]:
+    """Delete keys in batches; the failures, key by key."""
+    failures = []
+    for start in range(0, len(keys), DELETE_BATCH):
+        batch = keys[start : start + DELETE_BATCH]
+        try:
+            response = client.delete_objects(
+                Bucket=bucket, Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True}
+            )
+        except botocore.exceptions.ClientError as exc:
+            failures.extend(Failure(key, exc) for key in batch)
+            continue
+        failed = {error["Key"]: error for error in response.get("Errors", [])}
+        for key in batch:
+            if key in failed:
+                error = failed[key]
+                failures.append(Failure(key, CliError(f"{error.get('Code')}: {error.get('Message')}")))
+            else:
+                console.detail(f"delete: s3://{bucket}/{key}")
+    return failures
+
+
+# --- The command ----------------------------------------------------------------
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="backup.py",
+        description="Back up a folder (or one file) to S3, uploading only what changed.",
+    )
+    parser.add_argument("local", metavar="LOCAL", help="the folder or file to back up")
+    parser.add_argument("location", metavar="BUCKET::PREFIX", help="or s3://BUCKET/PREFIX")
+    add_shared_options(parser)
+    parser.add_argument(
+        "--delete",
+        action="store_true",
+        help="delete objects under the prefix whose files no longer exist locally",
+    )
+    parser.add_argument(
+        "--no-follow-symlinks",
+        dest="follow_symlinks",
+        action="store_false",
+        help="skip symbolic links instead of following them",
+    )
+    parser.add_argument("--storage-class", choices=STORAGE_CLASSES, metavar="CLASS")
+    parser.add_argument("--sse", choices=("AES256", "aws:kms"), help="server-side encryption")
+    parser.add_argument("--sse-kms-key-id", metavar="ID", help="the KMS key for --sse aws:kms")
+    return parser
+
+
+def extra_args_from(args) -> dict:
+    if args.sse_kms_key_id and args.sse != "aws:kms":
+        raise usage_error("--sse-kms-key-id goes with --sse aws:kms")
+    extra = {}
+    if args.storage_class:
+        extra["StorageClass"] = args.storage_class
+    if args.sse:
+        extra["ServerSideEncryption"] = args.sse
+    if args.sse_kms_key_id:
+        extra["SSEKMSKeyId"] = args.sse_kms_key_id
+    return extra
+
+
+def run(args) -> int:
+    started = time.monotonic()
+    console = Console(args.quiet, args.verbose)
+    location = parse_location(args.location)
+    extra = extra_args_from(args)
+    filters = Filters(args.filters)
+    scan, is_folder = scan_local(args.local, location.prefix, args.follow_symlinks)
+    if args.delete:
+        if not is_folder:
+            raise usage_error("--delete needs LOCAL to be a folder")
+        if not any(filters.includes(relative_key(location.prefix, key)) for key in scan.files):
+            raise usage_error(
+                f"refusing --delete: {args.local!r} has no files to back up, "
+                "so every object under the prefix would be deleted"
+            )
+    for warning in scan.warnings:
+        console.warning(warning)
+    for failure in scan.errors:
+        console.error(f"cannot read {failure.item}: {describe_error(failure.error)[0]}")
+
+    connection = connect(args, pool_size=args.workers + PART_WORKERS)
+    client = connection.client
+    exists = ensure_bucket(client, location.bucket, connection.region, args.dry_run, console)
+    remote = {}
+    if exists:
+        # A single file is listed by its own key, a folder on its folder boundary.
+        listing_prefix = next(iter(scan.files)) if not is_folder else folder_prefix(location.prefix)
+        try:
+            remote = list_objects(client, location.bucket, listing_prefix)
+        except botocore.exceptions.ClientError as exc:
+            raise CliError(f"cannot list {location.url()}: {describe_error(exc)[0]}") from None
+        if not is_folder:
+            remote = {key: obj for key, obj in remote.items() if key == listing_prefix}
+    plan = plan_backup(scan.files, remote, location.prefix, filters, args.delete)
+    total_bytes = sum(upload.file.size for upload in plan.uploads)
+
+    if args.dry_run:
+        for upload in plan.uploads:
+            console.info(f"(dry run) upload: {upload.file.path} -> s3://{location.bucket}/{upload.key}")
+        for key in plan.deletes:
+            console.info(f"(dry run) delete: s3://{location.bucket}/{key}")
+        console.info(
+            f"(dry run) would upload {len(plan.uploads)} ({total_bytes} bytes), "
+            f"skip {plan.skipped}, delete {len(plan.deletes)}"
+        )
+        return ExitCode.OK
+
+    console.start(len(plan.uploads), total_bytes)
+    uploader = make_uploader(client, location.bucket, extra, console)
+    failures, _ = run_in_parallel(plan.uploads, uploader, client, args.workers)
+    console.finish()
+    for failure in failures:
+        console.error(f"upload failed: {failure.item.file.path}: {describe_error(failure.error)[0]}")
+
+    deleted = 0
+    if plan.deletes:
+        if failures or scan.errors:
+            console.warning("not deleting anything: some files could not be read or uploaded")
+        else:
+            delete_failures = delete_objects(client, location.bucket, plan.deletes, console)
+            for failure in delete_failures:
+                console.error(f"delete failed: s3://{location.bucket}/{failure.item}: {describe_error(failure.error)[0]}")
+            deleted = len(plan.deletes) - len(delete_failures)
+            failures += delete_failures
+
+    if not plan.uploads and not plan.deletes and not scan.errors:
+        console.info(f"nothing to upload: {location.url()} is up to date")
+    failed_bytes = sum(f.item.file.size for f in failures if isinstance(f.item, Upload))
+    summary = Summary(
+        "uploaded",
+        transferred=len(plan.uploads) - sum(isinstance(f.item, Upload) for f in failures),
+        skipped=plan.skipped,
+        failed=len(failures) + len(scan.errors),
+        deleted=deleted,
+        nbytes=total_bytes - failed_bytes,
+        seconds=time.monotonic() - started,
+    )
+    console.info(summary.line())
+    return ExitCode.FAILURE if summary.failed else ExitCode.OK
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_cli(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,370 @@
+"""Restore a prefix (or one object) from S3 into a folder, safely.
+
+usage: python restore.py BUCKET::PREFIX LOCAL [options]
+       python restore.py s3://BUCKET/PREFIX LOCAL [options]
+
+Every object under PREFIX/ is written to LOCAL/<key minus PREFIX/> through a
+temporary file renamed into place, with its recorded mtime and mode. A key
+that would land outside LOCAL is refused.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
+from typing import BinaryIO, Callable, Optional
+
+import botocore.exceptions
+
+from s3common import (
+    MULTIPART_THRESHOLD,
+    PART_WORKERS,
+    ArgumentParser,
+    Cancelled,
+    CliError,
+    Console,
+    ExitCode,
+    Filters,
+    ProgressSubscriber,
+    RemoteObject,
+    Summary,
+    add_shared_options,
+    client_error_code,
+    connect,
+    describe_error,
+    folder_prefix,
+    list_objects,
+    parse_location,
+    parse_mode,
+    parse_mtime,
+    relative_key,
+    run_cli,
+    run_in_parallel,
+    usage_error,
+)
+
+CHUNK = 1024 * 1024
+_DRIVE_LETTER = re.compile(r"[A-Za-z]:")
+_WINDOWS_DEVICE_NAMES = {
+    "CON", "PRN", "AUX", "NUL",
+    *(f"COM{n}" for n in range(1, 10)),
+    *(f"LPT{n}" for n in range(1, 10)),
+}  # fmt: skip
+_WINDOWS_FORBIDDEN = set('<>:"|?*') | {chr(code) for code in range(32)}
+
+
+class UnsafeKey(ValueError):
+    """A key that would be written outside LOCAL, or not as the file it names."""
+
+
+@dataclass(frozen=True)
+class Download:
+    key: str
+    path: PurePath
+    size: int
+    last_modified: float
+    storage_class: str
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    downloads: tuple[Download, ...]
+    refused: tuple[tuple[str, str], ...]  # (key, why), keys that would escape LOCAL
+    conflicts: tuple[tuple[str, str], ...]  # (key, why), keys that collide locally
+
+
+# --- Deciding: pure functions --------------------------------------------------
+
+
+def path_for_key(relative: str, root: PurePath) -> PurePath:
+    """Where the key part `relative` lands under root; UnsafeKey if anywhere else.
+
+    The rules hold on every OS; a Windows root (PureWindowsPath) also refuses
+    names that Windows reads as devices, streams or something else.
+    """
+    if not relative:
+        raise UnsafeKey("names no file")
+    if "\x00" in relative:
+        raise UnsafeKey("holds a NUL character")
+    if "\\" in relative:
+        raise UnsafeKey("holds a backslash")
+    if relative.startswith("/"):
+        raise UnsafeKey("is an absolute path")
+    if _DRIVE_LETTER.match(relative):
+        raise UnsafeKey("starts with a drive letter")
+    parts = relative.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise UnsafeKey("has an empty, '.' or '..' segment")
+    if isinstance(root, PureWindowsPath):
+        for part in parts:
+            if _WINDOWS_FORBIDDEN.intersection(part):
+                raise UnsafeKey(f"segment {part!r} holds a character Windows forbids")
+            if part[-1] in ". ":
+                raise UnsafeKey(f"segment {part!r} ends with a dot or space")
+            if part.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICE_NAMES:
+                raise UnsafeKey(f"segment {part!r} is a Windows device name")
+    target = root.joinpath(*parts)
+    if root not in target.parents:
+        raise UnsafeKey("lands outside the destination")
+    return target
+
+
+def plan_restore(
+    objects: dict[str, RemoteObject],
+    strip: str,
+    root: PurePath,
+    filters: Filters,
+    case_insensitive: bool,
+) -> RestorePlan:
+    """Which objects to write where, and which to refuse, from the listing keyed by S3 key.
+
+    `strip` is the prefix folder whose contents land directly in root.
+    """
+    refused, placed = [], []
+    for key in sorted(objects):
+        if key.endswith("/"):
+            continue  # a folder marker
+        relative = relative_key(strip, key)
+        if not filters.includes(relative):
+            continue
+        try:
+            placed.append((key, relative, path_for_key(relative, root)))
+        except UnsafeKey as exc:
+            refused.append((key, f"refused: the key {exc}"))
+
+    fold = str.casefold if case_insensitive else str
+    folders = set()
+    for _, relative, _ in placed:
+        parts = relative.split("/")
+        folders.update(fold("/".join(parts[:depth])) for depth in range(1, len(parts)))
+    downloads, conflicts, taken = [], [], {}
+    for key, relative, path in placed:
+        name = fold(relative)
+        if name in folders:
+            conflicts.append((key, "conflict: a folder of the same name is in the backup; restored the folder"))
+        elif name in taken:
+            conflicts.append((key, f"conflict: same name as {taken[name]} on this case-insensitive file system"))
+        else:
+            taken[name] = key
+            obj = objects[key]
+            downloads.append(Download(key, path, obj.size, obj.last_modified, obj.storage_class))
+    return RestorePlan(tuple(downloads), tuple(refused), tuple(conflicts))
+
+
+def restored_times(metadata: dict, last_modified: float) -> int:
+    """The mtime to give a restored file, in nanoseconds: the recorded one, else LastModified."""
+    recorded = parse_mtime(metadata.get("mtime"))
+    return recorded if recorded is not None else int(last_modified * 1e9)
+
+
+def is_restored(path: PurePath, size: int, mtime_ns: int) -> bool:
+    """Whether the file at path is already this object, restored whole (size and recorded mtime)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return False
+    # Allow for file systems that keep mtimes to the microsecond.
+    return stat.S_ISREG(info.st_mode) and info.st_size == size and abs(info.st_mtime_ns - mtime_ns) < 1000
+
+
+# --- Doing: listing, folders and files -------------------------------------------
+
+
+def find_objects(client, bucket: str, prefix: str) -> tuple[dict[str, RemoteObject], str]:
+    """The objects to restore and the prefix to strip from their keys.
+
+    Everything under PREFIX/ if there is anything; else the one object named PREFIX.
+    """
+    try:
+        objects = list_objects(client, bucket, folder_prefix(prefix))
+        if any(not key.endswith("/") for key in objects) or not prefix:
+            return objects, prefix
+        head = client.head_object(Bucket=bucket, Key=prefix)
+    except botocore.exceptions.ClientError as exc:
+        if client_error_code(exc) in ("404", "NoSuchKey"):
+            return {}, prefix
+        raise CliError(f"cannot list s3://{bucket}/{prefix}: {describe_error(exc)[0]}") from None
+    single = RemoteObject(
+        prefix, head["ContentLength"], head["LastModified"].timestamp(), head.get("StorageClass", "STANDARD")
+    )
+    parent = str(PurePosixPath(prefix).parent)
+    return {prefix: single}, "" if parent == "." else parent
+
+
+def probe_case_insensitive(folder: str) -> bool:
+    """Whether the file system holding folder treats names equal but for case as one."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".s3restore-case-", dir=folder)
+    except OSError as exc:
+        raise CliError(f"cannot write to {folder}: {exc.strerror}: check its permissions") from None
+    os.close(fd)
+    try:
+        return os.path.exists(os.path.join(folder, os.path.basename(probe).upper()))
+    finally:
+        os.unlink(probe)
+
+
+class Folders:
+    """Creates the folders files land in, once each, and never outside the root."""
+
+    def __init__(self, root: str):
+        self._root = os.path.realpath(root)
+        self._made: set[str] = set()
+        self._lock = threading.Lock()
+
+    def ensure(self, folder: str) -> None:
+        if folder in self._made:
+            return
+        os.makedirs(folder, exist_ok=True)
+        # A symbolic link already inside LOCAL may point elsewhere: follow it and check.
+        real = os.path.realpath(folder)
+        if real != self._root and not real.startswith(self._root + os.sep):
+            raise CliError(f"refused: {folder} leads outside the destination (through a symbolic link)")
+        with self._lock:
+            self._made.add(folder)
+
+
+def write_atomically(path: str, fill: Callable[[BinaryIO], None], mode: int, mtime_ns: int) -> None:
+    """Write a file through a temporary file in its folder, renamed into place only when complete."""
+    fd, temporary = tempfile.mkstemp(prefix=".s3restore-", suffix=".part", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "wb") as out:
+            fill(out)
+        os.chmod(temporary, mode)
+        os.utime(temporary, ns=(mtime_ns, mtime_ns))
+        os.replace(temporary, path)
+    except BaseException:
+        os.unlink(temporary)
+        raise
+
+
+def make_restorer(client, bucket: str, folders: Folders, default_mode: int, console: Console):
+    """The work function for run_in_parallel: one object down; False when already restored."""
+
+    def copy_body(body, out: BinaryIO, cancel: threading.Event) -> None:
+        for chunk in body.iter_chunks(CHUNK):
+            if cancel.is_set():
+                raise Cancelled()
+            out.write(chunk)
+            console.advance(nbytes=len(chunk))
+
+    def restore(item: Download, manager, cancel) -> Optional[bool]:
+        path = str(item.path)
+        folders.ensure(os.path.dirname(path))
+        # Small objects: one GET, with no HEAD first (the listing gave the size).
+        if item.size < MULTIPART_THRESHOLD:
+            response = client.get_object(Bucket=bucket, Key=item.key)
+            metadata = response["Metadata"]
+            mtime_ns = restored_times(metadata, response["LastModified"].timestamp())
+
+            def fill(out):
+                copy_body(response["Body"], out, cancel)
+
+        # Large objects: a HEAD for the metadata, then parallel ranged GETs, unless
+        # an earlier (interrupted) run already restored this very file whole.
+        else:
+            head = client.head_object(Bucket=bucket, Key=item.key)
+            metadata = head["Metadata"]
+            mtime_ns = restored_times(metadata, head["LastModified"].timestamp())
+            if is_restored(path, item.size, mtime_ns):
+                console.advance(files=1)
+                console.detail(f"already restored: {path}")
+                return False
+
+            def fill(out):
+                subscribers = [ProgressSubscriber(console, size=item.size)]
+                manager.download(bucket, item.key, out, subscribers=subscribers).result()
+
+        mode = parse_mode(metadata.get("mode"))
+        write_atomically(path, fill, default_mode if mode is None else mode, mtime_ns)
+        console.advance(files=1)
+        console.detail(f"restore: s3://{bucket}/{item.key} -> {path}")
+        return True
+
+    return restore
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# --- The command ----------------------------------------------------------------
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="restore.py",
+        description="Restore a prefix (or one object) from S3 into a folder.",
+    )
+    parser.add_argument("location", metavar="BUCKET::PREFIX", help="or s3://BUCKET/PREFIX")
+    parser.add_argument("local", metavar="LOCAL", help="the folder to restore into (created if missing)")
+    add_shared_options(parser)
+    return parser
+
+
+def run(args) -> int:
+    started = time.monotonic()
+    console = Console(args.quiet, args.verbose)
+    location = parse_location(args.location)
+    filters = Filters(args.filters)
+    if os.path.exists(args.local) and not os.path.isdir(args.local):
+        raise usage_error(f"{args.local!r} is not a folder: give a folder to restore into")
+
+    connection = connect(args, pool_size=args.workers + PART_WORKERS)
+    client = connection.client
+    objects, strip = find_objects(client, location.bucket, location.prefix)
+    if not any(not key.endswith("/") for key in objects):
+        raise CliError(f"nothing to restore: no objects under {location.url()}")
+
+    if args.dry_run:
+        case_insensitive = sys.platform in ("darwin", "win32")
+    else:
+        os.makedirs(args.local, exist_ok=True)
+        case_insensitive = probe_case_insensitive(args.local)
+    plan = plan_restore(objects, strip, Path(args.local), filters, case_insensitive)
+    for key, why in plan.refused + plan.conflicts:
+        console.error(f"s3://{location.bucket}/{key}: {why}")
+    problems = len(plan.refused) + len(plan.conflicts)
+    total_bytes = sum(item.size for item in plan.downloads)
+
+    if args.dry_run:
+        for item in plan.downloads:
+            console.info(f"(dry run) restore: s3://{location.bucket}/{item.key} -> {item.path}")
+        console.info(f"(dry run) would restore {len(plan.downloads)} ({total_bytes} bytes)")
+        return ExitCode.FAILURE if problems else ExitCode.OK
+
+    console.start(len(plan.downloads), total_bytes)
+    restorer = make_restorer(client, location.bucket, Folders(args.local), 0o666 & ~current_umask(), console)
+    failures, skipped = run_in_parallel(plan.downloads, restorer, client, args.workers)
+    console.finish()
+    for failure in failures:
+        console.error(f"restore failed: s3://{location.bucket}/{failure.item.key}: {describe_error(failure.error)[0]}")
+
+    untouched_bytes = sum(item.size for item in skipped) + sum(f.item.size for f in failures)
+    summary = Summary(
+        "restored",
+        transferred=len(plan.downloads) - len(failures) - len(skipped),
+        skipped=len(skipped),
+        failed=len(failures) + problems,
+        nbytes=total_bytes - untouched_bytes,
+        seconds=time.monotonic() - started,
+    )
+    console.info(summary.line())
+    return ExitCode.FAILURE if summary.failed else ExitCode.OK
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return run_cli(build_parser(), run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,649 @@
+"""What backup.py and restore.py share: locations, filters, the S3 client,
+error messages and exit codes, the worker pool, progress and the summary."""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import ipaddress
+import os
+import re
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from enum import IntEnum
+from typing import Callable, Iterable, Optional, Sequence, TextIO
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig, create_transfer_manager
+from botocore.config import Config
+from s3transfer.subscribers import BaseSubscriber
+
+MiB = 1024 * 1024
+MULTIPART_THRESHOLD = 8 * MiB
+MULTIPART_CHUNKSIZE = 8 * MiB
+# Measured with bench/run.py: on a local server small-file throughput stops
+# growing past ~16 workers, and more threads only add GIL contention.
+DEFAULT_WORKERS = 16
+# Threads s3transfer may use for the parts of one large file.
+PART_WORKERS = 8
+# Enough attempts to ride out throttling (503 SlowDown), 500s and dropped
+# connections; botocore's standard mode backs off exponentially between them.
+RETRY_ATTEMPTS = 10
+
+STORAGE_CLASSES = (
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+    "GLACIER_IR",
+    "OUTPOSTS",
+    "SNOW",
+    "EXPRESS_ONEZONE",
+)
+ARCHIVE_STORAGE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    INTERRUPTED = 130
+
+
+class CliError(Exception):
+    """A failure of the whole run, with the line to show and the exit code."""
+
+    def __init__(self, message: str, code: ExitCode = ExitCode.FAILURE):
+        super().__init__(message)
+        self.code = code
+
+
+def usage_error(message: str) -> CliError:
+    return CliError(message, ExitCode.USAGE)
+
+
+# --- Locations and keys ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Location:
+    bucket: str
+    prefix: str  # normalised: no leading, trailing or doubled "/"; "" is the root
+
+    def url(self, key: Optional[str] = None) -> str:
+        return f"s3://{self.bucket}/{self.prefix if key is None else key}"
+
+
+def normalize_prefix(raw: str) -> str:
+    """Drop leading, trailing and repeated "/", read "\\" as "/"; refuse "." and ".."."""
+    parts = [part for part in raw.replace("\\", "/").split("/") if part]
+    if any(part in (".", "..") for part in parts):
+        raise usage_error(f"prefix {raw!r} may not contain '.' or '..' segments")
+    return "/".join(parts)
+
+
+def parse_location(text: str) -> Location:
+    """Read BUCKET::PREFIX, BUCKET::, BUCKET, s3://BUCKET/PREFIX or s3://BUCKET."""
+    if text[:5].lower() == "s3://":
+        bucket, _, prefix = text[5:].partition("/")
+    else:
+        bucket, _, prefix = text.partition("::")
+    if not bucket:
+        raise usage_error(
+            f"no bucket in location {text!r}: write BUCKET::PREFIX or s3://BUCKET/PREFIX"
+        )
+    problem = bucket_name_problem(bucket, legacy=True)
+    if problem:
+        raise usage_error(f"{bucket!r} is not a bucket name: {problem}")
+    return Location(bucket, normalize_prefix(prefix))
+
+
+def key_for(prefix: str, relative: str) -> str:
+    """The key of a "/"-separated path relative to the prefix."""
+    return f"{prefix}/{relative}" if prefix else relative
+
+
+def relative_key(prefix: str, key: str) -> str:
+    """The part of a key under the prefix folder (the inverse of key_for)."""
+    return key[len(prefix) + 1 :] if prefix else key
+
+
+def folder_prefix(prefix: str) -> str:
+    """The listing prefix that matches on a folder boundary."""
+    return f"{prefix}/" if prefix else ""
+
+
+_RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+_RESERVED_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+
+
+def bucket_name_problem(name: str, legacy: bool = False) -> Optional[str]:
+    """Why S3 would refuse `name` for a new bucket, or None if it would not.
+
+    With legacy=True, also accept what older buckets in us-east-1 may still be
+    called: upper-case letters, underscores and up to 255 characters.
+    """
+    if legacy:
+        name, max_length = name.lower().replace("_", "-"), 255
+    else:
+        max_length = 63
+    if not 3 <= len(name) <= max_length:
+        return f"a bucket name has 3 to {max_length} characters"
+    if not re.fullmatch(r"[a-z0-9.-]+", name):
+        return "a bucket name has only lowercase letters, digits, '.' and '-'"
+    if not (name[0].isalnum() and name[-1].isalnum()):
+        return "a bucket name starts and ends with a letter or digit"
+    if ".." in name:
+        return "a bucket name has no '..'"
+    try:
+        ipaddress.IPv4Address(name)
+        return "a bucket name is not an IP address"
+    except ValueError:
+        pass
+    for reserved in _RESERVED_BUCKET_PREFIXES:
+        if name.startswith(reserved):
+            return f"the prefix {reserved!r} is reserved by S3"
+    for reserved in _RESERVED_BUCKET_SUFFIXES:
+        if name.endswith(reserved):
+            return f"the suffix {reserved!r} is reserved by S3"
+    return None
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    key: str
+    size: int
+    last_modified: float  # seconds since the epoch
+    storage_class: str = "STANDARD"
+
+
+def list_objects(client, bucket: str, prefix: str) -> dict[str, RemoteObject]:
+    """Every object whose key starts with `prefix`, from one paged ListObjectsV2."""
+    objects = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            objects[item["Key"]] = RemoteObject(
+                item["Key"],
+                item["Size"],
+                item["LastModified"].timestamp(),
+                item.get("StorageClass", "STANDARD"),
+            )
+    return objects
+
+
+# --- Filters -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Filters:
+    """--exclude/--include rules in command-line order; the last match wins."""
+
+    rules: tuple[tuple[bool, str], ...] = ()  # (include?, glob)
+
+    def __post_init__(self):
+        compiled = tuple(
+            (include, re.compile(fnmatch.translate(glob))) for include, glob in self.rules
+        )
+        object.__setattr__(self, "_compiled", compiled)
+
+    def includes(self, relative: str) -> bool:
+        """Whether a "/"-separated path relative to the root takes part."""
+        included = True
+        for include, pattern in self._compiled:
+            if pattern.match(relative):
+                included = include
+        return included
+
+
+class _FilterAction(argparse.Action):
+    def __call__(self, parser, namespace, value, option_string=None):
+        rules = getattr(namespace, self.dest) or ()
+        setattr(namespace, self.dest, (*rules, (option_string == "--include", value)))
+
+
+# --- Command line ------------------------------------------------------------
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line and exit 2, not a usage dump."""
+
+    def error(self, message):
+        raise usage_error(f"{message} (see --help)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
+
+
+def add_shared_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", help="credentials and region from this AWS profile")
+    parser.add_argument("--region", help="region of the client (and of a bucket backup creates)")
+    parser.add_argument(
+        "--endpoint-url",
+        help="an S3-compatible server, e.g. http://127.0.0.1:9000 (default: $AWS_ENDPOINT_URL)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=DEFAULT_WORKERS,
+        help=f"files transferred at once (default {DEFAULT_WORKERS})",
+    )
+    parser.add_argument(
+        "--exclude",
+        dest="filters",
+        action=_FilterAction,
+        default=(),
+        metavar="GLOB",
+        help="skip paths matching GLOB ('*' also crosses '/'); repeatable",
+    )
+    parser.add_argument(
+        "--include",
+        dest="filters",
+        action=_FilterAction,
+        metavar="GLOB",
+        help="take paths matching GLOB after an --exclude; the last match wins",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="show what would happen, change nothing"
+    )
+    volume = parser.add_mutually_exclusive_group()
+    volume.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    volume.add_argument("-v", "--verbose", action="store_true", help="print one line per file")
+    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+
+# --- Client and credentials --------------------------------------------------
+
+
+def endpoint_url_from(args: argparse.Namespace) -> Optional[str]:
+    """--endpoint-url, else $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL; checked for form."""
+    url = (
+        args.endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise usage_error(f"endpoint URL {url!r} is not of the form http(s)://HOST[:PORT]")
+    try:
+        parts.port
+    except ValueError:
+        raise usage_error(f"endpoint URL {url!r} has a bad port number") from None
+    return url
+
+
+def check_endpoint_reachable(url: str) -> None:
+    """Fail at once when nothing listens at the endpoint, instead of after every retry."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=10).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise CliError(
+            f"cannot connect to {url} ({reason}): check --endpoint-url and that the server runs"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Connection:
+    client: object  # a boto3 S3 client, shared by every thread
+    region: str
+
+
+def connect(args: argparse.Namespace, pool_size: int) -> Connection:
+    """One S3 client for the run, after checking there are credentials to sign with."""
+    session = boto3.session.Session(profile_name=args.profile)
+    if session.get_credentials() is None:
+        raise botocore.exceptions.NoCredentialsError()
+    region = args.region or session.region_name or "us-east-1"
+    endpoint_url = endpoint_url_from(args)
+    if endpoint_url:
+        check_endpoint_reachable(endpoint_url)
+    config = Config(
+        max_pool_connections=pool_size,
+        retries={"mode": "standard", "max_attempts": RETRY_ATTEMPTS},
+        # Local and S3-compatible servers rarely resolve bucket sub-domains.
+        s3={"addressing_style": "path"} if endpoint_url else None,
+        user_agent_extra="s3backup",
+    )
+    client = session.client("s3", region_name=region, endpoint_url=endpoint_url, config=config)
+    return Connection(client, region)
+
+
+def transfer_config() -> TransferConfig:
+    # The CRT transfer client ignores endpoint_url (boto3 issue 4839): pin classic.
+    return TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD,
+        multipart_chunksize=MULTIPART_CHUNKSIZE,
+        max_concurrency=PART_WORKERS,
+        preferred_transfer_client="classic",
+    )
+
+
+def client_error_code(exc: BaseException) -> str:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+# --- Errors: one place turns exceptions into a line and an exit code ---------
+
+_CLIENT_ERROR_LINES = {
+    "AccessDenied": "access denied: check that these credentials may use the bucket",
+    "403": "access denied: the bucket belongs to another account or these credentials may not use it",
+    "AllAccessDisabled": "all access to this bucket has been disabled",
+    "NoSuchBucket": "the bucket does not exist: check its name (and --endpoint-url)",
+    "404": "not found: check the bucket name (and --endpoint-url)",
+    "BucketAlreadyExists": "the bucket name is taken by another account: choose another name",
+    "InvalidAccessKeyId": "the access key is not known to S3: check your credentials (aws configure)",
+    "SignatureDoesNotMatch": "the secret key does not match the access key: check your credentials (aws configure)",
+    "ExpiredToken": "the credentials have expired: renew them (e.g. aws sso login) and run again",
+    "InvalidToken": "the session token is not valid: renew your credentials and run again",
+    "InvalidObjectState": "the object is in an archive storage class (GLACIER or DEEP_ARCHIVE): "
+    "restore it from the archive first (aws s3api restore-object), then run again",
+    "SlowDown": "the server kept throttling requests (SlowDown) after every retry: run again later",
+    "InternalError": "the server kept failing (InternalError) after every retry: run again later",
+    "ServiceUnavailable": "the service was unavailable after every retry: run again later",
+    "InvalidStorageClass": "the storage class is not supported by this server",
+    "KMS.NotFoundException": "the KMS key was not found: check --sse-kms-key-id",
+}
+
+
+def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
+    """One actionable line and the exit code for an exception."""
+    if isinstance(exc, CliError):
+        return str(exc), exc.code
+    if isinstance(exc, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
+        return (
+            "no AWS credentials found: run 'aws configure', set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or pick a profile with --profile",
+            ExitCode.FAILURE,
+        )
+    if isinstance(exc, botocore.exceptions.ProfileNotFound):
+        return (
+            f"profile {exc.kwargs.get('profile')!r} is not in ~/.aws/config or ~/.aws/credentials: "
+            "check --profile or AWS_PROFILE",
+            ExitCode.FAILURE,
+        )
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = client_error_code(exc)
+        line = _CLIENT_ERROR_LINES.get(code)
+        if line is None:
+            message = exc.response.get("Error", {}).get("Message") or str(exc)
+            line = f"{code}: {message}"
+        return line, ExitCode.FAILURE
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        return (
+            f"could not connect to {exc.kwargs.get('endpoint_url')}: check the network or --endpoint-url",
+            ExitCode.FAILURE,
+        )
+    if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
+        return f"the connection kept failing after every retry ({exc}): run again later", ExitCode.FAILURE
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return str(exc), ExitCode.FAILURE
+    if isinstance(exc, UnicodeError):
+        return "the name is not valid UTF-8, so it cannot be an S3 key: rename it", ExitCode.FAILURE
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{reason}{where}", ExitCode.FAILURE
+    return f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)", ExitCode.FAILURE
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+# --- Output: progress line, messages, summary --------------------------------
+
+
+def format_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+class Console:
+    """Messages on stdout/stderr, and a live progress line when stderr is a terminal."""
+
+    def __init__(self, quiet: bool, verbose: bool, out: TextIO = None, err: TextIO = None):
+        self.quiet, self.verbose = quiet, verbose
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.live = not quiet and self.err.isatty()
+        self._lock = threading.Lock()
+        self._shown = False
+        self._files = self._total_files = 0
+        self._bytes = self._total_bytes = 0
+        self._started = time.monotonic()
+        self._drawn_at = 0.0
+
+    def _write(self, stream: TextIO, text: str) -> None:
+        with self._lock:
+            self._clear_line()
+            stream.write(text + "\n")
+            stream.flush()
+
+    def info(self, text: str) -> None:
+        if not self.quiet:
+            self._write(self.out, text)
+
+    def detail(self, text: str) -> None:
+        if self.verbose:
+            self._write(self.out, text)
+
+    def warning(self, text: str) -> None:
+        self._write(self.err, f"warning: {one_line(text)}")
+
+    def error(self, text: str) -> None:
+        self._write(self.err, f"error: {one_line(text)}")
+
+    def start(self, files: int, nbytes: int) -> None:
+        self._total_files, self._total_bytes = files, nbytes
+        self._started = time.monotonic()
+
+    def advance(self, nbytes: int = 0, files: int = 0) -> None:
+        if not self.live:
+            return
+        with self._lock:
+            self._bytes += nbytes
+            self._files += files
+            now = time.monotonic()
+            if now - self._drawn_at >= 0.1:
+                self._drawn_at = now
+                self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        elapsed = max(now - self._started, 1e-6)
+        rate = self._bytes / elapsed
+        left = self._total_bytes - self._bytes
+        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+        line = (
+            f"{self._files}/{self._total_files} files, "
+            f"{format_bytes(self._bytes)}/{format_bytes(self._total_bytes)}, "
+            f"{format_bytes(rate)}/s, ETA {eta}"
+        )
+        self.err.write("\r\x1b[K" + line)
+        self.err.flush()
+        self._shown = True
+
+    def _clear_line(self) -> None:
+        if self._shown:
+            self.err.write("\r\x1b[K")
+            self._shown = False
+
+    def finish(self) -> None:
+        with self._lock:
+            self._clear_line()
+            self.err.flush()
+
+
+class ProgressSubscriber(BaseSubscriber):
+    """Feeds s3transfer's byte counts to the progress line."""
+
+    def __init__(self, console: Console, size: Optional[int] = None):
+        self._console = console
+        self._size = size
+
+    def on_queued(self, future, **kwargs):
+        if self._size is not None:
+            future.meta.provide_transfer_size(self._size)
+
+    def on_progress(self, future, bytes_transferred, **kwargs):
+        self._console.advance(nbytes=bytes_transferred)
+
+
+@dataclass
+class Summary:
+    verb: str  # "uploaded" or "restored"
+    transferred: int = 0
+    skipped: int = 0
+    failed: int = 0
+    deleted: int = 0
+    nbytes: int = 0
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        deleted = f", deleted {self.deleted}" if self.deleted else ""
+        return (
+            f"{self.verb} {self.transferred}, skipped {self.skipped}, failed {self.failed}"
+            f"{deleted}, {format_bytes(self.nbytes)} in {self.seconds:.1f} s"
+        )
+
+
+# --- Running transfers -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Failure:
+    item: object
+    error: BaseException
+
+
+class Cancelled(Exception):
+    """The run was interrupted while this transfer was under way."""
+
+
+def run_in_parallel(
+    items: Sequence,
+    work: Callable[[object, object, threading.Event], None],
+    client,
+    workers: int,
+) -> tuple[list[Failure], list]:
+    """Call work(item, transfer_manager, cancel) for every item on `workers` threads.
+
+    Returns the failures and the items work() skipped (by returning False).
+
+    A failure of one item is collected and the rest go on (as shutil.copytree
+    does). On Ctrl-C no new item starts, the transfer manager cancels (and so
+    aborts) its multipart transfers, running items see `cancel` set, and the
+    KeyboardInterrupt is raised again once every thread has stopped.
+    """
+    failures: list[Failure] = []
+    skipped: list[object] = []
+    cancel = threading.Event()
+    lock = threading.Lock()
+    pending = iter(items)
+    manager = create_transfer_manager(client, transfer_config())
+
+    def worker():
+        while not cancel.is_set():
+            with lock:
+                item = next(pending, None)
+            if item is None:
+                return
+            try:
+                if work(item, manager, cancel) is False:
+                    skipped.append(item)
+            except Exception as exc:
+                failures.append(Failure(item, exc))
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(workers, len(items)))]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join()
+    except KeyboardInterrupt:
+        cancel.set()
+        manager.shutdown(cancel=True, cancel_msg="interrupted")
+        for thread in threads:
+            thread.join()
+        raise
+    manager.shutdown()
+    return failures, skipped
+
+
+def format_mtime(mtime_ns: int) -> str:
+    """Seconds since the epoch with nanoseconds, as rclone writes its mtime metadata."""
+    seconds, nanos = divmod(mtime_ns, 1_000_000_000)
+    return f"{seconds}.{nanos:09d}"
+
+
+def parse_mtime(text: Optional[str]) -> Optional[int]:
+    """Nanoseconds since the epoch from an mtime metadata value, or None if unusable."""
+    if not text:
+        return None
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        return None
+    if not value.is_finite() or not 0 <= value < 2**40:
+        return None
+    return int(value * 1_000_000_000)
+
+
+def parse_mode(text: Optional[str]) -> Optional[int]:
+    """Permission bits from a mode metadata value (octal st_mode), or None."""
+    if not text:
+        return None
+    try:
+        return int(text.strip(), 8) & 0o777
+    except ValueError:
+        return None
+
+
+def run_cli(parser: argparse.ArgumentParser, run: Callable, argv: Optional[Iterable[str]]) -> int:
+    """Parse argv, call run(args) -> int, and turn every expected failure into a line and an exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
+    # A file name that is not valid UTF-8 must not crash the per-file output.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+    try:
+        args = parser.parse_args(argv)
+        return int(run(args))
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted: stopped cleanly, run again to finish\n")
+        return ExitCode.INTERRUPTED
+    except BrokenPipeError:
+        # Output piped into e.g. `head` that stopped reading: not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitCode.FAILURE
+    except Exception as exc:
+        if debug:
+            raise
+        message, code = describe_error(exc)
+        sys.stderr.write(f"{parser.prog}: error: {one_line(message)}\n")
+        return code
