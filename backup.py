@@ -124,7 +124,12 @@ def plan_backup(
 
 def upload_args(file: LocalFile, extra: dict) -> dict:
     """Metadata (mtime and mode as rclone writes them), Content-Type and the pass-through options."""
-    args = {"Metadata": {"mtime": format_mtime(file.mtime_ns), "mode": format(file.mode, "o")}}
+    args = {
+        "Metadata": {
+            "mtime": format_mtime(file.mtime_ns),
+            "mode": format(file.mode, "o"),
+        }
+    }
     content_type, _ = mimetypes.guess_type(file.path, strict=False)
     if content_type:
         args["ContentType"] = content_type
@@ -168,9 +173,13 @@ def scan_folder(root: str, prefix: str, follow_symlinks: bool) -> Scan:
             if stat.S_ISDIR(info.st_mode):
                 identity = (info.st_dev, info.st_ino)
                 if identity in ancestors:
-                    scan.warnings.append(f"symbolic link loop not followed: {entry.path}")
+                    scan.warnings.append(
+                        f"symbolic link loop not followed: {entry.path}"
+                    )
                 else:
-                    subfolders.append((entry.path, relative + "/", ancestors | {identity}))
+                    subfolders.append(
+                        (entry.path, relative + "/", ancestors | {identity})
+                    )
             elif stat.S_ISREG(info.st_mode):
                 scan.files[key_for(prefix, relative)] = LocalFile(
                     entry.path, info.st_size, info.st_mtime_ns, info.st_mode
@@ -186,7 +195,9 @@ def scan_local(local: str, prefix: str, follow_symlinks: bool) -> tuple[Scan, bo
     try:
         info = os.stat(local)
     except FileNotFoundError:
-        raise usage_error(f"{local!r} does not exist: give the folder or file to back up") from None
+        raise usage_error(
+            f"{local!r} does not exist: give the folder or file to back up"
+        ) from None
     if stat.S_ISDIR(info.st_mode):
         return scan_folder(local, prefix, follow_symlinks), True
     if not stat.S_ISREG(info.st_mode):
@@ -196,7 +207,9 @@ def scan_local(local: str, prefix: str, follow_symlinks: bool) -> tuple[Scan, bo
     return Scan(files={key_for(prefix, name): file}), False
 
 
-def ensure_bucket(client, bucket: str, region: str, dry_run: bool, console: Console) -> bool:
+def ensure_bucket(
+    client, bucket: str, region: str, dry_run: bool, console: Console
+) -> bool:
     """Make sure the bucket exists, creating it when missing; False when a dry run would create it."""
     try:
         client.head_bucket(Bucket=bucket)
@@ -211,13 +224,21 @@ def ensure_bucket(client, bucket: str, region: str, dry_run: bool, console: Cons
         console.info(f"(dry run) create bucket s3://{bucket} in {region}")
         return False
     # us-east-1 is the default location and refuses to be named as a constraint.
-    location = {} if region == "us-east-1" else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+    location = (
+        {}
+        if region == "us-east-1"
+        else {"CreateBucketConfiguration": {"LocationConstraint": region}}
+    )
     try:
         client.create_bucket(Bucket=bucket, **location)
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) != "BucketAlreadyOwnedByYou":
-            raise CliError(f"cannot create bucket {bucket}: {describe_error(exc)[0]}") from None
-    client.get_waiter("bucket_exists").wait(Bucket=bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60})
+            raise CliError(
+                f"cannot create bucket {bucket}: {describe_error(exc)[0]}"
+            ) from None
+    client.get_waiter("bucket_exists").wait(
+        Bucket=bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
+    )
     console.info(f"created bucket s3://{bucket} in {region}")
     return True
 
@@ -236,21 +257,26 @@ def make_uploader(client, bucket: str, extra: dict, console: Console):
             console.advance(nbytes=file.size)
         else:
             subscribers = [ProgressSubscriber(console)]
-            manager.upload(file.path, bucket, item.key, extra_args=args, subscribers=subscribers).result()
+            manager.upload(
+                file.path, bucket, item.key, extra_args=args, subscribers=subscribers
+            ).result()
         console.advance(files=1)
         console.detail(f"upload: {file.path} -> s3://{bucket}/{item.key}")
 
     return upload
 
 
-def delete_objects(client, bucket: str, keys: tuple[str, ...], console: Console) -> list[Failure]:
+def delete_objects(
+    client, bucket: str, keys: tuple[str, ...], console: Console
+) -> list[Failure]:
     """Delete keys in batches; the failures, key by key."""
     failures = []
     for start in range(0, len(keys), DELETE_BATCH):
         batch = keys[start : start + DELETE_BATCH]
         try:
             response = client.delete_objects(
-                Bucket=bucket, Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True}
+                Bucket=bucket,
+                Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
             )
         except botocore.exceptions.ClientError as exc:
             failures.extend(Failure(key, exc) for key in batch)
@@ -259,7 +285,11 @@ def delete_objects(client, bucket: str, keys: tuple[str, ...], console: Console)
         for key in batch:
             if key in failed:
                 error = failed[key]
-                failures.append(Failure(key, CliError(f"{error.get('Code')}: {error.get('Message')}")))
+                failures.append(
+                    Failure(
+                        key, CliError(f"{error.get('Code')}: {error.get('Message')}")
+                    )
+                )
             else:
                 console.detail(f"delete: s3://{bucket}/{key}")
     return failures
@@ -274,7 +304,9 @@ def build_parser() -> ArgumentParser:
         description="Back up a folder (or one file) to S3, uploading only what changed.",
     )
     parser.add_argument("local", metavar="LOCAL", help="the folder or file to back up")
-    parser.add_argument("location", metavar="BUCKET::PREFIX", help="or s3://BUCKET/PREFIX")
+    parser.add_argument(
+        "location", metavar="BUCKET::PREFIX", help="or s3://BUCKET/PREFIX"
+    )
     add_shared_options(parser)
     parser.add_argument(
         "--delete",
@@ -288,8 +320,12 @@ def build_parser() -> ArgumentParser:
         help="skip symbolic links instead of following them",
     )
     parser.add_argument("--storage-class", choices=STORAGE_CLASSES, metavar="CLASS")
-    parser.add_argument("--sse", choices=("AES256", "aws:kms"), help="server-side encryption")
-    parser.add_argument("--sse-kms-key-id", metavar="ID", help="the KMS key for --sse aws:kms")
+    parser.add_argument(
+        "--sse", choices=("AES256", "aws:kms"), help="server-side encryption"
+    )
+    parser.add_argument(
+        "--sse-kms-key-id", metavar="ID", help="the KMS key for --sse aws:kms"
+    )
     return parser
 
 
@@ -316,7 +352,9 @@ def run(args) -> int:
     if args.delete:
         if not is_folder:
             raise usage_error("--delete needs LOCAL to be a folder")
-        if not any(filters.includes(relative_key(location.prefix, key)) for key in scan.files):
+        if not any(
+            filters.includes(relative_key(location.prefix, key)) for key in scan.files
+        ):
             raise usage_error(
                 f"refusing --delete: {args.local!r} has no files to back up, "
                 "so every object under the prefix would be deleted"
@@ -328,15 +366,21 @@ def run(args) -> int:
 
     connection = connect(args, pool_size=args.workers + PART_WORKERS)
     client = connection.client
-    exists = ensure_bucket(client, location.bucket, connection.region, args.dry_run, console)
+    exists = ensure_bucket(
+        client, location.bucket, connection.region, args.dry_run, console
+    )
     remote = {}
     if exists:
         # A single file is listed by its own key, a folder on its folder boundary.
-        listing_prefix = next(iter(scan.files)) if not is_folder else folder_prefix(location.prefix)
+        listing_prefix = (
+            next(iter(scan.files)) if not is_folder else folder_prefix(location.prefix)
+        )
         try:
             remote = list_objects(client, location.bucket, listing_prefix)
         except botocore.exceptions.ClientError as exc:
-            raise CliError(f"cannot list {location.url()}: {describe_error(exc)[0]}") from None
+            raise CliError(
+                f"cannot list {location.url()}: {describe_error(exc)[0]}"
+            ) from None
         if not is_folder:
             remote = {key: obj for key, obj in remote.items() if key == listing_prefix}
     plan = plan_backup(scan.files, remote, location.prefix, filters, args.delete)
@@ -344,7 +388,9 @@ def run(args) -> int:
 
     if args.dry_run:
         for upload in plan.uploads:
-            console.info(f"(dry run) upload: {upload.file.path} -> s3://{location.bucket}/{upload.key}")
+            console.info(
+                f"(dry run) upload: {upload.file.path} -> s3://{location.bucket}/{upload.key}"
+            )
         for key in plan.deletes:
             console.info(f"(dry run) delete: s3://{location.bucket}/{key}")
         console.info(
@@ -358,16 +404,24 @@ def run(args) -> int:
     failures, _ = run_in_parallel(plan.uploads, uploader, client, args.workers)
     console.finish()
     for failure in failures:
-        console.error(f"upload failed: {failure.item.file.path}: {describe_error(failure.error)[0]}")
+        console.error(
+            f"upload failed: {failure.item.file.path}: {describe_error(failure.error)[0]}"
+        )
 
     deleted = 0
     if plan.deletes:
         if failures or scan.errors:
-            console.warning("not deleting anything: some files could not be read or uploaded")
+            console.warning(
+                "not deleting anything: some files could not be read or uploaded"
+            )
         else:
-            delete_failures = delete_objects(client, location.bucket, plan.deletes, console)
+            delete_failures = delete_objects(
+                client, location.bucket, plan.deletes, console
+            )
             for failure in delete_failures:
-                console.error(f"delete failed: s3://{location.bucket}/{failure.item}: {describe_error(failure.error)[0]}")
+                console.error(
+                    f"delete failed: s3://{location.bucket}/{failure.item}: {describe_error(failure.error)[0]}"
+                )
             deleted = len(plan.deletes) - len(delete_failures)
             failures += delete_failures
 
@@ -376,7 +430,8 @@ def run(args) -> int:
     failed_bytes = sum(f.item.file.size for f in failures if isinstance(f.item, Upload))
     summary = Summary(
         "uploaded",
-        transferred=len(plan.uploads) - sum(isinstance(f.item, Upload) for f in failures),
+        transferred=len(plan.uploads)
+        - sum(isinstance(f.item, Upload) for f in failures),
         skipped=plan.skipped,
         failed=len(failures) + len(scan.errors),
         deleted=deleted,

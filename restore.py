@@ -148,13 +148,25 @@ def plan_restore(
     for key, relative, path in placed:
         name = fold(relative)
         if name in folders:
-            conflicts.append((key, "conflict: a folder of the same name is in the backup; restored the folder"))
+            conflicts.append(
+                (
+                    key,
+                    "conflict: a folder of the same name is in the backup; restored the folder",
+                )
+            )
         elif name in taken:
-            conflicts.append((key, f"conflict: same name as {taken[name]} on this case-insensitive file system"))
+            conflicts.append(
+                (
+                    key,
+                    f"conflict: same name as {taken[name]} on this case-insensitive file system",
+                )
+            )
         else:
             taken[name] = key
             obj = objects[key]
-            downloads.append(Download(key, path, obj.size, obj.last_modified, obj.storage_class))
+            downloads.append(
+                Download(key, path, obj.size, obj.last_modified, obj.storage_class)
+            )
     return RestorePlan(tuple(downloads), tuple(refused), tuple(conflicts))
 
 
@@ -171,13 +183,19 @@ def is_restored(path: PurePath, size: int, mtime_ns: int) -> bool:
     except OSError:
         return False
     # Allow for file systems that keep mtimes to the microsecond.
-    return stat.S_ISREG(info.st_mode) and info.st_size == size and abs(info.st_mtime_ns - mtime_ns) < 1000
+    return (
+        stat.S_ISREG(info.st_mode)
+        and info.st_size == size
+        and abs(info.st_mtime_ns - mtime_ns) < 1000
+    )
 
 
 # --- Doing: listing, folders and files -------------------------------------------
 
 
-def find_objects(client, bucket: str, prefix: str) -> tuple[dict[str, RemoteObject], str]:
+def find_objects(
+    client, bucket: str, prefix: str
+) -> tuple[dict[str, RemoteObject], str]:
     """The objects to restore and the prefix to strip from their keys.
 
     Everything under PREFIX/ if there is anything; else the one object named PREFIX.
@@ -190,9 +208,14 @@ def find_objects(client, bucket: str, prefix: str) -> tuple[dict[str, RemoteObje
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) in ("404", "NoSuchKey"):
             return {}, prefix
-        raise CliError(f"cannot list s3://{bucket}/{prefix}: {describe_error(exc)[0]}") from None
+        raise CliError(
+            f"cannot list s3://{bucket}/{prefix}: {describe_error(exc)[0]}"
+        ) from None
     single = RemoteObject(
-        prefix, head["ContentLength"], head["LastModified"].timestamp(), head.get("StorageClass", "STANDARD")
+        prefix,
+        head["ContentLength"],
+        head["LastModified"].timestamp(),
+        head.get("StorageClass", "STANDARD"),
     )
     parent = str(PurePosixPath(prefix).parent)
     return {prefix: single}, "" if parent == "." else parent
@@ -203,7 +226,9 @@ def probe_case_insensitive(folder: str) -> bool:
     try:
         fd, probe = tempfile.mkstemp(prefix=".s3restore-case-", dir=folder)
     except OSError as exc:
-        raise CliError(f"cannot write to {folder}: {exc.strerror}: check its permissions") from None
+        raise CliError(
+            f"cannot write to {folder}: {exc.strerror}: check its permissions"
+        ) from None
     os.close(fd)
     try:
         return os.path.exists(os.path.join(folder, os.path.basename(probe).upper()))
@@ -226,14 +251,20 @@ class Folders:
         # A symbolic link already inside LOCAL may point elsewhere: follow it and check.
         real = os.path.realpath(folder)
         if real != self._root and not real.startswith(self._root + os.sep):
-            raise CliError(f"refused: {folder} leads outside the destination (through a symbolic link)")
+            raise CliError(
+                f"refused: {folder} leads outside the destination (through a symbolic link)"
+            )
         with self._lock:
             self._made.add(folder)
 
 
-def write_atomically(path: str, fill: Callable[[BinaryIO], None], mode: int, mtime_ns: int) -> None:
+def write_atomically(
+    path: str, fill: Callable[[BinaryIO], None], mode: int, mtime_ns: int
+) -> None:
     """Write a file through a temporary file in its folder, renamed into place only when complete."""
-    fd, temporary = tempfile.mkstemp(prefix=".s3restore-", suffix=".part", dir=os.path.dirname(path))
+    fd, temporary = tempfile.mkstemp(
+        prefix=".s3restore-", suffix=".part", dir=os.path.dirname(path)
+    )
     try:
         with os.fdopen(fd, "wb") as out:
             fill(out)
@@ -245,7 +276,9 @@ def write_atomically(path: str, fill: Callable[[BinaryIO], None], mode: int, mti
         raise
 
 
-def make_restorer(client, bucket: str, folders: Folders, default_mode: int, console: Console):
+def make_restorer(
+    client, bucket: str, folders: Folders, default_mode: int, console: Console
+):
     """The work function for run_in_parallel: one object down; False when already restored."""
 
     def copy_body(body, out: BinaryIO, cancel: threading.Event) -> None:
@@ -280,7 +313,9 @@ def make_restorer(client, bucket: str, folders: Folders, default_mode: int, cons
 
             def fill(out):
                 subscribers = [ProgressSubscriber(console, size=item.size)]
-                manager.download(bucket, item.key, out, subscribers=subscribers).result()
+                manager.download(
+                    bucket, item.key, out, subscribers=subscribers
+                ).result()
 
         mode = parse_mode(metadata.get("mode"))
         write_atomically(path, fill, default_mode if mode is None else mode, mtime_ns)
@@ -305,8 +340,12 @@ def build_parser() -> ArgumentParser:
         prog="restore.py",
         description="Restore a prefix (or one object) from S3 into a folder.",
     )
-    parser.add_argument("location", metavar="BUCKET::PREFIX", help="or s3://BUCKET/PREFIX")
-    parser.add_argument("local", metavar="LOCAL", help="the folder to restore into (created if missing)")
+    parser.add_argument(
+        "location", metavar="BUCKET::PREFIX", help="or s3://BUCKET/PREFIX"
+    )
+    parser.add_argument(
+        "local", metavar="LOCAL", help="the folder to restore into (created if missing)"
+    )
     add_shared_options(parser)
     return parser
 
@@ -317,7 +356,9 @@ def run(args) -> int:
     location = parse_location(args.location)
     filters = Filters(args.filters)
     if os.path.exists(args.local) and not os.path.isdir(args.local):
-        raise usage_error(f"{args.local!r} is not a folder: give a folder to restore into")
+        raise usage_error(
+            f"{args.local!r} is not a folder: give a folder to restore into"
+        )
 
     connection = connect(args, pool_size=args.workers + PART_WORKERS)
     client = connection.client
@@ -338,18 +379,28 @@ def run(args) -> int:
 
     if args.dry_run:
         for item in plan.downloads:
-            console.info(f"(dry run) restore: s3://{location.bucket}/{item.key} -> {item.path}")
-        console.info(f"(dry run) would restore {len(plan.downloads)} ({total_bytes} bytes)")
+            console.info(
+                f"(dry run) restore: s3://{location.bucket}/{item.key} -> {item.path}"
+            )
+        console.info(
+            f"(dry run) would restore {len(plan.downloads)} ({total_bytes} bytes)"
+        )
         return ExitCode.FAILURE if problems else ExitCode.OK
 
     console.start(len(plan.downloads), total_bytes)
-    restorer = make_restorer(client, location.bucket, Folders(args.local), 0o666 & ~current_umask(), console)
+    restorer = make_restorer(
+        client, location.bucket, Folders(args.local), 0o666 & ~current_umask(), console
+    )
     failures, skipped = run_in_parallel(plan.downloads, restorer, client, args.workers)
     console.finish()
     for failure in failures:
-        console.error(f"restore failed: s3://{location.bucket}/{failure.item.key}: {describe_error(failure.error)[0]}")
+        console.error(
+            f"restore failed: s3://{location.bucket}/{failure.item.key}: {describe_error(failure.error)[0]}"
+        )
 
-    untouched_bytes = sum(item.size for item in skipped) + sum(f.item.size for f in failures)
+    untouched_bytes = sum(item.size for item in skipped) + sum(
+        f.item.size for f in failures
+    )
     summary = Summary(
         "restored",
         transferred=len(plan.downloads) - len(failures) - len(skipped),

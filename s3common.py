@@ -169,7 +169,9 @@ class RemoteObject:
 def list_objects(client, bucket: str, prefix: str) -> dict[str, RemoteObject]:
     """Every object whose key starts with `prefix`, from one paged ListObjectsV2."""
     objects = {}
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix
+    ):
         for item in page.get("Contents", []):
             objects[item["Key"]] = RemoteObject(
                 item["Key"],
@@ -191,7 +193,8 @@ class Filters:
 
     def __post_init__(self):
         compiled = tuple(
-            (include, re.compile(fnmatch.translate(glob))) for include, glob in self.rules
+            (include, re.compile(fnmatch.translate(glob)))
+            for include, glob in self.rules
         )
         object.__setattr__(self, "_compiled", compiled)
 
@@ -231,8 +234,12 @@ def positive_int(text: str) -> int:
 
 
 def add_shared_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--profile", help="credentials and region from this AWS profile")
-    parser.add_argument("--region", help="region of the client (and of a bucket backup creates)")
+    parser.add_argument(
+        "--profile", help="credentials and region from this AWS profile"
+    )
+    parser.add_argument(
+        "--region", help="region of the client (and of a bucket backup creates)"
+    )
     parser.add_argument(
         "--endpoint-url",
         help="an S3-compatible server, e.g. http://127.0.0.1:9000 (default: $AWS_ENDPOINT_URL)",
@@ -262,8 +269,12 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
         "--dry-run", action="store_true", help="show what would happen, change nothing"
     )
     volume = parser.add_mutually_exclusive_group()
-    volume.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    volume.add_argument("-v", "--verbose", action="store_true", help="print one line per file")
+    volume.add_argument(
+        "-q", "--quiet", action="store_true", help="print nothing but errors"
+    )
+    volume.add_argument(
+        "-v", "--verbose", action="store_true", help="print one line per file"
+    )
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -281,7 +292,9 @@ def endpoint_url_from(args: argparse.Namespace) -> Optional[str]:
         return None
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise usage_error(f"endpoint URL {url!r} is not of the form http(s)://HOST[:PORT]")
+        raise usage_error(
+            f"endpoint URL {url!r} is not of the form http(s)://HOST[:PORT]"
+        )
     try:
         parts.port
     except ValueError:
@@ -324,7 +337,9 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
         s3={"addressing_style": "path"} if endpoint_url else None,
         user_agent_extra="s3backup",
     )
-    client = session.client("s3", region_name=region, endpoint_url=endpoint_url, config=config)
+    client = session.client(
+        "s3", region_name=region, endpoint_url=endpoint_url, config=config
+    )
     return Connection(client, region)
 
 
@@ -371,7 +386,13 @@ def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
     """One actionable line and the exit code for an exception."""
     if isinstance(exc, CliError):
         return str(exc), exc.code
-    if isinstance(exc, (botocore.exceptions.NoCredentialsError, botocore.exceptions.PartialCredentialsError)):
+    if isinstance(
+        exc,
+        (
+            botocore.exceptions.NoCredentialsError,
+            botocore.exceptions.PartialCredentialsError,
+        ),
+    ):
         return (
             "no AWS credentials found: run 'aws configure', set AWS_ACCESS_KEY_ID and "
             "AWS_SECRET_ACCESS_KEY, or pick a profile with --profile",
@@ -395,17 +416,28 @@ def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
             f"could not connect to {exc.kwargs.get('endpoint_url')}: check the network or --endpoint-url",
             ExitCode.FAILURE,
         )
-    if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
-        return f"the connection kept failing after every retry ({exc}): run again later", ExitCode.FAILURE
+    if isinstance(
+        exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
+    ):
+        return (
+            f"the connection kept failing after every retry ({exc}): run again later",
+            ExitCode.FAILURE,
+        )
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return str(exc), ExitCode.FAILURE
     if isinstance(exc, UnicodeError):
-        return "the name is not valid UTF-8, so it cannot be an S3 key: rename it", ExitCode.FAILURE
+        return (
+            "the name is not valid UTF-8, so it cannot be an S3 key: rename it",
+            ExitCode.FAILURE,
+        )
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc) or type(exc).__name__
         where = f": {exc.filename}" if exc.filename else ""
         return f"{reason}{where}", ExitCode.FAILURE
-    return f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)", ExitCode.FAILURE
+    return (
+        f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
+        ExitCode.FAILURE,
+    )
 
 
 def one_line(text: str) -> str:
@@ -426,7 +458,9 @@ def format_bytes(size: float) -> str:
 class Console:
     """Messages on stdout/stderr, and a live progress line when stderr is a terminal."""
 
-    def __init__(self, quiet: bool, verbose: bool, out: TextIO = None, err: TextIO = None):
+    def __init__(
+        self, quiet: bool, verbose: bool, out: TextIO = None, err: TextIO = None
+    ):
         self.quiet, self.verbose = quiet, verbose
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -578,7 +612,10 @@ def run_in_parallel(
             except Exception as exc:
                 failures.append(Failure(item, exc))
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(min(workers, len(items)))]
+    threads = [
+        threading.Thread(target=worker, daemon=True)
+        for _ in range(min(workers, len(items)))
+    ]
     for thread in threads:
         thread.start()
     try:
@@ -623,7 +660,9 @@ def parse_mode(text: Optional[str]) -> Optional[int]:
         return None
 
 
-def run_cli(parser: argparse.ArgumentParser, run: Callable, argv: Optional[Iterable[str]]) -> int:
+def run_cli(
+    parser: argparse.ArgumentParser, run: Callable, argv: Optional[Iterable[str]]
+) -> int:
     """Parse argv, call run(args) -> int, and turn every expected failure into a line and an exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv

@@ -77,7 +77,9 @@ def start_moto_server(port: int) -> subprocess.Popen:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/moto-api/", timeout=1).close()
+            urllib.request.urlopen(
+                f"http://127.0.0.1:{port}/moto-api/", timeout=1
+            ).close()
             return process
         except OSError:
             time.sleep(0.1)
@@ -112,7 +114,9 @@ def server_client(moto_server):
     )
 
 
-def run_script(script: str, *args: str, env: dict, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+def run_script(
+    script: str, *args: str, env: dict, timeout: float = 120, **kwargs
+) -> subprocess.CompletedProcess:
     """Run backup.py or restore.py as a user would: a subprocess, text output."""
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
