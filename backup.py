@@ -14,7 +14,6 @@ import os
 import stat
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import botocore.exceptions
 
@@ -82,7 +81,7 @@ class Scan:
 # --- Deciding: pure functions --------------------------------------------------
 
 
-def upload_reason(local: LocalFile, remote: Optional[RemoteObject]) -> Optional[str]:
+def upload_reason(local: LocalFile, remote: RemoteObject | None) -> str | None:
     """Why a file must go up, or None when the object already matches it."""
     if remote is None:
         return "new"
@@ -442,7 +441,7 @@ def run(args) -> int:
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     return run_cli(build_parser(), run, argv)
 
 

@@ -17,9 +17,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
-from typing import BinaryIO, Callable, Optional
+from typing import BinaryIO
 
 import botocore.exceptions
 
@@ -288,7 +289,7 @@ def make_restorer(
             out.write(chunk)
             console.advance(nbytes=len(chunk))
 
-    def restore(item: Download, manager, cancel) -> Optional[bool]:
+    def restore(item: Download, manager, cancel) -> bool | None:
         path = str(item.path)
         folders.ensure(os.path.dirname(path))
         # Small objects: one GET, with no HEAD first (the listing gave the size).
@@ -413,7 +414,7 @@ def run(args) -> int:
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     return run_cli(build_parser(), run, argv)
 
 

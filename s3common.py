@@ -12,10 +12,11 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from enum import IntEnum
-from typing import Callable, Iterable, Optional, Sequence, TextIO
+from typing import TextIO
 from urllib.parse import urlsplit
 
 import boto3
@@ -79,7 +80,7 @@ class Location:
     bucket: str
     prefix: str  # normalised: no leading, trailing or doubled "/"; "" is the root
 
-    def url(self, key: Optional[str] = None) -> str:
+    def url(self, key: str | None = None) -> str:
         return f"s3://{self.bucket}/{self.prefix if key is None else key}"
 
 
@@ -126,7 +127,7 @@ _RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
 _RESERVED_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
 
 
-def bucket_name_problem(name: str, legacy: bool = False) -> Optional[str]:
+def bucket_name_problem(name: str, legacy: bool = False) -> str | None:
     """Why S3 would refuse `name` for a new bucket, or None if it would not.
 
     With legacy=True, also accept what older buckets in us-east-1 may still be
@@ -281,7 +282,7 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
 # --- Client and credentials --------------------------------------------------
 
 
-def endpoint_url_from(args: argparse.Namespace) -> Optional[str]:
+def endpoint_url_from(args: argparse.Namespace) -> str | None:
     """--endpoint-url, else $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL; checked for form."""
     url = (
         args.endpoint_url
@@ -296,9 +297,11 @@ def endpoint_url_from(args: argparse.Namespace) -> Optional[str]:
             f"endpoint URL {url!r} is not of the form http(s)://HOST[:PORT]"
         )
     try:
-        parts.port
+        port = parts.port
     except ValueError:
-        raise usage_error(f"endpoint URL {url!r} has a bad port number") from None
+        port = 0
+    if port == 0:
+        raise usage_error(f"endpoint URL {url!r} has a bad port number")
     return url
 
 
@@ -394,14 +397,18 @@ def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
         ),
     ):
         return (
-            "no AWS credentials found: run 'aws configure', set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY, or pick a profile with --profile",
+            (
+                "no AWS credentials found: run 'aws configure', set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or pick a profile with --profile"
+            ),
             ExitCode.FAILURE,
         )
     if isinstance(exc, botocore.exceptions.ProfileNotFound):
         return (
-            f"profile {exc.kwargs.get('profile')!r} is not in ~/.aws/config or ~/.aws/credentials: "
-            "check --profile or AWS_PROFILE",
+            (
+                f"profile {exc.kwargs.get('profile')!r} is not in ~/.aws/config or "
+                "~/.aws/credentials: check --profile or AWS_PROFILE"
+            ),
             ExitCode.FAILURE,
         )
     if isinstance(exc, botocore.exceptions.ClientError):
@@ -459,7 +466,11 @@ class Console:
     """Messages on stdout/stderr, and a live progress line when stderr is a terminal."""
 
     def __init__(
-        self, quiet: bool, verbose: bool, out: TextIO = None, err: TextIO = None
+        self,
+        quiet: bool,
+        verbose: bool,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
     ):
         self.quiet, self.verbose = quiet, verbose
         self.out = out or sys.stdout
@@ -535,7 +546,7 @@ class Console:
 class ProgressSubscriber(BaseSubscriber):
     """Feeds s3transfer's byte counts to the progress line."""
 
-    def __init__(self, console: Console, size: Optional[int] = None):
+    def __init__(self, console: Console, size: int | None = None):
         self._console = console
         self._size = size
 
@@ -609,7 +620,8 @@ def run_in_parallel(
             try:
                 if work(item, manager, cancel) is False:
                     skipped.append(item)
-            except Exception as exc:
+            # One file's failure, whatever it is, must not stop the others.
+            except Exception as exc:  # noqa: BLE001
                 failures.append(Failure(item, exc))
 
     threads = [
@@ -637,7 +649,7 @@ def format_mtime(mtime_ns: int) -> str:
     return f"{seconds}.{nanos:09d}"
 
 
-def parse_mtime(text: Optional[str]) -> Optional[int]:
+def parse_mtime(text: str | None) -> int | None:
     """Nanoseconds since the epoch from an mtime metadata value, or None if unusable."""
     if not text:
         return None
@@ -650,7 +662,7 @@ def parse_mtime(text: Optional[str]) -> Optional[int]:
     return int(value * 1_000_000_000)
 
 
-def parse_mode(text: Optional[str]) -> Optional[int]:
+def parse_mode(text: str | None) -> int | None:
     """Permission bits from a mode metadata value (octal st_mode), or None."""
     if not text:
         return None
@@ -661,7 +673,7 @@ def parse_mode(text: Optional[str]) -> Optional[int]:
 
 
 def run_cli(
-    parser: argparse.ArgumentParser, run: Callable, argv: Optional[Iterable[str]]
+    parser: argparse.ArgumentParser, run: Callable, argv: Iterable[str] | None
 ) -> int:
     """Parse argv, call run(args) -> int, and turn every expected failure into a line and an exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -120,6 +120,7 @@ def run_script(
     """Run backup.py or restore.py as a user would: a subprocess, text output."""
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
+        check=False,
         env=env,
         capture_output=True,
         text=True,
