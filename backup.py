@@ -87,7 +87,9 @@ def upload_reason(local: LocalFile, remote: RemoteObject | None) -> str | None:
         return "new"
     if remote.size != local.size:
         return "size changed"
-    if local.mtime_ns / 1e9 > remote.last_modified:
+    # S3 keeps LastModified to the whole second: compare at that resolution, or
+    # every file written in the second before its upload would go up again.
+    if local.mtime_ns // 1_000_000_000 > remote.last_modified:
         return "newer"
     return None
 

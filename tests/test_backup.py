@@ -1,0 +1,294 @@
+"""backup.main against moto's in-process S3: buckets, incremental runs, metadata, options, errors."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import botocore.client
+import botocore.exceptions
+import pytest
+
+import backup
+
+MiB = 1024 * 1024
+
+
+def make_tree(root, files: dict[str, bytes]):
+    for relative, data in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def keys(s3, bucket, prefix=""):
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(item["Key"] for page in pages for item in page.get("Contents", []))
+
+
+@pytest.fixture
+def tree(tmp_path):
+    return make_tree(
+        tmp_path / "src",
+        {
+            "a.txt": b"alpha",
+            "sub/b.json": b"{}",
+            "sub/deeper/c.log": b"log line",
+            "empty": b"",
+        },
+    )
+
+
+def test_backup_creates_bucket_in_us_east_1_and_mirrors_tree(s3, tree, capsys):
+    assert backup.main([str(tree), "fresh-bucket::backups/laptop"]) == 0
+    assert s3.get_bucket_location(Bucket="fresh-bucket")["LocationConstraint"] is None
+    assert keys(s3, "fresh-bucket") == [
+        "backups/laptop/a.txt",
+        "backups/laptop/empty",
+        "backups/laptop/sub/b.json",
+        "backups/laptop/sub/deeper/c.log",
+    ]
+    assert (
+        s3.get_object(Bucket="fresh-bucket", Key="backups/laptop/empty")[
+            "ContentLength"
+        ]
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "created bucket s3://fresh-bucket in us-east-1" in out
+    assert "uploaded 4, skipped 0, failed 0" in out
+
+
+def test_backup_creates_bucket_in_region_option(s3, tree):
+    assert backup.main([str(tree), "s3://eu-bucket/x", "--region", "eu-west-1"]) == 0
+    assert (
+        s3.get_bucket_location(Bucket="eu-bucket")["LocationConstraint"] == "eu-west-1"
+    )
+
+
+def test_backup_creates_bucket_in_profile_region(s3, tree, home):
+    (home / ".aws" / "config").write_text("[profile work]\nregion = ap-southeast-2\n")
+    (home / ".aws" / "credentials").write_text(
+        "[work]\naws_access_key_id = a\naws_secret_access_key = b\n"
+    )
+    assert backup.main([str(tree), "profile-bucket", "--profile", "work"]) == 0
+    assert (
+        s3.get_bucket_location(Bucket="profile-bucket")["LocationConstraint"]
+        == "ap-southeast-2"
+    )
+
+
+def test_backup_into_existing_legacy_named_bucket(s3, tree):
+    s3.create_bucket(Bucket="Legacy_Bucket")
+    assert backup.main([str(tree), "Legacy_Bucket::p"]) == 0
+    assert len(keys(s3, "Legacy_Bucket")) == 4
+
+
+def test_backup_refuses_invalid_name_for_missing_bucket(s3, tree, capsys):
+    assert backup.main([str(tree), "Missing_Bucket::p"]) == 2
+    assert "cannot create bucket 'Missing_Bucket'" in capsys.readouterr().err
+    assert s3.list_buckets()["Buckets"] == []
+
+
+def test_second_run_uploads_nothing_and_says_so(s3, tree, capsys):
+    assert backup.main([str(tree), "bk1::p"]) == 0
+    before = {
+        o["Key"]: o["LastModified"]
+        for o in s3.list_objects_v2(Bucket="bk1")["Contents"]
+    }
+    capsys.readouterr()
+    assert backup.main([str(tree), "bk1::p"]) == 0
+    out = capsys.readouterr().out
+    assert "nothing to upload: s3://bk1/p is up to date" in out
+    assert "uploaded 0, skipped 4, failed 0" in out
+    after = {
+        o["Key"]: o["LastModified"]
+        for o in s3.list_objects_v2(Bucket="bk1")["Contents"]
+    }
+    assert after == before
+
+
+def test_changed_files_are_uploaded_again(s3, tree, capsys):
+    assert backup.main([str(tree), "bk2::p"]) == 0
+    (tree / "a.txt").write_bytes(b"alpha, longer now")
+    newer = time.time() + 120
+    os.utime(tree / "sub" / "b.json", (newer, newer))
+    capsys.readouterr()
+    assert backup.main([str(tree), "bk2::p", "-v"]) == 0
+    out = capsys.readouterr().out
+    assert "uploaded 2, skipped 2, failed 0" in out
+    assert f"upload: {tree / 'a.txt'} -> s3://bk2/p/a.txt" in out
+    assert (
+        s3.get_object(Bucket="bk2", Key="p/a.txt")["Body"].read()
+        == b"alpha, longer now"
+    )
+
+
+def test_objects_record_mtime_mode_and_content_type(s3, tree):
+    os.chmod(tree / "a.txt", 0o640)
+    os.utime(tree / "a.txt", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    assert backup.main([str(tree), "bk3"]) == 0
+    head = s3.head_object(Bucket="bk3", Key="a.txt")
+    assert head["Metadata"] == {"mtime": "1600000000.123456789", "mode": "100640"}
+    assert head["ContentType"] == "text/plain"
+    assert (
+        s3.head_object(Bucket="bk3", Key="sub/b.json")["ContentType"]
+        == "application/json"
+    )
+
+
+def test_single_file_goes_under_the_prefix(s3, tree):
+    assert backup.main([str(tree / "sub" / "b.json"), "bk4::docs/"]) == 0
+    assert keys(s3, "bk4") == ["docs/b.json"]
+
+
+def test_large_file_goes_up_in_multipart_with_metadata(s3, tmp_path):
+    data = os.urandom(9 * MiB)
+    make_tree(tmp_path / "big", {"big.bin": data})
+    assert backup.main([str(tmp_path / "big"), "bk5::p"]) == 0
+    got = s3.get_object(Bucket="bk5", Key="p/big.bin")
+    assert got["Body"].read() == data
+    assert "-" in got["ETag"]  # a multipart ETag
+    assert set(got["Metadata"]) == {"mtime", "mode"}
+    assert s3.list_multipart_uploads(Bucket="bk5").get("Uploads", []) == []
+
+
+def test_exclude_include_in_order(s3, tree):
+    (tree / "keep.log").write_bytes(b"keep")
+    assert (
+        backup.main([str(tree), "bk6", "--exclude", "*.log", "--include", "keep.log"])
+        == 0
+    )
+    assert keys(s3, "bk6") == ["a.txt", "empty", "keep.log", "sub/b.json"]
+
+
+def test_delete_removes_only_what_is_gone_and_not_excluded(s3, tree, capsys):
+    assert backup.main([str(tree), "bk7::p"]) == 0
+    (tree / "a.txt").unlink()
+    (tree / "sub" / "deeper" / "c.log").unlink()
+    assert backup.main([str(tree), "bk7::p", "--delete", "--exclude", "*.log"]) == 0
+    assert keys(s3, "bk7") == ["p/empty", "p/sub/b.json", "p/sub/deeper/c.log"]
+    assert "deleted 1" in capsys.readouterr().out
+
+
+def test_delete_never_touches_a_sibling_prefix(s3, tree):
+    assert backup.main([str(tree), "bk8::photos2"]) == 0
+    assert backup.main([str(tree / "sub"), "bk8::photos", "--delete"]) == 0
+    assert len(keys(s3, "bk8", "photos2/")) == 4
+
+
+def test_delete_refuses_empty_source(s3, tree, tmp_path, capsys):
+    assert backup.main([str(tree), "bk9::p"]) == 0
+    (tmp_path / "nothing").mkdir()
+    assert backup.main([str(tmp_path / "nothing"), "bk9::p", "--delete"]) == 2
+    assert "refusing --delete" in capsys.readouterr().err
+    assert len(keys(s3, "bk9")) == 4
+
+
+def test_dry_run_creates_nothing(s3, tree, capsys):
+    assert backup.main([str(tree), "dry-bucket::p", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "(dry run) create bucket s3://dry-bucket" in out
+    assert f"(dry run) upload: {tree / 'a.txt'} -> s3://dry-bucket/p/a.txt" in out
+    assert s3.list_buckets()["Buckets"] == []
+
+
+def test_dry_run_delete_lists_and_keeps(s3, tree, capsys):
+    assert backup.main([str(tree), "bk10"]) == 0
+    (tree / "a.txt").unlink()
+    capsys.readouterr()
+    assert backup.main([str(tree), "bk10", "--delete", "--dry-run"]) == 0
+    assert "(dry run) delete: s3://bk10/a.txt" in capsys.readouterr().out
+    assert "a.txt" in keys(s3, "bk10")
+
+
+def test_storage_class_and_sse_pass_through(s3, tree):
+    assert (
+        backup.main(
+            [str(tree), "bk11", "--storage-class", "STANDARD_IA", "--sse", "AES256"]
+        )
+        == 0
+    )
+    head = s3.head_object(Bucket="bk11", Key="a.txt")
+    assert head["StorageClass"] == "STANDARD_IA"
+    assert head["ServerSideEncryption"] == "AES256"
+
+
+def test_symlink_loop_is_a_warning_and_files_go_up_once(s3, tree, capsys):
+    os.symlink("..", tree / "sub" / "loop")
+    os.symlink(tree / "sub" / "deeper", tree / "linked")
+    assert backup.main([str(tree), "bk12"]) == 0
+    assert keys(s3, "bk12") == [
+        "a.txt",
+        "empty",
+        "linked/c.log",
+        "sub/b.json",
+        "sub/deeper/c.log",
+    ]
+    assert "symbolic link loop not followed" in capsys.readouterr().err
+
+
+def test_no_follow_symlinks_skips_links(s3, tree):
+    os.symlink(tree / "sub" / "deeper", tree / "linked")
+    os.symlink(tree / "a.txt", tree / "a-link.txt")
+    assert backup.main([str(tree), "bk13", "--no-follow-symlinks"]) == 0
+    assert keys(s3, "bk13") == ["a.txt", "empty", "sub/b.json", "sub/deeper/c.log"]
+
+
+def test_empty_folders_are_not_backed_up(s3, tree):
+    (tree / "nothing" / "inside").mkdir(parents=True)
+    assert backup.main([str(tree), "bk14"]) == 0
+    assert not any(key.startswith("nothing") for key in keys(s3, "bk14"))
+
+
+def test_missing_credentials_is_one_clear_line(s3, tree, monkeypatch, capsys):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name)
+    assert backup.main([str(tree), "bk15"]) == 1
+    err = capsys.readouterr().err
+    assert "aws configure" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def stub_error(monkeypatch, operation: str, code: str, status: int):
+    """Make S3 answer `operation` with an error, below our code, in botocore itself."""
+    make_api_call = botocore.client.BaseClient._make_api_call
+
+    def answer(self, name, params):
+        if name == operation:
+            raise botocore.exceptions.ClientError(
+                {
+                    "Error": {"Code": code, "Message": "stubbed"},
+                    "ResponseMetadata": {"HTTPStatusCode": status},
+                },
+                name,
+            )
+        return make_api_call(self, name, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", answer)
+
+
+def test_forbidden_bucket_stops_before_any_upload(s3, tree, monkeypatch, capsys):
+    s3.create_bucket(Bucket="theirs")
+    stub_error(monkeypatch, "HeadBucket", "403", 403)
+    assert backup.main([str(tree), "theirs"]) == 1
+    assert "bucket theirs: access denied" in capsys.readouterr().err
+    assert keys(s3, "theirs") == []
+
+
+def test_name_taken_by_another_account(s3, tree, monkeypatch, capsys):
+    monkeypatch.setenv("MOTO_ACCOUNT_ID", "111111111111")
+    s3.create_bucket(Bucket="taken")
+    monkeypatch.delenv("MOTO_ACCOUNT_ID")
+    stub_error(monkeypatch, "HeadBucket", "404", 404)
+    assert backup.main([str(tree), "taken"]) == 1
+    assert "taken by another account" in capsys.readouterr().err
+
+
+def test_access_denied_on_upload_is_a_failed_file(s3, tree, monkeypatch, capsys):
+    stub_error(monkeypatch, "PutObject", "AccessDenied", 403)
+    assert backup.main([str(tree), "bk16"]) == 1
+    captured = capsys.readouterr()
+    assert "upload failed:" in captured.err and "access denied" in captured.err
+    assert "failed 4" in captured.out

@@ -1,0 +1,454 @@
+"""The pure parts: locations, keys, bucket names, filters, plans, key-to-path mapping."""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath, PureWindowsPath
+
+import botocore.exceptions
+import pytest
+
+from backup import LocalFile, plan_backup, upload_args, upload_reason
+from restore import UnsafeKey, path_for_key, plan_restore
+from s3common import (
+    CliError,
+    ExitCode,
+    Filters,
+    Location,
+    RemoteObject,
+    Summary,
+    bucket_name_problem,
+    describe_error,
+    format_mtime,
+    key_for,
+    parse_location,
+    parse_mode,
+    parse_mtime,
+    relative_key,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "bucket", "prefix"),
+    [
+        ("bucket::photos", "bucket", "photos"),
+        ("bucket::", "bucket", ""),
+        ("bucket", "bucket", ""),
+        ("s3://bucket/photos/2024", "bucket", "photos/2024"),
+        ("s3://bucket", "bucket", ""),
+        ("s3://bucket/", "bucket", ""),
+        ("S3://bucket/x", "bucket", "x"),
+        ("bucket::/photos//2024/", "bucket", "photos/2024"),
+        ("bucket::photos\\2024\\", "bucket", "photos/2024"),
+        ("s3://bucket//a///b//", "bucket", "a/b"),
+        ("Legacy_Bucket::x", "Legacy_Bucket", "x"),
+        ("bucket::with space/ünï", "bucket", "with space/ünï"),
+    ],
+)
+def test_parse_location(text, bucket, prefix):
+    assert parse_location(text) == Location(bucket, prefix)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "::x",
+        "s3://",
+        "s3:///x",
+        "my bucket::x",
+        "b::x",
+        "bucket::a/../b",
+        "bucket::./a",
+        "buck/et",
+    ],
+)
+def test_parse_location_refuses(text):
+    with pytest.raises(CliError) as caught:
+        parse_location(text)
+    assert caught.value.code == ExitCode.USAGE
+
+
+@pytest.mark.parametrize(
+    ("prefix", "relative", "key"),
+    [("", "a.txt", "a.txt"), ("p", "a/b.txt", "p/a/b.txt"), ("p/q", "x", "p/q/x")],
+)
+def test_key_for_and_back(prefix, relative, key):
+    assert key_for(prefix, relative) == key
+    assert relative_key(prefix, key) == relative
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["abc", "my-bucket", "my.bucket.2024", "a" * 63, "0day", "logs-s3"],
+)
+def test_valid_new_bucket_names(name):
+    assert bucket_name_problem(name) is None
+
+
+@pytest.mark.parametrize(
+    ("name", "why"),
+    [
+        ("ab", "3 to 63"),
+        ("a" * 64, "3 to 63"),
+        ("MyBucket", "lowercase"),
+        ("my_bucket", "lowercase"),
+        ("-abc", "starts and ends"),
+        ("abc-", "starts and ends"),
+        ("a..b", "'..'"),
+        ("192.168.1.1", "IP address"),
+        ("xn--abc", "reserved"),
+        ("sthree-abc", "reserved"),
+        ("abc-s3alias", "reserved"),
+        ("abc--ol-s3", "reserved"),
+        ("b@d", "lowercase"),
+    ],
+)
+def test_invalid_new_bucket_names(name, why):
+    assert why in bucket_name_problem(name)
+
+
+@pytest.mark.parametrize(
+    ("name", "legacy_ok"),
+    [
+        ("MyBucket", True),
+        ("my_bucket", True),
+        ("a" * 200, True),
+        ("ab", False),
+        ("a..b", False),
+        ("a b", False),
+    ],
+)
+def test_legacy_bucket_names(name, legacy_ok):
+    assert (bucket_name_problem(name, legacy=True) is None) == legacy_ok
+
+
+@pytest.mark.parametrize(
+    ("rules", "path", "included"),
+    [
+        ((), "a.txt", True),
+        (((False, "*.log"),), "sub/b.log", False),
+        (((False, "*.log"),), "b.txt", True),
+        (((False, "*.log"), (True, "keep.log")), "keep.log", True),
+        (((True, "keep.log"), (False, "*.log")), "keep.log", False),
+        (((False, "cache/*"),), "cache/x/y", False),
+        (((False, "cache/*"),), "src/cache/x", True),
+        (((False, "*"), (True, "*.jpg")), "a/b/c.jpg", True),
+        (((False, "*"), (True, "*.jpg")), "a/b/c.png", False),
+        (((False, "file?.txt"),), "file1.txt", False),
+        (((False, "[ab].txt"),), "c.txt", True),
+    ],
+)
+def test_filters_last_match_wins(rules, path, included):
+    assert Filters(rules).includes(path) is included
+
+
+def local(size=10, mtime=1000.0, path="/src/x"):
+    return LocalFile(path, size, int(mtime * 1e9), 0o100644)
+
+
+def remote(key, size=10, last_modified=2000.0):
+    return RemoteObject(key, size, last_modified)
+
+
+@pytest.mark.parametrize(
+    ("obj", "reason"),
+    [
+        (None, "new"),
+        (remote("k", size=11), "size changed"),
+        (remote("k", last_modified=999.0), "newer"),
+        (remote("k", last_modified=1000.0), None),
+        (remote("k", last_modified=2000.0), None),
+    ],
+)
+def test_upload_reason(obj, reason):
+    assert upload_reason(local(), obj) == reason
+
+
+def test_upload_reason_compares_whole_seconds_as_s3_keeps_them():
+    assert upload_reason(local(mtime=1000.7), remote("k", last_modified=1000.0)) is None
+    assert (
+        upload_reason(local(mtime=1001.0), remote("k", last_modified=1000.0)) == "newer"
+    )
+
+
+def test_plan_backup_uploads_changed_and_skips_unchanged():
+    files = {
+        "p/new": local(),
+        "p/same": local(),
+        "p/grown": local(size=20),
+        "p/touched": local(mtime=3000.0),
+    }
+    objects = {key: remote(key) for key in ("p/same", "p/grown", "p/touched", "p/gone")}
+    plan = plan_backup(files, objects, "p", Filters(), delete=False)
+    assert [(u.key, u.reason) for u in plan.uploads] == [
+        ("p/grown", "size changed"),
+        ("p/new", "new"),
+        ("p/touched", "newer"),
+    ]
+    assert plan.skipped == 1
+    assert plan.deletes == ()
+
+
+def test_plan_backup_delete_respects_filters_and_folder_markers():
+    files = {"p/keep": local()}
+    objects = {
+        key: remote(key) for key in ("p/keep", "p/gone.txt", "p/gone.log", "p/dir/")
+    }
+    plan = plan_backup(files, objects, "p", Filters(((False, "*.log"),)), delete=True)
+    assert plan.deletes == ("p/gone.txt",)
+
+
+def test_plan_backup_filters_local_files():
+    files = {"a.log": local(), "b.txt": local(), "sub/c.log": local()}
+    plan = plan_backup(files, {}, "", Filters(((False, "*.log"),)), delete=False)
+    assert [u.key for u in plan.uploads] == ["b.txt"]
+
+
+def test_upload_args_record_mtime_mode_and_type():
+    file = LocalFile("/src/photo.JPG", 1, 1_700_000_000_123_456_789, 0o100640)
+    args = upload_args(file, {"StorageClass": "STANDARD_IA"})
+    assert args == {
+        "Metadata": {"mtime": "1700000000.123456789", "mode": "100640"},
+        "ContentType": "image/jpeg",
+        "StorageClass": "STANDARD_IA",
+    }
+
+
+@pytest.mark.parametrize(
+    ("text", "nanoseconds"),
+    [
+        ("1700000000.123456789", 1_700_000_000_123_456_789),
+        ("1700000000", 1_700_000_000_000_000_000),
+        ("1700000000.5", 1_700_000_000_500_000_000),
+        ("", None),
+        ("yesterday", None),
+        ("-5", None),
+        ("nan", None),
+        (None, None),
+    ],
+)
+def test_parse_mtime(text, nanoseconds):
+    assert parse_mtime(text) == nanoseconds
+
+
+def test_mtime_round_trips():
+    assert (
+        parse_mtime(format_mtime(1_234_567_890_000_000_001))
+        == 1_234_567_890_000_000_001
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "mode"),
+    [
+        ("100644", 0o644),
+        ("100755", 0o755),
+        ("104755", 0o755),
+        ("644", 0o644),
+        ("rwx", None),
+        (None, None),
+    ],
+)
+def test_parse_mode(text, mode):
+    assert parse_mode(text) == mode
+
+
+ROOT = PurePosixPath("/restore")
+WINDOWS_ROOT = PureWindowsPath("C:/restore")
+
+
+@pytest.mark.parametrize(
+    ("relative", "expected"),
+    [
+        ("a.txt", "/restore/a.txt"),
+        ("deep/er/path/a b+c%#?&=.txt", "/restore/deep/er/path/a b+c%#?&=.txt"),
+        ("ünï/ço dé.txt", "/restore/ünï/ço dé.txt"),
+        ("..a/b..", "/restore/..a/b.."),
+        ("10:30 notes.txt", "/restore/10:30 notes.txt"),
+    ],
+)
+def test_path_for_safe_keys(relative, expected):
+    assert path_for_key(relative, ROOT) == PurePosixPath(expected)
+
+
+HOSTILE_KEYS = [
+    "..",
+    "../evil",
+    "a/../../evil",
+    "a/..",
+    "./a",
+    "a/./b",
+    "/etc/passwd",
+    "//server/share/x",
+    "a//b",
+    "C:/Windows/evil",
+    "c:evil",
+    "Z:",
+    "..\\evil",
+    "a\\..\\..\\evil",
+    "\\\\server\\share\\evil",
+    "evil\x00.txt",
+    "a/\x00/b",
+    "",
+]
+
+
+@pytest.mark.parametrize("relative", HOSTILE_KEYS)
+@pytest.mark.parametrize("root", [ROOT, WINDOWS_ROOT], ids=["posix", "windows"])
+def test_path_for_hostile_keys(relative, root):
+    with pytest.raises(UnsafeKey):
+        path_for_key(relative, root)
+
+
+@pytest.mark.parametrize(
+    "relative",
+    [
+        "CON",
+        "a/nul.txt",
+        "a/COM1",
+        "lpt9.log",
+        "a/b:stream",
+        "trailing.",
+        "space ",
+        "a/<b>",
+        "a/b?",
+        "pipe|x",
+    ],
+)
+def test_path_for_keys_windows_refuses(relative):
+    with pytest.raises(UnsafeKey):
+        path_for_key(relative, WINDOWS_ROOT)
+    # The same names are ordinary files on a POSIX system.
+    assert ROOT in path_for_key(relative, ROOT).parents
+
+
+def test_path_for_key_windows_lands_under_root():
+    assert path_for_key("a/b.txt", WINDOWS_ROOT) == PureWindowsPath(
+        "C:/restore/a/b.txt"
+    )
+
+
+def objects_for(*keys):
+    return {key: RemoteObject(key, 1, 1000.0) for key in keys}
+
+
+def test_plan_restore_maps_keys_and_skips_markers():
+    plan = plan_restore(
+        objects_for("p/a", "p/d/", "p/d/b"),
+        "p",
+        ROOT,
+        Filters(),
+        case_insensitive=False,
+    )
+    assert [(d.key, str(d.path)) for d in plan.downloads] == [
+        ("p/a", "/restore/a"),
+        ("p/d/b", "/restore/d/b"),
+    ]
+    assert plan.refused == () and plan.conflicts == ()
+
+
+def test_plan_restore_refuses_escaping_keys_and_goes_on():
+    plan = plan_restore(
+        objects_for("p/ok", "p/../evil", "p/a/../../x"), "p", ROOT, Filters(), False
+    )
+    assert [d.key for d in plan.downloads] == ["p/ok"]
+    assert [key for key, _ in plan.refused] == ["p/../evil", "p/a/../../x"]
+
+
+def test_plan_restore_file_beside_folder_is_a_conflict():
+    plan = plan_restore(objects_for("a", "a/b", "a/c"), "", ROOT, Filters(), False)
+    assert [d.key for d in plan.downloads] == ["a/b", "a/c"]
+    assert [key for key, _ in plan.conflicts] == ["a"]
+
+
+@pytest.mark.parametrize(
+    ("case_insensitive", "restored"),
+    [(False, ["Photo.jpg", "photo.jpg"]), (True, ["Photo.jpg"])],
+)
+def test_plan_restore_case_collisions(case_insensitive, restored):
+    plan = plan_restore(
+        objects_for("Photo.jpg", "photo.jpg"), "", ROOT, Filters(), case_insensitive
+    )
+    assert [d.key for d in plan.downloads] == restored
+    assert len(plan.conflicts) == 2 - len(restored)
+
+
+def test_plan_restore_applies_filters_to_relative_paths():
+    plan = plan_restore(
+        objects_for("p/a.log", "p/b.txt"),
+        "p",
+        ROOT,
+        Filters(((False, "*.log"),)),
+        False,
+    )
+    assert [d.key for d in plan.downloads] == ["p/b.txt"]
+
+
+def test_plan_restore_single_object_lands_in_root():
+    plan = plan_restore(
+        objects_for("docs/2024/report.pdf"), "docs/2024", ROOT, Filters(), False
+    )
+    assert [str(d.path) for d in plan.downloads] == ["/restore/report.pdf"]
+
+
+def client_error(code, status=400):
+    return botocore.exceptions.ClientError(
+        {
+            "Error": {"Code": code, "Message": "m"},
+            "ResponseMetadata": {"HTTPStatusCode": status},
+        },
+        "Op",
+    )
+
+
+@pytest.mark.parametrize(
+    ("error", "words", "code"),
+    [
+        (botocore.exceptions.NoCredentialsError(), "aws configure", ExitCode.FAILURE),
+        (
+            botocore.exceptions.ProfileNotFound(profile="work"),
+            "'work'",
+            ExitCode.FAILURE,
+        ),
+        (
+            botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"),
+            "http://x",
+            ExitCode.FAILURE,
+        ),
+        (client_error("AccessDenied", 403), "access denied", ExitCode.FAILURE),
+        (client_error("403", 403), "another account", ExitCode.FAILURE),
+        (client_error("NoSuchBucket", 404), "does not exist", ExitCode.FAILURE),
+        (
+            client_error("InvalidObjectState", 403),
+            "restore it from the archive",
+            ExitCode.FAILURE,
+        ),
+        (client_error("Weird"), "Weird: m", ExitCode.FAILURE),
+        (
+            PermissionError(13, "Permission denied", "/x/y"),
+            "Permission denied: /x/y",
+            ExitCode.FAILURE,
+        ),
+        (CliError("bad thing", ExitCode.USAGE), "bad thing", ExitCode.USAGE),
+    ],
+)
+def test_describe_error(error, words, code):
+    message, exit_code = describe_error(error)
+    assert words in message
+    assert "\n" not in message
+    assert exit_code == code
+
+
+def test_summary_line():
+    summary = Summary(
+        "uploaded",
+        transferred=3,
+        skipped=2,
+        failed=1,
+        deleted=4,
+        nbytes=3 * 1024 * 1024,
+        seconds=1.25,
+    )
+    assert (
+        summary.line() == "uploaded 3, skipped 2, failed 1, deleted 4, 3.0 MiB in 1.2 s"
+    )
