@@ -12,6 +12,8 @@ import uuid
 from pathlib import Path
 
 import boto3
+import botocore.client
+import botocore.exceptions
 import pytest
 from moto import mock_aws
 
@@ -133,3 +135,29 @@ def run_script(
 @pytest.fixture
 def cli_env(home) -> dict[str, str]:
     return fake_aws_env(home)
+
+
+def make_tree(root, files: dict[str, bytes]):
+    for relative, data in files.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def stub_error(monkeypatch, operation: str, code: str, status: int):
+    """Make S3 answer `operation` with an error, below our code, in botocore itself."""
+    make_api_call = botocore.client.BaseClient._make_api_call
+
+    def answer(self, name, params):
+        if name == operation:
+            raise botocore.exceptions.ClientError(
+                {
+                    "Error": {"Code": code, "Message": "stubbed"},
+                    "ResponseMetadata": {"HTTPStatusCode": status},
+                },
+                name,
+            )
+        return make_api_call(self, name, params)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", answer)

@@ -5,21 +5,12 @@ from __future__ import annotations
 import os
 import time
 
-import botocore.client
-import botocore.exceptions
 import pytest
+from conftest import make_tree, stub_error
 
 import backup
 
 MiB = 1024 * 1024
-
-
-def make_tree(root, files: dict[str, bytes]):
-    for relative, data in files.items():
-        path = root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-    return root
 
 
 def keys(s3, bucket, prefix=""):
@@ -249,24 +240,6 @@ def test_missing_credentials_is_one_clear_line(s3, tree, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "aws configure" in err
     assert len(err.strip().splitlines()) == 1
-
-
-def stub_error(monkeypatch, operation: str, code: str, status: int):
-    """Make S3 answer `operation` with an error, below our code, in botocore itself."""
-    make_api_call = botocore.client.BaseClient._make_api_call
-
-    def answer(self, name, params):
-        if name == operation:
-            raise botocore.exceptions.ClientError(
-                {
-                    "Error": {"Code": code, "Message": "stubbed"},
-                    "ResponseMetadata": {"HTTPStatusCode": status},
-                },
-                name,
-            )
-        return make_api_call(self, name, params)
-
-    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", answer)
 
 
 def test_forbidden_bucket_stops_before_any_upload(s3, tree, monkeypatch, capsys):
