@@ -1,0 +1,196 @@
+"""The real scripts as subprocesses against moto's server mode on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import random
+import stat
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, make_tree, run_script
+
+MiB = 1024 * 1024
+
+AWKWARD_TREE = {
+    "plain.txt": b"plain",
+    "ünïcödé/naïve café.txt": "ünïcödé".encode(),
+    "日本語/ファイル.txt": "日本".encode(),
+    "with spaces/a b c.txt": b"spaces",
+    "chars/+plus%percent#hash?question&amp=equals.txt": b"specials",
+    "chars/100% done (final) [v2] {x} 'q' ~tilde!.md": b"more",
+    "empty.txt": b"",
+    "a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/deep.txt": b"deep",
+}
+
+
+def snapshot(root) -> dict[str, tuple[bytes, int, int]]:
+    """Every file under root: bytes, mtime in ns and permission bits."""
+    result = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            info = os.stat(path)
+            with open(path, "rb") as file:
+                result[os.path.relpath(path, root)] = (
+                    file.read(),
+                    info.st_mtime_ns,
+                    stat.S_IMODE(info.st_mode),
+                )
+    return result
+
+
+@pytest.fixture
+def awkward_tree(tmp_path):
+    files = dict(AWKWARD_TREE)
+    files["big/over-threshold.bin"] = random.Random(7).randbytes(9 * MiB + 123)
+    root = make_tree(tmp_path / "src", files)
+    os.chmod(root / "plain.txt", 0o600)
+    os.chmod(root / "chars" / "+plus%percent#hash?question&amp=equals.txt", 0o755)
+    os.utime(
+        root / "plain.txt", ns=(1_234_567_890_123_456_789, 1_234_567_890_123_456_789)
+    )
+    return root
+
+
+def test_round_trip_is_byte_for_byte_with_mtimes_and_modes(
+    moto_server, cli_env, awkward_tree, tmp_path, bucket_name
+):
+    endpoint = ["--endpoint-url", moto_server]
+    uploaded = run_script(
+        "backup.py",
+        str(awkward_tree),
+        f"{bucket_name}::round/trip",
+        *endpoint,
+        env=cli_env,
+    )
+    assert uploaded.returncode == 0, uploaded.stderr
+    assert "uploaded 9, skipped 0, failed 0" in uploaded.stdout
+    assert uploaded.stderr == ""
+
+    target = tmp_path / "restored"
+    restored = run_script(
+        "restore.py",
+        f"s3://{bucket_name}/round/trip",
+        str(target),
+        *endpoint,
+        env=cli_env,
+    )
+    assert restored.returncode == 0, restored.stderr
+    assert "restored 9, skipped 0, failed 0" in restored.stdout
+    assert snapshot(target) == snapshot(awkward_tree)
+
+
+def test_second_backup_makes_no_upload(
+    moto_server, cli_env, awkward_tree, bucket_name, server_client
+):
+    location = f"{bucket_name}::p"
+    first = run_script(
+        "backup.py",
+        str(awkward_tree),
+        location,
+        "--endpoint-url",
+        moto_server,
+        env=cli_env,
+    )
+    assert first.returncode == 0, first.stderr
+    before = server_client.list_objects_v2(Bucket=bucket_name)["Contents"]
+    second = run_script(
+        "backup.py",
+        str(awkward_tree),
+        location,
+        "--endpoint-url",
+        moto_server,
+        env=cli_env,
+    )
+    assert second.returncode == 0, second.stderr
+    assert "nothing to upload" in second.stdout
+    assert "uploaded 0, skipped 9, failed 0" in second.stdout
+    assert server_client.list_objects_v2(Bucket=bucket_name)["Contents"] == before
+
+
+def test_endpoint_from_environment(
+    moto_server, cli_env, tmp_path, bucket_name, server_client
+):
+    source = make_tree(tmp_path / "src", {"a.txt": b"a"})
+    env = {**cli_env, "AWS_ENDPOINT_URL": moto_server}
+    result = run_script("backup.py", str(source), bucket_name, env=env)
+    assert result.returncode == 0, result.stderr
+    assert (
+        server_client.get_object(Bucket=bucket_name, Key="a.txt")["Body"].read() == b"a"
+    )
+
+
+def test_bucket_created_in_requested_region(
+    moto_server, cli_env, tmp_path, bucket_name, server_client
+):
+    source = make_tree(tmp_path / "src", {"a.txt": b"a"})
+    result = run_script(
+        "backup.py",
+        str(source),
+        bucket_name,
+        "--region",
+        "eu-central-1",
+        "--endpoint-url",
+        moto_server,
+        env=cli_env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert (
+        server_client.get_bucket_location(Bucket=bucket_name)["LocationConstraint"]
+        == "eu-central-1"
+    )
+
+
+def test_no_progress_line_without_a_terminal(
+    moto_server, cli_env, tmp_path, bucket_name
+):
+    source = make_tree(tmp_path / "src", {f"f{n}.txt": b"x" for n in range(20)})
+    result = run_script(
+        "backup.py",
+        str(source),
+        bucket_name,
+        "--endpoint-url",
+        moto_server,
+        env=cli_env,
+    )
+    assert result.returncode == 0
+    assert result.stderr == ""
+    assert result.stdout.splitlines()[-1].startswith("uploaded 20, skipped 0, failed 0")
+
+
+def test_unreadable_file_is_reported_and_the_rest_go_on(
+    moto_server, cli_env, tmp_path, bucket_name, server_client
+):
+    source = make_tree(tmp_path / "src", {"ok.txt": b"ok", "secret.txt": b"no"})
+    os.chmod(source / "secret.txt", 0)
+    # As root, drop the capabilities that would let the script read it anyway.
+    prefix = (
+        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+        if os.geteuid() == 0
+        else []
+    )
+    result = subprocess.run(
+        [
+            *prefix,
+            sys.executable,
+            str(ROOT / "backup.py"),
+            str(source),
+            bucket_name,
+            "--endpoint-url",
+            moto_server,
+        ],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "secret.txt" in result.stderr and "Permission denied" in result.stderr
+    assert "Traceback" not in result.stderr
+    keys = [
+        o["Key"] for o in server_client.list_objects_v2(Bucket=bucket_name)["Contents"]
+    ]
+    assert keys == ["ok.txt"]
