@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pty
 import random
 import stat
 import subprocess
@@ -194,3 +195,38 @@ def test_unreadable_file_is_reported_and_the_rest_go_on(
         o["Key"] for o in server_client.list_objects_v2(Bucket=bucket_name)["Contents"]
     ]
     assert keys == ["ok.txt"]
+
+
+def test_progress_line_on_a_terminal(moto_server, cli_env, tmp_path, bucket_name):
+    source = make_tree(tmp_path / "src", {f"f{n}.txt": b"x" * 1000 for n in range(50)})
+    terminal, stderr_side = pty.openpty()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "backup.py"),
+            str(source),
+            bucket_name,
+            "--endpoint-url",
+            moto_server,
+        ],
+        env=cli_env,
+        stdout=subprocess.PIPE,
+        stderr=stderr_side,
+        stdin=subprocess.DEVNULL,
+    )
+    os.close(stderr_side)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(terminal, 4096)
+        except OSError:  # the other side closed
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(terminal)
+    assert process.wait(timeout=60) == 0
+    text = shown.decode()
+    assert "/50 files, " in text and "/s, ETA" in text
+    assert text.endswith("\r\x1b[K")  # the line is cleared before the summary
+    assert "uploaded 50" in process.stdout.read().decode()
