@@ -35,6 +35,7 @@ from s3common import (
     client_error_code,
     connect,
     describe_error,
+    failure_line,
     folder_prefix,
     format_mtime,
     key_for,
@@ -363,7 +364,7 @@ def run(args) -> int:
     for warning in scan.warnings:
         console.warning(warning)
     for failure in scan.errors:
-        console.error(f"cannot read {failure.item}: {describe_error(failure.error)[0]}")
+        console.error(failure_line("read", failure.item, failure.error))
 
     connection = connect(args, pool_size=args.workers + PART_WORKERS)
     client = connection.client
@@ -405,9 +406,7 @@ def run(args) -> int:
     failures, _ = run_in_parallel(plan.uploads, uploader, client, args.workers)
     console.finish()
     for failure in failures:
-        console.error(
-            f"upload failed: {failure.item.file.path}: {describe_error(failure.error)[0]}"
-        )
+        console.error(failure_line("upload", failure.item.file.path, failure.error))
 
     deleted = 0
     if plan.deletes:
@@ -421,7 +420,7 @@ def run(args) -> int:
             )
             for failure in delete_failures:
                 console.error(
-                    f"delete failed: s3://{location.bucket}/{failure.item}: {describe_error(failure.error)[0]}"
+                    failure_line("delete", location.url(failure.item), failure.error)
                 )
             deleted = len(plan.deletes) - len(delete_failures)
             failures += delete_failures

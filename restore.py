@@ -40,6 +40,7 @@ from s3common import (
     client_error_code,
     connect,
     describe_error,
+    failure_line,
     folder_prefix,
     list_objects,
     parse_location,
@@ -356,7 +357,7 @@ def run(args) -> int:
     console = Console(args.quiet, args.verbose)
     location = parse_location(args.location)
     filters = Filters(args.filters)
-    if os.path.exists(args.local) and not os.path.isdir(args.local):
+    if not args.local or (os.path.exists(args.local) and not os.path.isdir(args.local)):
         raise usage_error(
             f"{args.local!r} is not a folder: give a folder to restore into"
         )
@@ -396,7 +397,7 @@ def run(args) -> int:
     console.finish()
     for failure in failures:
         console.error(
-            f"restore failed: s3://{location.bucket}/{failure.item.key}: {describe_error(failure.error)[0]}"
+            failure_line("restore", location.url(failure.item.key), failure.error)
         )
 
     untouched_bytes = sum(item.size for item in skipped) + sum(

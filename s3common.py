@@ -102,9 +102,10 @@ def parse_location(text: str) -> Location:
         raise usage_error(
             f"no bucket in location {text!r}: write BUCKET::PREFIX or s3://BUCKET/PREFIX"
         )
-    problem = bucket_name_problem(bucket, legacy=True)
-    if problem:
-        raise usage_error(f"{bucket!r} is not a bucket name: {problem}")
+    if bucket_name_problem(bucket, legacy=True):
+        raise usage_error(
+            f"{bucket!r} is not a bucket name: {bucket_name_problem(bucket)}"
+        )
     return Location(bucket, normalize_prefix(prefix))
 
 
@@ -284,15 +285,20 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
 
 def endpoint_url_from(args: argparse.Namespace) -> str | None:
     """--endpoint-url, else $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL; checked for form."""
-    url = (
-        args.endpoint_url
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-    )
+    url = args.endpoint_url
+    if url is None:
+        # An empty variable counts as unset, but an empty --endpoint-url is an error,
+        # never a silent switch to AWS itself.
+        url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+            "AWS_ENDPOINT_URL"
+        )
     if url is None:
         return None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 address
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise usage_error(
             f"endpoint URL {url!r} is not of the form http(s)://HOST[:PORT]"
         )
@@ -430,6 +436,8 @@ def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
             f"the connection kept failing after every retry ({exc}): run again later",
             ExitCode.FAILURE,
         )
+    if isinstance(exc, botocore.exceptions.InvalidRegionError):
+        return f"{exc}: check --region (e.g. eu-west-1)", ExitCode.USAGE
     if isinstance(exc, botocore.exceptions.BotoCoreError):
         return str(exc), ExitCode.FAILURE
     if isinstance(exc, UnicodeError):
@@ -445,6 +453,12 @@ def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
         f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
         ExitCode.FAILURE,
     )
+
+
+def failure_line(action: str, where: str, error: BaseException) -> str:
+    """'<action> failed: <where>: <why>', naming `where` once."""
+    why = describe_error(error)[0]
+    return f"{action} failed: {where}: {why.removesuffix(f': {where}')}"
 
 
 def one_line(text: str) -> str:
