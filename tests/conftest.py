@@ -23,6 +23,14 @@ sys.path.insert(0, str(ROOT))
 FAKE_SECRET = "fake-secret-key-never-printed"
 FAKE_TOKEN = "fake-session-token-never-printed"
 
+# As root, drop the capabilities that would let the script read or write
+# through a chmod anyway.
+UNPRIVILEGED = (
+    ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    if os.geteuid() == 0
+    else []
+)
+
 
 def fake_aws_env(home: Path) -> dict[str, str]:
     """An environment with fake credentials and nothing from the real ~/.aws."""

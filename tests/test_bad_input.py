@@ -16,17 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_SECRET, FAKE_TOKEN, ROOT, free_port, make_tree
+from conftest import FAKE_SECRET, FAKE_TOKEN, ROOT, UNPRIVILEGED, free_port, make_tree
 
 FAILURE, USAGE = 1, 2  # exit codes of the SPEC
 
-# As root, drop the capabilities that would let the script read or write
-# through a chmod anyway.
-UNPRIVILEGED = (
-    ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
-    if os.geteuid() == 0
-    else []
-)
 CREDENTIAL_VARIABLES = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",

@@ -161,42 +161,6 @@ def test_no_progress_line_without_a_terminal(
     assert result.stdout.splitlines()[-1].startswith("uploaded 20, skipped 0, failed 0")
 
 
-def test_unreadable_file_is_reported_and_the_rest_go_on(
-    moto_server, cli_env, tmp_path, bucket_name, server_client
-):
-    source = make_tree(tmp_path / "src", {"ok.txt": b"ok", "secret.txt": b"no"})
-    os.chmod(source / "secret.txt", 0)
-    # As root, drop the capabilities that would let the script read it anyway.
-    prefix = (
-        ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
-        if os.geteuid() == 0
-        else []
-    )
-    result = subprocess.run(
-        [
-            *prefix,
-            sys.executable,
-            str(ROOT / "backup.py"),
-            str(source),
-            bucket_name,
-            "--endpoint-url",
-            moto_server,
-        ],
-        env=cli_env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 1
-    assert "secret.txt" in result.stderr and "Permission denied" in result.stderr
-    assert "Traceback" not in result.stderr
-    keys = [
-        o["Key"] for o in server_client.list_objects_v2(Bucket=bucket_name)["Contents"]
-    ]
-    assert keys == ["ok.txt"]
-
-
 def test_progress_line_on_a_terminal(moto_server, cli_env, tmp_path, bucket_name):
     source = make_tree(tmp_path / "src", {f"f{n}.txt": b"x" * 1000 for n in range(50)})
     terminal, stderr_side = pty.openpty()
