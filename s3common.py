@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import boto3
 import botocore.exceptions
+import botocore.session
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from s3transfer.subscribers import BaseSubscriber
@@ -332,7 +333,8 @@ class Connection:
 
 def connect(args: argparse.Namespace, pool_size: int) -> Connection:
     """One S3 client for the run, after checking there are credentials to sign with."""
-    session = boto3.session.Session(profile_name=args.profile)
+    core = botocore.session.Session(profile=args.profile)
+    session = boto3.session.Session(botocore_session=core)
     if session.get_credentials() is None:
         raise botocore.exceptions.NoCredentialsError()
     region = args.region or session.region_name or "us-east-1"
@@ -341,7 +343,12 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
         check_endpoint_reachable(endpoint_url)
     config = Config(
         max_pool_connections=pool_size,
-        retries={"mode": "standard", "max_attempts": RETRY_ATTEMPTS},
+        # A user's AWS_MAX_ATTEMPTS (or max_attempts in ~/.aws/config) wins.
+        retries={
+            "mode": "standard",
+            "total_max_attempts": core.get_config_variable("max_attempts")
+            or RETRY_ATTEMPTS,
+        },
         # Local and S3-compatible servers rarely resolve bucket sub-domains.
         s3={"addressing_style": "path"} if endpoint_url else None,
         user_agent_extra="s3backup",
@@ -624,34 +631,53 @@ def run_in_parallel(
     lock = threading.Lock()
     pending = iter(items)
     manager = create_transfer_manager(client, transfer_config())
+    # The main thread waits on this count, never in Thread.join: a join that
+    # Ctrl-C interrupts marks its thread as ended while it still runs
+    # (CPython gh-90882, Python 3.12 and older).
+    changed = threading.Condition()
+    running = ended = 0
 
     def worker():
-        while not cancel.is_set():
-            with lock:
-                item = next(pending, None)
-            if item is None:
-                return
-            try:
-                if work(item, manager, cancel) is False:
-                    skipped.append(item)
-            # One file's failure, whatever it is, must not stop the others.
-            except Exception as exc:  # noqa: BLE001
-                failures.append(Failure(item, exc))
+        nonlocal running, ended
+        with changed:
+            running += 1
+        try:
+            while not cancel.is_set():
+                with lock:
+                    item = next(pending, None)
+                if item is None:
+                    return
+                try:
+                    if work(item, manager, cancel) is False:
+                        skipped.append(item)
+                # One file's failure, whatever it is, must not stop the others.
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(Failure(item, exc))
+        finally:
+            with changed:
+                running -= 1
+                ended += 1
+                changed.notify_all()
 
     threads = [
         threading.Thread(target=worker, daemon=True)
         for _ in range(min(workers, len(items)))
     ]
-    for thread in threads:
-        thread.start()
     try:
+        # Ctrl-C may come while threads are still being started.
         for thread in threads:
-            thread.join()
+            thread.start()
+        with changed:
+            changed.wait_for(lambda: ended == len(threads))
     except KeyboardInterrupt:
         cancel.set()
-        manager.shutdown(cancel=True, cancel_msg="interrupted")
-        for thread in threads:
-            thread.join()
+        # TransferManager.shutdown(cancel=True) passes its arguments on in the
+        # wrong order and raises TypeError (boto/s3transfer#143); leaving it as
+        # a context manager does on KeyboardInterrupt cancels (and aborts) them.
+        manager.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+        # A thread that starts after this sees `cancel` and takes no item.
+        with changed:
+            changed.wait_for(lambda: running == 0)
         raise
     manager.shutdown()
     return failures, skipped

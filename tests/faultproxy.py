@@ -1,0 +1,332 @@
+"""A fault-injecting HTTP proxy on 127.0.0.1 in front of an S3 server, for the reliability tests.
+
+    proxy = FaultProxy("http://127.0.0.1:5000", slowdown_rate=0.1, reset_rate=0.1)
+    proxy.start()
+    run_script("backup.py", ..., "--endpoint-url", proxy.url)
+    assert proxy.faults["SlowDown"] > 0
+    proxy.close()
+
+It reads each request whole (HTTP/1.1 keep-alive, Content-Length or chunked
+bodies, `Expect: 100-continue`), then either answers it with a fault, without
+forwarding it, or forwards it to the server and relays the answer.
+"""
+
+from __future__ import annotations
+
+import http.client
+import random
+import socket
+import socketserver
+import struct
+import threading
+from collections import Counter
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import BinaryIO
+from urllib.parse import unquote, urlsplit
+
+# Headers that describe one connection, not the message: never relayed as they are.
+HOP_BY_HOP_HEADERS = {
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "expect",
+    "content-length",
+}
+MAX_LINE = 65536
+
+ERROR_MESSAGES = {
+    "SlowDown": (503, "Slow Down", "Please reduce your request rate."),
+    "InternalError": (
+        500,
+        "Internal Server Error",
+        "We encountered an internal error. Please try again.",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    target: str
+    version: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        for key, value in self.headers:
+            if key.lower() == name:
+                return value
+        return None
+
+    @property
+    def path(self) -> str:
+        return unquote(urlsplit(self.target).path)
+
+    @property
+    def is_upload_part(self) -> bool:
+        return "partNumber=" in urlsplit(self.target).query
+
+    @property
+    def keep_alive(self) -> bool:
+        connection = (self.header("connection") or "").lower()
+        if self.version == "HTTP/1.0":
+            return connection == "keep-alive"
+        return connection != "close"
+
+
+class ClientGone(Exception):
+    """The client closed the connection, or sent something that is not HTTP."""
+
+
+def read_line(reader: BinaryIO) -> bytes:
+    line = reader.readline(MAX_LINE + 1)
+    if not line or len(line) > MAX_LINE:
+        raise ClientGone()
+    return line
+
+
+def read_exactly(reader: BinaryIO, size: int) -> bytes:
+    data = reader.read(size)
+    if len(data) != size:
+        raise ClientGone()
+    return data
+
+
+def read_chunked_body(reader: BinaryIO) -> bytes:
+    """A Transfer-Encoding: chunked body, decoded; trailers are dropped."""
+    chunks = []
+    while True:
+        size = int(read_line(reader).split(b";")[0].strip(), 16)
+        if size == 0:
+            break
+        chunks.append(read_exactly(reader, size))
+        read_line(reader)  # the CRLF after the chunk
+    while read_line(reader) not in (b"\r\n", b"\n"):
+        pass
+    return b"".join(chunks)
+
+
+def read_request(reader: BinaryIO, writer: socket.socket) -> Request | None:
+    """The next request on the connection, body included; None once the client hangs up."""
+    try:
+        line = reader.readline(MAX_LINE + 1)
+        while line in (b"\r\n", b"\n"):
+            line = reader.readline(MAX_LINE + 1)
+        if not line:
+            return None
+        method, target, version = line.decode("latin-1").split()
+        headers = []
+        while (line := read_line(reader)) not in (b"\r\n", b"\n"):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers.append((name.strip(), value.strip()))
+        request = Request(method, target, version, headers, b"")
+        # botocore waits (up to a second) for this before it sends a large body.
+        if (request.header("expect") or "").lower() == "100-continue":
+            writer.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if "chunked" in (request.header("transfer-encoding") or "").lower():
+            body = read_chunked_body(reader)
+        else:
+            body = read_exactly(reader, int(request.header("content-length") or 0))
+    except (ValueError, OSError):
+        raise ClientGone() from None
+    return Request(method, target, version, headers, body)
+
+
+def response_bytes(
+    status: int, reason: str, headers: list[tuple[str, str]], body: bytes
+) -> bytes:
+    head = [f"HTTP/1.1 {status} {reason}"]
+    head += [f"{name}: {value}" for name, value in headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+
+
+def s3_error_response(code: str, request: Request, request_id: str) -> bytes:
+    """A response as S3 writes it for an error: XML body, except for HEAD."""
+    status, reason, message = ERROR_MESSAGES[code]
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        f"<Error><Code>{code}</Code><Message>{message}</Message>"
+        f"<RequestId>{request_id}</RequestId><HostId>faultproxy</HostId></Error>"
+    ).encode()
+    if request.method == "HEAD":
+        body = b""
+    headers = [
+        ("x-amz-request-id", request_id),
+        ("Content-Type", "application/xml"),
+        ("Content-Length", str(len(body))),
+    ]
+    return response_bytes(status, reason, headers, body)
+
+
+class FaultProxy:
+    """Forwards HTTP requests to `upstream`, failing a seeded-random fraction of them.
+
+    slowdown_rate, internal_error_rate and reset_rate are the fractions of
+    requests answered 503 SlowDown, answered 500 InternalError, and cut off
+    (connection reset, no answer). Requests for `throttled_keys` (paths that
+    end in "/<key>"), and the UploadPart requests for `throttled_part_keys`,
+    are answered 503 SlowDown every time. `faults` counts what was injected,
+    `throttled_attempts` the requests refused per throttled key.
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        seed: int = 0,
+        slowdown_rate: float = 0.0,
+        internal_error_rate: float = 0.0,
+        reset_rate: float = 0.0,
+        throttled_keys: Collection[str] = (),
+        throttled_part_keys: Collection[str] = (),
+    ):
+        parts = urlsplit(upstream)
+        self.upstream_host = parts.hostname
+        self.upstream_port = parts.port or 80
+        self.slowdown_rate = slowdown_rate
+        self.internal_error_rate = internal_error_rate
+        self.reset_rate = reset_rate
+        self.throttled_keys = set(throttled_keys)
+        self.throttled_part_keys = set(throttled_part_keys)
+        self.faults: Counter[str] = Counter()
+        self.throttled_attempts: Counter[str] = Counter()
+        self.forwarded = 0
+        self._random = random.Random(seed)
+        self._lock = threading.Lock()
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.proxy = self
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=10)
+
+    def stop_faults(self) -> None:
+        """From now on forward every request."""
+        with self._lock:
+            self.slowdown_rate = self.internal_error_rate = self.reset_rate = 0.0
+            self.throttled_keys = set()
+            self.throttled_part_keys = set()
+
+    def fault_for(self, request: Request) -> str | None:
+        """The fault to inject for this request: "SlowDown", "InternalError", "reset" or None."""
+        with self._lock:
+            throttled = set(self.throttled_keys)
+            if request.is_upload_part:
+                throttled |= self.throttled_part_keys
+            for key in throttled:
+                if request.path.endswith("/" + key):
+                    self.throttled_attempts[key] += 1
+                    self.faults["SlowDown"] += 1
+                    return "SlowDown"
+            draw = self._random.random()
+            fault = None
+            if draw < self.slowdown_rate:
+                fault = "SlowDown"
+            elif draw < self.slowdown_rate + self.internal_error_rate:
+                fault = "InternalError"
+            elif draw < self.slowdown_rate + self.internal_error_rate + self.reset_rate:
+                fault = "reset"
+            if fault:
+                self.faults[fault] += 1
+            else:
+                self.forwarded += 1
+            return fault
+
+    def request_id(self) -> str:
+        with self._lock:
+            return f"{self._random.getrandbits(64):016X}"
+
+    def forward(self, request: Request) -> bytes:
+        """Send the request to the server; its response, ready to relay."""
+        connection = http.client.HTTPConnection(
+            self.upstream_host, self.upstream_port, timeout=120
+        )
+        try:
+            connection.putrequest(
+                request.method,
+                request.target,
+                skip_host=True,
+                skip_accept_encoding=True,
+            )
+            for name, value in request.headers:
+                if name.lower() not in HOP_BY_HOP_HEADERS:
+                    connection.putheader(name, value)
+            if request.body or request.method in ("PUT", "POST"):
+                connection.putheader("Content-Length", str(len(request.body)))
+            connection.endheaders(request.body or None)
+            response = connection.getresponse()
+            body = response.read()
+        finally:
+            connection.close()
+        headers = [
+            (name, value)
+            for name, value in response.getheaders()
+            if name.lower() not in HOP_BY_HOP_HEADERS
+        ]
+        no_body = request.method == "HEAD" or response.status in (204, 304)
+        if no_body:
+            # A HEAD answer's Content-Length is the size of the object, not of this body.
+            length = response.getheader("Content-Length")
+            if length is not None:
+                headers.append(("Content-Length", length))
+        else:
+            headers.append(("Content-Length", str(len(body))))
+        return response_bytes(response.status, response.reason, headers, body)
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    proxy: FaultProxy
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    """One client connection: requests one after another (keep-alive) until it ends."""
+
+    def handle(self) -> None:
+        proxy: FaultProxy = self.server.proxy
+        connection: socket.socket = self.request
+        reader = connection.makefile("rb")
+        try:
+            while True:
+                try:
+                    request = read_request(reader, connection)
+                except ClientGone:
+                    return
+                if request is None:
+                    return
+                fault = proxy.fault_for(request)
+                if fault == "reset":
+                    # The request was read but never answered: the client sees a reset.
+                    reader.close()
+                    connection.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    connection.close()
+                    return
+                if fault:
+                    answer = s3_error_response(fault, request, proxy.request_id())
+                else:
+                    answer = proxy.forward(request)
+                connection.sendall(answer)
+                if not request.keep_alive:
+                    return
+        except (OSError, http.client.HTTPException):
+            return
+        finally:
+            reader.close()
