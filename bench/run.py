@@ -1,0 +1,891 @@
+"""Benchmark backup.py and restore.py against aws s3 sync and rclone on a local S3 server.
+
+usage: python bench/run.py [--server s3rver|moto ...] [--workloads W1,W4,...] [--runs N]
+                           [--tools ours,aws,rclone] [--quick] [--scaling]
+                           [--scripts DIR] [--tool-args ARGS] [--output FILE]
+
+One run starts the server on 127.0.0.1 on a free port, builds the workloads in a
+temporary folder (same bytes every time), runs each tool one after the other on
+that server, verifies every upload (keys and sizes) and every restored tree (byte
+for byte), stops the server and prints a Markdown table: median seconds of N runs,
+files/s or MiB/s, peak RSS, client CPU, and the ratio to `aws s3 sync`.
+
+  W1  5,000 files of 4 KiB in 100 folders, upload    W4  no-change re-run of W1
+  W2  200 files of 1 MiB, upload                     W5  restore of W1 into an empty folder
+  W3  2 files of 256 MiB, upload                     W6  restore of W3
+
+s3rver@3.7.1 is installed into bench/node_modules and awscli into bench/awscli-venv
+on first use; rclone is measured when its binary is on PATH. --scaling adds
+backup.py rows for W1-shaped trees of 1k, 10k and 50k files (full and no-change).
+--scripts points at a copy of backup.py/restore.py/s3common.py (to try a change);
+--tool-args adds options to backup.py and restore.py (e.g. "--workers 32").
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import random
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import boto3
+from botocore.config import Config
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+MiB = 1024 * 1024
+S3RVER_VERSION = "3.7.1"
+# s3rver accepts no other access key; moto accepts anything.
+ACCESS_KEY = "S3RVER"
+# A fixed past mtime: every tool then sees the local files as older than the objects.
+FIXED_MTIME = 1_700_000_000
+WORKLOADS = ("W1", "W4", "W5", "W2", "W3", "W6")
+SCALING_SIZES = (1_000, 10_000, 50_000)
+
+
+# --- Workload trees -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeShape:
+    files: int
+    size: int
+    folders: int  # leaf folders, nested two deep
+
+
+def shape_of(workload: str, quick: bool) -> TreeShape:
+    """The tree a workload uploads or restores; --quick shrinks it for a smoke test."""
+    small = {
+        "W1": TreeShape(5_000, 4096, 100),
+        "W2": TreeShape(200, MiB, 1),
+        "W3": TreeShape(2, 256 * MiB, 1),
+    }
+    quick_shapes = {
+        "W1": TreeShape(500, 4096, 20),
+        "W2": TreeShape(20, MiB, 1),
+        "W3": TreeShape(2, 24 * MiB, 1),
+    }
+    source = {"W4": "W1", "W5": "W1", "W6": "W3"}.get(workload, workload)
+    return (quick_shapes if quick else small)[source]
+
+
+def relative_paths(shape: TreeShape) -> list[str]:
+    """File names spread over `folders` leaf folders, ten leaves under each parent."""
+    paths = []
+    for index in range(shape.files):
+        leaf = index % shape.folders
+        paths.append(f"d{leaf // 10:02d}/e{leaf % 10}/f{index:06d}.bin")
+    return paths
+
+
+def build_tree(root: Path, shape: TreeShape, seed: int) -> Path:
+    """Write the tree under root with seeded random bytes and a fixed mtime."""
+    rng = random.Random(seed)
+    for relative in relative_paths(shape):
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as out:
+            left = shape.size
+            while left:
+                block = min(left, 8 * MiB)
+                out.write(rng.randbytes(block))
+                left -= block
+        os.utime(path, (FIXED_MTIME, FIXED_MTIME))
+    return root
+
+
+def tree_listing(root: Path) -> dict[str, int]:
+    """Relative "/"-separated path -> size of every file under root."""
+    return {
+        path.relative_to(root).as_posix(): path.stat().st_size
+        for path in root.rglob("*")
+        if path.is_file()
+    }
+
+
+def verify_restored(source: Path, restored: Path) -> None:
+    """Raise unless restored holds exactly the files of source, byte for byte."""
+    want, got = tree_listing(source), tree_listing(restored)
+    if want.keys() != got.keys():
+        missing = sorted(want.keys() - got.keys())[:3]
+        extra = sorted(got.keys() - want.keys())[:3]
+        raise RuntimeError(f"restored tree differs: missing {missing}, extra {extra}")
+    for relative in want:
+        if not filecmp.cmp(source / relative, restored / relative, shallow=False):
+            raise RuntimeError(f"restored file differs: {relative}")
+
+
+# --- The server, and a counting pass-through for request counts --------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, process: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"the server exited at start (code {process.returncode})"
+            )
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError(f"the server did not listen on port {port} in {timeout:.0f} s")
+
+
+def ensure_s3rver() -> Path:
+    """bench/node_modules/s3rver, installed with npm the first time."""
+    script = BENCH / "node_modules" / "s3rver" / "bin" / "s3rver.js"
+    if not script.exists():
+        subprocess.run(
+            ["npm", "install", "--prefix", str(BENCH), f"s3rver@{S3RVER_VERSION}"],
+            check=True,
+        )
+    return script
+
+
+def ensure_awscli() -> Path:
+    """bench/awscli-venv/bin/aws; awscli pins botocore, so it gets its own venv."""
+    aws = BENCH / "awscli-venv" / "bin" / "aws"
+    if not aws.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(aws.parents[1])], check=True)
+        pip = aws.parent / "pip"
+        subprocess.run([str(pip), "install", "--quiet", "awscli"], check=True)
+    return aws
+
+
+def server_command(kind: str, port: int, data: Path) -> list[str]:
+    if kind == "s3rver":
+        # Node 17+ needs the legacy provider, or ListObjectsV2 paging answers 500.
+        return [
+            "node",
+            "--openssl-legacy-provider",
+            str(ensure_s3rver()),
+            "-d",
+            str(data),
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(port),
+            "--silent",
+        ]
+    return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+
+
+@contextmanager
+def running_server(kind: str, data: Path) -> Iterator[tuple[str, int]]:
+    """Start the server on a free port, yield its URL and process id, stop it."""
+    port = free_port()
+    process = subprocess.Popen(
+        server_command(kind, port, data),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, process, timeout=30)
+        yield f"http://127.0.0.1:{port}", process.pid
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def count_requests(data: bytes, state: dict) -> None:
+    """Count HTTP requests in a client-to-server byte stream, skipping bodies."""
+    buffer = state["buffer"] + data
+    while buffer:
+        if state["body_left"]:
+            taken = min(state["body_left"], len(buffer))
+            state["body_left"] -= taken
+            buffer = buffer[taken:]
+            continue
+        end = buffer.find(b"\r\n\r\n")
+        if end < 0:
+            break
+        head, buffer = buffer[:end].lower(), buffer[end + 4 :]
+        state["requests"] += 1
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip() == b"content-length":
+                state["body_left"] = int(value.strip())
+    state["buffer"] = buffer
+
+
+@contextmanager
+def counting_proxy(upstream_port: int) -> Iterator[tuple[str, Callable[[], int]]]:
+    """A TCP pass-through on 127.0.0.1 that counts the HTTP requests sent through it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    states: list[dict] = []
+
+    def pipe(source, sink, state=None):
+        try:
+            while data := source.recv(65536):
+                if state is not None:
+                    count_requests(data, state)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def accept():
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", upstream_port))
+            state = {"buffer": b"", "body_left": 0, "requests": 0}
+            states.append(state)
+            threading.Thread(
+                target=pipe, args=(client, server, state), daemon=True
+            ).start()
+            threading.Thread(target=pipe, args=(server, client), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        yield (
+            f"http://127.0.0.1:{listener.getsockname()[1]}",
+            lambda: sum(state["requests"] for state in states),
+        )
+    finally:
+        listener.close()
+
+
+# --- Tools ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str  # as shown in the table for uploads; restores swap backup for restore
+    upload: Callable[[Path, str, str, str], list[str]]  # (src, bucket, prefix, url)
+    download: Callable[[str, str, Path, str], list[str]]  # (bucket, prefix, dst, url)
+    env: dict
+
+
+def base_env(home: Path) -> dict:
+    """Fake credentials, no instance metadata, no user config files."""
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("AWS_", "RCLONE_"))
+    }
+    env.update(
+        AWS_ACCESS_KEY_ID=ACCESS_KEY,
+        AWS_SECRET_ACCESS_KEY="bench-secret",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_EC2_METADATA_DISABLED="true",
+        AWS_CONFIG_FILE=str(home / "aws-config"),
+        AWS_SHARED_CREDENTIALS_FILE=str(home / "aws-credentials"),
+    )
+    if "AWS_CA_BUNDLE" in os.environ:
+        env["AWS_CA_BUNDLE"] = os.environ["AWS_CA_BUNDLE"]
+    return env
+
+
+def ours(scripts: Path, tool_args: Sequence[str], env: dict) -> Tool:
+    python = [sys.executable]
+    return Tool(
+        "backup.py",
+        lambda src, bucket, prefix, url: [
+            *python,
+            str(scripts / "backup.py"),
+            str(src),
+            f"{bucket}::{prefix}",
+            "--endpoint-url",
+            url,
+            "-q",
+            *tool_args,
+        ],
+        lambda bucket, prefix, dst, url: [
+            *python,
+            str(scripts / "restore.py"),
+            f"{bucket}::{prefix}",
+            str(dst),
+            "--endpoint-url",
+            url,
+            "-q",
+            *tool_args,
+        ],
+        env,
+    )
+
+
+def aws_sync(aws: Path, env: dict) -> Tool:
+    quiet = ["--only-show-errors", "--no-progress"]
+    return Tool(
+        "aws s3 sync",
+        lambda src, bucket, prefix, url: [
+            str(aws),
+            "s3",
+            "sync",
+            str(src),
+            f"s3://{bucket}/{prefix}",
+            "--endpoint-url",
+            url,
+            *quiet,
+        ],
+        lambda bucket, prefix, dst, url: [
+            str(aws),
+            "s3",
+            "sync",
+            f"s3://{bucket}/{prefix}",
+            str(dst),
+            "--endpoint-url",
+            url,
+            *quiet,
+        ],
+        env,
+    )
+
+
+def rclone_env(env: dict) -> dict:
+    # rclone 1.60 refuses to start while AWS_CA_BUNDLE is set.
+    env = {key: value for key, value in env.items() if key != "AWS_CA_BUNDLE"}
+    env.update(
+        RCLONE_CONFIG_BENCH_TYPE="s3",
+        RCLONE_CONFIG_BENCH_PROVIDER="Other",
+        RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=ACCESS_KEY,
+        RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY="bench-secret",
+        RCLONE_CONFIG_BENCH_REGION="us-east-1",
+    )
+    return env
+
+
+def rclone_copy(rclone: str, env: dict) -> Tool:
+    # rclone takes its endpoint from the environment, so the URL goes in per command.
+    # --fast-list lists flat: s3rver's delimiter listings miss folders that hold
+    # only sub-folders, and rclone would then restore only part of the tree.
+    def upload(src, bucket, prefix, url):
+        return [
+            "env",
+            f"RCLONE_CONFIG_BENCH_ENDPOINT={url}",
+            rclone,
+            "copy",
+            "--fast-list",
+            str(src),
+            f"bench:{bucket}/{prefix}",
+        ]
+
+    def download(bucket, prefix, dst, url):
+        return [
+            "env",
+            f"RCLONE_CONFIG_BENCH_ENDPOINT={url}",
+            rclone,
+            "copy",
+            "--fast-list",
+            f"bench:{bucket}/{prefix}",
+            str(dst),
+        ]
+
+    return Tool("rclone copy", upload, download, rclone_env(env))
+
+
+def display_name(tool: Tool, direction: str) -> str:
+    if tool.name == "backup.py" and direction == "down":
+        return "restore.py"
+    return tool.name
+
+
+# --- Measuring one run ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measurement:
+    seconds: float
+    peak_rss_mib: float
+    cpu_seconds: float
+    server_cpu_seconds: float
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a running process, from /proc (0.0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# Runs the tool and reports its rusage. A child's peak RSS starts at the RSS of
+# the process that spawned it, so a small wrapper spawns the tool, not the harness
+# (which holds workload buffers).
+_WRAPPER = """
+import os, sys, time
+started = time.perf_counter()
+pid = os.posix_spawnp(sys.argv[2], sys.argv[2:], os.environ)
+_, status, usage = os.wait4(pid, 0)
+seconds = time.perf_counter() - started
+with open(sys.argv[1], "w") as out:
+    out.write(f"{seconds} {usage.ru_maxrss} {usage.ru_utime + usage.ru_stime}")
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def measure(argv: list[str], env: dict, server_pid: int = 0) -> Measurement:
+    """Run argv to the end; wall time, peak RSS and CPU time of it and of the server."""
+    server_cpu = process_cpu_seconds(server_pid)
+    with tempfile.TemporaryDirectory() as folder:
+        report, errors_path = Path(folder) / "usage", Path(folder) / "stderr"
+        with open(errors_path, "wb") as errors:
+            code = subprocess.call(
+                [sys.executable, "-S", "-c", _WRAPPER, str(report), *argv],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=errors,
+            )
+        if code != 0:
+            tail = errors_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{shlex.join(argv)} exited {code}:\n{tail}")
+        seconds, maxrss_kib, cpu = report.read_text().split()
+    # `env VAR=... rclone` execs rclone in place, so the rusage is rclone's.
+    server_cpu = process_cpu_seconds(server_pid) - server_cpu
+    return Measurement(float(seconds), int(maxrss_kib) / 1024, float(cpu), server_cpu)
+
+
+# --- S3 housekeeping from the harness ---------------------------------------------
+
+
+def admin_client(url: str):
+    return boto3.client(
+        "s3",
+        endpoint_url=url,
+        region_name="us-east-1",
+        aws_access_key_id=ACCESS_KEY,
+        aws_secret_access_key="bench-secret",
+        config=Config(s3={"addressing_style": "path"}, max_pool_connections=16),
+    )
+
+
+def remote_listing(client, bucket: str, prefix: str) -> dict[str, int]:
+    """Key relative to prefix -> size, from a flat listing."""
+    sizes = {}
+    for page in client.get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=f"{prefix}/"
+    ):
+        for item in page.get("Contents", []):
+            sizes[item["Key"][len(prefix) + 1 :]] = item["Size"]
+    return sizes
+
+
+def verify_uploaded(client, bucket: str, prefix: str, source: Path) -> None:
+    """Raise unless the prefix holds exactly the source's files, with their sizes."""
+    if remote_listing(client, bucket, prefix) != tree_listing(source):
+        raise RuntimeError(f"s3://{bucket}/{prefix} does not match {source}")
+
+
+def drop_bucket(client, bucket: str) -> None:
+    """Delete every object and the bucket, so the server's memory and disk stay small."""
+    keys = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys.extend(item["Key"] for item in page.get("Contents", []))
+    for start in range(0, len(keys), 1000):
+        batch = [{"Key": key} for key in keys[start : start + 1000]]
+        client.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True})
+    client.delete_bucket(Bucket=bucket)
+
+
+# --- Workloads ------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    server: str
+    url: str
+    server_pid: int
+    client: object
+    tools: list[Tool]
+    trees: Path
+    scratch: Path
+    runs: int
+    quick: bool
+    counter: list[int] = field(default_factory=lambda: [0])
+
+    def bucket(self, label: str) -> str:
+        """A fresh bucket name for one tool run."""
+        self.counter[0] += 1
+        bucket = f"bench-{label.lower()}-{self.counter[0]:04d}"
+        self.client.create_bucket(Bucket=bucket)
+        return bucket
+
+    def tree(self, workload: str) -> Path:
+        root = self.trees / workload
+        if not root.exists():
+            build_tree(root, shape_of(workload, self.quick), seed=int(workload[1:]))
+        return root
+
+
+@dataclass
+class Row:
+    server: str
+    workload: str
+    tool: str
+    measurements: list[Measurement]
+    files: int
+    nbytes: int
+    requests: int | None = None
+
+    @property
+    def median(self) -> float:
+        return statistics.median(m.seconds for m in self.measurements)
+
+
+def log(text: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def upload_rows(ctx: Context, workload: str, with_rerun: bool) -> list[Row]:
+    """Each tool uploads the tree to a fresh bucket; W1 also re-runs with no change (W4)."""
+    source = ctx.tree(workload)
+    files, nbytes = len(tree_listing(source)), sum(tree_listing(source).values())
+    rows = {
+        (w, tool.name): Row(ctx.server, w, tool.name, [], files, nbytes)
+        for tool in ctx.tools
+        for w in ([workload, "W4"] if with_rerun else [workload])
+    }
+    for run in range(ctx.runs):
+        for tool in ctx.tools:
+            bucket = ctx.bucket(workload)
+            argv = tool.upload(source, bucket, "backup", ctx.url)
+            result = measure(argv, tool.env, ctx.server_pid)
+            verify_uploaded(ctx.client, bucket, "backup", source)
+            rows[workload, tool.name].measurements.append(result)
+            log(f"{workload} {tool.name} run {run + 1}: {result.seconds:.2f} s")
+            if with_rerun:
+                again = measure(argv, tool.env, ctx.server_pid)
+                rows["W4", tool.name].measurements.append(again)
+                log(f"W4 {tool.name} run {run + 1}: {again.seconds:.2f} s")
+                if run == 0:
+                    rows["W4", tool.name].requests = counted_rerun(
+                        ctx, tool, source, bucket
+                    )
+            drop_bucket(ctx.client, bucket)
+    return list(rows.values())
+
+
+def counted_rerun(ctx: Context, tool: Tool, source: Path, bucket: str) -> int:
+    """The no-change re-run once more, through the counting pass-through (not timed)."""
+    port = int(ctx.url.rsplit(":", 1)[1])
+    with counting_proxy(port) as (url, requests):
+        measure(tool.upload(source, bucket, "backup", url), tool.env)
+        return requests()
+
+
+def restore_rows(ctx: Context, workload: str, source_workload: str) -> list[Row]:
+    """backup.py uploads the tree once; each tool restores it into an empty folder."""
+    source = ctx.tree(source_workload)
+    listing = tree_listing(source)
+    ours_tool = next(tool for tool in ctx.tools if tool.name == "backup.py")
+    bucket = ctx.bucket(workload)
+    measure(ours_tool.upload(source, bucket, "backup", ctx.url), ours_tool.env)
+    verify_uploaded(ctx.client, bucket, "backup", source)
+    rows = {
+        tool.name: Row(
+            ctx.server,
+            workload,
+            display_name(tool, "down"),
+            [],
+            len(listing),
+            sum(listing.values()),
+        )
+        for tool in ctx.tools
+    }
+    for run in range(ctx.runs):
+        for tool in ctx.tools:
+            target = ctx.scratch / f"restore-{workload}-{run}"
+            result = measure(
+                tool.download(bucket, "backup", target, ctx.url),
+                tool.env,
+                ctx.server_pid,
+            )
+            verify_restored(source, target)
+            shutil.rmtree(target)
+            rows[tool.name].measurements.append(result)
+            log(f"{workload} {tool.name} run {run + 1}: {result.seconds:.2f} s")
+    drop_bucket(ctx.client, bucket)
+    return list(rows.values())
+
+
+def scaling_rows(ctx: Context, sizes: Sequence[int], runs: int) -> list[Row]:
+    """backup.py on W1-shaped trees of growing size: full upload, then no change."""
+    ours_tool = next(tool for tool in ctx.tools if tool.name == "backup.py")
+    rows = []
+    for count in sizes:
+        source = ctx.trees / f"scale-{count}"
+        build_tree(source, TreeShape(count, 4096, 100), seed=count)
+        full = Row(ctx.server, f"S{count} full", "backup.py", [], count, count * 4096)
+        again = Row(ctx.server, f"S{count} no-change", "backup.py", [], count, 0)
+        for _ in range(runs):
+            bucket = ctx.bucket("scale")
+            argv = ours_tool.upload(source, bucket, "backup", ctx.url)
+            full.measurements.append(measure(argv, ours_tool.env, ctx.server_pid))
+            verify_uploaded(ctx.client, bucket, "backup", source)
+            again.measurements.append(measure(argv, ours_tool.env, ctx.server_pid))
+            log(
+                f"scaling {count}: {full.measurements[-1].seconds:.1f} s, "
+                f"no change {again.measurements[-1].seconds:.1f} s"
+            )
+            drop_bucket(ctx.client, bucket)
+        shutil.rmtree(source)
+        rows += [full, again]
+    return rows
+
+
+# --- The table ------------------------------------------------------------------------
+
+
+def rate(row: Row) -> str:
+    if row.workload in ("W2", "W3", "W6"):
+        return f"{row.nbytes / MiB / row.median:.1f} MiB/s"
+    return f"{row.files / row.median:.0f} files/s"
+
+
+def ratio_to_aws(row: Row, rows: Sequence[Row]) -> str:
+    for other in rows:
+        if (other.server, other.workload, other.tool) == (
+            row.server,
+            row.workload,
+            "aws s3 sync",
+        ):
+            return f"{row.median / other.median:.2f}"
+    return "-"
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    header = (
+        "| server | workload | tool | median s | rate | peak RSS MiB | CPU s |"
+        " server CPU s | × aws time | requests |\n"
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    lines = [header]
+    for row in rows:
+        peak = max(m.peak_rss_mib for m in row.measurements)
+        cpu = statistics.median(m.cpu_seconds for m in row.measurements)
+        server_cpu = statistics.median(m.server_cpu_seconds for m in row.measurements)
+        lines.append(
+            f"| {row.server} | {row.workload} | {row.tool} | {row.median:.2f} |"
+            f" {rate(row)} | {peak:.0f} | {cpu:.1f} | {server_cpu:.1f} |"
+            f" {ratio_to_aws(row, rows)} |"
+            f" {'' if row.requests is None else row.requests} |"
+        )
+    return "\n".join(lines)
+
+
+# The issue's bar: (workload, tool, largest allowed ratio to aws s3 sync).
+BARS = (
+    ("W1", "backup.py", 0.5),
+    ("W5", "restore.py", 0.4),
+    ("W4", "backup.py", 0.6),
+    ("W2", "backup.py", 1.0),
+    ("W3", "backup.py", 1.0),
+    ("W6", "restore.py", 1.0),
+)
+
+
+def find_row(rows: Sequence[Row], server: str, workload: str, tool: str) -> Row | None:
+    return next(
+        (r for r in rows if (r.server, r.workload, r.tool) == (server, workload, tool)),
+        None,
+    )
+
+
+def check_bars(rows: Sequence[Row]) -> list[str]:
+    """One PASS/FAIL line per bar of the issue that this run measured."""
+    lines = []
+    for server in sorted({row.server for row in rows}):
+        for workload, tool, limit in BARS:
+            row = find_row(rows, server, workload, tool)
+            aws = find_row(rows, server, workload, "aws s3 sync")
+            if row and aws:
+                ratio = row.median / aws.median
+                verdict = "PASS" if ratio <= limit else "FAIL"
+                lines.append(
+                    f"{verdict} {server} {workload} {tool}: {ratio:.2f} × aws (bar ≤ {limit})"
+                )
+        for workload, tool, rclone_limit in (
+            ("W1", "backup.py", 1.0),
+            ("W5", "restore.py", 1.15),
+        ):
+            row = find_row(rows, server, workload, tool)
+            rclone = find_row(rows, server, workload, "rclone copy")
+            if row and rclone:
+                ratio = row.median / rclone.median
+                verdict = "PASS" if ratio <= rclone_limit else "FAIL"
+                lines.append(
+                    f"{verdict} {server} {workload} {tool}: {ratio:.2f} × rclone"
+                    f" (bar ≤ {rclone_limit})"
+                )
+        w4 = find_row(rows, server, "W4", "backup.py")
+        if w4 and w4.requests is not None:
+            verdict = "PASS" if w4.requests < w4.files / 10 else "FAIL"
+            lines.append(
+                f"{verdict} {server} W4 backup.py: {w4.requests} requests for {w4.files} files"
+            )
+        w6 = find_row(rows, server, "W6", "restore.py")
+        if w6:
+            peak = max(m.peak_rss_mib for m in w6.measurements)
+            verdict = "PASS" if peak < 150 else "FAIL"
+            lines.append(
+                f"{verdict} {server} W6 restore.py peak RSS {peak:.0f} MiB (< 150)"
+            )
+    return lines
+
+
+# --- The command ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bench/run.py", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--server",
+        action="append",
+        choices=("s3rver", "moto"),
+        help="repeatable; default s3rver",
+    )
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help="comma-separated subset of W1..W6 (W4 needs W1)",
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs per cell (median)")
+    parser.add_argument(
+        "--tools",
+        default="ours,aws,rclone",
+        help="comma-separated subset of ours,aws,rclone",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smaller trees and one run: a smoke test of the harness",
+    )
+    parser.add_argument(
+        "--scaling", action="store_true", help="add the 1k/10k/50k backup.py rows"
+    )
+    parser.add_argument(
+        "--scaling-only", action="store_true", help="only the scaling rows"
+    )
+    parser.add_argument(
+        "--scaling-runs", type=int, default=1, help="runs per scaling size (slow)"
+    )
+    parser.add_argument(
+        "--scripts",
+        type=Path,
+        default=REPO,
+        help="folder holding backup.py, restore.py, s3common.py",
+    )
+    parser.add_argument(
+        "--tool-args",
+        default="",
+        help='extra options for our scripts, e.g. "--workers 32"',
+    )
+    parser.add_argument("--output", type=Path, help="also write the table to this file")
+    return parser
+
+
+def make_tools(names: Sequence[str], args, home: Path) -> list[Tool]:
+    env = base_env(home)
+    tools = [ours(args.scripts.resolve(), shlex.split(args.tool_args), env)]
+    if "aws" in names:
+        tools.append(aws_sync(ensure_awscli(), env))
+    rclone = shutil.which("rclone")
+    if "rclone" in names and rclone:
+        tools.append(rclone_copy(rclone, env))
+    elif "rclone" in names:
+        log("rclone not found on PATH: skipping it")
+    return tools
+
+
+def run_server(kind: str, args, workloads: Sequence[str], home: Path) -> list[Row]:
+    tools = make_tools(args.tools.split(","), args, home)
+    if "ours" not in args.tools.split(","):
+        log("backup.py always runs: it prepares the restore workloads")
+    data = home / f"{kind}-data"
+    data.mkdir()
+    rows: list[Row] = []
+    with running_server(kind, data) as (url, server_pid):
+        log(f"{kind} listening at {url}")
+        ctx = Context(
+            kind,
+            url,
+            server_pid,
+            admin_client(url),
+            tools,
+            home / "trees",
+            home / "scratch",
+            1 if args.quick else args.runs,
+            args.quick,
+        )
+        ctx.scratch.mkdir(exist_ok=True)
+        if "W1" in workloads:
+            rows += upload_rows(ctx, "W1", with_rerun="W4" in workloads)
+        if "W5" in workloads:
+            rows += restore_rows(ctx, "W5", "W1")
+        for workload in ("W2", "W3"):
+            if workload in workloads:
+                rows += upload_rows(ctx, workload, with_rerun=False)
+        if "W6" in workloads:
+            rows += restore_rows(ctx, "W6", "W3")
+        if args.scaling or args.scaling_only:
+            rows += scaling_rows(ctx, SCALING_SIZES, args.scaling_runs)
+    order = {w: i for i, w in enumerate(("W1", "W4", "W5", "W2", "W3", "W6"))}
+    return sorted(rows, key=lambda row: order.get(row.workload, 99))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    workloads = [] if args.scaling_only else args.workloads.upper().split(",")
+    unknown = set(workloads) - set(WORKLOADS)
+    if unknown:
+        print(f"unknown workloads: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory(prefix="s3bench-") as home:
+        for kind in args.server or ["s3rver"]:
+            rows += run_server(kind, args, workloads, Path(home))
+    table = format_table(rows)
+    bars = check_bars(rows)
+    command = shlex.join(
+        ["python", "bench/run.py", *(sys.argv[1:] if argv is None else argv)]
+    )
+    report = (
+        f"`{command}` ({time.monotonic() - started:.0f} s,"
+        f" {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores)\n\n"
+        f"{table}\n\n" + "\n".join(f"- {line}" for line in bars) + "\n"
+    )
+    print(report)
+    if args.output:
+        args.output.write_text(report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
