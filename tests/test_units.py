@@ -23,6 +23,7 @@ from s3common import (
     parse_location,
     parse_mode,
     parse_mtime,
+    parse_timestamp,
     relative_key,
 )
 
@@ -452,3 +453,17 @@ def test_summary_line():
     assert (
         summary.line() == "uploaded 3, skipped 2, failed 1, deleted 4, 3.0 MiB in 1.2 s"
     )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2024-05-01T12:30:00.000Z",
+        "2024-05-01T12:30:00Z",
+        "Wed, 01 May 2024 12:30:00 GMT",
+        "1714566600",
+        "2024-05-01T12:30:00+00:00",
+    ],
+)
+def test_parse_timestamp_reads_what_s3_sends(text):
+    assert parse_timestamp(text).timestamp() == 1714566600.0
