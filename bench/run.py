@@ -450,6 +450,8 @@ sys.exit(os.waitstatus_to_exitcode(status))
 
 def measure(argv: list[str], env: dict, server_pid: int = 0) -> Measurement:
     """Run argv to the end; wall time, peak RSS and CPU time of it and of the server."""
+    # Write back what earlier runs left dirty, so no tool pays for another's writes.
+    os.sync()
     server_cpu = process_cpu_seconds(server_pid)
     with tempfile.TemporaryDirectory() as folder:
         report, errors_path = Path(folder) / "usage", Path(folder) / "stderr"
