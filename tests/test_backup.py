@@ -265,3 +265,13 @@ def test_access_denied_on_upload_is_a_failed_file(s3, tree, monkeypatch, capsys)
     captured = capsys.readouterr()
     assert "upload failed:" in captured.err and "access denied" in captured.err
     assert "failed 4" in captured.out
+
+
+def test_delete_is_skipped_when_an_upload_failed(s3, tree, monkeypatch, capsys):
+    assert backup.main([str(tree), "bk17::p"]) == 0
+    (tree / "a.txt").unlink()
+    (tree / "sub" / "b.json").write_bytes(b'{"changed": true}')
+    stub_error(monkeypatch, "PutObject", "InternalError", 500)
+    assert backup.main([str(tree), "bk17::p", "--delete"]) == 1
+    assert "not deleting anything" in capsys.readouterr().err
+    assert "p/a.txt" in keys(s3, "bk17")
