@@ -25,6 +25,7 @@ from typing import BinaryIO
 import botocore.exceptions
 
 from s3common import (
+    ARCHIVE_STORAGE_CLASSES,
     MULTIPART_THRESHOLD,
     PART_WORKERS,
     ArgumentParser,
@@ -396,9 +397,10 @@ def run(args) -> int:
     failures, skipped = run_in_parallel(plan.downloads, restorer, client, args.workers)
     console.finish()
     for failure in failures:
-        console.error(
-            failure_line("restore", location.url(failure.item.key), failure.error)
-        )
+        where = location.url(failure.item.key)
+        if failure.item.storage_class in ARCHIVE_STORAGE_CLASSES:
+            where += f" ({failure.item.storage_class})"
+        console.error(failure_line("restore", where, failure.error))
 
     untouched_bytes = sum(item.size for item in skipped) + sum(
         f.item.size for f in failures

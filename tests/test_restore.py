@@ -174,7 +174,10 @@ def test_archived_objects_are_reported_as_such(s3, bucket, tmp_path, capsys):
     put(s3, "p/warm.bin", b"warm")
     assert restore.main(["vault::p", str(tmp_path / "out")]) == 1
     err = capsys.readouterr().err
-    assert "s3://vault/p/cold.bin" in err and "restore it from the archive first" in err
+    assert (
+        "s3://vault/p/cold.bin (GLACIER)" in err
+        and "restore it from the archive first" in err
+    )
     assert tree_files(tmp_path / "out") == {"warm.bin": b"warm"}
 
 
