@@ -34,7 +34,6 @@ from s3common import (
     bucket_name_problem,
     client_error_code,
     connect,
-    describe_error,
     failure_line,
     folder_prefix,
     format_mtime,
@@ -43,6 +42,7 @@ from s3common import (
     parse_location,
     relative_key,
     run_cli,
+    run_failure,
     run_in_parallel,
     usage_error,
 )
@@ -219,7 +219,7 @@ def ensure_bucket(
         return True
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) not in ("404", "NoSuchBucket"):
-            raise CliError(f"bucket {bucket}: {describe_error(exc)[0]}") from None
+            raise run_failure(f"bucket {bucket}", exc) from None
     problem = bucket_name_problem(bucket)
     if problem:
         raise usage_error(f"cannot create bucket {bucket!r}: {problem}")
@@ -236,9 +236,7 @@ def ensure_bucket(
         client.create_bucket(Bucket=bucket, **location)
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) != "BucketAlreadyOwnedByYou":
-            raise CliError(
-                f"cannot create bucket {bucket}: {describe_error(exc)[0]}"
-            ) from None
+            raise run_failure(f"cannot create bucket {bucket}", exc) from None
     client.get_waiter("bucket_exists").wait(
         Bucket=bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
     )
@@ -384,9 +382,7 @@ def run(args) -> int:
         try:
             remote = list_objects(client, location.bucket, listing_prefix)
         except botocore.exceptions.ClientError as exc:
-            raise CliError(
-                f"cannot list {location.url()}: {describe_error(exc)[0]}"
-            ) from None
+            raise run_failure(f"cannot list {location.url()}", exc) from None
         if not is_folder:
             remote = {key: obj for key, obj in remote.items() if key == listing_prefix}
     plan = plan_backup(scan.files, remote, location.prefix, filters, args.delete)

@@ -40,7 +40,6 @@ from s3common import (
     add_shared_options,
     client_error_code,
     connect,
-    describe_error,
     failure_line,
     folder_prefix,
     list_objects,
@@ -49,6 +48,7 @@ from s3common import (
     parse_mtime,
     relative_key,
     run_cli,
+    run_failure,
     run_in_parallel,
     usage_error,
 )
@@ -211,9 +211,7 @@ def find_objects(
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) in ("404", "NoSuchKey"):
             return {}, prefix
-        raise CliError(
-            f"cannot list s3://{bucket}/{prefix}: {describe_error(exc)[0]}"
-        ) from None
+        raise run_failure(f"cannot list s3://{bucket}/{prefix}", exc) from None
     single = RemoteObject(
         prefix,
         head["ContentLength"],

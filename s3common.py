@@ -485,6 +485,12 @@ def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
     )
 
 
+def run_failure(context: str, error: BaseException) -> CliError:
+    """A failure of the whole run: what was being done, then why."""
+    message, code = describe_error(error)
+    return CliError(f"{context}: {message}", code)
+
+
 def failure_line(action: str, where: str, error: BaseException) -> str:
     """'<action> failed: <where>: <why>', naming `where` once."""
     why = describe_error(error)[0]
