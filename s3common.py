@@ -657,12 +657,11 @@ def run_in_parallel(
     failures: list[Failure] = []
     skipped: list[object] = []
     cancel = threading.Event()
-    lock = threading.Lock()
     pending = iter(items)
     manager = create_transfer_manager(client, transfer_config())
-    # The main thread waits on this count, never in Thread.join: a join that
-    # Ctrl-C interrupts marks its thread as ended while it still runs
-    # (CPython gh-90882, Python 3.12 and older).
+    # Guards `pending` and the thread counts. The main thread waits on the
+    # counts, never in Thread.join: a join that Ctrl-C interrupts marks its
+    # thread as ended while it still runs (CPython gh-90882, Python 3.12 and older).
     changed = threading.Condition()
     running = ended = 0
 
@@ -672,7 +671,7 @@ def run_in_parallel(
             running += 1
         try:
             while not cancel.is_set():
-                with lock:
+                with changed:
                     item = next(pending, None)
                 if item is None:
                     return

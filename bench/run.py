@@ -382,27 +382,15 @@ def rclone_copy(rclone: str, env: dict) -> Tool:
     # rclone takes its endpoint from the environment, so the URL goes in per command.
     # --fast-list lists flat: s3rver's delimiter listings miss folders that hold
     # only sub-folders, and rclone would then restore only part of the tree.
+    def copy(source: str, destination: str, url: str) -> list[str]:
+        endpoint = f"RCLONE_CONFIG_BENCH_ENDPOINT={url}"
+        return ["env", endpoint, rclone, "copy", "--fast-list", source, destination]
+
     def upload(src, bucket, prefix, url):
-        return [
-            "env",
-            f"RCLONE_CONFIG_BENCH_ENDPOINT={url}",
-            rclone,
-            "copy",
-            "--fast-list",
-            str(src),
-            f"bench:{bucket}/{prefix}",
-        ]
+        return copy(str(src), f"bench:{bucket}/{prefix}", url)
 
     def download(bucket, prefix, dst, url):
-        return [
-            "env",
-            f"RCLONE_CONFIG_BENCH_ENDPOINT={url}",
-            rclone,
-            "copy",
-            "--fast-list",
-            f"bench:{bucket}/{prefix}",
-            str(dst),
-        ]
+        return copy(f"bench:{bucket}/{prefix}", str(dst), url)
 
     return Tool("rclone copy", upload, download, rclone_env(env))
 
