@@ -20,10 +20,13 @@ import botocore.exceptions
 from s3common import (
     MULTIPART_THRESHOLD,
     PART_WORKERS,
+    SMALL_OBJECT,
     STORAGE_CLASSES,
     ArgumentParser,
     CliError,
+    Connection,
     Console,
+    DirectFailed,
     ExitCode,
     Failure,
     Filters,
@@ -48,7 +51,6 @@ from s3common import (
 )
 
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
-SMALL_FILE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -244,20 +246,29 @@ def ensure_bucket(
     return True
 
 
-def make_uploader(client, bucket: str, extra: dict, console: Console):
+def make_uploader(connection: Connection, bucket: str, extra: dict, console: Console):
     """The work function for run_in_parallel: one file up, as one PUT or a parallel multipart."""
+    client, direct = connection.client, connection.direct
 
     def upload(item: Upload, manager, cancel) -> None:
         file = item.file
         args = upload_args(file, extra)
         # One PutObject is the cheapest request for a small file; the transfer
         # manager's futures and callbacks cost more than the upload itself.
-        if file.size < MULTIPART_THRESHOLD:
+        if file.size <= SMALL_OBJECT:
             with open(file.path, "rb") as body:
-                # Small files go as bytes: for a file object botocore asks the
-                # server for "100 Continue" first, a round trip per file.
-                data = body.read() if file.size <= SMALL_FILE else body
-                client.put_object(Bucket=bucket, Key=item.key, Body=data, **args)
+                data = body.read()
+            try:
+                direct.put(bucket, item.key, data, args)
+            except DirectFailed as failure:
+                # botocore sends it (again), with its retries and error messages.
+                direct.client_after(failure).put_object(
+                    Bucket=bucket, Key=item.key, Body=data, **args
+                )
+            console.advance(nbytes=file.size)
+        elif file.size < MULTIPART_THRESHOLD:
+            with open(file.path, "rb") as body:
+                client.put_object(Bucket=bucket, Key=item.key, Body=body, **args)
             console.advance(nbytes=file.size)
         else:
             subscribers = [ProgressSubscriber(console)]
@@ -402,7 +413,7 @@ def run(args) -> int:
         return ExitCode.OK
 
     console.start(len(plan.uploads), total_bytes)
-    uploader = make_uploader(client, location.bucket, extra, console)
+    uploader = make_uploader(connection, location.bucket, extra, console)
     failures, _ = run_in_parallel(plan.uploads, uploader, client, args.workers)
     console.finish()
     for failure in failures:

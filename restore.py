@@ -28,11 +28,15 @@ from s3common import (
     ARCHIVE_STORAGE_CLASSES,
     MULTIPART_THRESHOLD,
     PART_WORKERS,
+    SMALL_OBJECT,
     ArgumentParser,
     Cancelled,
     CliError,
+    Connection,
     Console,
+    DirectFailed,
     ExitCode,
+    FetchedObject,
     Filters,
     ProgressSubscriber,
     RemoteObject,
@@ -278,48 +282,72 @@ def write_atomically(
 
 
 def make_restorer(
-    client, bucket: str, folders: Folders, default_mode: int, console: Console
+    connection: Connection,
+    bucket: str,
+    folders: Folders,
+    default_mode: int,
+    console: Console,
 ):
     """The work function for run_in_parallel: one object down; False when already restored."""
+    client, direct = connection.client, connection.direct
 
-    def copy_body(body, out: BinaryIO, cancel: threading.Event) -> None:
-        for chunk in body.iter_chunks(CHUNK):
-            if cancel.is_set():
-                raise Cancelled()
-            out.write(chunk)
-            console.advance(nbytes=len(chunk))
+    def file_mode(metadata: dict) -> int:
+        mode = parse_mode(metadata.get("mode"))
+        return default_mode if mode is None else mode
 
-    def restore(item: Download, manager, cancel) -> bool | None:
+    def fetch(key: str, client=client) -> FetchedObject:
+        response = client.get_object(Bucket=bucket, Key=key)
+        return FetchedObject(
+            response["Metadata"],
+            response["LastModified"].timestamp(),
+            response["Body"].iter_chunks(CHUNK),
+        )
+
+    def write_object(path: str, fetched: FetchedObject, cancel) -> None:
+        def fill(out: BinaryIO) -> None:
+            for chunk in fetched.chunks:
+                if cancel.is_set():
+                    raise Cancelled()
+                out.write(chunk)
+
+        mtime_ns = restored_times(fetched.metadata, fetched.last_modified)
+        write_atomically(path, fill, file_mode(fetched.metadata), mtime_ns)
+
+    def write_large(item: Download, path: str, manager) -> bool:
+        """A HEAD for the metadata, then parallel ranged GETs, unless an earlier
+        (interrupted) run already restored this very file whole."""
+        head = client.head_object(Bucket=bucket, Key=item.key)
+        mtime_ns = restored_times(head["Metadata"], head["LastModified"].timestamp())
+        if is_restored(path, item.size, mtime_ns):
+            return False
+
+        def fill(out: BinaryIO) -> None:
+            subscribers = [ProgressSubscriber(console, size=item.size)]
+            manager.download(bucket, item.key, out, subscribers=subscribers).result()
+
+        write_atomically(path, fill, file_mode(head["Metadata"]), mtime_ns)
+        return True
+
+    def restore(item: Download, manager, cancel) -> bool:
         path = str(item.path)
         folders.ensure(os.path.dirname(path))
-        # Small objects: one GET, with no HEAD first (the listing gave the size).
+        # Smaller objects: one GET, with no HEAD first (the listing gave the size).
+        if item.size <= SMALL_OBJECT:
+            try:
+                write_object(path, direct.get(bucket, item.key, CHUNK), cancel)
+            except DirectFailed as failure:
+                # botocore fetches it (again), with its retries and error messages.
+                write_object(
+                    path, fetch(item.key, direct.client_after(failure)), cancel
+                )
+        elif item.size < MULTIPART_THRESHOLD:
+            write_object(path, fetch(item.key), cancel)
+        elif not write_large(item, path, manager):
+            console.advance(files=1)
+            console.detail(f"already restored: {path}")
+            return False
         if item.size < MULTIPART_THRESHOLD:
-            response = client.get_object(Bucket=bucket, Key=item.key)
-            metadata = response["Metadata"]
-            mtime_ns = restored_times(metadata, response["LastModified"].timestamp())
-
-            def fill(out):
-                copy_body(response["Body"], out, cancel)
-
-        # Large objects: a HEAD for the metadata, then parallel ranged GETs, unless
-        # an earlier (interrupted) run already restored this very file whole.
-        else:
-            head = client.head_object(Bucket=bucket, Key=item.key)
-            metadata = head["Metadata"]
-            mtime_ns = restored_times(metadata, head["LastModified"].timestamp())
-            if is_restored(path, item.size, mtime_ns):
-                console.advance(files=1)
-                console.detail(f"already restored: {path}")
-                return False
-
-            def fill(out):
-                subscribers = [ProgressSubscriber(console, size=item.size)]
-                manager.download(
-                    bucket, item.key, out, subscribers=subscribers
-                ).result()
-
-        mode = parse_mode(metadata.get("mode"))
-        write_atomically(path, fill, default_mode if mode is None else mode, mtime_ns)
+            console.advance(nbytes=item.size)
         console.advance(files=1)
         console.detail(f"restore: s3://{bucket}/{item.key} -> {path}")
         return True
@@ -390,7 +418,11 @@ def run(args) -> int:
 
     console.start(len(plan.downloads), total_bytes)
     restorer = make_restorer(
-        client, location.bucket, Folders(args.local), 0o666 & ~current_umask(), console
+        connection,
+        location.bucket,
+        Folders(args.local),
+        0o666 & ~current_umask(),
+        console,
     )
     failures, skipped = run_in_parallel(plan.downloads, restorer, client, args.workers)
     console.finish()
