@@ -461,6 +461,10 @@ STALE_ROUTE_STATUSES = (301, 307, 400, 403)
 # Learning the route again after this many stale answers stops: botocore does the rest.
 MAX_ROUTE_CHANGES = 3
 DIRECT_TIMEOUT = 60  # seconds, botocore's default connect and read timeouts
+DIRECT_USER_AGENT = (
+    f"s3backup-direct Botocore/{botocore.__version__} "
+    f"Python/{sys.version_info[0]}.{sys.version_info[1]}.{sys.version_info[2]}"
+)
 
 
 def crc32_header(crc: int) -> str:
@@ -565,6 +569,7 @@ class DirectRequests:
         url = route.base_url + quote(key, safe="/~")
         parts = urlsplit(url)
         origin = (parts.scheme, parts.netloc)
+        headers["User-Agent"] = DIRECT_USER_AGENT
         request = AWSRequest(method, url, data=body, headers=headers)
         S3SigV4Auth(
             self._credentials.get_frozen_credentials(),
@@ -597,6 +602,7 @@ class DirectRequests:
         }
         for name, value in args.get("Metadata", {}).items():
             headers[f"x-amz-meta-{name}"] = value
+        headers["x-amz-sdk-checksum-algorithm"] = "CRC32"
         headers["x-amz-checksum-crc32"] = crc32_header(zlib.crc32(data))
         self._send("PutObject", bucket, key, "PUT", data, headers)
 

@@ -40,6 +40,7 @@ HOP_BY_HOP_HEADERS = {
 MAX_LINE = 65536
 
 ERROR_MESSAGES = {
+    "AccessDenied": (403, "Forbidden", "Access Denied"),
     "SlowDown": (503, "Slow Down", "Please reduce your request rate."),
     "InternalError": (
         500,
@@ -66,6 +67,11 @@ class Request:
     @property
     def path(self) -> str:
         return unquote(urlsplit(self.target).path)
+
+    @property
+    def is_direct(self) -> bool:
+        """Sent by the scripts' direct path for small objects, not through botocore."""
+        return (self.header("user-agent") or "").startswith("s3backup-direct")
 
     @property
     def is_upload_part(self) -> bool:
@@ -170,8 +176,11 @@ class FaultProxy:
     requests answered 503 SlowDown, answered 500 InternalError, and cut off
     (connection reset, no answer). Requests for `throttled_keys` (paths that
     end in "/<key>"), and the UploadPart requests for `throttled_part_keys`,
-    are answered 503 SlowDown every time. `faults` counts what was injected,
-    `throttled_attempts` the requests refused per throttled key.
+    are answered 503 SlowDown every time. With refuse_direct, requests sent by the
+    scripts' direct path are answered 403 AccessDenied; with corrupt_direct, one
+    byte of the body of their successful GETs is changed. `faults` counts what was
+    injected, `throttled_attempts` the requests refused per throttled key, and
+    `requests` lists (method, path, direct?) of every request, in order.
     """
 
     def __init__(
@@ -184,6 +193,8 @@ class FaultProxy:
         reset_rate: float = 0.0,
         throttled_keys: Collection[str] = (),
         throttled_part_keys: Collection[str] = (),
+        refuse_direct: bool = False,
+        corrupt_direct: bool = False,
     ):
         parts = urlsplit(upstream)
         self.upstream_host = parts.hostname
@@ -193,7 +204,10 @@ class FaultProxy:
         self.reset_rate = reset_rate
         self.throttled_keys = set(throttled_keys)
         self.throttled_part_keys = set(throttled_part_keys)
+        self.refuse_direct = refuse_direct
+        self.corrupt_direct = corrupt_direct
         self.faults: Counter[str] = Counter()
+        self.requests: list[tuple[str, str, bool]] = []
         self.throttled_attempts: Counter[str] = Counter()
         self.forwarded = 0
         self._random = random.Random(seed)
@@ -223,8 +237,13 @@ class FaultProxy:
             self.throttled_part_keys = set()
 
     def fault_for(self, request: Request) -> str | None:
-        """The fault to inject for this request: "SlowDown", "InternalError", "reset" or None."""
+        """The fault to inject for this request: "SlowDown", "InternalError",
+        "AccessDenied", "reset" or None."""
         with self._lock:
+            self.requests.append((request.method, request.path, request.is_direct))
+            if self.refuse_direct and request.is_direct:
+                self.faults["AccessDenied"] += 1
+                return "AccessDenied"
             throttled = set(self.throttled_keys)
             if request.is_upload_part:
                 throttled |= self.throttled_part_keys
@@ -273,6 +292,11 @@ class FaultProxy:
             body = response.read()
         finally:
             connection.close()
+        corrupt = self.corrupt_direct and request.is_direct and request.method == "GET"
+        if corrupt and response.status == 200 and body:
+            body = bytes([body[0] ^ 0xFF]) + body[1:]
+            with self._lock:
+                self.faults["corrupted"] += 1
         headers = [
             (name, value)
             for name, value in response.getheaders()

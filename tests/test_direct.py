@@ -1,0 +1,184 @@
+"""The direct path for small objects: what it sends, and how it gives way to botocore.
+
+The end-to-end tests run the scripts with --workers 1 through a FaultProxy in front of
+moto's server, so that the order of requests is fixed: botocore sends the first GET or
+PUT (nothing is learned before it), the direct path the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import zlib
+
+import pytest
+from conftest import make_tree, run_script
+from faultproxy import FaultProxy
+from test_e2e import AWKWARD_TREE, snapshot
+
+import backup
+import restore
+from s3common import MAX_ROUTE_CHANGES, crc32_header
+
+
+@pytest.fixture
+def start_proxy(moto_server):
+    proxies = []
+
+    def start(**options) -> FaultProxy:
+        proxy = FaultProxy(moto_server, **options)
+        proxy.start()
+        proxies.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.close()
+
+
+@pytest.fixture
+def small_tree(tmp_path):
+    root = make_tree(tmp_path / "src", AWKWARD_TREE)
+    os.chmod(root / "plain.txt", 0o600)
+    os.utime(root / "plain.txt", ns=(1_234_567_890_123_456_789,) * 2)
+    return root
+
+
+def object_requests(proxy: FaultProxy, method: str) -> list[bool]:
+    """For each GET or PUT of an object (not a bucket), whether it went direct."""
+    return [
+        direct
+        for seen_method, path, direct in proxy.requests
+        if seen_method == method and path.count("/") >= 2
+    ]
+
+
+def test_crc32_header_is_base64_of_the_big_endian_checksum():
+    assert crc32_header(zlib.crc32(b"hello")) == "NhCmhg=="
+    assert crc32_header(0) == "AAAAAA=="
+
+
+def test_after_botocores_first_request_small_objects_go_direct_and_round_trip(
+    start_proxy, server_client, cli_env, small_tree, tmp_path, bucket_name
+):
+    proxy = start_proxy()
+    location = f"{bucket_name}::p"
+    common = ["--endpoint-url", proxy.url, "--workers", "1"]
+
+    result = run_script("backup.py", str(small_tree), location, *common, env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert object_requests(proxy, "PUT") == [False] + [True] * (len(AWKWARD_TREE) - 1)
+
+    for relative, data in AWKWARD_TREE.items():
+        head = server_client.head_object(
+            Bucket=bucket_name, Key=f"p/{relative}", ChecksumMode="ENABLED"
+        )
+        assert head["ContentLength"] == len(data)
+        assert head["ChecksumCRC32"] == crc32_header(zlib.crc32(data)), relative
+        info = os.stat(small_tree / relative)
+        assert head["Metadata"]["mode"] == format(info.st_mode, "o")
+        assert head["Metadata"]["mtime"].startswith(str(int(info.st_mtime)))
+    plain = server_client.head_object(Bucket=bucket_name, Key="p/plain.txt")
+    assert plain["ContentType"] == "text/plain"
+    assert plain["Metadata"]["mtime"] == "1234567890.123456789"
+
+    target = tmp_path / "restored"
+    result = run_script("restore.py", location, str(target), *common, env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert object_requests(proxy, "GET") == [False] + [True] * (len(AWKWARD_TREE) - 1)
+    assert snapshot(target) == snapshot(small_tree)
+
+
+def test_direct_puts_carry_storage_class_and_encryption(
+    start_proxy, server_client, cli_env, small_tree, bucket_name
+):
+    proxy = start_proxy()
+    result = run_script(
+        "backup.py",
+        str(small_tree),
+        bucket_name,
+        "--endpoint-url",
+        proxy.url,
+        "--workers",
+        "1",
+        "--storage-class",
+        "STANDARD_IA",
+        "--sse",
+        "AES256",
+        env=cli_env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert object_requests(proxy, "PUT").count(True) == len(AWKWARD_TREE) - 1
+    for relative in AWKWARD_TREE:
+        head = server_client.head_object(Bucket=bucket_name, Key=relative)
+        assert head["StorageClass"] == "STANDARD_IA", relative
+        assert head["ServerSideEncryption"] == "AES256", relative
+
+
+def test_refused_direct_requests_fall_back_to_botocore_and_soon_stop(
+    start_proxy, server_client, cli_env, tmp_path, bucket_name
+):
+    files = {f"f{n:02d}.txt": f"file {n}".encode() for n in range(20)}
+    source = make_tree(tmp_path / "src", files)
+    proxy = start_proxy(refuse_direct=True)
+    common = ["--endpoint-url", proxy.url, "--workers", "1"]
+
+    result = run_script("backup.py", str(source), bucket_name, *common, env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert "error" not in result.stderr
+    assert object_requests(proxy, "PUT").count(True) == MAX_ROUTE_CHANGES
+    for name, data in files.items():
+        body = server_client.get_object(Bucket=bucket_name, Key=name)["Body"].read()
+        assert body == data
+
+    target = tmp_path / "restored"
+    result = run_script("restore.py", bucket_name, str(target), *common, env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert object_requests(proxy, "GET").count(True) == MAX_ROUTE_CHANGES
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == files
+
+
+def test_a_corrupted_direct_download_is_caught_and_fetched_again(
+    start_proxy, moto_server, cli_env, small_tree, tmp_path, bucket_name
+):
+    result = run_script(
+        "backup.py", str(small_tree), bucket_name, "--endpoint-url", moto_server,
+        env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    proxy = start_proxy(corrupt_direct=True)
+
+    target = tmp_path / "restored"
+    result = run_script(
+        "restore.py", bucket_name, str(target), "--endpoint-url", proxy.url,
+        "--workers", "1", env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # Every non-empty file but the first came direct, corrupted, and was fetched again.
+    assert proxy.faults["corrupted"] == len(AWKWARD_TREE) - 2
+    assert snapshot(target) == snapshot(small_tree)
+    assert not [name for name in os.listdir(target) if name.startswith(".s3restore")]
+
+
+def test_under_an_in_process_mock_nothing_goes_to_the_network(
+    s3, monkeypatch, tmp_path
+):
+    files = {f"d/f{n}.txt": f"file {n}".encode() for n in range(10)}
+    source = make_tree(tmp_path / "src", files)
+    network = []
+
+    def refuse(*args, **kwargs):
+        network.append(args)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    assert backup.main([str(source), "mocked::p", "--workers", "1", "-q"]) == 0
+    target = tmp_path / "restored"
+    assert restore.main(["mocked::p", str(target), "--workers", "1", "-q"]) == 0
+    assert network == []
+    assert {
+        path.relative_to(target).as_posix(): path.read_bytes()
+        for path in target.rglob("*")
+        if path.is_file()
+    } == files
