@@ -3,9 +3,11 @@
 usage: python bench/run.py [--server s3rver|moto ...] [--workloads W1,W4,...] [--runs N]
                            [--tools ours,aws,rclone] [--quick] [--scaling]
                            [--scripts DIR] [--tool-args ARGS] [--output FILE]
+                           [--workdir DIR]
 
 One run starts the server on 127.0.0.1 on a free port, builds the workloads in a
-temporary folder (same bytes every time), runs each tool one after the other on
+temporary folder (in memory, under /dev/shm, where there is one; the server keeps
+its data there too), same bytes every time, runs each tool one after the other on
 that server, verifies every upload (keys and sizes) and every restored tree (byte
 for byte), stops the server and prints a Markdown table: median seconds of N runs,
 files/s or MiB/s, peak RSS, client CPU, and the ratio to `aws s3 sync`.
@@ -788,7 +790,25 @@ def build_parser() -> argparse.ArgumentParser:
         help='extra options for our scripts, e.g. "--workers 32"',
     )
     parser.add_argument("--output", type=Path, help="also write the table to this file")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=default_workdir(),
+        help="where the trees, the server's data and the restores go"
+        " (default: /dev/shm where there is one, else the temporary folder)",
+    )
     return parser
+
+
+def default_workdir() -> Path | None:
+    """/dev/shm, a file system in memory, where there is one.
+
+    On this virtual disk the same upload took 6.1, 7.5 and then 11.3 s in three
+    runs, as the server's deleted files and writes piled up; in memory it took
+    5.9, 5.2 and 5.7 s. The clients are what is measured, not the disk.
+    """
+    shm = Path("/dev/shm")
+    return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 def make_tools(names: Sequence[str], args, home: Path) -> list[Tool]:
@@ -849,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     started = time.monotonic()
     rows: list[Row] = []
-    with tempfile.TemporaryDirectory(prefix="s3bench-") as home:
+    with tempfile.TemporaryDirectory(prefix="s3bench-", dir=args.workdir) as home:
         for kind in args.server or ["s3rver"]:
             rows += run_server(kind, args, workloads, Path(home))
     table = format_table(rows)
@@ -859,7 +879,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     report = (
         f"`{command}` ({time.monotonic() - started:.0f} s,"
-        f" {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores)\n\n"
+        f" {time.strftime('%Y-%m-%d %H:%M')}, {os.cpu_count()} cores,"
+        f" files in {args.workdir or tempfile.gettempdir()})\n\n"
         f"{table}\n\n" + "\n".join(f"- {line}" for line in bars) + "\n"
     )
     print(report)
