@@ -118,7 +118,7 @@ def path_for_key(relative: str, root: PurePath) -> PurePath:
             if part.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICE_NAMES:
                 raise UnsafeKey(f"segment {part!r} is a Windows device name")
     target = root.joinpath(*parts)
-    if root not in target.parents:
+    if target.parts[: len(root.parts)] != root.parts:
         raise UnsafeKey("lands outside the destination")
     return target
 
@@ -332,7 +332,11 @@ def make_restorer(
         path = str(item.path)
         folders.ensure(os.path.dirname(path))
         # Smaller objects: one GET, with no HEAD first (the listing gave the size).
-        if item.size <= SMALL_OBJECT:
+        # An archived object fails either way: botocore says why.
+        if (
+            item.size <= SMALL_OBJECT
+            and item.storage_class not in ARCHIVE_STORAGE_CLASSES
+        ):
             try:
                 write_object(path, direct.get(bucket, item.key, CHUNK), cancel)
             except DirectFailed as failure:
