@@ -552,6 +552,13 @@ def log(text: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
+def in_turn(tools: Sequence[Tool], run: int) -> list[Tool]:
+    """The tools in the order of this run: each goes first in turn, so that none
+    always meets the server just after the harness's own set-up."""
+    start = run % len(tools)
+    return [*tools[start:], *tools[:start]]
+
+
 def upload_rows(ctx: Context, workload: str, with_rerun: bool) -> list[Row]:
     """Each tool uploads the tree to a fresh bucket; W1 also re-runs with no change (W4)."""
     source = ctx.tree(workload)
@@ -562,7 +569,7 @@ def upload_rows(ctx: Context, workload: str, with_rerun: bool) -> list[Row]:
         for w in ([workload, "W4"] if with_rerun else [workload])
     }
     for run in range(ctx.runs):
-        for tool in ctx.tools:
+        for tool in in_turn(ctx.tools, run):
             bucket = ctx.bucket(workload)
             argv = tool.upload(source, bucket, "backup", ctx.url)
             result = measure(argv, tool.env, ctx.server_pid)
@@ -609,7 +616,7 @@ def restore_rows(ctx: Context, workload: str, source_workload: str) -> list[Row]
         for tool in ctx.tools
     }
     for run in range(ctx.runs):
-        for tool in ctx.tools:
+        for tool in in_turn(ctx.tools, run):
             target = ctx.scratch / f"restore-{workload}-{run}"
             result = measure(
                 tool.download(bucket, "backup", target, ctx.url),
