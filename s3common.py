@@ -7,6 +7,8 @@ import argparse
 import base64
 import email.utils
 import fnmatch
+import hashlib
+import hmac
 import http.client
 import ipaddress
 import os
@@ -34,8 +36,6 @@ import botocore.session
 import botocore.utils
 import urllib3
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
-from botocore.auth import S3SigV4Auth
-from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 from s3transfer.subscribers import BaseSubscriber
 
@@ -433,13 +433,93 @@ class DirectFailed(Exception):
         self.attempted = attempted
 
 
+class SigV4:
+    """AWS Signature Version 4 in headers, as botocore's S3SigV4Auth signs an S3 request
+    (tests/test_direct.py checks that both give the same Authorization), keeping the
+    signing key for the day instead of deriving it for every request."""
+
+    def __init__(self, region: str, service: str):
+        self.region, self.service = region, service
+        self._keys: dict[tuple[str, str], bytes] = {}  # by (secret key, day)
+
+    def _signing_key(self, secret_key: str, day: str) -> bytes:
+        key = self._keys.get((secret_key, day))
+        if key is None:
+            key = f"AWS4{secret_key}".encode()
+            for part in (day, self.region, self.service, "aws4_request"):
+                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+            self._keys = {(secret_key, day): key}
+        return key
+
+    def sign(
+        self,
+        credentials,
+        method: str,
+        host: str,
+        path: str,
+        headers: dict[str, str],
+        payload: bytes,
+        now: time.struct_time,
+    ) -> dict[str, str]:
+        """The headers to send: `headers` and Host, X-Amz-Date, the payload's
+        SHA-256, the session token if any, and the Authorization."""
+        timestamp = time.strftime("%Y%m%dT%H%M%SZ", now)
+        signed = {
+            name.lower(): " ".join(value.split()) for name, value in headers.items()
+        }
+        signed["host"] = host
+        signed["x-amz-date"] = timestamp
+        signed["x-amz-content-sha256"] = hashlib.sha256(payload).hexdigest()
+        if credentials.token:
+            signed["x-amz-security-token"] = credentials.token
+        names = sorted(signed)
+        canonical_request = "\n".join(
+            [
+                method,
+                path,
+                "",  # no query string
+                *(f"{name}:{signed[name]}" for name in names),
+                "",
+                ";".join(names),
+                signed["x-amz-content-sha256"],
+            ]
+        )
+        scope = f"{timestamp[:8]}/{self.region}/{self.service}/aws4_request"
+        string_to_sign = "\n".join(
+            [
+                "AWS4-HMAC-SHA256",
+                timestamp,
+                scope,
+                hashlib.sha256(canonical_request.encode()).hexdigest(),
+            ]
+        )
+        key = self._signing_key(credentials.secret_key, timestamp[:8])
+        signature = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+        signed["authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
+            f"SignedHeaders={';'.join(names)}, Signature={signature}"
+        )
+        return signed
+
+
+def host_header(parts) -> str:
+    """The Host header for a split URL, as botocore signs it: no default port."""
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is None or parts.port == {"http": 80, "https": 443}[parts.scheme]:
+        return host
+    return f"{host}:{parts.port}"
+
+
 @dataclass(frozen=True)
 class Route:
     """Where botocore sent an object request, and how it signed it."""
 
-    base_url: str  # the object's URL with its key left off
-    region: str
-    signing_name: str
+    origin: tuple[str, str]  # (scheme, host[:port]) to connect to
+    host: str  # the Host header
+    base_path: str  # the object's path with its key left off
+    signer: SigV4
 
 
 @dataclass(frozen=True)
@@ -524,8 +604,12 @@ class DirectRequests:
             and not urllib.request.getproxies().get(urlsplit(url).scheme)
             and self._route_changes < MAX_ROUTE_CHANGES
         ):
+            parts = urlsplit(url[: -len(quoted)])
             self._routes[model.name, params["Bucket"]] = Route(
-                url[: -len(quoted)], signing["region"], signing["signing_name"]
+                (parts.scheme, parts.netloc),
+                host_header(parts),
+                parts.path,
+                SigV4(signing["region"], signing["signing_name"]),
             )
 
     def client_after(self, failure: DirectFailed):
@@ -566,19 +650,16 @@ class DirectRequests:
             raise DirectFailed(
                 f"botocore has completed no {operation} yet", attempted=False
             )
-        url = route.base_url + quote(key, safe="/~")
-        parts = urlsplit(url)
-        origin = (parts.scheme, parts.netloc)
+        path = route.base_path + quote(key, safe="/~")
+        origin = route.origin
+        credentials = self._credentials.get_frozen_credentials()
+        headers = route.signer.sign(
+            credentials, method, route.host, path, headers, body, time.gmtime()
+        )
         headers["User-Agent"] = DIRECT_USER_AGENT
-        request = AWSRequest(method, url, data=body, headers=headers)
-        S3SigV4Auth(
-            self._credentials.get_frozen_credentials(),
-            route.signing_name,
-            route.region,
-        ).add_auth(request)
         try:
             connection = self._connection(origin)
-            connection.request(method, parts.path, body, dict(request.headers))
+            connection.request(method, path, body, headers)
             response = connection.getresponse()
             if response.status != 200 or method != "GET":
                 response.read()

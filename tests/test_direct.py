@@ -7,18 +7,25 @@ PUT (nothing is learned before it), the direct path the rest.
 
 from __future__ import annotations
 
+import calendar
 import os
 import socket
+import time
 import zlib
+from datetime import datetime
+from urllib.parse import quote, urlsplit
 
+import botocore.auth
 import pytest
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
 from conftest import make_tree, run_script
 from faultproxy import FaultProxy
 from test_e2e import AWKWARD_TREE, snapshot
 
 import backup
 import restore
-from s3common import MAX_ROUTE_CHANGES, crc32_header
+from s3common import MAX_ROUTE_CHANGES, SigV4, crc32_header, host_header
 
 
 @pytest.fixture
@@ -51,6 +58,64 @@ def object_requests(proxy: FaultProxy, method: str) -> list[bool]:
         for seen_method, path, direct in proxy.requests
         if seen_method == method and path.count("/") >= 2
     ]
+
+
+@pytest.mark.parametrize(
+    "method, base_url, region, key, headers, body, token",
+    [
+        (
+            "GET", "http://127.0.0.1:5000/bucket/", "us-east-1",
+            "backup/d00/f000001.bin", {"x-amz-checksum-mode": "ENABLED"}, b"", None,
+        ),
+        (
+            "PUT", "https://my-bucket.s3.eu-west-1.amazonaws.com/", "eu-west-1",
+            "ünïcödé/naïve café.txt",
+            {
+                "Content-Type": "text/plain",
+                "x-amz-meta-mtime": "1234567890.123456789",
+                "x-amz-meta-mode": "100644",
+                "x-amz-storage-class": "STANDARD_IA",
+                "x-amz-server-side-encryption": "aws:kms",
+                "x-amz-server-side-encryption-aws-kms-key-id": "alias/my key",
+                "x-amz-sdk-checksum-algorithm": "CRC32",
+                "x-amz-checksum-crc32": "NhCmhg==",
+            },
+            b"hello", "a-session-token",
+        ),
+        (
+            "PUT", "http://[::1]:9000/b/", "ap-south-1",
+            "chars/+plus%percent#hash?question&amp=equals  ~.txt",
+            {"Content-Type": "text/plain;  charset=utf-8 "}, b"", None,
+        ),
+        (
+            "GET", "https://S3.Example.COM:443/bucket/", "us-west-2", "a b/c",
+            {}, b"", "token",
+        ),
+    ],
+)  # fmt: skip
+def test_sigv4_signs_exactly_as_botocore_does(
+    monkeypatch, method, base_url, region, key, headers, body, token
+):
+    now = datetime(2026, 11, 23, 11, 33, 48)  # UTC, without a zone as botocore has it
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: now)
+    credentials = Credentials(
+        "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token
+    )
+    url = base_url + quote(key, safe="/~")
+    request = AWSRequest(method, url, data=body, headers=headers)
+    botocore.auth.S3SigV4Auth(credentials, "s3", region).add_auth(request)
+
+    parts = urlsplit(url)
+    ours = SigV4(region, "s3").sign(
+        credentials, method, host_header(parts), parts.path, headers, body,
+        time.gmtime(calendar.timegm(now.timetuple())),
+    )  # fmt: skip
+    assert ours["authorization"] == request.headers["Authorization"]
+    assert ours["x-amz-date"] == request.headers["X-Amz-Date"]
+    assert ours["x-amz-content-sha256"] == request.headers["X-Amz-Content-SHA256"]
+    assert ours.get("x-amz-security-token") == request.headers.get(
+        "X-Amz-Security-Token"
+    )
 
 
 def test_crc32_header_is_base64_of_the_big_endian_checksum():
