@@ -295,8 +295,9 @@ def make_restorer(
         mode = parse_mode(metadata.get("mode"))
         return default_mode if mode is None else mode
 
-    def fetch(key: str, client=client) -> FetchedObject:
-        response = client.get_object(Bucket=bucket, Key=key)
+    def fetch(key: str, via) -> FetchedObject:
+        """GetObject through botocore, with the client `via`."""
+        response = via.get_object(Bucket=bucket, Key=key)
         return FetchedObject(
             response["Metadata"],
             response["LastModified"].timestamp(),
@@ -345,7 +346,7 @@ def make_restorer(
                     path, fetch(item.key, direct.client_after(failure)), cancel
                 )
         elif item.size < MULTIPART_THRESHOLD:
-            write_object(path, fetch(item.key), cancel)
+            write_object(path, fetch(item.key, client), cancel)
         elif not write_large(item, path, manager):
             console.advance(files=1)
             console.detail(f"already restored: {path}")
