@@ -15,6 +15,7 @@ import boto3
 import botocore.client
 import botocore.exceptions
 import pytest
+from faultproxy import FaultProxy
 from moto import mock_aws
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -105,6 +106,22 @@ def moto_server():
     yield f"http://127.0.0.1:{port}"
     process.terminate()
     process.wait(timeout=10)
+
+
+@pytest.fixture
+def start_proxy(moto_server):
+    """Start a FaultProxy in front of the moto server; stopped after the test."""
+    proxies = []
+
+    def start(**options) -> FaultProxy:
+        proxy = FaultProxy(moto_server, **options)
+        proxy.start()
+        proxies.append(proxy)
+        return proxy
+
+    yield start
+    for proxy in proxies:
+        proxy.close()
 
 
 @pytest.fixture

@@ -29,21 +29,6 @@ from s3common import MAX_ROUTE_CHANGES, SigV4, crc32_header, host_header
 
 
 @pytest.fixture
-def start_proxy(moto_server):
-    proxies = []
-
-    def start(**options) -> FaultProxy:
-        proxy = FaultProxy(moto_server, **options)
-        proxy.start()
-        proxies.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in proxies:
-        proxy.close()
-
-
-@pytest.fixture
 def small_tree(tmp_path):
     root = make_tree(tmp_path / "src", AWKWARD_TREE)
     os.chmod(root / "plain.txt", 0o600)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, make_tree, run_script
-from faultproxy import FaultProxy
 
 MiB = 1024 * 1024
 # A fifth of all requests fail: throttled, server errors and connections reset.
@@ -49,22 +48,6 @@ def incomplete_uploads(client, bucket: str) -> list[dict]:
 
 def under_prefix(files: dict[str, bytes], prefix: str) -> dict[str, bytes]:
     return {f"{prefix}/{relative}": data for relative, data in files.items()}
-
-
-@pytest.fixture
-def start_proxy(moto_server):
-    """Start a FaultProxy in front of the moto server; stopped after the test."""
-    proxies = []
-
-    def start(**options) -> FaultProxy:
-        proxy = FaultProxy(moto_server, **options)
-        proxy.start()
-        proxies.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in proxies:
-        proxy.close()
 
 
 # --- A server that fails a fifth of all requests --------------------------------
