@@ -13,15 +13,19 @@ forwarding it, or forwards it to the server and relays the answer.
 
 from __future__ import annotations
 
+import datetime
 import http.client
+import ipaddress
 import random
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 from collections import Counter
 from collections.abc import Collection
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
@@ -354,3 +358,99 @@ class _Handler(socketserver.BaseRequestHandler):
             return
         finally:
             reader.close()
+
+
+class TlsPassThrough:
+    """HTTPS on 127.0.0.1 in front of an HTTP server: it ends TLS and passes the bytes on.
+
+    The certificate is made for 127.0.0.1 and written to `cert_path`, for
+    AWS_CA_BUNDLE; `url` is where to send requests.
+    """
+
+    def __init__(self, upstream: str, folder: Path):
+        parts = urlsplit(upstream)
+        self.upstream = (parts.hostname, parts.port or 80)
+        self.cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+        write_self_signed_certificate(self.cert_path, key_path)
+        self._context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self._context.load_cert_chain(self.cert_path, key_path)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        try:
+            secure = self._context.wrap_socket(client, server_side=True)
+            server = socket.create_connection(self.upstream)
+        except OSError:
+            client.close()
+            return
+        threading.Thread(target=_pipe, args=(server, secure), daemon=True).start()
+        _pipe(secure, server)
+
+
+def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(65536):
+            sink.sendall(data)
+    except OSError:
+        pass
+    finally:
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def write_self_signed_certificate(cert_path: Path, key_path: Path) -> None:
+    """A key and a certificate for 127.0.0.1, as PEM files."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(datetime.datetime(2000, 1, 1))
+        .not_valid_after(datetime.datetime(2100, 1, 1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.IPv4Address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )

@@ -20,7 +20,7 @@ import pytest
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from conftest import make_tree, run_script
-from faultproxy import FaultProxy
+from faultproxy import FaultProxy, TlsPassThrough
 from test_e2e import AWKWARD_TREE, snapshot
 
 import backup
@@ -136,6 +136,28 @@ def test_after_botocores_first_request_small_objects_go_direct_and_round_trip(
     result = run_script("restore.py", location, str(target), *common, env=cli_env)
     assert result.returncode == 0, result.stderr
     assert object_requests(proxy, "GET") == [False] + [True] * (len(AWKWARD_TREE) - 1)
+    assert snapshot(target) == snapshot(small_tree)
+
+
+def test_small_objects_go_direct_over_https_too(
+    start_proxy, cli_env, small_tree, tmp_path, bucket_name
+):
+    proxy = start_proxy()
+    tls = TlsPassThrough(proxy.url, tmp_path)
+    tls.start()
+    env = {**cli_env, "AWS_CA_BUNDLE": str(tls.cert_path)}
+    common = ["--endpoint-url", tls.url, "--workers", "1"]
+    try:
+        result = run_script("backup.py", str(small_tree), bucket_name, *common, env=env)
+        assert result.returncode == 0, result.stderr
+        target = tmp_path / "restored"
+        result = run_script("restore.py", bucket_name, str(target), *common, env=env)
+        assert result.returncode == 0, result.stderr
+    finally:
+        tls.close()
+    direct_count = len(AWKWARD_TREE) - 1
+    assert object_requests(proxy, "PUT") == [False] + [True] * direct_count
+    assert object_requests(proxy, "GET") == [False] + [True] * direct_count
     assert snapshot(target) == snapshot(small_tree)
 
 
