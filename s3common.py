@@ -1,5 +1,6 @@
-"""What backup.py and restore.py share: locations, filters, the S3 client,
-error messages and exit codes, the worker pool, progress and the summary."""
+"""What backup.py and restore.py share: locations, filters, the S3 client and the
+direct requests for small objects, error messages and exit codes, the worker pool,
+progress and the summary."""
 
 from __future__ import annotations
 
