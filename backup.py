@@ -250,25 +250,29 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
     """The work function for run_in_parallel: one file up, as one PUT or a parallel multipart."""
     client, direct = connection.client, connection.direct
 
+    def put_whole(key: str, file: LocalFile, args: dict) -> None:
+        """One PutObject: a direct request for a small file, else through botocore."""
+        if file.size > SMALL_OBJECT:
+            with open(file.path, "rb") as body:
+                client.put_object(Bucket=bucket, Key=key, Body=body, **args)
+            return
+        with open(file.path, "rb") as body:
+            data = body.read()
+        try:
+            direct.put(bucket, key, data, args)
+        except DirectFailed as failure:
+            # botocore sends it (again), with its retries and error messages.
+            direct.client_after(failure).put_object(
+                Bucket=bucket, Key=key, Body=data, **args
+            )
+
     def upload(item: Upload, manager, cancel) -> None:
         file = item.file
         args = upload_args(file, extra)
         # One PutObject is the cheapest request for a small file; the transfer
         # manager's futures and callbacks cost more than the upload itself.
-        if file.size <= SMALL_OBJECT:
-            with open(file.path, "rb") as body:
-                data = body.read()
-            try:
-                direct.put(bucket, item.key, data, args)
-            except DirectFailed as failure:
-                # botocore sends it (again), with its retries and error messages.
-                direct.client_after(failure).put_object(
-                    Bucket=bucket, Key=item.key, Body=data, **args
-                )
-            console.advance(nbytes=file.size)
-        elif file.size < MULTIPART_THRESHOLD:
-            with open(file.path, "rb") as body:
-                client.put_object(Bucket=bucket, Key=item.key, Body=body, **args)
+        if file.size < MULTIPART_THRESHOLD:
+            put_whole(item.key, file, args)
             console.advance(nbytes=file.size)
         else:
             subscribers = [ProgressSubscriber(console)]

@@ -304,7 +304,7 @@ def make_restorer(
             response["Body"].iter_chunks(CHUNK),
         )
 
-    def write_object(path: str, fetched: FetchedObject, cancel) -> None:
+    def write_object(item: Download, path: str, fetched: FetchedObject, cancel) -> None:
         def fill(out: BinaryIO) -> None:
             for chunk in fetched.chunks:
                 if cancel.is_set():
@@ -313,6 +313,7 @@ def make_restorer(
 
         mtime_ns = restored_times(fetched.metadata, fetched.last_modified)
         write_atomically(path, fill, file_mode(fetched.metadata), mtime_ns)
+        console.advance(nbytes=item.size)
 
     def write_large(item: Download, path: str, manager) -> bool:
         """A HEAD for the metadata, then parallel ranged GETs, unless an earlier
@@ -339,20 +340,17 @@ def make_restorer(
             and item.storage_class not in ARCHIVE_STORAGE_CLASSES
         ):
             try:
-                write_object(path, direct.get(bucket, item.key, CHUNK), cancel)
+                write_object(item, path, direct.get(bucket, item.key, CHUNK), cancel)
             except DirectFailed as failure:
                 # botocore fetches it (again), with its retries and error messages.
-                write_object(
-                    path, fetch(item.key, direct.client_after(failure)), cancel
-                )
+                via = direct.client_after(failure)
+                write_object(item, path, fetch(item.key, via), cancel)
         elif item.size < MULTIPART_THRESHOLD:
-            write_object(path, fetch(item.key, client), cancel)
+            write_object(item, path, fetch(item.key, client), cancel)
         elif not write_large(item, path, manager):
             console.advance(files=1)
             console.detail(f"already restored: {path}")
             return False
-        if item.size < MULTIPART_THRESHOLD:
-            console.advance(nbytes=item.size)
         console.advance(files=1)
         console.detail(f"restore: s3://{bucket}/{item.key} -> {path}")
         return True

@@ -548,6 +548,11 @@ DIRECT_USER_AGENT = (
 )
 
 
+def key_path(key: str) -> str:
+    """A key as botocore writes it in a URL path."""
+    return quote(key, safe="/~")
+
+
 def crc32_header(crc: int) -> str:
     """A CRC32 as S3's x-amz-checksum-crc32 header writes it."""
     return base64.b64encode(crc.to_bytes(4, "big")).decode()
@@ -592,7 +597,7 @@ class DirectRequests:
         signing = context.get("signing", {})
         params = context.get("input_params", {})
         key, url = params.get("Key") or "", http_response.url
-        quoted = quote(key, safe="/~")
+        quoted = key_path(key)
         if (
             http_response.status_code == 200
             and isinstance(http_response.raw, urllib3.response.HTTPResponse)
@@ -651,7 +656,7 @@ class DirectRequests:
             raise DirectFailed(
                 f"botocore has completed no {operation} yet", attempted=False
             )
-        path = route.base_path + quote(key, safe="/~")
+        path = route.base_path + key_path(key)
         origin = route.origin
         credentials = self._credentials.get_frozen_credentials()
         headers = route.signer.sign(
