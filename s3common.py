@@ -22,6 +22,7 @@ import time
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
@@ -52,6 +53,8 @@ DEFAULT_WORKERS = 16
 # Threads s3transfer may use for the parts of one large file (its own default,
 # which bench/run.py measured ~10 % faster than 8 on W6).
 PART_WORKERS = 10
+# The most keys one ListObjectsV2 page holds.
+LIST_PAGE = 1000
 # Enough attempts to ride out throttling (503 SlowDown), 500s and dropped
 # connections; botocore's standard mode backs off exponentially between them.
 RETRY_ATTEMPTS = 10
@@ -187,20 +190,61 @@ class RemoteObject:
     storage_class: str = "STANDARD"
 
 
-def list_objects(client, bucket: str, prefix: str) -> dict[str, RemoteObject]:
-    """Every object whose key starts with `prefix`, from one paged ListObjectsV2."""
+def list_objects(
+    client, bucket: str, prefix: str, boundaries: Sequence[str] = (), workers: int = 1
+) -> dict[str, RemoteObject]:
+    """Every object whose key starts with `prefix`, from paged ListObjectsV2 requests.
+
+    Sorted `boundaries` cut the keys into ranges that are listed side by side on
+    up to `workers` threads: the first range ends with boundaries[0], the next
+    starts after it, and the last is everything after boundaries[-1].
+    """
+    ranges = list(zip(("", *boundaries), (*boundaries, None)))
+    if len(ranges) == 1:
+        return list_range(client, bucket, prefix, "", None)
+    listings = map_in_background(
+        lambda bounds: list_range(client, bucket, prefix, *bounds), ranges, workers
+    )
     objects = {}
-    for page in client.get_paginator("list_objects_v2").paginate(
-        Bucket=bucket, Prefix=prefix
-    ):
-        for item in page.get("Contents", []):
+    for listing in listings:
+        objects.update(listing.result())
+    return objects
+
+
+def list_range(
+    client, bucket: str, prefix: str, after: str, through: str | None
+) -> dict[str, RemoteObject]:
+    """The objects under `prefix` whose keys sort after `after` and up to `through` (None: no end)."""
+    params = {"Bucket": bucket, "Prefix": prefix}
+    if after:
+        params["StartAfter"] = after
+    objects = {}
+    for page in client.get_paginator("list_objects_v2").paginate(**params):
+        contents = page.get("Contents", [])
+        for item in contents:
+            # S3 lists keys in UTF-8 byte order, which is the order of str.
+            if through is not None and item["Key"] > through:
+                return objects
             objects[item["Key"]] = RemoteObject(
                 item["Key"],
                 item["Size"],
                 item["LastModified"].timestamp(),
                 item.get("StorageClass", "STANDARD"),
             )
+        # A page that ends on `through` ends the range, without asking for another.
+        if through is not None and contents and contents[-1]["Key"] == through:
+            return objects
     return objects
+
+
+def listing_boundaries(expected_keys: Iterable[str]) -> list[str]:
+    """Where to cut a listing into ranges of one page each, from the keys it should hold.
+
+    Every LIST_PAGE-th key in sorted order but the last key itself: a range after
+    the last key holds nothing that is expected, only what is new.
+    """
+    ordered = sorted(expected_keys)
+    return ordered[LIST_PAGE - 1 : -1 : LIST_PAGE]
 
 
 # --- Filters -----------------------------------------------------------------
@@ -982,6 +1026,40 @@ class Failure:
 
 class Cancelled(Exception):
     """The run was interrupted while this transfer was under way."""
+
+
+def map_in_background(
+    function: Callable[[object], object], items: Iterable, workers: int
+) -> list[Future]:
+    """Start function(item) for every item on up to `workers` threads; a Future for each, in order.
+
+    The threads are daemons, so that Ctrl-C in the main thread never waits for them.
+    """
+    jobs = [(item, Future()) for item in items]
+    pending = iter(jobs)
+    taking = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with taking:
+                job = next(pending, None)
+            if job is None:
+                return
+            item, future = job
+            try:
+                future.set_result(function(item))
+            # Whatever it is, it belongs to whoever asks for the result.
+            except Exception as exc:  # noqa: BLE001
+                future.set_exception(exc)
+
+    for _ in range(min(workers, len(jobs))):
+        threading.Thread(target=worker, daemon=True).start()
+    return [future for _, future in jobs]
+
+
+def in_background(call: Callable[[], object]) -> Future:
+    """call() on a daemon thread; its Future."""
+    return map_in_background(lambda _: call(), [None], 1)[0]
 
 
 def run_in_parallel(

@@ -292,11 +292,16 @@ class Tool:
 
 
 def base_env(home: Path) -> dict:
-    """Fake credentials, no instance metadata, no user config files."""
+    """Fake credentials, no instance metadata, no user config files.
+
+    Python caches bytecode as it does for a user: with PYTHONDONTWRITEBYTECODE
+    (set on some machines) our scripts were compiled again on every run, while
+    awscli's modules had been compiled when pip installed them.
+    """
     env = {
         key: value
         for key, value in os.environ.items()
-        if not key.startswith(("AWS_", "RCLONE_"))
+        if not key.startswith(("AWS_", "RCLONE_")) and key != "PYTHONDONTWRITEBYTECODE"
     }
     env.update(
         AWS_ACCESS_KEY_ID=ACCESS_KEY,
