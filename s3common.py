@@ -53,7 +53,7 @@ DEFAULT_WORKERS = 16
 # Threads s3transfer may use for the parts of one large file (its own default,
 # which bench/run.py measured ~10 % faster than 8 on W6).
 PART_WORKERS = 10
-# The most keys one ListObjectsV2 page holds.
+# The most keys one ListObjectsV2 page holds, and the size of a listing range.
 LIST_PAGE = 1000
 # Enough attempts to ride out throttling (503 SlowDown), 500s and dropped
 # connections; botocore's standard mode backs off exponentially between them.
@@ -218,8 +218,11 @@ def list_range(
     params = {"Bucket": bucket, "Prefix": prefix}
     if after:
         params["StartAfter"] = after
+    pages = client.get_paginator("list_objects_v2").paginate(
+        **params, PaginationConfig={"PageSize": LIST_PAGE}
+    )
     objects = {}
-    for page in client.get_paginator("list_objects_v2").paginate(**params):
+    for page in pages:
         contents = page.get("Contents", [])
         for item in contents:
             # S3 lists keys in UTF-8 byte order, which is the order of str.

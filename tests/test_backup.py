@@ -9,6 +9,7 @@ import pytest
 from conftest import make_tree, stub_error
 
 import backup
+import s3common
 
 MiB = 1024 * 1024
 
@@ -275,3 +276,86 @@ def test_delete_is_skipped_when_an_upload_failed(s3, tree, monkeypatch, capsys):
     assert backup.main([str(tree), "bk17::p", "--delete"]) == 1
     assert "not deleting anything" in capsys.readouterr().err
     assert "p/a.txt" in keys(s3, "bk17")
+
+
+# --- The listing in ranges ----------------------------------------------------
+
+
+def count_listings(client) -> list[dict]:
+    """Record the parameters of every ListObjectsV2 request the client sends."""
+    sent = []
+    client.meta.events.register(
+        "before-call.s3.ListObjectsV2",
+        lambda params, **_: sent.append(params["query_string"]),
+    )
+    return sent
+
+
+@pytest.mark.parametrize(
+    "remote",
+    [
+        pytest.param([f"p/k{n:02d}" for n in range(10)], id="as expected"),
+        pytest.param(
+            ["o", "p/", "p/k00", "p/k01", "p/k015", "p/k03", "p/k05x", "p/k99", "p2/x"],
+            id="missing, extra and neighbouring keys",
+        ),
+        pytest.param([f"p/k{n:02d}" for n in range(3, 5)], id="one range only"),
+        pytest.param([], id="nothing yet"),
+    ],
+)
+def test_listing_in_ranges_finds_every_key_once(s3, monkeypatch, remote):
+    monkeypatch.setattr(s3common, "LIST_PAGE", 3)
+    s3.create_bucket(Bucket="ranges")
+    for key in remote:
+        s3.put_object(Bucket="ranges", Key=key, Body=key.encode())
+    expected = [f"p/k{n:02d}" for n in range(10)]
+    boundaries = s3common.listing_boundaries(reversed(expected))
+    assert boundaries == ["p/k02", "p/k05", "p/k08"]
+
+    listed = s3common.list_objects(s3, "ranges", "p/", boundaries, workers=2)
+    assert sorted(listed) == sorted(key for key in remote if key.startswith("p/"))
+    assert all(listed[key].size == len(key) for key in listed)
+
+
+def test_listing_in_ranges_sends_no_more_requests_than_paging(s3, monkeypatch):
+    monkeypatch.setattr(s3common, "LIST_PAGE", 3)
+    s3.create_bucket(Bucket="ranges")
+    expected = [f"p/k{n:02d}" for n in range(12)]
+    for key in expected:
+        s3.put_object(Bucket="ranges", Key=key, Body=b"")
+    sent = count_listings(s3)
+    boundaries = s3common.listing_boundaries(expected)
+    s3common.list_objects(s3, "ranges", "p/", boundaries, workers=4)
+    # Four pages of three: each range is one page that ends on its boundary.
+    assert len(sent) == 4
+    assert sorted(query.get("start-after", "") for query in sent) == [
+        "",
+        "p/k02",
+        "p/k05",
+        "p/k08",
+    ]
+
+
+def test_no_change_run_and_delete_with_the_listing_in_ranges(
+    s3, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setattr(s3common, "LIST_PAGE", 2)
+    tree = make_tree(tmp_path / "src", {f"d{n}/f{n}.txt": b"x" * n for n in range(7)})
+    assert backup.main([str(tree), "bk18::p"]) == 0
+    s3.put_object(Bucket="bk18", Key="p/d3/gone.txt", Body=b"")
+    s3.put_object(Bucket="bk18", Key="p/z/gone.txt", Body=b"")
+    capsys.readouterr()
+    assert backup.main([str(tree), "bk18::p", "--delete"]) == 0
+    assert "uploaded 0, skipped 7, failed 0, deleted 2" in capsys.readouterr().out
+    assert keys(s3, "bk18") == [f"p/d{n}/f{n}.txt" for n in range(7)]
+
+
+def test_listing_denied_stops_before_any_upload(s3, tree, monkeypatch, capsys):
+    s3.create_bucket(Bucket="bk19")
+    stub_error(monkeypatch, "ListObjectsV2", "AccessDenied", 403)
+    assert backup.main([str(tree), "bk19::p"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot list s3://bk19/p" in err and "access denied" in err
+    assert len(err.strip().splitlines()) == 1
+    monkeypatch.undo()
+    assert keys(s3, "bk19") == []

@@ -7,6 +7,7 @@ from pathlib import PurePosixPath, PureWindowsPath
 import botocore.exceptions
 import pytest
 
+import s3common
 from backup import LocalFile, plan_backup, upload_args, upload_reason
 from restore import UnsafeKey, path_for_key, plan_restore
 from s3common import (
@@ -467,3 +468,19 @@ def test_summary_line():
 )
 def test_parse_timestamp_reads_what_s3_sends(text):
     assert parse_timestamp(text).timestamp() == 1714566600.0
+
+
+@pytest.mark.parametrize(
+    ("count", "boundaries"),
+    [
+        (0, []),
+        (3, []),  # one page: one range, one request, as when paging
+        (4, ["k2"]),
+        (6, ["k2"]),  # never the last key: nothing expected lies after it
+        (7, ["k2", "k5"]),
+    ],
+)
+def test_listing_boundaries_cut_every_page(monkeypatch, count, boundaries):
+    monkeypatch.setattr(s3common, "LIST_PAGE", 3)
+    keys = [f"k{n}" for n in reversed(range(count))]
+    assert s3common.listing_boundaries(keys) == boundaries
