@@ -47,9 +47,10 @@ MULTIPART_THRESHOLD = 8 * MiB
 SMALL_OBJECT = MiB
 # Measured with bench/run.py: 16 MiB parts upload W3 ~9 % faster than 8 MiB.
 MULTIPART_CHUNKSIZE = 16 * MiB
-# Measured with bench/run.py: on a local server small-file throughput stops
-# growing past ~16 workers, and more threads only add GIL contention.
-DEFAULT_WORKERS = 16
+# Measured with bench/run.py: on s3rver 16 and 32 workers are within noise and
+# 64 cost ~15 % more client CPU; with 50 ms per request (--latency 50), as S3 is
+# from afar, W1 took 21.4 s with 16, 11.3 s with 32 and 7.1 s with 64.
+DEFAULT_WORKERS = 32
 # Threads s3transfer may use for the parts of one large file (its own default,
 # which bench/run.py measured ~10 % faster than 8 on W6).
 PART_WORKERS = 10

@@ -39,7 +39,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -236,8 +236,14 @@ def count_requests(data: bytes, state: dict) -> None:
 
 
 @contextmanager
-def counting_proxy(upstream_port: int) -> Iterator[tuple[str, Callable[[], int]]]:
-    """A TCP pass-through on 127.0.0.1 that counts the HTTP requests sent through it."""
+def pass_through(
+    upstream_port: int, latency: float = 0.0
+) -> Iterator[tuple[str, Callable[[], int]]]:
+    """A TCP pass-through on 127.0.0.1 that counts the HTTP requests sent through it.
+
+    With `latency`, each request reaches the server that many seconds late: one
+    round trip to a distant server, as S3 is from a laptop (not its bandwidth).
+    """
     listener = socket.create_server(("127.0.0.1", 0))
     states: list[dict] = []
 
@@ -245,7 +251,10 @@ def counting_proxy(upstream_port: int) -> Iterator[tuple[str, Callable[[], int]]
         try:
             while data := source.recv(65536):
                 if state is not None:
+                    before = state["requests"]
                     count_requests(data, state)
+                    if latency and state["requests"] > before:
+                        time.sleep(latency)
                 sink.sendall(data)
         except OSError:
             pass
@@ -596,7 +605,7 @@ def upload_rows(ctx: Context, workload: str, with_rerun: bool) -> list[Row]:
 def counted_rerun(ctx: Context, tool: Tool, source: Path, bucket: str) -> int:
     """The no-change re-run once more, through the counting pass-through (not timed)."""
     port = int(ctx.url.rsplit(":", 1)[1])
-    with counting_proxy(port) as (url, requests):
+    with pass_through(port) as (url, requests):
         measure(tool.upload(source, bucket, "backup", url), tool.env)
         return requests()
 
@@ -801,6 +810,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help='extra options for our scripts, e.g. "--workers 32"',
     )
+    parser.add_argument(
+        "--latency",
+        type=float,
+        default=0.0,
+        help="milliseconds each request is held back, as by a distant server",
+    )
     parser.add_argument("--output", type=Path, help="also write the table to this file")
     parser.add_argument(
         "--workdir",
@@ -843,13 +858,18 @@ def run_server(kind: str, args, workloads: Sequence[str], home: Path) -> list[Ro
     data = home / f"{kind}-data"
     data.mkdir()
     rows: list[Row] = []
-    with running_server(kind, data) as (url, server_pid):
+    with running_server(kind, data) as (url, server_pid), ExitStack() as stack:
         log(f"{kind} listening at {url}")
+        admin = admin_client(url)
+        if args.latency:
+            port = int(url.rsplit(":", 1)[1])
+            url, _ = stack.enter_context(pass_through(port, args.latency / 1000))
+            kind = f"{kind} +{args.latency:g} ms"
         ctx = Context(
             kind,
             url,
             server_pid,
-            admin_client(url),
+            admin,
             tools,
             home / "trees",
             home / "scratch",
