@@ -148,7 +148,14 @@ def folder_prefix(prefix: str) -> str:
 
 
 _RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
-_RESERVED_BUCKET_SUFFIXES = ("-s3alias", "--ol-s3", ".mrap", "--x-s3", "--table-s3")
+DIRECTORY_BUCKET_SUFFIX = "--x-s3"  # S3 Express One Zone
+_RESERVED_BUCKET_SUFFIXES = (
+    "-s3alias",
+    "--ol-s3",
+    ".mrap",
+    DIRECTORY_BUCKET_SUFFIX,
+    "--table-s3",
+)
 
 
 def bucket_name_problem(name: str, legacy: bool = False) -> str | None:
@@ -200,6 +207,9 @@ def list_objects(
     up to `workers` threads: the first range ends with boundaries[0], the next
     starts after it, and the last is everything after boundaries[-1].
     """
+    if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
+        # Directory buckets list in no particular order and take no StartAfter.
+        boundaries = ()
     ranges = list(zip(("", *boundaries), (*boundaries, None)))
     if len(ranges) == 1:
         return list_range(client, bucket, prefix, "", None)

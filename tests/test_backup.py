@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime
 
+import boto3
 import pytest
+from botocore.stub import Stubber
 from conftest import make_tree, stub_error
 
 import backup
@@ -359,3 +362,31 @@ def test_listing_denied_stops_before_any_upload(s3, tree, monkeypatch, capsys):
     assert len(err.strip().splitlines()) == 1
     monkeypatch.undo()
     assert keys(s3, "bk19") == []
+
+
+def test_directory_buckets_are_listed_in_one_range(monkeypatch):
+    # S3 Express directory buckets list in no particular order and refuse StartAfter.
+    monkeypatch.setattr(s3common, "LIST_PAGE", 3)
+    client = boto3.client("s3", region_name="us-east-1")
+    bucket = "backups--use1-az4--x-s3"
+    keys_there = [f"p/k{n:02d}" for n in (5, 0, 3, 6, 1, 4, 2)]
+    with Stubber(client) as stubber:
+        for start in range(0, len(keys_there), 3):
+            page = keys_there[start : start + 3]
+            more = start + 3 < len(keys_there)
+            response = {
+                "Contents": [
+                    {"Key": key, "Size": 0, "LastModified": datetime(2026, 1, 1)}
+                    for key in page
+                ],
+                "IsTruncated": more,
+                **({"NextContinuationToken": f"after-{start}"} if more else {}),
+            }
+            expected = {"Bucket": bucket, "Prefix": "p/", "MaxKeys": 3}
+            if start:
+                expected["ContinuationToken"] = f"after-{start - 3}"
+            stubber.add_response("list_objects_v2", response, expected)
+        boundaries = ["p/k02", "p/k05"]
+        listed = s3common.list_objects(client, bucket, "p/", boundaries, workers=4)
+        stubber.assert_no_pending_responses()
+    assert sorted(listed) == sorted(keys_there)
