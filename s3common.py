@@ -1047,6 +1047,7 @@ def map_in_background(
 ) -> list[Future]:
     """Start function(item) for every item on up to `workers` threads; a Future for each, in order.
 
+    After a failure no further item starts: the Futures of those are cancelled.
     The threads are daemons, so that Ctrl-C in the main thread never waits for them.
     """
     jobs = [(item, Future()) for item in items]
@@ -1065,6 +1066,9 @@ def map_in_background(
             # Whatever it is, it belongs to whoever asks for the result.
             except Exception as exc:  # noqa: BLE001
                 future.set_exception(exc)
+                with taking:
+                    for _, left in pending:
+                        left.cancel()
 
     for _ in range(min(workers, len(jobs))):
         threading.Thread(target=worker, daemon=True).start()

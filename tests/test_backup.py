@@ -7,6 +7,8 @@ import time
 from datetime import datetime
 
 import boto3
+import botocore.client
+import botocore.exceptions
 import pytest
 from botocore.stub import Stubber
 from conftest import make_tree, stub_error
@@ -390,3 +392,26 @@ def test_directory_buckets_are_listed_in_one_range(monkeypatch):
         listed = s3common.list_objects(client, bucket, "p/", boundaries, workers=4)
         stubber.assert_no_pending_responses()
     assert sorted(listed) == sorted(keys_there)
+
+
+def test_a_failed_range_stops_the_listing(monkeypatch):
+    # A bucket that backup is about to create: one refusal is enough, not one per range.
+    monkeypatch.setattr(s3common, "LIST_PAGE", 1)
+    sent = []
+
+    def refuse(self, name, params):
+        sent.append(params.get("StartAfter"))
+        raise botocore.exceptions.ClientError(
+            {
+                "Error": {"Code": "NoSuchBucket", "Message": "stubbed"},
+                "ResponseMetadata": {"HTTPStatusCode": 404},
+            },
+            name,
+        )
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", refuse)
+    client = boto3.client("s3", region_name="us-east-1")
+    boundaries = s3common.listing_boundaries(f"p/k{n:02d}" for n in range(20))
+    with pytest.raises(botocore.exceptions.ClientError):
+        s3common.list_objects(client, "not-yet", "p/", boundaries, workers=2)
+    assert 1 <= len(sent) <= 2
