@@ -430,7 +430,8 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
         timestamp_parser=parse_timestamp
     )
     session = boto3.session.Session(botocore_session=core)
-    if session.get_credentials() is None:
+    credentials = session.get_credentials()
+    if credentials is None:
         raise botocore.exceptions.NoCredentialsError()
     region = args.region or session.region_name or "us-east-1"
     endpoint_url = endpoint_url_from(args)
@@ -465,7 +466,7 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
     direct = DirectRequests(
         client,
         retry_client,
-        session.get_credentials(),
+        credentials,
         botocore.httpsession.get_cert_path(verify),
     )
     return Connection(client, region, direct)
