@@ -37,6 +37,7 @@ from s3common import (
     bucket_name_problem,
     client_error_code,
     connect,
+    exit_script,
     failure_line,
     folder_prefix,
     format_mtime,
@@ -475,4 +476,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_script(main())

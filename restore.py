@@ -44,6 +44,7 @@ from s3common import (
     add_shared_options,
     client_error_code,
     connect,
+    exit_script,
     failure_line,
     folder_prefix,
     list_objects,
@@ -455,4 +456,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_script(main())
