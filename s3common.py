@@ -448,21 +448,22 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
     )
     # After a failed direct request botocore makes one attempt fewer, so that each
     # request is tried `attempts` times in all; with one attempt, nothing goes direct.
-    retry_client = None
+    # That client is made only when first needed: a client takes ~45 ms to make.
+    make_retry_client = None
     if attempts > 1:
-        retry_config = Config(
-            retries={"mode": "standard", "total_max_attempts": attempts - 1}
+        retry_config = config.merge(
+            Config(retries={"mode": "standard", "total_max_attempts": attempts - 1})
         )
-        retry_client = core.create_client(
-            "s3",
-            region_name=region,
-            endpoint_url=endpoint_url,
-            config=config.merge(retry_config),
-        )
+
+        def make_retry_client():
+            return core.create_client(
+                "s3", region_name=region, endpoint_url=endpoint_url, config=retry_config
+            )
+
     verify = core.get_config_variable("ca_bundle") or True
     direct = DirectRequests(
         client,
-        retry_client,
+        make_retry_client,
         credentials,
         botocore.httpsession.get_cert_path(verify),
     )
@@ -638,8 +639,17 @@ class DirectRequests:
     botocore, which retries, follows redirects and explains errors.
     """
 
-    def __init__(self, client, retry_client, credentials, ca_bundle: str):
-        self._client, self._retry_client = client, retry_client
+    def __init__(
+        self,
+        client,
+        make_retry_client: Callable[[], object] | None,
+        credentials,
+        ca_bundle: str,
+    ):
+        self._client = client
+        self._make_retry_client = make_retry_client
+        self._retry_client = None
+        self._making_retry_client = threading.Lock()
         self._credentials = credentials
         self._routes: dict[tuple[str, str], Route] = {}  # by (operation, bucket)
         self._route_changes = 0
@@ -648,7 +658,7 @@ class DirectRequests:
         self._ca_bundle = ca_bundle
         config = client.meta.config
         if (
-            retry_client is not None
+            make_retry_client is not None
             and config.signature_version in (None, "s3v4", "v4")
             and not getattr(config, "client_cert", None)
         ):
@@ -683,7 +693,12 @@ class DirectRequests:
 
     def client_after(self, failure: DirectFailed):
         """The botocore client to send a request with once its direct request failed."""
-        return self._retry_client if failure.attempted else self._client
+        if not failure.attempted:
+            return self._client
+        with self._making_retry_client:
+            if self._retry_client is None:
+                self._retry_client = self._make_retry_client()
+        return self._retry_client
 
     def _connection(self, origin: tuple[str, str]) -> http.client.HTTPConnection:
         """This thread's kept-alive connection to (scheme, host[:port])."""
