@@ -198,39 +198,51 @@ def scan_folder(root: str, prefix: str, follow_symlinks: bool) -> Scan:
     return scan
 
 
-def scan_local(local: str, prefix: str, follow_symlinks: bool) -> tuple[Scan, bool]:
-    """The files to back up from LOCAL, and whether LOCAL is a folder."""
+def stat_local(local: str) -> os.stat_result:
+    """LOCAL's stat, once it is known to be a folder or a regular file."""
     try:
         info = os.stat(local)
     except FileNotFoundError:
         raise usage_error(
             f"{local!r} does not exist: give the folder or file to back up"
         ) from None
-    if stat.S_ISDIR(info.st_mode):
-        return scan_folder(local, prefix, follow_symlinks), True
-    if not stat.S_ISREG(info.st_mode):
+    if not (stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode)):
         raise usage_error(f"{local!r} is not a regular file or a folder")
+    return info
+
+
+def scan_local(
+    local: str, info: os.stat_result, prefix: str, follow_symlinks: bool
+) -> Scan:
+    """The files to back up from LOCAL (with its stat_local)."""
+    if stat.S_ISDIR(info.st_mode):
+        return scan_folder(local, prefix, follow_symlinks)
     name = os.path.basename(os.path.normpath(local))
     file = LocalFile(local, info.st_size, info.st_mtime_ns, info.st_mode)
-    return Scan(files={key_for(prefix, name): file}), False
+    return Scan(files={key_for(prefix, name): file})
 
 
-def ensure_bucket(
-    client, bucket: str, region: str, dry_run: bool, console: Console
-) -> bool:
-    """Make sure the bucket exists, creating it when missing; whether it was there already."""
+def bucket_exists(client, bucket: str) -> bool:
+    """HeadBucket: whether the bucket is there; any other answer than yes or no is an error."""
     try:
         client.head_bucket(Bucket=bucket)
         return True
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) not in ("404", "NoSuchBucket"):
             raise run_failure(f"bucket {bucket}", exc) from None
+    return False
+
+
+def create_bucket(
+    client, bucket: str, region: str, dry_run: bool, console: Console
+) -> None:
+    """Create the missing bucket in `region` and wait until it exists."""
     problem = bucket_name_problem(bucket)
     if problem:
         raise usage_error(f"cannot create bucket {bucket!r}: {problem}")
     if dry_run:
         console.info(f"(dry run) create bucket s3://{bucket} in {region}")
-        return False
+        return
     # us-east-1 is the default location and refuses to be named as a constraint.
     location = (
         {}
@@ -246,7 +258,6 @@ def ensure_bucket(
         Bucket=bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
     )
     console.info(f"created bucket s3://{bucket} in {region}")
-    return False
 
 
 def make_uploader(connection: Connection, bucket: str, extra: dict, console: Console):
@@ -370,24 +381,30 @@ def run(args) -> int:
     location = parse_location(args.location)
     extra = extra_args_from(args)
     filters = Filters(args.filters)
-    scan, is_folder = scan_local(args.local, location.prefix, args.follow_symlinks)
-    if args.delete:
-        if not is_folder:
-            raise usage_error("--delete needs LOCAL to be a folder")
-        if not any(
-            filters.includes(relative_key(location.prefix, key)) for key in scan.files
-        ):
-            raise usage_error(
-                f"refusing --delete: {args.local!r} has no files to back up, "
-                "so every object under the prefix would be deleted"
-            )
+    local = stat_local(args.local)
+    is_folder = stat.S_ISDIR(local.st_mode)
+    if args.delete and not is_folder:
+        raise usage_error("--delete needs LOCAL to be a folder")
+
+    connection = connect(args, pool_size=args.workers + PART_WORKERS)
+    client = connection.client
+    # HeadBucket goes out as soon as there is a client, and the folder is
+    # scanned while the server answers it (W4 on s3rver: 0.01 to 0.09 s sooner
+    # in three sets of 20-30 runs in turn).
+    found = in_background(lambda: bucket_exists(client, location.bucket))
+    scan = scan_local(args.local, local, location.prefix, args.follow_symlinks)
+    if args.delete and not any(
+        filters.includes(relative_key(location.prefix, key)) for key in scan.files
+    ):
+        raise usage_error(
+            f"refusing --delete: {args.local!r} has no files to back up, "
+            "so every object under the prefix would be deleted"
+        )
     for warning in scan.warnings:
         console.warning(warning)
     for failure in scan.errors:
         console.error(failure_line("read", failure.item, failure.error))
 
-    connection = connect(args, pool_size=args.workers + PART_WORKERS)
-    client = connection.client
     # A single file is listed by its own key, a folder on its folder boundary.
     listing_prefix = (
         next(iter(scan.files)) if not is_folder else folder_prefix(location.prefix)
@@ -407,13 +424,15 @@ def run(args) -> int:
         )
     )
     remote = {}
-    if ensure_bucket(client, location.bucket, connection.region, args.dry_run, console):
+    if found.result():
         try:
             remote = listing.result()
         except botocore.exceptions.ClientError as exc:
             raise run_failure(f"cannot list {location.url()}", exc) from None
         if not is_folder:
             remote = {key: obj for key, obj in remote.items() if key == listing_prefix}
+    else:
+        create_bucket(client, location.bucket, connection.region, args.dry_run, console)
     plan = plan_backup(scan.files, remote, location.prefix, filters, args.delete)
     total_bytes = sum(upload.file.size for upload in plan.uploads)
 

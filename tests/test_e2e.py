@@ -103,12 +103,16 @@ def test_second_backup_makes_no_upload(
         location,
         "--endpoint-url",
         moto_server,
-        env=cli_env,
+        env={**cli_env, "PYTHONPROFILEIMPORTTIME": "1"},
     )
     assert second.returncode == 0, second.stderr
     assert "nothing to upload" in second.stdout
     assert "uploaded 0, skipped 9, failed 0" in second.stdout
     assert server_client.list_objects_v2(Bucket=bucket_name)["Contents"] == before
+    # With nothing to upload there is no transfer manager to import.
+    imported = {line.rsplit("|", 1)[-1].strip() for line in second.stderr.splitlines()}
+    assert "botocore.client" in imported
+    assert not {"boto3", "s3transfer"} & imported
 
 
 def test_endpoint_from_environment(
