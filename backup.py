@@ -419,7 +419,7 @@ def run(args) -> int:
             client,
             location.bucket,
             listing_prefix,
-            listing_boundaries(scan.files) if is_folder else (),
+            listing_boundaries(scan.files),
             args.workers,
         )
     )
