@@ -8,6 +8,7 @@ import argparse
 import base64
 import email.utils
 import fnmatch
+import functools
 import gc
 import hashlib
 import hmac
@@ -443,9 +444,13 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
         s3={"addressing_style": "path"} if endpoint_url else None,
         user_agent_extra="s3backup",
     )
-    client = core.create_client(
-        "s3", region_name=region, endpoint_url=endpoint_url, config=config
-    )
+
+    def make_client(client_config: Config):
+        return core.create_client(
+            "s3", region_name=region, endpoint_url=endpoint_url, config=client_config
+        )
+
+    client = make_client(config)
     # After a failed direct request botocore makes one attempt fewer, so that each
     # request is tried `attempts` times in all; with one attempt, nothing goes direct.
     # That client is made only when first needed: a client takes ~45 ms to make.
@@ -454,12 +459,7 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
         retry_config = config.merge(
             Config(retries={"mode": "standard", "total_max_attempts": attempts - 1})
         )
-
-        def make_retry_client():
-            return core.create_client(
-                "s3", region_name=region, endpoint_url=endpoint_url, config=retry_config
-            )
-
+        make_retry_client = functools.partial(make_client, retry_config)
     verify = core.get_config_variable("ca_bundle") or True
     direct = DirectRequests(
         client,
