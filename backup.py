@@ -4,7 +4,9 @@ usage: python backup.py LOCAL BUCKET::PREFIX [options]
        python backup.py LOCAL s3://BUCKET/PREFIX [options]
 
 Each file becomes the object PREFIX/<path relative to LOCAL>, with its mtime
-and mode in user metadata. The bucket is created when it does not exist.
+and mode in user metadata. The bucket is created when it does not exist, with
+versioning on and a lifecycle rule that keeps replaced and deleted versions for
+--keep-days days (restore.py --at brings them back).
 """
 
 from __future__ import annotations
@@ -46,7 +48,9 @@ from s3common import (
     list_objects,
     listing_boundaries,
     parse_location,
+    positive_int,
     relative_key,
+    restore_point,
     run_cli,
     run_failure,
     run_in_parallel,
@@ -54,6 +58,10 @@ from s3common import (
 )
 
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
+# The one lifecycle rule of our own in a bucket: found and updated by this ID.
+HISTORY_RULE_ID = "s3backup-retention"
+DEFAULT_KEEP_DAYS = 30
+ABORT_INCOMPLETE_DAYS = 7
 
 
 @dataclass(frozen=True)
@@ -128,6 +136,31 @@ def plan_backup(
             and filters.includes(relative_key(prefix, key))
         )
     return BackupPlan(tuple(uploads), deletes, skipped)
+
+
+def history_rule(keep_days: int | None) -> dict:
+    """Our lifecycle rule: old versions expire after keep_days (None: no versioning,
+    only the abort), delete markers left with no version go, incomplete multipart
+    uploads are aborted."""
+    rule = {
+        "ID": HISTORY_RULE_ID,
+        "Filter": {"Prefix": ""},
+        "Status": "Enabled",
+        "AbortIncompleteMultipartUpload": {
+            "DaysAfterInitiation": ABORT_INCOMPLETE_DAYS
+        },
+    }
+    if keep_days is not None:
+        rule["NoncurrentVersionExpiration"] = {"NoncurrentDays": keep_days}
+        rule["Expiration"] = {"ExpiredObjectDeleteMarker": True}
+    return rule
+
+
+def merge_lifecycle_rules(existing: list[dict], rule: dict) -> list[dict]:
+    """The bucket's rules with `rule` in place of the one of the same ID, or added
+    at the end; every other rule exactly as it was (S3 replaces the whole set)."""
+    merged = [rule if other.get("ID") == rule["ID"] else other for other in existing]
+    return merged if rule in merged else [*merged, rule]
 
 
 def upload_args(file: LocalFile, extra: dict) -> dict:
@@ -233,15 +266,81 @@ def bucket_exists(client, bucket: str) -> bool:
     return False
 
 
+def describe_history(keep_days: int | None) -> str:
+    if keep_days is None:
+        return (
+            f"without versioning (lifecycle rule {HISTORY_RULE_ID}: incomplete "
+            f"uploads aborted after {ABORT_INCOMPLETE_DAYS} days)"
+        )
+    return (
+        f"with versioning (lifecycle rule {HISTORY_RULE_ID}: old versions kept "
+        f"{keep_days} days)"
+    )
+
+
+def bucket_versioning(client, bucket: str) -> str:
+    """GetBucketVersioning's status: "Enabled", "Suspended" or "" (never turned on)."""
+    return client.get_bucket_versioning(Bucket=bucket).get("Status", "")
+
+
+def set_up_history(client, bucket: str, keep_days: int | None, new: bool) -> None:
+    """Put our lifecycle rule beside the bucket's own, then turn versioning on
+    (unless keep_days is None): the rule first, so that no version is kept
+    with nothing to expire it."""
+    try:
+        rules, extra = [], {}
+        if not new:
+            rules, extra = lifecycle_configuration(client, bucket)
+        merged = merge_lifecycle_rules(rules, history_rule(keep_days))
+        if merged != rules:
+            client.put_bucket_lifecycle_configuration(
+                Bucket=bucket, LifecycleConfiguration={"Rules": merged}, **extra
+            )
+        if keep_days is not None and (
+            new or bucket_versioning(client, bucket) != "Enabled"
+        ):
+            client.put_bucket_versioning(
+                Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}
+            )
+    except botocore.exceptions.ClientError as exc:
+        raise run_failure(
+            f"cannot turn on history (versioning and lifecycle rule) for bucket {bucket}",
+            exc,
+        ) from None
+
+
+def lifecycle_configuration(client, bucket: str) -> tuple[list[dict], dict]:
+    """The bucket's lifecycle rules, and the other settings to send back with them."""
+    try:
+        answer = client.get_bucket_lifecycle_configuration(Bucket=bucket)
+    except botocore.exceptions.ClientError as exc:
+        if client_error_code(exc) == "NoSuchLifecycleConfiguration":
+            return [], {}
+        raise
+    extra = {}
+    if "TransitionDefaultMinimumObjectSize" in answer:
+        extra["TransitionDefaultMinimumObjectSize"] = answer[
+            "TransitionDefaultMinimumObjectSize"
+        ]
+    return answer.get("Rules", []), extra
+
+
 def create_bucket(
-    client, bucket: str, region: str, dry_run: bool, console: Console
+    client,
+    bucket: str,
+    region: str,
+    keep_days: int | None,
+    dry_run: bool,
+    console: Console,
 ) -> None:
-    """Create the missing bucket in `region` and wait until it exists."""
+    """Create the missing bucket in `region`, wait until it exists, and set up its
+    history (keep_days None: no versioning)."""
     problem = bucket_name_problem(bucket)
     if problem:
         raise usage_error(f"cannot create bucket {bucket!r}: {problem}")
+    history = describe_history(keep_days)
     if dry_run:
-        console.info(f"(dry run) create bucket s3://{bucket} in {region}")
+        console.info(f"(dry run) create bucket s3://{bucket} in {region} {history}")
         return
     # us-east-1 is the default location and refuses to be named as a constraint.
     location = (
@@ -257,7 +356,8 @@ def create_bucket(
     client.get_waiter("bucket_exists").wait(
         Bucket=bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
     )
-    console.info(f"created bucket s3://{bucket} in {region}")
+    set_up_history(client, bucket, keep_days, new=True)
+    console.info(f"created bucket s3://{bucket} in {region} {history}")
 
 
 def make_uploader(connection: Connection, bucket: str, extra: dict, console: Console):
@@ -328,6 +428,19 @@ def delete_objects(
     return failures
 
 
+def warn_if_unversioned(client, bucket: str, console: Console) -> None:
+    """Before --delete deletes anything: say so once if the bucket keeps no old versions."""
+    try:
+        status = bucket_versioning(client, bucket)
+    except botocore.exceptions.ClientError as exc:
+        status = f"unknown ({client_error_code(exc)})"
+    if status != "Enabled":
+        console.warning(
+            f"versioning of s3://{bucket} is {status or 'off'}: the objects --delete "
+            "removes cannot be recovered (backup.py --keep-days N turns it on)"
+        )
+
+
 # --- The command ----------------------------------------------------------------
 
 
@@ -351,6 +464,19 @@ def build_parser() -> ArgumentParser:
         dest="follow_symlinks",
         action="store_false",
         help="skip symbolic links instead of following them",
+    )
+    parser.add_argument(
+        "--keep-days",
+        type=positive_int,
+        metavar="N",
+        help="keep replaced and deleted versions N days (default "
+        f"{DEFAULT_KEEP_DAYS}, set when backup creates the bucket); given for an "
+        "existing bucket, turns its versioning on and sets this rule",
+    )
+    parser.add_argument(
+        "--no-versioning",
+        action="store_true",
+        help="create the bucket without versioning (no history to restore --at)",
     )
     parser.add_argument("--storage-class", choices=STORAGE_CLASSES, metavar="CLASS")
     parser.add_argument(
@@ -385,6 +511,10 @@ def run(args) -> int:
     is_folder = stat.S_ISDIR(local.st_mode)
     if args.delete and not is_folder:
         raise usage_error("--delete needs LOCAL to be a folder")
+    if args.keep_days is not None and args.no_versioning:
+        raise usage_error(
+            "--keep-days keeps old versions, which --no-versioning turns off: give one"
+        )
 
     connection = connect(args, pool_size=args.workers + PART_WORKERS)
     client = connection.client
@@ -431,10 +561,22 @@ def run(args) -> int:
             raise run_failure(f"cannot list {location.url()}", exc) from None
         if not is_folder:
             remote = {key: obj for key, obj in remote.items() if key == listing_prefix}
+        if args.keep_days is not None:
+            history = describe_history(args.keep_days)
+            if args.dry_run:
+                console.info(f"(dry run) set up s3://{location.bucket} {history}")
+            else:
+                set_up_history(client, location.bucket, args.keep_days, new=False)
+                console.info(f"set up s3://{location.bucket} {history}")
     else:
-        create_bucket(client, location.bucket, connection.region, args.dry_run, console)
+        keep_days = None if args.no_versioning else args.keep_days or DEFAULT_KEEP_DAYS
+        create_bucket(
+            client, location.bucket, connection.region, keep_days, args.dry_run, console
+        )
     plan = plan_backup(scan.files, remote, location.prefix, filters, args.delete)
     total_bytes = sum(upload.file.size for upload in plan.uploads)
+    if plan.deletes and args.keep_days is None:
+        warn_if_unversioned(client, location.bucket, console)
 
     if args.dry_run:
         for upload in plan.uploads:
@@ -485,6 +627,7 @@ def run(args) -> int:
         deleted=deleted,
         nbytes=total_bytes - failed_bytes,
         seconds=time.monotonic() - started,
+        restore_point=restore_point(connection.clock.latest, time.time()),
     )
     console.info(summary.line())
     return ExitCode.FAILURE if summary.failed else ExitCode.OK

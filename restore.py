@@ -5,11 +5,14 @@ usage: python restore.py BUCKET::PREFIX LOCAL [options]
 
 Every object under PREFIX/ is written to LOCAL/<key minus PREFIX/> through a
 temporary file renamed into place, with its recorded mtime and mode. A key
-that would land outside LOCAL is refused.
+that would land outside LOCAL is refused. With --at WHEN (a date, a date-time
+or an age such as 7d), each key comes back as it was at WHEN, from the
+bucket's object versions.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import stat
@@ -17,8 +20,9 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
@@ -26,6 +30,7 @@ import botocore.exceptions
 
 from s3common import (
     ARCHIVE_STORAGE_CLASSES,
+    LIST_PAGE,
     MULTIPART_THRESHOLD,
     PART_WORKERS,
     SMALL_OBJECT,
@@ -47,6 +52,7 @@ from s3common import (
     exit_script,
     failure_line,
     folder_prefix,
+    format_when,
     list_objects,
     parse_location,
     parse_mode,
@@ -79,6 +85,19 @@ class Download:
     size: int
     last_modified: float
     storage_class: str
+    version_id: str | None = None  # with --at: the version to fetch
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """One entry of a ListObjectVersions answer: a version, or a delete marker."""
+
+    key: str
+    version_id: str
+    last_modified: float  # seconds since the epoch
+    is_latest: bool
+    size: int | None  # None for a delete marker
+    storage_class: str = "STANDARD"
 
 
 @dataclass(frozen=True)
@@ -89,6 +108,72 @@ class RestorePlan:
 
 
 # --- Deciding: pure functions --------------------------------------------------
+
+_AGE = re.compile(r"(\d+)([smhdw])")
+_AGE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# The ISO 8601 forms every supported Python's fromisoformat reads alike.
+_ISO_WHEN = re.compile(
+    r"\d{4}-\d{2}-\d{2}"
+    r"([T ]\d{2}:\d{2}(:\d{2}(\.\d{3}|\.\d{6})?)?(Z|[+-]\d{2}:\d{2})?)?"
+)
+
+
+def parse_when(text: str, now: datetime, local_zone: tzinfo | None = None) -> datetime:
+    """The moment --at names, as an aware datetime: an ISO 8601 date or date-time
+    (with no zone, in `local_zone`, else the system's), or an age (36h, 7d) before `now`."""
+    age = _AGE.fullmatch(text)
+    try:
+        if age:
+            seconds = int(age[1]) * _AGE_SECONDS[age[2]]
+            return (now - timedelta(seconds=seconds)).replace(microsecond=0)
+        if _ISO_WHEN.fullmatch(text):
+            # Python 3.9 and 3.10 read no "Z" suffix in fromisoformat.
+            moment = datetime.fromisoformat(text.replace("Z", "+00:00"))  # noqa: FURB162
+            if moment.tzinfo is None:
+                if local_zone is None:
+                    moment = moment.astimezone()  # the system's zone, then
+                else:
+                    moment = moment.replace(tzinfo=local_zone)
+            return moment
+    except (ValueError, OverflowError, OSError):
+        pass
+    raise ValueError(
+        f"{text!r} is neither a date or date-time (2026-11-20, 2026-11-20T14:30, "
+        "2026-11-20 14:30:05+01:00, Z for UTC) nor an age (90s, 15m, 36h, 7d, 2w)"
+    )
+
+
+def objects_at(
+    versions: Iterable[ObjectVersion], when: float
+) -> dict[str, RemoteObject]:
+    """Each key's newest version whose LastModified is at or before `when`, keyed by
+    S3 key; a key whose newest entry by then is a delete marker is left out.
+
+    `versions` come as ListObjectVersions lists them: within the versions, and
+    within the delete markers, a key's newest first. Entries of one key may sit
+    on different pages, versions and markers apart: they are merged here by key.
+    """
+    newest: dict[str, tuple[tuple, ObjectVersion]] = {}
+    for order, version in enumerate(versions):
+        if version.last_modified > when:
+            continue
+        # Newest by LastModified; in the same second (S3 keeps whole seconds) the
+        # latest one, then a version before a delete marker (the listing does not
+        # say which of the two came first: restore rather than lose), then the
+        # listing's own order.
+        rank = (
+            version.last_modified,
+            version.is_latest,
+            version.size is not None,
+            -order,
+        )
+        if version.key not in newest or rank > newest[version.key][0]:
+            newest[version.key] = (rank, version)
+    return {
+        key: RemoteObject(key, v.size, v.last_modified, v.storage_class, v.version_id)
+        for key, (_, v) in newest.items()
+        if v.size is not None
+    }
 
 
 def path_for_key(relative: str, root: PurePath) -> PurePath:
@@ -173,7 +258,14 @@ def plan_restore(
             taken[name] = key
             obj = objects[key]
             downloads.append(
-                Download(key, path, obj.size, obj.last_modified, obj.storage_class)
+                Download(
+                    key,
+                    path,
+                    obj.size,
+                    obj.last_modified,
+                    obj.storage_class,
+                    obj.version_id,
+                )
             )
     return RestorePlan(tuple(downloads), tuple(refused), tuple(conflicts))
 
@@ -201,6 +293,12 @@ def is_restored(path: PurePath, size: int, mtime_ns: int) -> bool:
 # --- Doing: listing, folders and files -------------------------------------------
 
 
+def parent_prefix(prefix: str) -> str:
+    """The prefix folder that holds the object named `prefix`."""
+    parent = str(PurePosixPath(prefix).parent)
+    return "" if parent == "." else parent
+
+
 def find_objects(
     client, bucket: str, prefix: str
 ) -> tuple[dict[str, RemoteObject], str]:
@@ -223,8 +321,66 @@ def find_objects(
         head["LastModified"].timestamp(),
         head.get("StorageClass", "STANDARD"),
     )
-    parent = str(PurePosixPath(prefix).parent)
-    return {prefix: single}, "" if parent == "." else parent
+    return {prefix: single}, parent_prefix(prefix)
+
+
+def list_versions(
+    client, bucket: str, prefix: str, through: str | None = None
+) -> list[ObjectVersion]:
+    """Every version and delete marker under `prefix` (up to the key `through`, if
+    given), from ListObjectVersions pages.
+
+    botocore's paginator carries both NextKeyMarker and NextVersionIdMarker on as
+    KeyMarker and VersionIdMarker, and goes on while IsTruncated: a key with more
+    versions than a page, or a page that holds only delete markers, ends nothing.
+    """
+    pages = client.get_paginator("list_object_versions").paginate(
+        Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE}
+    )
+    versions = []
+    for page in pages:
+        for item in page.get("Versions", []):
+            versions.append(
+                ObjectVersion(
+                    item["Key"],
+                    item["VersionId"],
+                    item["LastModified"].timestamp(),
+                    item.get("IsLatest", False),
+                    item["Size"],
+                    item.get("StorageClass", "STANDARD"),
+                )
+            )
+        for item in page.get("DeleteMarkers", []):
+            versions.append(
+                ObjectVersion(
+                    item["Key"],
+                    item["VersionId"],
+                    item["LastModified"].timestamp(),
+                    item.get("IsLatest", False),
+                    None,
+                )
+            )
+        # Keys are listed in order: once past `through`, later pages hold none of it.
+        if through is not None and any(v.key > through for v in versions):
+            break
+    return versions
+
+
+def find_objects_at(
+    client, bucket: str, prefix: str, when: float
+) -> tuple[dict[str, RemoteObject], str]:
+    """find_objects as at `when`: each key's version at that moment."""
+    try:
+        objects = objects_at(list_versions(client, bucket, folder_prefix(prefix)), when)
+        if any(not key.endswith("/") for key in objects) or not prefix:
+            return objects, prefix
+        versions = list_versions(client, bucket, prefix, through=prefix)
+    except botocore.exceptions.ClientError as exc:
+        raise run_failure(
+            f"cannot list the versions of s3://{bucket}/{prefix}", exc
+        ) from None
+    single = objects_at((v for v in versions if v.key == prefix), when)
+    return single, parent_prefix(prefix)
 
 
 def probe_case_insensitive(folder: str) -> bool:
@@ -296,9 +452,12 @@ def make_restorer(
         mode = parse_mode(metadata.get("mode"))
         return default_mode if mode is None else mode
 
-    def fetch(key: str, via) -> FetchedObject:
+    def versioned(item: Download) -> dict:
+        return {"VersionId": item.version_id} if item.version_id else {}
+
+    def fetch(item: Download, via) -> FetchedObject:
         """GetObject through botocore, with the client `via`."""
-        response = via.get_object(Bucket=bucket, Key=key)
+        response = via.get_object(Bucket=bucket, Key=item.key, **versioned(item))
         return FetchedObject(
             response["Metadata"],
             response["LastModified"].timestamp(),
@@ -319,14 +478,20 @@ def make_restorer(
     def write_large(item: Download, path: str, manager) -> bool:
         """A HEAD for the metadata, then parallel ranged GETs, unless an earlier
         (interrupted) run already restored this very file whole."""
-        head = client.head_object(Bucket=bucket, Key=item.key)
+        head = client.head_object(Bucket=bucket, Key=item.key, **versioned(item))
         mtime_ns = restored_times(head["Metadata"], head["LastModified"].timestamp())
         if is_restored(path, item.size, mtime_ns):
             return False
 
         def fill(out: BinaryIO) -> None:
             subscribers = [ProgressSubscriber(console, size=item.size)]
-            manager.download(bucket, item.key, out, subscribers=subscribers).result()
+            manager.download(
+                bucket,
+                item.key,
+                out,
+                extra_args=versioned(item),
+                subscribers=subscribers,
+            ).result()
 
         write_atomically(path, fill, file_mode(head["Metadata"]), mtime_ns)
         return True
@@ -341,13 +506,14 @@ def make_restorer(
             and item.storage_class not in ARCHIVE_STORAGE_CLASSES
         ):
             try:
-                write_object(item, path, direct.get(bucket, item.key, CHUNK), cancel)
+                fetched = direct.get(bucket, item.key, CHUNK, item.version_id)
+                write_object(item, path, fetched, cancel)
             except DirectFailed as failure:
                 # botocore fetches it (again), with its retries and error messages.
                 via = direct.client_after(failure)
-                write_object(item, path, fetch(item.key, via), cancel)
+                write_object(item, path, fetch(item, via), cancel)
         elif item.size < MULTIPART_THRESHOLD:
-            write_object(item, path, fetch(item.key, client), cancel)
+            write_object(item, path, fetch(item, client), cancel)
         elif not write_large(item, path, manager):
             console.advance(files=1)
             console.detail(f"already restored: {path}")
@@ -379,8 +545,24 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "local", metavar="LOCAL", help="the folder to restore into (created if missing)"
     )
+    parser.add_argument(
+        "--at",
+        metavar="WHEN",
+        type=when_argument,
+        help="restore the prefix as it was at WHEN: a date or date-time "
+        "(2026-11-20, '2026-11-20 14:30', 2026-11-20T14:30:05Z; no zone means local "
+        "time) or an age (36h, 7d, 2w); needs a bucket with versioning",
+    )
     add_shared_options(parser)
     return parser
+
+
+def when_argument(text: str) -> datetime:
+    """--at's value, read at the moment the command line is."""
+    try:
+        return parse_when(text, datetime.now().astimezone())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args) -> int:
@@ -395,9 +577,16 @@ def run(args) -> int:
 
     connection = connect(args, pool_size=args.workers + PART_WORKERS)
     client = connection.client
-    objects, strip = find_objects(client, location.bucket, location.prefix)
+    at = None if args.at is None else format_when(args.at.timestamp())
+    if args.at is None:
+        objects, strip = find_objects(client, location.bucket, location.prefix)
+    else:
+        objects, strip = find_objects_at(
+            client, location.bucket, location.prefix, args.at.timestamp()
+        )
     if not any(not key.endswith("/") for key in objects):
-        raise CliError(f"nothing to restore: no objects under {location.url()}")
+        when = "" if at is None else f" at {at}"
+        raise CliError(f"nothing to restore: no objects under {location.url()}{when}")
 
     if args.dry_run:
         case_insensitive = sys.platform in ("darwin", "win32")
@@ -446,6 +635,7 @@ def run(args) -> int:
         failed=len(failures) + problems,
         nbytes=total_bytes - untouched_bytes,
         seconds=time.monotonic() - started,
+        at=at,
     )
     console.info(summary.line())
     return ExitCode.FAILURE if summary.failed else ExitCode.OK

@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import http.client
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -195,6 +196,7 @@ class RemoteObject:
     size: int
     last_modified: float  # seconds since the epoch
     storage_class: str = "STANDARD"
+    version_id: str | None = None  # a version picked by restore.py --at
 
 
 def list_objects(
@@ -413,11 +415,52 @@ def parse_timestamp(value: str) -> datetime:
         return botocore.utils.parse_timestamp(value)
 
 
+class ServerClock:
+    """The latest time the server's answers told (their Date headers, to the second)."""
+
+    def __init__(self):
+        self.latest: float | None = None  # seconds since the epoch
+        self._text = ""
+        self._lock = threading.Lock()
+
+    def saw(self, date: str | None) -> None:
+        # A Date header changes once a second: parse only a new one.
+        if not date or date == self._text:
+            return
+        try:
+            seconds = email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            return
+        with self._lock:
+            self._text = date
+            if self.latest is None or seconds > self.latest:
+                self.latest = seconds
+
+    def after_call(self, http_response, **kwargs) -> None:
+        """botocore's after-call event: every answer botocore has parsed."""
+        self.saw(http_response.headers.get("Date"))
+
+
+def format_when(seconds: float) -> str:
+    """A moment in UTC to the second, in a form restore.py --at reads: 2026-11-28T05:12:03Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def restore_point(server_time: float | None, now: float) -> str:
+    """The moment at which every object written before `server_time` (a Date header,
+    else the local `now`) is in place, whatever resolution the server keeps LastModified
+    to: a Date header is cut to the second, so the answer came before the next second."""
+    if server_time is None:
+        return format_when(math.ceil(now))
+    return format_when(server_time + 1)
+
+
 @dataclass(frozen=True)
 class Connection:
     client: object  # a botocore S3 client, shared by every thread
     region: str
     direct: DirectRequests  # the same client's small-object requests, sent directly
+    clock: ServerClock  # the time of the latest answer of either
 
 
 def connect(args: argparse.Namespace, pool_size: int) -> Connection:
@@ -445,10 +488,14 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
         user_agent_extra="s3backup",
     )
 
+    clock = ServerClock()
+
     def make_client(client_config: Config):
-        return core.create_client(
+        client = core.create_client(
             "s3", region_name=region, endpoint_url=endpoint_url, config=client_config
         )
+        client.meta.events.register("after-call.s3", clock.after_call)
+        return client
 
     client = make_client(config)
     # After a failed direct request botocore makes one attempt fewer, so that each
@@ -466,8 +513,9 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
         make_retry_client,
         credentials,
         botocore.httpsession.get_cert_path(verify),
+        clock,
     )
-    return Connection(client, region, direct)
+    return Connection(client, region, direct, clock)
 
 
 def create_transfer_manager(client):
@@ -525,9 +573,13 @@ class SigV4:
         headers: dict[str, str],
         payload: bytes,
         now: time.struct_time,
+        query: str = "",
     ) -> dict[str, str]:
         """The headers to send: `headers` and Host, X-Amz-Date, the payload's
-        SHA-256, the session token if any, and the Authorization."""
+        SHA-256, the session token if any, and the Authorization.
+
+        `query` is the URL's query string, already encoded and in sorted order
+        (as version_query writes it), which is then its canonical form."""
         timestamp = time.strftime("%Y%m%dT%H%M%SZ", now)
         signed = {
             name.lower(): " ".join(value.split()) for name, value in headers.items()
@@ -542,7 +594,7 @@ class SigV4:
             [
                 method,
                 path,
-                "",  # no query string
+                query,
                 *(f"{name}:{signed[name]}" for name in names),
                 "",
                 ";".join(names),
@@ -617,6 +669,11 @@ def key_path(key: str) -> str:
     return quote(key, safe="/~")
 
 
+def version_query(version_id: str | None) -> str:
+    """The query string of a request for one version of an object, as botocore writes it."""
+    return "" if version_id is None else f"versionId={quote(version_id, safe='-_.~')}"
+
+
 def crc32_header(crc: int) -> str:
     """A CRC32 as S3's x-amz-checksum-crc32 header writes it."""
     return base64.b64encode(crc.to_bytes(4, "big")).decode()
@@ -645,8 +702,10 @@ class DirectRequests:
         make_retry_client: Callable[[], object] | None,
         credentials,
         ca_bundle: str,
+        clock: ServerClock,
     ):
         self._client = client
+        self._clock = clock
         self._make_retry_client = make_retry_client
         self._retry_client = None
         self._making_retry_client = threading.Lock()
@@ -669,7 +728,7 @@ class DirectRequests:
         """Take the route of a request botocore has just completed over the network."""
         signing = context.get("signing", {})
         params = context.get("input_params", {})
-        key, url = params.get("Key") or "", http_response.url
+        key, (url, _, query) = params.get("Key") or "", http_response.url.partition("?")
         quoted = key_path(key)
         if (
             http_response.status_code == 200
@@ -679,7 +738,8 @@ class DirectRequests:
             and "request_credentials" not in signing
             and key
             and url.endswith("/" + quoted)
-            and "?" not in url
+            # No query string but the version asked for, written as ours is.
+            and query == version_query(params.get("VersionId"))
             and not urllib.request.getproxies().get(urlsplit(url).scheme)
             and self._route_changes < MAX_ROUTE_CHANGES
         ):
@@ -726,7 +786,14 @@ class DirectRequests:
             connection.close()
 
     def _send(
-        self, operation: str, bucket: str, key: str, method: str, body: bytes, headers
+        self,
+        operation: str,
+        bucket: str,
+        key: str,
+        method: str,
+        body: bytes,
+        headers,
+        query: str = "",
     ) -> tuple[http.client.HTTPResponse, tuple[str, str]]:
         """One signed request; its 200 response (a GET's body unread) and its origin."""
         route = self._routes.get((operation, bucket))
@@ -738,12 +805,14 @@ class DirectRequests:
         origin = route.origin
         credentials = self._credentials.get_frozen_credentials()
         headers = route.signer.sign(
-            credentials, method, route.host, path, headers, body, time.gmtime()
+            credentials, method, route.host, path, headers, body, time.gmtime(), query
         )
         headers["User-Agent"] = DIRECT_USER_AGENT
         try:
             connection = self._connection(origin)
-            connection.request(method, path, body, headers)
+            connection.request(
+                method, f"{path}?{query}" if query else path, body, headers
+            )
             response = connection.getresponse()
             if response.status != 200 or method != "GET":
                 response.read()
@@ -755,6 +824,7 @@ class DirectRequests:
             if stale and self._routes.pop((operation, bucket), None) is not None:
                 self._route_changes += 1
             raise DirectFailed(f"HTTP {response.status} {response.reason}")
+        self._clock.saw(response.getheader("Date"))
         return response, origin
 
     def put(self, bucket: str, key: str, data: bytes, args: dict) -> None:
@@ -771,10 +841,14 @@ class DirectRequests:
         headers["x-amz-checksum-crc32"] = crc32_header(zlib.crc32(data))
         self._send("PutObject", bucket, key, "PUT", data, headers)
 
-    def get(self, bucket: str, key: str, chunk_size: int) -> FetchedObject:
-        """GetObject: its metadata and its body in chunks."""
+    def get(
+        self, bucket: str, key: str, chunk_size: int, version_id: str | None = None
+    ) -> FetchedObject:
+        """GetObject (of one version, if given): its metadata and its body in chunks."""
         headers = {"x-amz-checksum-mode": "ENABLED"}
-        response, origin = self._send("GetObject", bucket, key, "GET", b"", headers)
+        response, origin = self._send(
+            "GetObject", bucket, key, "GET", b"", headers, version_query(version_id)
+        )
         metadata = {
             name.lower()[len("x-amz-meta-") :]: value
             for name, value in response.getheaders()
@@ -1040,12 +1114,16 @@ class Summary:
     deleted: int = 0
     nbytes: int = 0
     seconds: float = 0.0
+    restore_point: str | None = None  # backup: restore.py --at this brings the run back
+    at: str | None = None  # restore --at: the moment restored, in UTC
 
     def line(self) -> str:
         deleted = f", deleted {self.deleted}" if self.deleted else ""
+        at = f", as at {self.at}" if self.at else ""
+        point = f", restore point {self.restore_point}" if self.restore_point else ""
         return (
-            f"{self.verb} {self.transferred}, skipped {self.skipped}, failed {self.failed}"
-            f"{deleted}, {format_bytes(self.nbytes)} in {self.seconds:.1f} s"
+            f"{self.verb} {self.transferred}{at}, skipped {self.skipped}, failed {self.failed}"
+            f"{deleted}, {format_bytes(self.nbytes)} in {self.seconds:.1f} s{point}"
         )
 
 
