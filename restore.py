@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, tzinfo
+from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
@@ -109,6 +109,7 @@ class RestorePlan:
 
 # --- Deciding: pure functions --------------------------------------------------
 
+UTC = timezone.utc  # noqa: UP017 (datetime.UTC is Python 3.11+)
 _AGE = re.compile(r"(\d+)([smhdw])")
 _AGE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # The ISO 8601 forms every supported Python's fromisoformat reads alike.
@@ -119,7 +120,7 @@ _ISO_WHEN = re.compile(
 
 
 def parse_when(text: str, now: datetime, local_zone: tzinfo | None = None) -> datetime:
-    """The moment --at names, as an aware datetime: an ISO 8601 date or date-time
+    """The moment --at names, in UTC: an ISO 8601 date or date-time
     (with no zone, in `local_zone`, else the system's), or an age (36h, 7d) before `now`."""
     age = _AGE.fullmatch(text)
     try:
@@ -134,7 +135,7 @@ def parse_when(text: str, now: datetime, local_zone: tzinfo | None = None) -> da
                     moment = moment.astimezone()  # the system's zone, then
                 else:
                     moment = moment.replace(tzinfo=local_zone)
-            return moment
+            return moment.astimezone(UTC)
     except (ValueError, OverflowError, OSError):
         pass
     raise ValueError(

@@ -738,8 +738,8 @@ class DirectRequests:
             and "request_credentials" not in signing
             and key
             and url.endswith("/" + quoted)
-            # No query string but the version asked for, written as ours is.
-            and query == version_query(params.get("VersionId"))
+            # No query string, or only the version asked for (as version_query writes it).
+            and (not query or re.fullmatch(r"versionId=[^&]+", query))
             and not urllib.request.getproxies().get(urlsplit(url).scheme)
             and self._route_changes < MAX_ROUTE_CHANGES
         ):

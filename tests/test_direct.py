@@ -19,13 +19,21 @@ import botocore.auth
 import pytest
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
+from botocore.utils import percent_encode_sequence
 from conftest import make_tree, run_script
 from faultproxy import FaultProxy, TlsPassThrough
 from test_e2e import AWKWARD_TREE, snapshot
+from test_history import restore_point_in, wait_after
 
 import backup
 import restore
-from s3common import MAX_ROUTE_CHANGES, SigV4, crc32_header, host_header
+from s3common import (
+    MAX_ROUTE_CHANGES,
+    SigV4,
+    crc32_header,
+    host_header,
+    version_query,
+)
 
 
 @pytest.fixture
@@ -46,11 +54,26 @@ def object_requests(proxy: FaultProxy, method: str) -> list[bool]:
 
 
 @pytest.mark.parametrize(
-    "method, base_url, region, key, headers, body, token",
+    "method, base_url, region, key, headers, body, token, version_id",
     [
         (
             "GET", "http://127.0.0.1:5000/bucket/", "us-east-1",
             "backup/d00/f000001.bin", {"x-amz-checksum-mode": "ENABLED"}, b"", None,
+            None,
+        ),
+        (
+            "GET", "http://127.0.0.1:5000/bucket/", "us-east-1",
+            "backup/d00/f000001.bin", {"x-amz-checksum-mode": "ENABLED"}, b"", None,
+            "3HL4kqtJlcpXroDTDmJ+rmSpXd3dIbrHY+MTRCxf3vjVBH40Nr8X8gdRQBpUMLUo",
+        ),
+        (
+            "GET", "https://my-bucket.s3.eu-west-1.amazonaws.com/", "eu-west-1",
+            "ünïcödé/naïve café.txt", {"x-amz-checksum-mode": "ENABLED"}, b"",
+            "a-session-token", "null",
+        ),
+        (
+            "GET", "http://127.0.0.1:5000/b/", "us-east-1", "k", {}, b"", None,
+            "a/b=c&d?e f~g_h.i-j%k",
         ),
         (
             "PUT", "https://my-bucket.s3.eu-west-1.amazonaws.com/", "eu-west-1",
@@ -65,35 +88,38 @@ def object_requests(proxy: FaultProxy, method: str) -> list[bool]:
                 "x-amz-sdk-checksum-algorithm": "CRC32",
                 "x-amz-checksum-crc32": "NhCmhg==",
             },
-            b"hello", "a-session-token",
+            b"hello", "a-session-token", None,
         ),
         (
             "PUT", "http://[::1]:9000/b/", "ap-south-1",
             "chars/+plus%percent#hash?question&amp=equals  ~.txt",
-            {"Content-Type": "text/plain;  charset=utf-8 "}, b"", None,
+            {"Content-Type": "text/plain;  charset=utf-8 "}, b"", None, None,
         ),
         (
             "GET", "https://S3.Example.COM:443/bucket/", "us-west-2", "a b/c",
-            {}, b"", "token",
+            {}, b"", "token", None,
         ),
     ],
 )  # fmt: skip
 def test_sigv4_signs_exactly_as_botocore_does(
-    monkeypatch, method, base_url, region, key, headers, body, token
+    monkeypatch, method, base_url, region, key, headers, body, token, version_id
 ):
     now = datetime(2026, 11, 23, 11, 33, 48)  # UTC, without a zone as botocore has it
     monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: now)
     credentials = Credentials(
         "AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token
     )
-    url = base_url + quote(key, safe="/~")
+    # botocore's own serialization of GetObject's VersionId into the URL.
+    query = percent_encode_sequence({"versionId": version_id}) if version_id else ""
+    assert query == version_query(version_id)
+    url = base_url + quote(key, safe="/~") + (f"?{query}" if query else "")
     request = AWSRequest(method, url, data=body, headers=headers)
     botocore.auth.S3SigV4Auth(credentials, "s3", region).add_auth(request)
 
     parts = urlsplit(url)
     ours = SigV4(region, "s3").sign(
         credentials, method, host_header(parts), parts.path, headers, body,
-        time.gmtime(calendar.timegm(now.timetuple())),
+        time.gmtime(calendar.timegm(now.timetuple())), parts.query,
     )  # fmt: skip
     assert ours["authorization"] == request.headers["Authorization"]
     assert ours["x-amz-date"] == request.headers["X-Amz-Date"]
@@ -254,3 +280,35 @@ def test_under_an_in_process_mock_nothing_goes_to_the_network(
         for path in target.rglob("*")
         if path.is_file()
     } == files
+
+
+def test_versioned_gets_of_restore_at_go_direct_with_the_version_signed(
+    start_proxy, moto_server, cli_env, small_tree, tmp_path, bucket_name
+):
+    location = f"{bucket_name}::p"
+    result = run_script(
+        "backup.py", str(small_tree), location, "--endpoint-url", moto_server,
+        env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    point = restore_point_in(result.stdout)
+    wait_after(point)
+    (small_tree / "plain.txt").write_bytes(b"changed later")
+    result = run_script(
+        "backup.py", str(small_tree), location, "--endpoint-url", moto_server,
+        env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+    proxy = start_proxy()
+    target = tmp_path / "restored"
+    result = run_script(
+        "restore.py", location, str(target), "--endpoint-url", proxy.url,
+        "--workers", "1", "--at", point, env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    # plain.txt is not the first: its old bytes came direct, by version.
+    assert object_requests(proxy, "GET") == [False] + [True] * (len(AWKWARD_TREE) - 1)
+    restored = snapshot(target)
+    assert restored["plain.txt"][0] == AWKWARD_TREE["plain.txt"]
+    assert {name: data for name, (data, _, _) in restored.items()} == AWKWARD_TREE

@@ -1,0 +1,721 @@
+"""History: versioned buckets, the lifecycle rule, restore points and restore.py --at."""
+
+from __future__ import annotations
+
+import calendar
+import os
+import random
+import re
+import time
+from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+from conftest import make_tree, run_script, stub_error
+from test_e2e import snapshot
+
+import backup
+import restore
+from backup import (
+    HISTORY_RULE_ID,
+    history_rule,
+    merge_lifecycle_rules,
+)
+from restore import ObjectVersion, list_versions, objects_at, parse_when
+from s3common import RemoteObject, format_when
+from s3common import restore_point as restore_point_of
+
+MiB = 1024 * 1024
+UTC = timezone.utc  # noqa: UP017 (datetime.UTC is Python 3.11+)
+PARIS = ZoneInfo("Europe/Paris")
+NOW = datetime(2026, 11, 28, 5, 12, 3, 250_000, tzinfo=UTC)
+
+
+# --- WHEN ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # A date alone is its midnight, local time (Paris: +01:00 in winter).
+        ("2026-11-20", "2026-11-19T23:00:00+00:00"),
+        # ... and +02:00 in summer: the offset of that day, not of today.
+        ("2026-07-20", "2026-07-19T22:00:00+00:00"),
+        ("2026-11-20T14:30", "2026-11-20T13:30:00+00:00"),
+        ("2026-11-20 14:30:05", "2026-11-20T13:30:05+00:00"),
+        ("2026-11-20T14:30:05Z", "2026-11-20T14:30:05+00:00"),
+        ("2026-11-20T14:30Z", "2026-11-20T14:30:00+00:00"),
+        ("2026-11-20T14:30:05+01:00", "2026-11-20T13:30:05+00:00"),
+        ("2026-11-20 14:30-05:00", "2026-11-20T19:30:00+00:00"),
+        ("2026-11-20T14:30:05.250Z", "2026-11-20T14:30:05.250000+00:00"),
+        ("2026-11-20T14:30:05.123456+00:00", "2026-11-20T14:30:05.123456+00:00"),
+        # Ages count back from now, to the whole second.
+        ("90s", "2026-11-28T05:10:33+00:00"),
+        ("15m", "2026-11-28T04:57:03+00:00"),
+        ("36h", "2026-11-26T17:12:03+00:00"),
+        ("7d", "2026-11-21T05:12:03+00:00"),
+        ("2w", "2026-11-14T05:12:03+00:00"),
+        ("0s", "2026-11-28T05:12:03+00:00"),
+    ],
+)
+def test_parse_when_reads_dates_date_times_and_ages(text, expected):
+    moment = parse_when(text, NOW, PARIS)
+    assert moment.astimezone(UTC).isoformat() == expected
+
+
+def test_parse_when_without_a_zone_takes_the_systems_local_time(monkeypatch):
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        moment = parse_when("2026-11-20T09:00", NOW)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert moment.astimezone(UTC).isoformat() == "2026-11-20T14:00:00+00:00"
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "", " ", "yesterday", "now", "7", "7y", "-7d", "7 d", "7D", "1.5d", "d",
+        "2026-13-01", "2026-02-30", "2026-11-20T25:00", "2026-11-20T14:60",
+        "20261120", "2026-11-20T14", "2026-11-20Z", "2026-W47", "2026-11",
+        "2026-11-20T14:30:05.1Z", "2026-11-20T14:30+1", "2026-11-20T14:30 UTC",
+        " 2026-11-20", "36h ago", "99999999999999w",
+        "0001-01-01T00:00+01:00",  # a moment before year 1 in UTC
+    ],
+)  # fmt: skip
+def test_parse_when_refuses_anything_else(text):
+    with pytest.raises(ValueError, match="neither a date"):
+        parse_when(text, NOW, PARIS)
+
+
+def test_a_restore_point_is_read_back_by_parse_when_as_the_same_moment():
+    point = format_when(1_795_843_923.9)
+    assert point == "2026-11-28T05:32:03Z"
+    assert parse_when(point, NOW, PARIS).timestamp() == 1_795_843_923
+
+
+@pytest.mark.parametrize(
+    "server_time, now, expected",
+    [
+        # A Date header is cut to the second: the answer came before the next one.
+        (1_795_843_923.0, 1_795_843_900.0, "2026-11-28T05:32:04Z"),
+        # No Date header seen: the local clock, rounded up.
+        (None, 1_795_843_923.2, "2026-11-28T05:32:04Z"),
+        (None, 1_795_843_923.0, "2026-11-28T05:32:03Z"),
+    ],
+)
+def test_restore_point_is_after_every_answer_of_the_run(server_time, now, expected):
+    assert restore_point_of(server_time, now) == expected
+
+
+# --- The version at WHEN ----------------------------------------------------------
+
+
+def version(key, version_id, last_modified, size=1, latest=False, klass="STANDARD"):
+    return ObjectVersion(key, version_id, last_modified, latest, size, klass)
+
+
+def marker(key, version_id, last_modified, latest=False):
+    return ObjectVersion(key, version_id, last_modified, latest, None)
+
+
+# As two pages of ListObjectVersions give them: each page's versions, then its
+# delete markers; within each, a key's newest first.
+HISTORY = [
+    # page 1, versions
+    version("a", "a3", 300, size=3, latest=True),
+    version("a", "a2", 200, size=2),
+    version("b", "b2", 250, size=22),
+    # page 1, delete markers
+    marker("b", "bx2", 400, latest=True),
+    marker("b", "bx1", 150),
+    # page 2, versions: more of b, then c and d
+    version("b", "b1", 100, size=11),
+    version("c", "c1", 350, size=5, latest=True, klass="GLACIER"),
+    version("d", "d2", 200, size=42, latest=True),
+    version("d", "d1", 200, size=41),
+    # page 2, delete markers
+    marker("e", "ex", 100, latest=True),
+]
+
+
+@pytest.mark.parametrize(
+    "when, expected",
+    [
+        (50, {}),
+        (100, {"b": "b1"}),  # e: only a delete marker
+        (149.5, {"b": "b1"}),
+        (150, {}),  # b deleted at 150
+        (200, {"a": "a2", "d": "d2"}),  # d: two in one second, the listing's first
+        (250, {"a": "a2", "b": "b2", "d": "d2"}),  # b back after its delete marker
+        (300, {"a": "a3", "b": "b2", "d": "d2"}),
+        (399, {"a": "a3", "b": "b2", "c": "c1", "d": "d2"}),
+        (400, {"a": "a3", "c": "c1", "d": "d2"}),  # b deleted again
+        (10**10, {"a": "a3", "c": "c1", "d": "d2"}),
+    ],
+)
+def test_objects_at_picks_each_keys_newest_version_at_or_before_when(when, expected):
+    objects = objects_at(HISTORY, when)
+    assert {key: obj.version_id for key, obj in objects.items()} == expected
+
+
+def test_objects_at_keeps_the_versions_size_time_and_storage_class():
+    assert objects_at(HISTORY, 400)["c"] == RemoteObject("c", 5, 350, "GLACIER", "c1")
+
+
+def test_objects_at_does_not_depend_on_how_the_pages_split_a_key():
+    shuffled_pages = HISTORY[5:] + HISTORY[:5]  # versions of b before its newer ones
+    for when in (100, 250, 400):
+        # Only the order within the versions, and within the markers, carries meaning.
+        same_kind_order = [v for v in HISTORY if v.size] + [
+            v for v in HISTORY if not v.size
+        ]
+        assert objects_at(same_kind_order, when) == objects_at(HISTORY, when)
+    assert objects_at(shuffled_pages, 250)["b"].version_id == "b2"
+
+
+@pytest.mark.parametrize(
+    "entries, expected",
+    [
+        # In the same second, the one S3 marks latest wins, whatever its kind.
+        ([version("k", "v", 10), marker("k", "m", 10, latest=True)], None),
+        ([version("k", "v", 10, latest=True), marker("k", "m", 10)], "v"),
+        # Neither latest: the listing cannot tell their order; restore rather than lose.
+        ([marker("k", "m", 10), version("k", "v", 10)], "v"),
+        # An unversioned bucket: every object is its own only version, "null".
+        ([version("k", "null", 10, latest=True)], "null"),
+    ],
+)
+def test_objects_at_in_one_second(entries, expected):
+    picked = objects_at(entries, 10).get("k")
+    assert (picked and picked.version_id) == expected
+
+
+# --- Listing versions ---------------------------------------------------------------
+
+
+def listed(key, version_id, seconds, size=None, latest=False):
+    item = {
+        "Key": key,
+        "VersionId": version_id,
+        "IsLatest": latest,
+        "LastModified": datetime.fromtimestamp(seconds, UTC),
+    }
+    if size is not None:
+        item.update(Size=size, StorageClass="STANDARD", ETag='"x"')
+    return item
+
+
+def test_list_versions_follows_both_markers_through_pages_of_markers_only(aws_env):
+    client = boto3.client("s3", region_name="us-east-1")
+    base = {"Bucket": "bkt", "Prefix": "p/", "MaxKeys": 1000}
+    pages = [
+        # A page with nothing but delete markers, which must not end the listing.
+        (
+            {
+                "IsTruncated": True,
+                "NextKeyMarker": "p/a",
+                "NextVersionIdMarker": "m2",
+                "DeleteMarkers": [
+                    listed("p/a", "m1", 300, latest=True),
+                    listed("p/a", "m2", 200),
+                ],
+            },
+            base,
+        ),
+        # The same key goes on: only the version id marker tells where.
+        (
+            {
+                "IsTruncated": True,
+                "NextKeyMarker": "p/a",
+                "NextVersionIdMarker": "v1",
+                "Versions": [listed("p/a", "v1", 100, size=1)],
+            },
+            {**base, "KeyMarker": "p/a", "VersionIdMarker": "m2"},
+        ),
+        (
+            {
+                "IsTruncated": False,
+                "Versions": [listed("p/b", "w1", 100, size=2, latest=True)],
+            },
+            {**base, "KeyMarker": "p/a", "VersionIdMarker": "v1"},
+        ),
+    ]
+    with Stubber(client) as stubber:
+        for response, params in pages:
+            stubber.add_response("list_object_versions", response, params)
+        versions = list_versions(client, "bkt", "p/")
+        stubber.assert_no_pending_responses()
+    assert [(v.key, v.version_id, v.size) for v in versions] == [
+        ("p/a", "m1", None),
+        ("p/a", "m2", None),
+        ("p/a", "v1", 1),
+        ("p/b", "w1", 2),
+    ]
+    assert {key: o.version_id for key, o in objects_at(versions, 150).items()} == {
+        "p/a": "v1",
+        "p/b": "w1",
+    }
+
+
+def test_list_versions_of_one_key_stops_once_past_it(aws_env):
+    client = boto3.client("s3", region_name="us-east-1")
+    with Stubber(client) as stubber:
+        stubber.add_response(
+            "list_object_versions",
+            {
+                "IsTruncated": True,
+                "NextKeyMarker": "p0",
+                "NextVersionIdMarker": "z",
+                "Versions": [
+                    listed("p", "v1", 100, size=1, latest=True),
+                    listed("p.txt", "x", 100, size=1, latest=True),
+                ],
+            },
+            {"Bucket": "bkt", "Prefix": "p", "MaxKeys": 1000},
+        )
+        versions = list_versions(client, "bkt", "p", through="p")
+        stubber.assert_no_pending_responses()
+    assert [v.key for v in versions] == ["p", "p.txt"]
+
+
+# --- Lifecycle rules --------------------------------------------------------------
+
+THEIRS = {
+    "ID": "logs-to-glacier",
+    "Filter": {"Prefix": "logs/"},
+    "Status": "Enabled",
+    "Transitions": [{"Days": 90, "StorageClass": "GLACIER"}],
+}
+UNNAMED = {
+    "Filter": {"Prefix": "tmp/"},
+    "Status": "Disabled",
+    "Expiration": {"Days": 1},
+}
+OURS_OLD = {**history_rule(7), "Status": "Disabled"}
+
+
+@pytest.mark.parametrize(
+    "existing, expected",
+    [
+        ([], [history_rule(30)]),
+        ([THEIRS], [THEIRS, history_rule(30)]),
+        ([THEIRS, UNNAMED], [THEIRS, UNNAMED, history_rule(30)]),
+        # Ours is replaced where it stands; the others stay as they were.
+        ([OURS_OLD, THEIRS], [history_rule(30), THEIRS]),
+        ([THEIRS, OURS_OLD, UNNAMED], [THEIRS, history_rule(30), UNNAMED]),
+        ([history_rule(30)], [history_rule(30)]),
+    ],
+)
+def test_merge_lifecycle_rules_adds_or_replaces_ours_only(existing, expected):
+    assert merge_lifecycle_rules(existing, history_rule(30)) == expected
+
+
+def test_history_rule_expires_old_versions_cleans_markers_and_aborts_uploads():
+    assert history_rule(30) == {
+        "ID": HISTORY_RULE_ID,
+        "Filter": {"Prefix": ""},
+        "Status": "Enabled",
+        "NoncurrentVersionExpiration": {"NoncurrentDays": 30},
+        "Expiration": {"ExpiredObjectDeleteMarker": True},
+        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 7},
+    }
+    assert history_rule(None) == {
+        "ID": HISTORY_RULE_ID,
+        "Filter": {"Prefix": ""},
+        "Status": "Enabled",
+        "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 7},
+    }
+
+
+# --- Buckets: in-process moto ---------------------------------------------------------
+
+
+def lifecycle_rules(client, bucket):
+    return client.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+
+
+def versioning(client, bucket):
+    return client.get_bucket_versioning(Bucket=bucket).get("Status")
+
+
+@pytest.fixture
+def source(tmp_path):
+    return make_tree(tmp_path / "src", {"a.txt": b"a", "sub/b.txt": b"bb"})
+
+
+@pytest.mark.parametrize(
+    "options, status, rule",
+    [
+        ([], "Enabled", history_rule(30)),
+        (["--keep-days", "7"], "Enabled", history_rule(7)),
+        (["--no-versioning"], None, history_rule(None)),
+    ],
+)
+def test_a_created_bucket_gets_versioning_and_our_rule(
+    s3, source, capsys, options, status, rule
+):
+    assert backup.main([str(source), "new-bucket::p", *options]) == 0
+    assert versioning(s3, "new-bucket") == status
+    assert lifecycle_rules(s3, "new-bucket") == [rule]
+    assert "s3backup-retention" in capsys.readouterr().out
+
+
+def test_an_existing_bucket_is_left_as_it_is_without_keep_days(s3, source):
+    s3.create_bucket(Bucket="theirs")
+    assert backup.main([str(source), "theirs::p", "-q"]) == 0
+    assert versioning(s3, "theirs") is None
+    with pytest.raises(s3.exceptions.ClientError, match="NoSuchLifecycle"):
+        s3.get_bucket_lifecycle_configuration(Bucket="theirs")
+
+
+def test_keep_days_on_an_existing_bucket_keeps_its_own_rules_exactly(s3, source):
+    s3.create_bucket(Bucket="theirs")
+    s3.put_bucket_lifecycle_configuration(
+        Bucket="theirs", LifecycleConfiguration={"Rules": [THEIRS]}
+    )
+    before = lifecycle_rules(s3, "theirs")
+
+    assert backup.main([str(source), "theirs::p", "--keep-days", "10", "-q"]) == 0
+    assert versioning(s3, "theirs") == "Enabled"
+    assert lifecycle_rules(s3, "theirs") == [*before, history_rule(10)]
+
+    # Given again, ours is updated in place.
+    assert backup.main([str(source), "theirs::p", "--keep-days", "20", "-q"]) == 0
+    assert lifecycle_rules(s3, "theirs") == [*before, history_rule(20)]
+
+
+def test_keep_days_turns_suspended_versioning_back_on(s3, source):
+    s3.create_bucket(Bucket="paused")
+    s3.put_bucket_versioning(
+        Bucket="paused", VersioningConfiguration={"Status": "Suspended"}
+    )
+    assert backup.main([str(source), "paused::p", "--keep-days", "3", "-q"]) == 0
+    assert versioning(s3, "paused") == "Enabled"
+    assert lifecycle_rules(s3, "paused") == [history_rule(3)]
+
+
+def test_dry_run_changes_no_bucket(s3, source, capsys):
+    s3.create_bucket(Bucket="theirs")
+    assert backup.main([str(source), "theirs::p", "--keep-days", "5", "--dry-run"]) == 0
+    assert backup.main([str(source), "not-yet::p", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "(dry run) set up s3://theirs with versioning" in out
+    assert "(dry run) create bucket s3://not-yet in us-east-1 with versioning" in out
+    assert versioning(s3, "theirs") is None
+    assert "not-yet" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+    assert "Contents" not in s3.list_objects_v2(Bucket="theirs")
+
+
+@pytest.mark.parametrize(
+    "operation", ["PutBucketLifecycleConfiguration", "PutBucketVersioning"]
+)
+def test_refused_history_set_up_is_one_line_exit_1_nothing_uploaded(
+    s3, source, monkeypatch, capsys, operation
+):
+    s3.create_bucket(Bucket="locked")
+    stub_error(monkeypatch, operation, "AccessDenied", 403)
+    assert backup.main([str(source), "locked::p", "--keep-days", "5"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        (
+            "backup.py: error: cannot turn on history (versioning and lifecycle rule) "
+            "for bucket locked: access denied: check that these credentials may use "
+            "the bucket"
+        )
+    ]
+    assert "Contents" not in s3.list_objects_v2(Bucket="locked")
+
+
+def test_keep_days_and_no_versioning_together_is_a_usage_error(s3, source, capsys):
+    assert (
+        backup.main([str(source), "b-x::p", "--keep-days", "5", "--no-versioning"]) == 2
+    )
+    assert "--no-versioning" in capsys.readouterr().err
+    assert s3.list_buckets()["Buckets"] == []
+
+
+@pytest.mark.parametrize("days", ["0", "-1", "x", "1.5"])
+def test_keep_days_must_be_a_whole_number_of_days(s3, source, capsys, days):
+    assert backup.main([str(source), "b-x::p", "--keep-days", days]) == 2
+    assert "--keep-days" in capsys.readouterr().err
+
+
+def test_delete_on_an_unversioned_bucket_warns_once_before_deleting(
+    s3, tmp_path, capsys
+):
+    s3.create_bucket(Bucket="plain")
+    for name in ("gone1.txt", "gone2.txt", "kept.txt"):
+        s3.put_object(Bucket="plain", Key=f"p/{name}", Body=b"x")
+    source = make_tree(tmp_path / "src", {"kept.txt": b"x"})
+    assert backup.main([str(source), "plain::p", "--delete", "-q"]) == 0
+    warnings = capsys.readouterr().err.strip().splitlines()
+    assert warnings == [
+        (
+            "warning: versioning of s3://plain is off: the objects --delete removes "
+            "cannot be recovered (backup.py --keep-days N turns it on)"
+        )
+    ]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="plain")["Contents"]]
+    assert keys == ["p/kept.txt"]
+
+
+def test_delete_on_a_versioned_bucket_does_not_warn(s3, tmp_path, capsys):
+    source = make_tree(tmp_path / "src", {"a.txt": b"a", "b.txt": b"b"})
+    assert backup.main([str(source), "kept-history::p", "-q"]) == 0
+    os.remove(source / "b.txt")
+    assert backup.main([str(source), "kept-history::p", "--delete", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_the_summary_names_a_restore_point_that_at_reads(s3, source, capsys):
+    assert backup.main([str(source), "points::p"]) == 0
+    summary = capsys.readouterr().out.strip().splitlines()[-1]
+    point = re.search(r"restore point (\S+)$", summary)[1]
+    moment = parse_when(point, datetime.now(UTC)).timestamp()
+    for item in s3.list_object_versions(Bucket="points")["Versions"]:
+        assert item["LastModified"].timestamp() <= moment
+    assert moment <= time.time() + 1
+
+
+@pytest.mark.parametrize("when", ["yesterday", "7y", "2026-02-30", ""])
+def test_a_bad_when_is_exit_2_before_any_request_or_write(
+    s3, tmp_path, monkeypatch, capsys, when
+):
+    stub_error(monkeypatch, "ListObjectVersions", "ShouldNotBeCalled", 500)
+    target = tmp_path / "never"
+    assert restore.main(["any-bucket::p", str(target), "--at", when]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--at" in err[0] and "neither a date" in err[0]
+    assert not target.exists()
+
+
+# --- End to end, on moto's server -------------------------------------------------------
+
+
+def restore_point_in(output: str) -> str:
+    return re.search(r"restore point (\S+)\n", output)[1]
+
+
+def seconds_of(point: str) -> int:
+    return calendar.timegm(time.strptime(point, "%Y-%m-%dT%H:%M:%SZ"))
+
+
+def wait_after(point: str) -> None:
+    """Sleep until what is written now has a LastModified (whole seconds) after point."""
+    time.sleep(max(0.0, seconds_of(point) + 1 - time.time()))
+
+
+def moment_now() -> str:
+    """A moment after everything written so far; wait_after it before writing more."""
+    return format_when(int(time.time()) + 1)
+
+
+@pytest.fixture
+def history_env(moto_server, cli_env):
+    def run(script, *args):
+        return run_script(script, *args, "--endpoint-url", moto_server, env=cli_env)
+
+    return run
+
+
+def write(root, relative, data: bytes, mtime: int, mode: int = 0o644):
+    path = root / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, mode)
+    os.utime(path, ns=(mtime * 10**9 + 123_456_789,) * 2)
+
+
+def test_three_runs_come_back_each_as_it_was_byte_for_byte_with_mtimes(
+    history_env, tmp_path, bucket_name
+):
+    src = tmp_path / "src"
+    location = f"{bucket_name}::home"
+    write(src, "notes.txt", b"first notes", 1_700_000_000)
+    write(src, "docs/report.txt", b"report v1", 1_700_000_100, 0o600)
+    write(src, "docs/old.txt", b"to be deleted", 1_700_000_200)
+    write(src, "big.bin", random.Random(1).randbytes(9 * MiB + 1), 1_700_000_300)
+    before_any = moment_now()
+    wait_after(before_any)
+
+    states, points = [], []
+    for step in range(3):
+        if step == 1:  # edit, delete, add
+            write(src, "notes.txt", b"second notes, longer", 1_700_000_400)
+            os.remove(src / "docs" / "old.txt")
+            write(src, "docs/new.txt", b"new in run two", 1_700_000_500, 0o640)
+            write(
+                src, "big.bin", random.Random(2).randbytes(9 * MiB + 2), 1_700_000_600
+            )
+        if step == 2:  # edit again
+            write(src, "docs/report.txt", b"report v3!", 1_700_000_700, 0o600)
+        result = history_env("backup.py", str(src), location, "--delete")
+        assert result.returncode == 0, result.stderr
+        states.append(snapshot(src))
+        points.append(restore_point_in(result.stdout))
+        wait_after(points[-1])
+
+    assert len(set(points)) == 3
+    for step, point in enumerate(points):
+        target = tmp_path / f"at-{step}"
+        result = history_env("restore.py", location, str(target), "--at", point)
+        assert result.returncode == 0, result.stderr
+        assert f"as at {point}" in result.stdout
+        assert snapshot(target) == states[step], step
+
+    # One deleted file, alone, as it was before it was deleted.
+    target = tmp_path / "one"
+    result = history_env(
+        "restore.py", f"{location}/docs/old.txt", str(target), "--at", points[0]
+    )
+    assert result.returncode == 0, result.stderr
+    assert snapshot(target) == {"old.txt": states[0]["docs/old.txt"]}
+
+    # Restoring an older moment over a newer tree brings back the old bytes.
+    target = tmp_path / "at-2"
+    result = history_env("restore.py", location, str(target), "--at", points[0])
+    assert result.returncode == 0, result.stderr
+    restored = snapshot(target)
+    assert {k: restored[k] for k in states[0]} == states[0]
+    assert restored["docs/new.txt"] == states[2]["docs/new.txt"]  # left alone
+
+    result = history_env(
+        "restore.py", location, str(tmp_path / "x"), "--at", before_any
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"restore.py: error: nothing to restore: no objects under "
+        f"s3://{bucket_name}/home at {before_any}"
+    )
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_key_with_more_versions_than_a_page(
+    history_env, server_client, tmp_path, bucket_name
+):
+    src = make_tree(tmp_path / "src", {"many.txt": b"the first", "other.txt": b"o"})
+    os.utime(src / "many.txt", ns=(1_600_000_000_000_000_000,) * 2)
+    result = history_env("backup.py", str(src), f"{bucket_name}::p")
+    assert result.returncode == 0, result.stderr
+    first = restore_point_in(result.stdout)
+    wait_after(first)
+    for n in range(1001):
+        server_client.put_object(Bucket=bucket_name, Key="p/many.txt", Body=b"v%d" % n)
+    after_puts = moment_now()
+    wait_after(after_puts)
+    # Then more delete markers than a page: the first page holds nothing else.
+    for _ in range(1001):
+        server_client.delete_object(Bucket=bucket_name, Key="p/many.txt")
+
+    def restored_at(when):
+        target = tmp_path / f"at-{when}"
+        result = history_env(
+            "restore.py", f"{bucket_name}::p", str(target), "--at", when
+        )
+        assert result.returncode == 0, result.stderr
+        return {p.name: p.read_bytes() for p in target.iterdir()}, target
+
+    files, target = restored_at(first)
+    assert files == {"many.txt": b"the first", "other.txt": b"o"}
+    assert os.stat(target / "many.txt").st_mtime_ns == 1_600_000_000_000_000_000
+    assert restored_at(after_puts)[0] == {"many.txt": b"v1000", "other.txt": b"o"}
+    assert restored_at("0s")[0] == {"other.txt": b"o"}
+
+
+def test_a_prefix_whose_objects_were_all_deleted(
+    history_env, server_client, tmp_path, bucket_name
+):
+    files = {f"d{n % 3}/f{n}.txt": b"file %d" % n for n in range(12)}
+    src = make_tree(tmp_path / "src", files)
+    location = f"{bucket_name}::gone"
+    result = history_env("backup.py", str(src), location)
+    assert result.returncode == 0, result.stderr
+    point = restore_point_in(result.stdout)
+    wait_after(point)
+    # As `aws s3 rm --recursive` would.
+    server_client.delete_objects(
+        Bucket=bucket_name,
+        Delete={"Objects": [{"Key": f"gone/{relative}"} for relative in files]},
+    )
+
+    result = history_env("restore.py", location, str(tmp_path / "now"))
+    assert result.returncode == 1
+    assert "nothing to restore" in result.stderr
+
+    target = tmp_path / "back"
+    result = history_env("restore.py", location, str(target), "--at", point)
+    assert result.returncode == 0, result.stderr
+    assert snapshot(target) == snapshot(src)
+
+    result = history_env("restore.py", location, str(tmp_path / "later"), "--at", "0s")
+    assert result.returncode == 1
+    assert "nothing to restore: no objects under" in result.stderr
+    assert not (tmp_path / "later").exists()
+
+
+def test_at_works_on_a_bucket_without_versioning_with_filters_and_dry_run(
+    history_env, tmp_path, bucket_name
+):
+    src = make_tree(tmp_path / "src", {"a.txt": b"a", "b.log": b"b", "c/d.txt": b"d"})
+    location = f"{bucket_name}::p"
+    result = history_env("backup.py", str(src), location, "--no-versioning")
+    assert result.returncode == 0, result.stderr
+    point = restore_point_in(result.stdout)
+
+    target = tmp_path / "dry"
+    result = history_env(
+        "restore.py",
+        location,
+        str(target),
+        "--at",
+        point,
+        "--dry-run",
+        "--exclude",
+        "*.log",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "would restore 2" in result.stdout
+    assert not target.exists()
+
+    target = tmp_path / "real"
+    result = history_env(
+        "restore.py", location, str(target), "--at", point, "--exclude", "*.log"
+    )
+    assert result.returncode == 0, result.stderr
+    assert snapshot(target) == {
+        k: v for k, v in snapshot(src).items() if not k.endswith(".log")
+    }
+
+
+def test_at_refuses_unsafe_keys_of_an_old_version(s3, tmp_path, capsys):
+    s3.create_bucket(Bucket="hostile")
+    s3.put_bucket_versioning(
+        Bucket="hostile", VersioningConfiguration={"Status": "Enabled"}
+    )
+    s3.put_object(Bucket="hostile", Key="p/ok.txt", Body=b"ok")
+    s3.put_object(Bucket="hostile", Key="p/../evil.txt", Body=b"x")
+    point = moment_now()
+    wait_after(point)
+    s3.delete_object(Bucket="hostile", Key="p/../evil.txt")
+    target = tmp_path / "t"
+    assert restore.main(["hostile::p", str(target), "--at", point]) == 1
+    assert "s3://hostile/p/../evil.txt: refused" in capsys.readouterr().err
+    assert {p.name for p in target.iterdir()} == {"ok.txt"}
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_restore_point_with_an_age(history_env, tmp_path, bucket_name):
+    src = make_tree(tmp_path / "src", {"a.txt": b"a"})
+    result = history_env("backup.py", str(src), f"{bucket_name}::p")
+    assert result.returncode == 0, result.stderr
+    target = tmp_path / "t"
+    result = history_env("restore.py", f"{bucket_name}::p", str(target), "--at", "1h")
+    assert result.returncode == 1
+    at = re.search(r"at (\S+)$", result.stderr.strip())[1]
+    expected = datetime.now(UTC) - timedelta(hours=1)
+    assert abs(seconds_of(at) - expected.timestamp()) < 60
