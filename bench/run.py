@@ -15,6 +15,8 @@ files/s or MiB/s, peak RSS, client CPU, and the ratio to `aws s3 sync`.
   W1  5,000 files of 4 KiB in 100 folders, upload    W4  no-change re-run of W1
   W2  200 files of 1 MiB, upload                     W5  restore of W1 into an empty folder
   W3  2 files of 256 MiB, upload                     W6  restore of W3
+  W7  restore.py --at a moment when each key of W1 has three versions (moto only:
+      s3rver keeps no versions), beside W5 on the same server; asked for by name
 
 s3rver@3.7.1 is installed into bench/node_modules and awscli into bench/awscli-venv
 on first use; rclone is measured when its binary is on PATH. --scaling adds
@@ -55,6 +57,8 @@ ACCESS_KEY = "S3RVER"
 # A fixed past mtime: every tool then sees the local files as older than the objects.
 FIXED_MTIME = 1_700_000_000
 WORKLOADS = ("W1", "W4", "W5", "W2", "W3", "W6")
+# Run only when named: it needs a server that keeps versions.
+HISTORY_WORKLOAD = "W7"
 SCALING_SIZES = (1_000, 10_000, 50_000)
 
 
@@ -80,7 +84,7 @@ def shape_of(workload: str, quick: bool) -> TreeShape:
         "W2": TreeShape(20, MiB, 1),
         "W3": TreeShape(2, 24 * MiB, 1),
     }
-    source = {"W4": "W1", "W5": "W1", "W6": "W3"}.get(workload, workload)
+    source = {"W4": "W1", "W5": "W1", "W6": "W3", "W7": "W1"}.get(workload, workload)
     return (quick_shapes if quick else small)[source]
 
 
@@ -645,6 +649,54 @@ def restore_rows(ctx: Context, workload: str, source_workload: str) -> list[Row]
     return list(rows.values())
 
 
+def history_rows(ctx: Context) -> list[Row]:
+    """restore.py --at a moment when every key of W1 has three versions: W1's bytes
+    between two other versions of each file (one byte shorter, one longer, so that
+    each run uploads every file), each uploaded by backup.py into a versioned bucket."""
+    source = ctx.tree("W1")
+    shape = shape_of("W1", ctx.quick)
+    ours_tool = next(tool for tool in ctx.tools if tool.name == "backup.py")
+    bucket = ctx.bucket("W7")
+    ctx.client.put_bucket_versioning(
+        Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}
+    )
+    moment = ""
+    for label, size in (
+        ("before", shape.size - 1),
+        ("W1", 0),
+        ("after", shape.size + 1),
+    ):
+        tree = source
+        if size:
+            tree = build_tree(
+                ctx.trees / f"W7-{label}",
+                TreeShape(shape.files, size, shape.folders),
+                seed=size,
+            )
+        measure(ours_tool.upload(tree, bucket, "backup", ctx.url), ours_tool.env)
+        if tree is not source:
+            shutil.rmtree(tree)
+        # S3 keeps LastModified to the whole second: the moment is the second after
+        # W1's upload, and the next upload starts a second after that.
+        if label == "W1":
+            moment_seconds = int(time.time()) + 1
+            moment = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment_seconds))
+            time.sleep(max(0.0, moment_seconds + 1 - time.time()))
+    listing = tree_listing(source)
+    row = Row(
+        ctx.server, "W7", "restore.py --at", [], len(listing), sum(listing.values())
+    )
+    for run in range(ctx.runs):
+        target = ctx.scratch / f"restore-W7-{run}"
+        argv = [*ours_tool.download(bucket, "backup", target, ctx.url), "--at", moment]
+        result = measure(argv, ours_tool.env, ctx.server_pid)
+        verify_restored(source, target)
+        shutil.rmtree(target)
+        row.measurements.append(result)
+        log(f"W7 restore.py --at run {run + 1}: {result.seconds:.2f} s")
+    return [row]
+
+
 def scaling_rows(ctx: Context, sizes: Sequence[int], runs: int) -> list[Row]:
     """backup.py on W1-shaped trees of growing size: full upload, then no change."""
     ours_tool = next(tool for tool in ctx.tools if tool.name == "backup.py")
@@ -722,6 +774,8 @@ BARS = (
     ("W1", "backup.py", "rclone copy", 1.0),
     ("W5", "restore.py", "rclone copy", 1.15),
 )
+# restore.py --at among three versions a key (W7) against the plain restore (W5).
+HISTORY_BAR = 1.3
 
 
 def find_row(rows: Sequence[Row], server: str, workload: str, tool: str) -> Row | None:
@@ -751,6 +805,15 @@ def check_bars(rows: Sequence[Row]) -> list[str]:
             lines.append(
                 f"{verdict} {server} W4 backup.py: {w4.requests} requests for {w4.files} files"
             )
+        w7 = find_row(rows, server, "W7", "restore.py --at")
+        w5 = find_row(rows, server, "W5", "restore.py")
+        if w7 and w5:
+            ratio = w7.median / w5.median
+            verdict = "PASS" if ratio <= HISTORY_BAR else "FAIL"
+            lines.append(
+                f"{verdict} {server} W7 restore.py --at: {ratio:.2f} × W5 restore.py"
+                f" (bar ≤ {HISTORY_BAR})"
+            )
         w6 = find_row(rows, server, "W6", "restore.py")
         if w6:
             peak = max(m.peak_rss_mib for m in w6.measurements)
@@ -777,7 +840,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workloads",
         default=",".join(WORKLOADS),
-        help="comma-separated subset of W1..W6 (W4 needs W1)",
+        help="comma-separated subset of W1..W7 (W4 needs W1; W7 only on moto)",
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per cell (median)")
     parser.add_argument(
@@ -886,16 +949,21 @@ def run_server(kind: str, args, workloads: Sequence[str], home: Path) -> list[Ro
                 rows += upload_rows(ctx, workload, with_rerun=False)
         if "W6" in workloads:
             rows += restore_rows(ctx, "W6", "W3")
+        if HISTORY_WORKLOAD in workloads:
+            if kind.startswith("s3rver"):
+                log("W7 skipped on s3rver, which keeps no versions: run it on moto")
+            else:
+                rows += history_rows(ctx)
         if args.scaling or args.scaling_only:
             rows += scaling_rows(ctx, SCALING_SIZES, args.scaling_runs)
-    order = {w: i for i, w in enumerate(("W1", "W4", "W5", "W2", "W3", "W6"))}
+    order = {w: i for i, w in enumerate(("W1", "W4", "W5", "W7", "W2", "W3", "W6"))}
     return sorted(rows, key=lambda row: order.get(row.workload, 99))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workloads = [] if args.scaling_only else args.workloads.upper().split(",")
-    unknown = set(workloads) - set(WORKLOADS)
+    unknown = set(workloads) - {*WORKLOADS, HISTORY_WORKLOAD}
     if unknown:
         print(f"unknown workloads: {sorted(unknown)}", file=sys.stderr)
         return 2

@@ -494,6 +494,45 @@ def test_a_bad_when_is_exit_2_before_any_request_or_write(
     assert not target.exists()
 
 
+@pytest.fixture
+def versioned(s3):
+    s3.create_bucket(Bucket="kept")
+    s3.put_bucket_versioning(
+        Bucket="kept", VersioningConfiguration={"Status": "Enabled"}
+    )
+    return s3
+
+
+def test_at_reports_archived_versions_as_such(versioned, tmp_path, capsys):
+    versioned.put_object(
+        Bucket="kept", Key="p/cold.bin", Body=b"c", StorageClass="GLACIER"
+    )
+    versioned.put_object(Bucket="kept", Key="p/warm.bin", Body=b"warm")
+    point = moment_now()
+    wait_after(point)
+    versioned.put_object(Bucket="kept", Key="p/cold.bin", Body=b"now warm")
+    target = tmp_path / "out"
+    assert restore.main(["kept::p", str(target), "--at", point]) == 1
+    err = capsys.readouterr().err
+    assert "s3://kept/p/cold.bin (GLACIER)" in err
+    assert "restore it from the archive first" in err
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == {"warm.bin": b"warm"}
+
+
+def test_at_reports_collisions_of_that_moment(versioned, tmp_path, capsys):
+    versioned.put_object(Bucket="kept", Key="p/a", Body=b"file a")
+    versioned.put_object(Bucket="kept", Key="p/a/b", Body=b"file b")
+    point = moment_now()
+    wait_after(point)
+    versioned.delete_object(Bucket="kept", Key="p/a")
+    target = tmp_path / "out"
+    assert restore.main(["kept::p", str(target), "--at", point]) == 1
+    assert "s3://kept/p/a: conflict" in capsys.readouterr().err
+    assert (target / "a" / "b").read_bytes() == b"file b"
+    # Now that `a` is deleted, the same restore has no conflict.
+    assert restore.main(["kept::p", str(tmp_path / "now"), "--at", "0s", "-q"]) == 0
+
+
 # --- End to end, on moto's server -------------------------------------------------------
 
 
@@ -540,6 +579,7 @@ def test_three_runs_come_back_each_as_it_was_byte_for_byte_with_mtimes(
     write(src, "docs/report.txt", b"report v1", 1_700_000_100, 0o600)
     write(src, "docs/old.txt", b"to be deleted", 1_700_000_200)
     write(src, "big.bin", random.Random(1).randbytes(9 * MiB + 1), 1_700_000_300)
+    write(src, "mid.bin", random.Random(3).randbytes(2 * MiB), 1_700_000_350)
     before_any = moment_now()
     wait_after(before_any)
 
@@ -554,6 +594,9 @@ def test_three_runs_come_back_each_as_it_was_byte_for_byte_with_mtimes(
             )
         if step == 2:  # edit again
             write(src, "docs/report.txt", b"report v3!", 1_700_000_700, 0o600)
+            write(
+                src, "mid.bin", random.Random(4).randbytes(2 * MiB + 7), 1_700_000_800
+            )
         result = history_env("backup.py", str(src), location, "--delete")
         assert result.returncode == 0, result.stderr
         states.append(snapshot(src))
