@@ -283,10 +283,11 @@ def bucket_versioning(client, bucket: str) -> str:
     return client.get_bucket_versioning(Bucket=bucket).get("Status", "")
 
 
-def set_up_history(client, bucket: str, keep_days: int | None, new: bool) -> None:
+def set_up_history(client, bucket: str, keep_days: int | None, new: bool) -> bool:
     """Put our lifecycle rule beside the bucket's own, then turn versioning on
     (unless keep_days is None): the rule first, so that no version is kept
-    with nothing to expire it."""
+    with nothing to expire it. Whether anything had to change."""
+    changed = False
     try:
         rules, extra = [], {}
         if not new:
@@ -296,17 +297,20 @@ def set_up_history(client, bucket: str, keep_days: int | None, new: bool) -> Non
             client.put_bucket_lifecycle_configuration(
                 Bucket=bucket, LifecycleConfiguration={"Rules": merged}, **extra
             )
+            changed = True
         if keep_days is not None and (
             new or bucket_versioning(client, bucket) != "Enabled"
         ):
             client.put_bucket_versioning(
                 Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}
             )
+            changed = True
     except botocore.exceptions.ClientError as exc:
         raise run_failure(
             f"cannot turn on history (versioning and lifecycle rule) for bucket {bucket}",
             exc,
         ) from None
+    return changed
 
 
 def lifecycle_configuration(client, bucket: str) -> tuple[list[dict], dict]:
@@ -565,8 +569,7 @@ def run(args) -> int:
             history = describe_history(args.keep_days)
             if args.dry_run:
                 console.info(f"(dry run) set up s3://{location.bucket} {history}")
-            else:
-                set_up_history(client, location.bucket, args.keep_days, new=False)
+            elif set_up_history(client, location.bucket, args.keep_days, new=False):
                 console.info(f"set up s3://{location.bucket} {history}")
     else:
         keep_days = None if args.no_versioning else args.keep_days or DEFAULT_KEEP_DAYS

@@ -373,7 +373,9 @@ def test_an_existing_bucket_is_left_as_it_is_without_keep_days(s3, source):
         s3.get_bucket_lifecycle_configuration(Bucket="theirs")
 
 
-def test_keep_days_on_an_existing_bucket_keeps_its_own_rules_exactly(s3, source):
+def test_keep_days_on_an_existing_bucket_keeps_its_own_rules_exactly(
+    s3, source, capsys
+):
     s3.create_bucket(Bucket="theirs")
     s3.put_bucket_lifecycle_configuration(
         Bucket="theirs", LifecycleConfiguration={"Rules": [THEIRS]}
@@ -385,8 +387,12 @@ def test_keep_days_on_an_existing_bucket_keeps_its_own_rules_exactly(s3, source)
     assert lifecycle_rules(s3, "theirs") == [*before, history_rule(10)]
 
     # Given again, ours is updated in place.
-    assert backup.main([str(source), "theirs::p", "--keep-days", "20", "-q"]) == 0
+    assert backup.main([str(source), "theirs::p", "--keep-days", "20"]) == 0
     assert lifecycle_rules(s3, "theirs") == [*before, history_rule(20)]
+    assert "set up s3://theirs with versioning" in capsys.readouterr().out
+    # Given as it is, nothing changes and nothing is said.
+    assert backup.main([str(source), "theirs::p", "--keep-days", "20"]) == 0
+    assert "set up" not in capsys.readouterr().out
 
 
 def test_keep_days_turns_suspended_versioning_back_on(s3, source):
