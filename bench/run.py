@@ -683,9 +683,10 @@ def history_rows(ctx: Context) -> list[Row]:
             moment = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment_seconds))
             time.sleep(max(0.0, moment_seconds + 1 - time.time()))
     listing = tree_listing(source)
-    row = Row(
-        ctx.server, "W7", "restore.py --at", [], len(listing), sum(listing.values())
-    )
+    files, nbytes = len(listing), sum(listing.values())
+    row = Row(ctx.server, "W7", "restore.py --at", [], files, nbytes)
+    # The same with --dry-run: the listing of the versions and the plan, no download.
+    dry = Row(ctx.server, "W7", "restore.py --at --dry-run", [], files, 0)
     for run in range(ctx.runs):
         target = ctx.scratch / f"restore-W7-{run}"
         argv = [*ours_tool.download(bucket, "backup", target, ctx.url), "--at", moment]
@@ -693,8 +694,16 @@ def history_rows(ctx: Context) -> list[Row]:
         verify_restored(source, target)
         shutil.rmtree(target)
         row.measurements.append(result)
-        log(f"W7 restore.py --at run {run + 1}: {result.seconds:.2f} s")
-    return [row]
+        dry.measurements.append(
+            measure([*argv, "--dry-run"], ours_tool.env, ctx.server_pid)
+        )
+        log(
+            f"W7 restore.py --at run {run + 1}: {result.seconds:.2f} s, "
+            f"dry run {dry.measurements[-1].seconds:.2f} s"
+        )
+    # The bucket stays: its versions go only with the server (drop_bucket deletes
+    # current objects, which in a versioned bucket only adds delete markers).
+    return [row, dry]
 
 
 def scaling_rows(ctx: Context, sizes: Sequence[int], runs: int) -> list[Row]:
