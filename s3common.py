@@ -1413,10 +1413,16 @@ def run_report(
     if summary is None:
         files, nbytes = console.done_so_far() if console else (0, 0)
         summary = Summary("", transferred=files, nbytes=nbytes)
+    report.update(
+        transferred=summary.transferred,
+        skipped=summary.skipped,
+        failed=summary.failed,
+        bytes=summary.nbytes,
+    )
     for item in dataclasses.fields(summary):
         value = getattr(summary, item.name)
-        if item.name not in ("verb", "seconds") and value is not None:
-            report["bytes" if item.name == "nbytes" else item.name] = value
+        if item.name not in ("verb", "seconds", "nbytes") and value is not None:
+            report.setdefault(item.name, value)
     report["errors"] = console.errors if console else []
     if error is not None:
         report["error"] = error
