@@ -263,11 +263,8 @@ def create_bucket(
 
 def make_uploader(connection: Connection, bucket: str, extra: dict, console: Console):
     """The work function for run_in_parallel: one file up, as one PUT or a parallel multipart."""
-    client, direct, bandwidth = (
-        connection.client,
-        connection.direct,
-        connection.bandwidth,
-    )
+    client, direct = connection.client, connection.direct
+    bandwidth = connection.bandwidth  # None without --bwlimit
 
     def put_whole(key: str, file: LocalFile, args: dict, cancel) -> None:
         """One PutObject: a direct request for a small file, else through botocore."""

@@ -292,11 +292,8 @@ def make_restorer(
     console: Console,
 ):
     """The work function for run_in_parallel: one object down; False when already restored."""
-    client, direct, bandwidth = (
-        connection.client,
-        connection.direct,
-        connection.bandwidth,
-    )
+    client, direct = connection.client, connection.direct
+    bandwidth = connection.bandwidth  # None without --bwlimit
 
     def file_mode(metadata: dict) -> int:
         mode = parse_mode(metadata.get("mode"))
