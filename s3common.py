@@ -316,7 +316,7 @@ class ArgumentParser(argparse.ArgumentParser):
     def __init__(self, *, examples: str, **kwargs):
         super().__init__(
             formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog=f"examples:\n{examples.strip(chr(10))}\n{EXIT_CODES_HELP}",
+            epilog="examples:\n" + examples.strip("\n") + "\n" + EXIT_CODES_HELP,
             **kwargs,
         )
 
