@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from datetime import datetime
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, make_tree, run_script
@@ -256,13 +257,17 @@ def github_anchor(heading: str) -> str:
     return text.replace(" ", "-")
 
 
-def test_every_readme_link_resolves_inside_the_repository():
-    text = (ROOT / "README.md").read_text()
-    anchors = {
+def anchors_of(markdown: Path) -> set[str]:
+    return {
         github_anchor(line.lstrip("#"))
-        for line in text.splitlines()
+        for line in markdown.read_text().splitlines()
         if line.startswith("#")
     }
+
+
+def test_every_readme_link_resolves_inside_the_repository():
+    readme = ROOT / "README.md"
+    text = readme.read_text()
     links = re.findall(r"\]\(([^)\s]+)\)", text) + re.findall(
         r"""href=["']([^"']+)""", text
     )
@@ -270,11 +275,10 @@ def test_every_readme_link_resolves_inside_the_repository():
     for link in links:
         target, _, fragment = link.partition("#")
         assert "://" not in link and not link.startswith("mailto:"), link
-        if not target:
-            assert fragment in anchors, link
-            continue
-        path = (ROOT / target).resolve()
+        path = (ROOT / target).resolve() if target else readme
         assert path.is_relative_to(ROOT) and path.exists(), link
+        if fragment:
+            assert fragment in anchors_of(path), link
 
 
 def test_readme_documents_every_option_of_both_scripts():
