@@ -258,11 +258,14 @@ def github_anchor(heading: str) -> str:
 
 
 def anchors_of(markdown: Path) -> set[str]:
-    return {
-        github_anchor(line.lstrip("#"))
-        for line in markdown.read_text().splitlines()
-        if line.startswith("#")
-    }
+    """The fragments of a Markdown file's headings (not of "#" lines in code blocks)."""
+    anchors, in_code = set(), False
+    for line in markdown.read_text().splitlines():
+        if line.startswith("```"):
+            in_code = not in_code
+        elif line.startswith("#") and not in_code:
+            anchors.add(github_anchor(line.lstrip("#")))
+    return anchors
 
 
 def test_every_readme_link_resolves_inside_the_repository():
