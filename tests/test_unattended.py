@@ -28,6 +28,7 @@ from s3common import (
     Console,
     Summary,
     TokenBucket,
+    connect,
     parse_rate,
     run_report,
 )
@@ -159,6 +160,17 @@ def test_bucket_is_shared_safely_by_threads():
         thread.join()
     # Every one of the 1,600 bookings got its own turn: 10 ms apart, none lost.
     assert sorted(delays) == pytest.approx([n / 100 for n in range(1, 1601)])
+
+
+def test_no_bucket_on_the_transfer_paths_without_bwlimit(s3):
+    parser = backup.build_parser()
+    assert connect(parser.parse_args(["src", "b::p"]), 4).bandwidth is None
+    assert (
+        connect(parser.parse_args(["src", "b::p", "--bwlimit", "0"]), 4).bandwidth
+        is None
+    )
+    limited = connect(parser.parse_args(["src", "b::p", "--bwlimit", "2M"]), 4)
+    assert limited.bandwidth.rate == 2 * MiB
 
 
 # --- The report, from any Summary -------------------------------------------------
