@@ -173,6 +173,31 @@ def test_no_bucket_on_the_transfer_paths_without_bwlimit(s3):
     assert limited.bandwidth.rate == 2 * MiB
 
 
+def test_every_byte_passes_the_bucket_once_on_every_path(s3, tmp_path, monkeypatch):
+    """Multipart parts, a PutObject of a middle-sized file, small files, and their
+    downloads: each byte is booked once (no checksum read, no path left out)."""
+    booked = []
+    book = TokenBucket.book
+
+    def counting_book(self, nbytes):
+        booked.append(nbytes)
+        return book(self, nbytes)
+
+    monkeypatch.setattr(TokenBucket, "book", counting_book)
+    files = {"large.bin": b"L" * (17 * MiB), "middle.bin": b"M" * (3 * MiB)}
+    files.update({f"small/{n}.bin": bytes([n]) * (n * 1000) for n in range(4)})
+    source = make_tree(tmp_path / "src", files)
+    total = sum(len(data) for data in files.values())
+    limit = ["--bwlimit", "64G", "-q"]  # a limit that makes no one wait
+
+    assert backup.main([str(source), "bytes::p", *limit]) == 0
+    assert sum(booked) == total
+    booked.clear()
+    assert restore.main(["bytes::p", str(tmp_path / "out"), *limit]) == 0
+    assert sum(booked) == total
+    assert (tmp_path / "out" / "large.bin").read_bytes() == files["large.bin"]
+
+
 # --- The report, from any Summary -------------------------------------------------
 
 
@@ -520,5 +545,5 @@ def test_bwlimit_holds_uploads_and_restores_of_every_size_to_the_rate(
         assert (report["exit_code"], report["bytes"]) == (0, 24 * MiB), result.stderr
         # Never faster than the rate allows (but for the bucket's burst); the upper
         # bound only leaves room for a machine shared with other work.
-        assert 3.8 <= report["seconds"] <= 8.5, report
+        assert 3.8 <= report["seconds"] <= 10, report
     assert (tmp_path / "out" / "large.bin").read_bytes() == files["large.bin"]
