@@ -25,7 +25,7 @@ import urllib.request
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from enum import IntEnum
@@ -195,6 +195,7 @@ class RemoteObject:
     size: int
     last_modified: float  # seconds since the epoch
     storage_class: str = "STANDARD"
+    etag: str = ""  # as listed, without its quotes
 
 
 def list_objects(
@@ -243,6 +244,7 @@ def list_range(
                 item["Size"],
                 item["LastModified"].timestamp(),
                 item.get("StorageClass", "STANDARD"),
+                item.get("ETag", "").strip('"'),
             )
         # A page that ends on `through` ends the range, without asking for another.
         if through is not None and contents and contents[-1]["Key"] == through:
@@ -345,6 +347,11 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="show what would happen, change nothing"
+    )
+    parser.add_argument(
+        "--checksum",
+        action="store_true",
+        help="compare files of the same size by content (MD5) instead of by mtime",
     )
     volume = parser.add_mutually_exclusive_group()
     volume.add_argument(
@@ -924,6 +931,11 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+def escape_name(name: str) -> str:
+    """A file name or key with its control characters escaped, so it prints on one line."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in name)
+
+
 # --- Output: progress line, messages, summary --------------------------------
 
 
@@ -1033,15 +1045,25 @@ class ProgressSubscriber:
 
 @dataclass
 class Summary:
-    verb: str  # "uploaded" or "restored"
+    verb: str  # "uploaded", "restored" or "checked"
     transferred: int = 0
     skipped: int = 0
     failed: int = 0
     deleted: int = 0
     nbytes: int = 0
     seconds: float = 0.0
+    # backup.py --check only: the keys of each kind of difference.
+    missing: list[str] | None = None
+    changed: list[str] | None = None
+    extra: list[str] | None = None
 
     def line(self) -> str:
+        if self.missing is not None:
+            return (
+                f"{self.verb} {self.skipped} identical, {len(self.missing)} missing, "
+                f"{len(self.changed or ())} changed, {len(self.extra or ())} extra, "
+                f"failed {self.failed}, in {self.seconds:.1f} s"
+            )
         deleted = f", deleted {self.deleted}" if self.deleted else ""
         return (
             f"{self.verb} {self.transferred}, skipped {self.skipped}, failed {self.failed}"
@@ -1241,3 +1263,111 @@ def run_cli(
         message, code = describe_error(exc)
         sys.stderr.write(f"{parser.prog}: error: {one_line(message)}\n")
         return code
+
+
+# --- Content: MD5s of files and objects (--checksum, --check) ----------------
+
+# User metadata holding the base64 MD5 of an object whose ETag is not its MD5
+# (multipart uploads, SSE-KMS): rclone's name and format, so that rclone can
+# check our objects and we can check rclone's.
+MD5_METADATA = "md5chksum"
+HASH_CHUNK = MiB
+_PLAIN_ETAG = re.compile(r"[0-9a-f]{32}")
+
+
+def md5_of_etag(etag: str) -> str | None:
+    """The hex MD5 an ETag of plain form states; None for a multipart ETag ("<hex>-N") or any other form.
+
+    A plain-form ETag is the object's MD5 only if it is not encrypted with SSE-KMS
+    or SSE-C, which ListObjectsV2 does not say: only a HEAD does (object_md5).
+    """
+    etag = etag.strip('"').lower()
+    return etag if _PLAIN_ETAG.fullmatch(etag) else None
+
+
+def md5chksum(md5: str) -> str:
+    """A hex MD5 as the md5chksum metadata writes it (base64 of the digest)."""
+    return base64.b64encode(bytes.fromhex(md5)).decode()
+
+
+def md5_of_md5chksum(value: str | None) -> str | None:
+    """The hex MD5 in an md5chksum metadata value, or None if it holds none."""
+    try:
+        digest = base64.b64decode(value or "", validate=True)
+    except ValueError:
+        return None
+    return digest.hex() if len(digest) == 16 else None
+
+
+def object_md5(head: dict) -> str | None:
+    """An object's hex MD5 from its HeadObject answer: the ETag when that is the MD5, else md5chksum."""
+    encrypted = head.get("ServerSideEncryption", "").startswith("aws:kms") or bool(
+        head.get("SSECustomerAlgorithm")
+    )
+    etag_md5 = None if encrypted else md5_of_etag(head.get("ETag", ""))
+    return etag_md5 or md5_of_md5chksum(head.get("Metadata", {}).get(MD5_METADATA))
+
+
+def file_md5(path: str) -> str:
+    """The hex MD5 of a file's bytes, read once in chunks."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Contents:
+    """MD5s (hex) of files and of their objects, keyed by S3 key."""
+
+    local: dict[str, str] = field(default_factory=dict)
+    remote: dict[str, str | None] = field(default_factory=dict)  # None: not known
+    # Files that could not be read, by key.
+    failures: list[Failure] = field(default_factory=list)
+
+
+def head_md5(client, bucket: str, key: str) -> str | None:
+    """One HEAD: the object's MD5 (object_md5), or None if it has none or is gone."""
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as exc:
+        if client_error_code(exc) in ("404", "NoSuchKey"):
+            return None
+        raise
+    return object_md5(head)
+
+
+def compare_contents(
+    client, bucket: str, candidates: dict[str, tuple[str, RemoteObject]], workers: int
+) -> Contents:
+    """Hash each candidate (key: (file path, its object)) and find its object's MD5, on `workers` threads.
+
+    A listed ETag of plain form that equals the file's MD5 settles it with no
+    request; otherwise one HEAD tells whether the ETag is the MD5, or gives md5chksum.
+    """
+
+    def compare(key: str) -> tuple[str | OSError, str | None]:
+        path, obj = candidates[key]
+        try:
+            local = file_md5(path)
+        except OSError as exc:
+            return exc, None
+        if md5_of_etag(obj.etag) == local:
+            return local, local
+        return local, head_md5(client, bucket, key)
+
+    keys = sorted(candidates)
+    contents = Contents()
+    for key, future in zip(keys, map_in_background(compare, keys, workers)):
+        try:
+            local, remote = future.result()
+        except botocore.exceptions.ClientError as exc:
+            raise run_failure(
+                f"cannot read the metadata of s3://{bucket}/{key}", exc
+            ) from None
+        if isinstance(local, OSError):
+            contents.failures.append(Failure(key, local))
+        else:
+            contents.local[key], contents.remote[key] = local, remote
+    return contents
