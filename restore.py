@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
@@ -34,6 +34,7 @@ from s3common import (
     CliError,
     Connection,
     Console,
+    Contents,
     DirectFailed,
     ExitCode,
     FetchedObject,
@@ -43,7 +44,9 @@ from s3common import (
     Summary,
     add_shared_options,
     client_error_code,
+    compare_contents,
     connect,
+    escape_name,
     exit_script,
     failure_line,
     folder_prefix,
@@ -79,6 +82,8 @@ class Download:
     size: int
     last_modified: float
     storage_class: str
+    # --checksum: the local file already holds these bytes; only mtime and mode are set.
+    same_content: bool = False
 
 
 @dataclass(frozen=True)
@@ -178,6 +183,18 @@ def plan_restore(
     return RestorePlan(tuple(downloads), tuple(refused), tuple(conflicts))
 
 
+def with_same_content(plan: RestorePlan, contents: Contents) -> RestorePlan:
+    """The plan with the downloads whose local file has the object's MD5 marked same_content."""
+    downloads = tuple(
+        replace(item, same_content=True)
+        if contents.local.get(item.key) is not None
+        and contents.local.get(item.key) == contents.remote.get(item.key)
+        else item
+        for item in plan.downloads
+    )
+    return replace(plan, downloads=downloads)
+
+
 def restored_times(metadata: dict, last_modified: float) -> int:
     """The mtime to give a restored file, in nanoseconds: the recorded one, else LastModified."""
     recorded = parse_mtime(metadata.get("mtime"))
@@ -222,9 +239,25 @@ def find_objects(
         head["ContentLength"],
         head["LastModified"].timestamp(),
         head.get("StorageClass", "STANDARD"),
+        head.get("ETag", "").strip('"'),
     )
     parent = str(PurePosixPath(prefix).parent)
     return {prefix: single}, "" if parent == "." else parent
+
+
+def same_size_files(
+    downloads: tuple[Download, ...], objects: dict[str, RemoteObject]
+) -> dict[str, tuple[str, RemoteObject]]:
+    """The local files to compare by content: regular files (not links) of their object's size."""
+    candidates = {}
+    for item in downloads:
+        try:
+            info = os.lstat(item.path)
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_size == item.size:
+            candidates[item.key] = (str(item.path), objects[item.key])
+    return candidates
 
 
 def probe_case_insensitive(folder: str) -> bool:
@@ -331,9 +364,21 @@ def make_restorer(
         write_atomically(path, fill, file_mode(head["Metadata"]), mtime_ns)
         return True
 
+    def keep(item: Download, path: str) -> None:
+        """The file already holds the object's bytes: give it the recorded mode and mtime."""
+        head = client.head_object(Bucket=bucket, Key=item.key)
+        os.chmod(path, file_mode(head["Metadata"]))
+        mtime_ns = restored_times(head["Metadata"], head["LastModified"].timestamp())
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        console.advance(files=1)
+        console.detail(f"same content: {escape_name(path)}")
+
     def restore(item: Download, manager, cancel) -> bool:
         path = str(item.path)
         folders.ensure(os.path.dirname(path))
+        if item.same_content:
+            keep(item, path)
+            return False
         # Smaller objects: one GET, with no HEAD first (the listing gave the size).
         # An archived object fails either way: botocore says why.
         if (
@@ -405,18 +450,26 @@ def run(args) -> int:
         os.makedirs(args.local, exist_ok=True)
         case_insensitive = probe_case_insensitive(args.local)
     plan = plan_restore(objects, strip, Path(args.local), filters, case_insensitive)
+    if args.checksum:
+        # A file that cannot be read is simply restored over.
+        candidates = same_size_files(plan.downloads, objects)
+        contents = compare_contents(client, location.bucket, candidates, args.workers)
+        plan = with_same_content(plan, contents)
     for key, why in plan.refused + plan.conflicts:
         console.error(f"s3://{location.bucket}/{key}: {why}")
     problems = len(plan.refused) + len(plan.conflicts)
     total_bytes = sum(item.size for item in plan.downloads)
 
     if args.dry_run:
-        for item in plan.downloads:
+        fetched = [item for item in plan.downloads if not item.same_content]
+        for item in fetched:
             console.info(
                 f"(dry run) restore: s3://{location.bucket}/{item.key} -> {item.path}"
             )
+        fetched_bytes = sum(item.size for item in fetched)
         console.info(
-            f"(dry run) would restore {len(plan.downloads)} ({total_bytes} bytes)"
+            f"(dry run) would restore {len(fetched)} ({fetched_bytes} bytes), "
+            f"skip {len(plan.downloads) - len(fetched)}"
         )
         return ExitCode.FAILURE if problems else ExitCode.OK
 
