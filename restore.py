@@ -364,11 +364,31 @@ def make_restorer(
         write_atomically(path, fill, file_mode(head["Metadata"]), mtime_ns)
         return True
 
+    def recorded(item: Download) -> tuple[dict, float]:
+        """The object's user metadata and LastModified.
+
+        A small object's come from a GET on the direct path, its body read and
+        dropped: there that costs less client CPU than botocore's HEAD.
+        """
+        if (
+            item.size <= SMALL_OBJECT
+            and item.storage_class not in ARCHIVE_STORAGE_CLASSES
+        ):
+            try:
+                fetched = direct.get(bucket, item.key, CHUNK)
+            except DirectFailed as failure:
+                fetched = fetch(item.key, direct.client_after(failure))
+            for _ in fetched.chunks:
+                pass
+            return fetched.metadata, fetched.last_modified
+        head = client.head_object(Bucket=bucket, Key=item.key)
+        return head["Metadata"], head["LastModified"].timestamp()
+
     def keep(item: Download, path: str) -> None:
         """The file already holds the object's bytes: give it the recorded mode and mtime."""
-        head = client.head_object(Bucket=bucket, Key=item.key)
-        os.chmod(path, file_mode(head["Metadata"]))
-        mtime_ns = restored_times(head["Metadata"], head["LastModified"].timestamp())
+        metadata, last_modified = recorded(item)
+        os.chmod(path, file_mode(metadata))
+        mtime_ns = restored_times(metadata, last_modified)
         os.utime(path, ns=(mtime_ns, mtime_ns))
         console.advance(files=1)
         console.detail(f"same content: {escape_name(path)}")
