@@ -76,9 +76,9 @@ class LocalFile:
 class Upload:
     key: str
     file: LocalFile
-    reason: (
-        str  # "new", "size changed", "newer", "content changed" or "no MD5 to compare"
-    )
+    # "new", "size changed", "newer", "content changed" or "no MD5 to compare"
+    reason: str
+    md5: str | None = None  # the file's, when --checksum has hashed it already
 
 
 @dataclass(frozen=True)
@@ -159,7 +159,8 @@ def plan_backup(
             by_content=contents is not None,
         )
         if reason:
-            uploads.append(Upload(key, local[key], reason))
+            md5 = contents.local.get(key) if contents else None
+            uploads.append(Upload(key, local[key], reason, md5))
         else:
             skipped += 1
     deletes = ()
@@ -382,8 +383,9 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
             console.advance(nbytes=file.size)
         else:
             # CreateMultipartUpload carries the metadata before any part is read,
-            # so the MD5 takes a pass of its own over the file first.
-            args = upload_args(file, extra, file_md5(file.path))
+            # so the MD5 takes a pass of its own over the file first (unless
+            # --checksum has just made it).
+            args = upload_args(file, extra, item.md5 or file_md5(file.path))
             subscribers = [ProgressSubscriber(console)]
             manager.upload(
                 file.path, bucket, item.key, extra_args=args, subscribers=subscribers

@@ -171,10 +171,10 @@ def test_plan_backup_by_content():
     )
     filters = Filters(((False, "*.log"),))
     plan = backup.plan_backup(files, objects, "p", filters, True, contents)
-    assert [(u.key, u.reason) for u in plan.uploads] == [
-        ("p/edited", "content changed"),
-        ("p/grown", "size changed"),
-        ("p/new", "new"),
+    assert [(u.key, u.reason, u.md5) for u in plan.uploads] == [
+        ("p/edited", "content changed", OTHER_MD5),
+        ("p/grown", "size changed", None),
+        ("p/new", "new", None),
     ]
     assert plan.deletes == ("p/gone",)
     assert plan.skipped == 1
