@@ -1,6 +1,6 @@
 """What backup.py and restore.py share: locations, filters, the S3 client and the
 direct requests for small objects, error messages and exit codes, the worker pool,
-progress and the summary."""
+progress and the summary, and the MD5s of files and objects (--checksum, --check)."""
 
 from __future__ import annotations
 
