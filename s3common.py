@@ -1332,7 +1332,9 @@ def head_md5(client, bucket: str, key: str) -> str | None:
     try:
         head = client.head_object(Bucket=bucket, Key=key)
     except botocore.exceptions.ClientError as exc:
-        if client_error_code(exc) in ("404", "NoSuchKey"):
+        # 400: S3's answer to a HEAD of an SSE-C object without its key, whose
+        # MD5 is not to be had.
+        if client_error_code(exc) in ("404", "NoSuchKey", "400"):
             return None
         raise
     return object_md5(head)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import make_tree
+from conftest import make_tree, stub_error
 
 import backup
 import restore
@@ -18,6 +18,7 @@ from backup import BackupPlan, LocalFile, Upload
 from restore import Download, RestorePlan
 from s3common import (
     MULTIPART_THRESHOLD,
+    CliError,
     Contents,
     Filters,
     RemoteObject,
@@ -327,6 +328,23 @@ def test_compare_contents_a_plain_etag_that_differs_is_the_md5(s3, src):
     assert contents.local["p/a.txt"] == hashlib.md5(b"HELLO").hexdigest()
     assert contents.remote == {"p/a.txt": HELLO_MD5, "p/gone": None}
     assert [f.item for f in contents.failures] == ["p/sub/unreadable"]
+
+
+def test_compare_contents_an_sse_c_object_has_no_md5_and_a_denied_head_stops(
+    s3, src, monkeypatch
+):
+    assert backup.main([str(src), "vbk13::p"]) == 0
+    listed = RemoteObject("p/a.txt", 5, 0.0, etag=OTHER_MD5)
+    candidates = {"p/a.txt": (str(src / "a.txt"), listed)}
+    # S3 answers a HEAD of an SSE-C object without its key with a bare 400.
+    stub_error(monkeypatch, "HeadObject", "400", 400)
+    contents = compare_contents(s3, "vbk13", candidates, workers=1)
+    assert contents.remote == {"p/a.txt": None}
+    stub_error(monkeypatch, "HeadObject", "403", 403)
+    with pytest.raises(
+        CliError, match="cannot read the metadata of s3://vbk13/p/a.txt"
+    ):
+        compare_contents(s3, "vbk13", candidates, workers=1)
 
 
 def test_multipart_object_without_md5chksum_counts_as_changed(s3, src, capsys):
