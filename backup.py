@@ -42,7 +42,6 @@ from s3common import (
     client_error_code,
     compare_contents,
     connect,
-    escape_name,
     exit_script,
     failure_line,
     file_md5,
@@ -54,6 +53,7 @@ from s3common import (
     listing_boundaries,
     md5chksum,
     parse_location,
+    printable,
     relative_key,
     run_cli,
     run_failure,
@@ -627,11 +627,11 @@ def report_check(
         console.error(failure_line("read", path, failure.error))
     report = check_report(plan, frozenset(f.item for f in contents.failures))
     for key in report.missing:
-        console.info(f"missing: {escape_name(key)}")
+        console.info(f"missing: {printable(key)}")
     for key, why in report.changed:
-        console.info(f"changed: {escape_name(key)} ({why})")
+        console.info(f"changed: {printable(key)} ({why})")
     for key in report.extra:
-        console.info(f"extra: {escape_name(key)}")
+        console.info(f"extra: {printable(key)}")
     summary = Summary(
         "checked",
         skipped=report.identical,

@@ -46,7 +46,6 @@ from s3common import (
     client_error_code,
     compare_contents,
     connect,
-    escape_name,
     exit_script,
     failure_line,
     folder_prefix,
@@ -54,6 +53,7 @@ from s3common import (
     parse_location,
     parse_mode,
     parse_mtime,
+    printable,
     relative_key,
     run_cli,
     run_failure,
@@ -391,7 +391,7 @@ def make_restorer(
         mtime_ns = restored_times(metadata, last_modified)
         os.utime(path, ns=(mtime_ns, mtime_ns))
         console.advance(files=1)
-        console.detail(f"same content: {escape_name(path)}")
+        console.detail(f"same content: {printable(path)}")
 
     def restore(item: Download, manager, cancel) -> bool:
         path = str(item.path)

@@ -931,9 +931,13 @@ def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def escape_name(name: str) -> str:
-    """A file name or key with its control characters escaped, so it prints on one line."""
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in name)
+def printable(name: object) -> str:
+    """A file name or key for one line of output: control and other unprintable
+    characters escaped as Python's repr escapes them (a newline as \\n)."""
+    text = str(name)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 # --- Output: progress line, messages, summary --------------------------------

@@ -24,11 +24,11 @@ from s3common import (
     RemoteObject,
     Summary,
     compare_contents,
-    escape_name,
     md5_of_etag,
     md5_of_md5chksum,
     md5chksum,
     object_md5,
+    printable,
 )
 
 MiB = 1024 * 1024
@@ -120,8 +120,8 @@ def test_md5chksum_goes_where_the_etag_is_not_the_md5(size, extra, needed):
     assert backup.needs_md5chksum(size, extra) is needed
 
 
-def test_escape_name_keeps_a_name_on_one_line():
-    assert escape_name("a\nb\tc\x1b[0m é 日本") == "a\\nb\\tc\\x1b[0m é 日本"
+def test_printable_keeps_a_name_on_one_line():
+    assert printable("a\nb\tc\x1b[0m é 日本") == "a\\nb\\tc\\x1b[0m é 日本"
 
 
 # --- Plans by content (pure) --------------------------------------------------------
