@@ -30,6 +30,7 @@ from s3common import (
     PART_WORKERS,
     SMALL_OBJECT,
     ArgumentParser,
+    BandwidthSubscriber,
     Cancelled,
     CliError,
     Connection,
@@ -58,6 +59,7 @@ from s3common import (
     run_cli,
     run_failure,
     run_in_parallel,
+    throttled,
     usage_error,
 )
 
@@ -324,6 +326,7 @@ def make_restorer(
 ):
     """The work function for run_in_parallel: one object down; False when already restored."""
     client, direct = connection.client, connection.direct
+    bandwidth = connection.bandwidth  # None without --bwlimit
 
     def file_mode(metadata: dict) -> int:
         mode = parse_mode(metadata.get("mode"))
@@ -339,8 +342,12 @@ def make_restorer(
         )
 
     def write_object(item: Download, path: str, fetched: FetchedObject, cancel) -> None:
+        chunks = fetched.chunks
+        if bandwidth:
+            chunks = throttled(chunks, bandwidth, cancel)
+
         def fill(out: BinaryIO) -> None:
-            for chunk in fetched.chunks:
+            for chunk in chunks:
                 if cancel.is_set():
                     raise Cancelled()
                 out.write(chunk)
@@ -349,7 +356,7 @@ def make_restorer(
         write_atomically(path, fill, file_mode(fetched.metadata), mtime_ns)
         console.advance(nbytes=item.size)
 
-    def write_large(item: Download, path: str, manager) -> bool:
+    def write_large(item: Download, path: str, manager, cancel) -> bool:
         """A HEAD for the metadata, then parallel ranged GETs, unless an earlier
         (interrupted) run already restored this very file whole."""
         head = client.head_object(Bucket=bucket, Key=item.key)
@@ -359,12 +366,14 @@ def make_restorer(
 
         def fill(out: BinaryIO) -> None:
             subscribers = [ProgressSubscriber(console, size=item.size)]
+            if bandwidth:
+                subscribers.append(BandwidthSubscriber(bandwidth, cancel))
             manager.download(bucket, item.key, out, subscribers=subscribers).result()
 
         write_atomically(path, fill, file_mode(head["Metadata"]), mtime_ns)
         return True
 
-    def recorded(item: Download) -> tuple[dict, float]:
+    def recorded(item: Download, cancel) -> tuple[dict, float]:
         """The object's user metadata and LastModified.
 
         A small object's come from a GET on the direct path, its body read and
@@ -378,15 +387,18 @@ def make_restorer(
                 fetched = direct.get(bucket, item.key, CHUNK)
             except DirectFailed as failure:
                 fetched = fetch(item.key, direct.client_after(failure))
-            for _ in fetched.chunks:
+            chunks = fetched.chunks
+            if bandwidth:
+                chunks = throttled(chunks, bandwidth, cancel)
+            for _ in chunks:
                 pass
             return fetched.metadata, fetched.last_modified
         head = client.head_object(Bucket=bucket, Key=item.key)
         return head["Metadata"], head["LastModified"].timestamp()
 
-    def keep(item: Download, path: str) -> None:
+    def keep(item: Download, path: str, cancel) -> None:
         """The file already holds the object's bytes: give it the recorded mode and mtime."""
-        metadata, last_modified = recorded(item)
+        metadata, last_modified = recorded(item, cancel)
         os.chmod(path, file_mode(metadata))
         mtime_ns = restored_times(metadata, last_modified)
         os.utime(path, ns=(mtime_ns, mtime_ns))
@@ -397,7 +409,7 @@ def make_restorer(
         path = str(item.path)
         folders.ensure(os.path.dirname(path))
         if item.same_content:
-            keep(item, path)
+            keep(item, path, cancel)
             return False
         # Smaller objects: one GET, with no HEAD first (the listing gave the size).
         # An archived object fails either way: botocore says why.
@@ -413,7 +425,7 @@ def make_restorer(
                 write_object(item, path, fetch(item.key, via), cancel)
         elif item.size < MULTIPART_THRESHOLD:
             write_object(item, path, fetch(item.key, client), cancel)
-        elif not write_large(item, path, manager):
+        elif not write_large(item, path, manager, cancel):
             console.advance(files=1)
             console.detail(f"already restored: {path}")
             return False
@@ -433,13 +445,26 @@ def current_umask() -> int:
 # --- The command ----------------------------------------------------------------
 
 
+EXAMPLES = """
+  python restore.py my-bucket::documents ~/Documents-restored
+  python restore.py s3://family-archive/photos/2024 ~/Pictures/2024 --include '*.jpg'
+  python restore.py my-bucket::misc/notes.txt ~/recovered   # one object: ~/recovered/notes.txt
+  python restore.py my-bucket::documents ~/Documents-restored --dry-run -v
+  python restore.py my-bucket::documents ~/Documents --checksum   # fetch only what differs
+  python restore.py nightly::srv /srv/data-restored --json --bwlimit 20M > report.json
+"""
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="restore.py",
         description="Restore a prefix (or one object) from S3 into a folder.",
+        examples=EXAMPLES,
     )
     parser.add_argument(
-        "location", metavar="BUCKET::PREFIX", help="or s3://BUCKET/PREFIX"
+        "location",
+        metavar="BUCKET::PREFIX",
+        help="what to restore, also s3://BUCKET/PREFIX; a prefix or one object",
     )
     parser.add_argument(
         "local", metavar="LOCAL", help="the folder to restore into (created if missing)"
@@ -448,9 +473,8 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def run(args) -> int:
+def run(args, console: Console) -> int:
     started = time.monotonic()
-    console = Console(args.quiet, args.verbose)
     location = parse_location(args.location)
     filters = Filters(args.filters)
     if not args.local or (os.path.exists(args.local) and not os.path.isdir(args.local)):
@@ -476,7 +500,7 @@ def run(args) -> int:
         contents = compare_contents(client, location.bucket, candidates, args.workers)
         plan = with_same_content(plan, contents)
     for key, why in plan.refused + plan.conflicts:
-        console.error(f"s3://{location.bucket}/{key}: {why}")
+        console.error(f"s3://{location.bucket}/{key}: {why}", key=key)
     problems = len(plan.refused) + len(plan.conflicts)
     total_bytes = sum(item.size for item in plan.downloads)
 
@@ -487,9 +511,23 @@ def run(args) -> int:
                 f"(dry run) restore: s3://{location.bucket}/{item.key} -> {item.path}"
             )
         fetched_bytes = sum(item.size for item in fetched)
-        console.info(
+        summary = Summary(
+            "restored",
+            transferred=len(fetched),
+            skipped=len(plan.downloads) - len(fetched),
+            failed=problems,
+            nbytes=fetched_bytes,
+            seconds=time.monotonic() - started,
+            refused=len(plan.refused),
+            conflicts=len(plan.conflicts),
+            archived=sum(
+                item.storage_class in ARCHIVE_STORAGE_CLASSES for item in plan.downloads
+            ),
+        )
+        console.summarize(
+            summary,
             f"(dry run) would restore {len(fetched)} ({fetched_bytes} bytes), "
-            f"skip {len(plan.downloads) - len(fetched)}"
+            f"skip {len(plan.downloads) - len(fetched)}",
         )
         return ExitCode.FAILURE if problems else ExitCode.OK
 
@@ -507,7 +545,9 @@ def run(args) -> int:
         where = location.url(failure.item.key)
         if failure.item.storage_class in ARCHIVE_STORAGE_CLASSES:
             where += f" ({failure.item.storage_class})"
-        console.error(failure_line("restore", where, failure.error))
+        console.error(
+            failure_line("restore", where, failure.error), key=failure.item.key
+        )
 
     untouched_bytes = sum(item.size for item in skipped) + sum(
         f.item.size for f in failures
@@ -519,8 +559,11 @@ def run(args) -> int:
         failed=len(failures) + problems,
         nbytes=total_bytes - untouched_bytes,
         seconds=time.monotonic() - started,
+        refused=len(plan.refused),
+        conflicts=len(plan.conflicts),
+        archived=sum(f.item.storage_class in ARCHIVE_STORAGE_CLASSES for f in failures),
     )
-    console.info(summary.line())
+    console.summarize(summary)
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
 
 

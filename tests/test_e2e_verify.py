@@ -3,6 +3,7 @@ against moto's server on 127.0.0.1, and rclone checking our backup."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -227,3 +228,21 @@ def test_rclone_check_finds_our_backup_identical(
     assert changed.returncode == 1
     assert "1 differences found" in changed.stderr
     assert "big.bin" in changed.stderr
+
+
+def test_check_with_json_lists_the_keys(
+    tree, backed_up, cli_env, server_client, bucket_name
+):
+    change_a_file(tree, server_client, bucket_name)
+    add_an_object(tree, server_client, bucket_name)
+    result = run_script(
+        "backup.py", str(tree), *backed_up, "--check", "--json", env=cli_env
+    )
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["exit_code"] == 1
+    assert report["missing"] == []
+    assert report["changed"] == ["p/big.bin"]
+    assert report["extra"] == ["p/sub/extra.txt"]
+    assert report["skipped"] == 2
+    assert report["transferred"] == 0
