@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
@@ -40,6 +40,7 @@ from s3common import (
     CliError,
     Connection,
     Console,
+    Contents,
     DirectFailed,
     ExitCode,
     FetchedObject,
@@ -49,6 +50,7 @@ from s3common import (
     Summary,
     add_shared_options,
     client_error_code,
+    compare_contents,
     connect,
     exit_script,
     failure_line,
@@ -58,6 +60,7 @@ from s3common import (
     parse_location,
     parse_mode,
     parse_mtime,
+    printable,
     relative_key,
     run_cli,
     run_failure,
@@ -88,6 +91,8 @@ class Download:
     last_modified: float
     storage_class: str
     version_id: str | None = None  # with --at: the version to fetch
+    # --checksum: the local file already holds these bytes; only mtime and mode are set.
+    same_content: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +105,7 @@ class ObjectVersion:
     is_latest: bool
     size: int | None  # None for a delete marker
     storage_class: str = "STANDARD"
+    etag: str = ""  # as listed, without its quotes
 
 
 @dataclass(frozen=True)
@@ -173,7 +179,14 @@ def objects_at(
         if version.key not in newest or rank > newest[version.key][0]:
             newest[version.key] = (rank, version)
     return {
-        key: RemoteObject(key, v.size, v.last_modified, v.storage_class, v.version_id)
+        key: RemoteObject(
+            key,
+            v.size,
+            v.last_modified,
+            v.storage_class,
+            v.etag,
+            version_id=v.version_id,
+        )
         for key, (_, v) in newest.items()
         if v.size is not None
     }
@@ -273,6 +286,18 @@ def plan_restore(
     return RestorePlan(tuple(downloads), tuple(refused), tuple(conflicts))
 
 
+def with_same_content(plan: RestorePlan, contents: Contents) -> RestorePlan:
+    """The plan with the downloads whose local file has the object's MD5 marked same_content."""
+    downloads = tuple(
+        replace(item, same_content=True)
+        if contents.local.get(item.key) is not None
+        and contents.local.get(item.key) == contents.remote.get(item.key)
+        else item
+        for item in plan.downloads
+    )
+    return replace(plan, downloads=downloads)
+
+
 def restored_times(metadata: dict, last_modified: float) -> int:
     """The mtime to give a restored file, in nanoseconds: the recorded one, else LastModified."""
     recorded = parse_mtime(metadata.get("mtime"))
@@ -323,6 +348,7 @@ def find_objects(
         head["ContentLength"],
         head["LastModified"].timestamp(),
         head.get("StorageClass", "STANDARD"),
+        head.get("ETag", "").strip('"'),
     )
     return {prefix: single}, parent_prefix(prefix)
 
@@ -351,6 +377,7 @@ def list_versions(
                     item.get("IsLatest", False),
                     item["Size"],
                     item.get("StorageClass", "STANDARD"),
+                    item.get("ETag", "").strip('"'),
                 )
             )
         for item in page.get("DeleteMarkers", []):
@@ -384,6 +411,21 @@ def find_objects_at(
         ) from None
     single = objects_at((v for v in versions if v.key == prefix), when)
     return single, parent_prefix(prefix)
+
+
+def same_size_files(
+    downloads: tuple[Download, ...], objects: dict[str, RemoteObject]
+) -> dict[str, tuple[str, RemoteObject]]:
+    """The local files to compare by content: regular files (not links) of their object's size."""
+    candidates = {}
+    for item in downloads:
+        try:
+            info = os.lstat(item.path)
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_size == item.size:
+            candidates[item.key] = (str(item.path), objects[item.key])
+    return candidates
 
 
 def probe_case_insensitive(folder: str) -> bool:
@@ -506,9 +548,44 @@ def make_restorer(
         write_atomically(path, fill, file_mode(head["Metadata"]), mtime_ns)
         return True
 
+    def recorded(item: Download, cancel) -> tuple[dict, float]:
+        """The object's user metadata and LastModified.
+
+        A small object's come from a GET on the direct path, its body read and
+        dropped: there that costs less client CPU than botocore's HEAD.
+        """
+        if (
+            item.size <= SMALL_OBJECT
+            and item.storage_class not in ARCHIVE_STORAGE_CLASSES
+        ):
+            try:
+                fetched = direct.get(bucket, item.key, CHUNK, item.version_id)
+            except DirectFailed as failure:
+                fetched = fetch(item, direct.client_after(failure))
+            chunks = fetched.chunks
+            if bandwidth:
+                chunks = throttled(chunks, bandwidth, cancel)
+            for _ in chunks:
+                pass
+            return fetched.metadata, fetched.last_modified
+        head = client.head_object(Bucket=bucket, Key=item.key, **versioned(item))
+        return head["Metadata"], head["LastModified"].timestamp()
+
+    def keep(item: Download, path: str, cancel) -> None:
+        """The file already holds the object's bytes: give it the recorded mode and mtime."""
+        metadata, last_modified = recorded(item, cancel)
+        os.chmod(path, file_mode(metadata))
+        mtime_ns = restored_times(metadata, last_modified)
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        console.advance(files=1)
+        console.detail(f"same content: {printable(path)}")
+
     def restore(item: Download, manager, cancel) -> bool:
         path = str(item.path)
         folders.ensure(os.path.dirname(path))
+        if item.same_content:
+            keep(item, path, cancel)
+            return False
         # Smaller objects: one GET, with no HEAD first (the listing gave the size).
         # An archived object fails either way: botocore says why.
         if (
@@ -549,6 +626,7 @@ EXAMPLES = """
   python restore.py s3://family-archive/photos/2024 ~/Pictures/2024 --include '*.jpg'
   python restore.py my-bucket::misc/notes.txt ~/recovered   # one object: ~/recovered/notes.txt
   python restore.py my-bucket::documents ~/Documents-restored --dry-run -v
+  python restore.py my-bucket::documents ~/Documents --checksum   # fetch only what differs
   python restore.py nightly::srv /srv/data-restored --json --bwlimit 20M > report.json
   python restore.py my-bucket::documents ~/Documents-yesterday --at 1d   # as it was a day ago
   python restore.py my-bucket::documents/taxes/2025.pdf ~/recovered --at 2026-11-20
@@ -618,21 +696,29 @@ def run(args, console: Console) -> int:
         os.makedirs(args.local, exist_ok=True)
         case_insensitive = probe_case_insensitive(args.local)
     plan = plan_restore(objects, strip, Path(args.local), filters, case_insensitive)
+    if args.checksum:
+        # A file that cannot be read is simply restored over.
+        candidates = same_size_files(plan.downloads, objects)
+        contents = compare_contents(client, location.bucket, candidates, args.workers)
+        plan = with_same_content(plan, contents)
     for key, why in plan.refused + plan.conflicts:
         console.error(f"s3://{location.bucket}/{key}: {why}", key=key)
     problems = len(plan.refused) + len(plan.conflicts)
     total_bytes = sum(item.size for item in plan.downloads)
 
     if args.dry_run:
-        for item in plan.downloads:
+        fetched = [item for item in plan.downloads if not item.same_content]
+        for item in fetched:
             console.info(
                 f"(dry run) restore: s3://{location.bucket}/{item.key} -> {item.path}"
             )
+        fetched_bytes = sum(item.size for item in fetched)
         summary = Summary(
             "restored",
-            transferred=len(plan.downloads),
+            transferred=len(fetched),
+            skipped=len(plan.downloads) - len(fetched),
             failed=problems,
-            nbytes=total_bytes,
+            nbytes=fetched_bytes,
             seconds=time.monotonic() - started,
             refused=len(plan.refused),
             conflicts=len(plan.conflicts),
@@ -643,7 +729,8 @@ def run(args, console: Console) -> int:
         )
         console.summarize(
             summary,
-            f"(dry run) would restore {len(plan.downloads)} ({total_bytes} bytes)",
+            f"(dry run) would restore {len(fetched)} ({fetched_bytes} bytes), "
+            f"skip {len(plan.downloads) - len(fetched)}",
         )
         return ExitCode.FAILURE if problems else ExitCode.OK
 

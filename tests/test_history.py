@@ -164,7 +164,9 @@ def test_objects_at_picks_each_keys_newest_version_at_or_before_when(when, expec
 
 
 def test_objects_at_keeps_the_versions_size_time_and_storage_class():
-    assert objects_at(HISTORY, 400)["c"] == RemoteObject("c", 5, 350, "GLACIER", "c1")
+    assert objects_at(HISTORY, 400)["c"] == RemoteObject(
+        "c", 5, 350, "GLACIER", version_id="c1"
+    )
 
 
 def test_objects_at_does_not_depend_on_how_the_pages_split_a_key():
@@ -537,6 +539,40 @@ def test_at_reports_collisions_of_that_moment(versioned, tmp_path, capsys):
     assert (target / "a" / "b").read_bytes() == b"file b"
     # Now that `a` is deleted, the same restore has no conflict.
     assert restore.main(["kept::p", str(tmp_path / "now"), "--at", "0s", "-q"]) == 0
+
+
+def test_at_with_checksum_compares_with_the_version_at_that_moment(
+    versioned, tmp_path, capsys
+):
+    def put(key, body, mtime):
+        versioned.put_object(
+            Bucket="kept", Key=key, Body=body, Metadata={"mtime": str(mtime)}
+        )
+
+    big_old = random.Random(5).randbytes(2 * MiB)
+    put("p/same.txt", b"old bytes", 1_600_000_000)
+    put("p/big.bin", big_old, 1_600_000_100)
+    put("p/differs.txt", b"old text", 1_600_000_200)
+    point = moment_now()
+    wait_after(point)
+    put("p/same.txt", b"new bytes", 1_700_000_000)
+    put("p/big.bin", random.Random(6).randbytes(2 * MiB), 1_700_000_100)
+    put("p/differs.txt", b"new text", 1_700_000_200)
+    # Local files as the backup was at `point`, but for one that is as it is now.
+    target = make_tree(
+        tmp_path / "out",
+        {"same.txt": b"old bytes", "big.bin": big_old, "differs.txt": b"new text"},
+    )
+    inodes = {name: os.stat(target / name).st_ino for name in ("same.txt", "big.bin")}
+
+    argv = ["kept::p", str(target), "--at", point, "--checksum", "-v"]
+    assert restore.main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.count("same content:") == 2
+    assert (target / "differs.txt").read_bytes() == b"old text"
+    for name, mtime in (("same.txt", 1_600_000_000), ("big.bin", 1_600_000_100)):
+        assert os.stat(target / name).st_ino == inodes[name]  # kept, not written
+        assert os.stat(target / name).st_mtime == mtime
 
 
 # --- End to end, on moto's server -------------------------------------------------------
