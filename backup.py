@@ -13,6 +13,7 @@ import mimetypes
 import os
 import stat
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import botocore.exceptions
@@ -37,6 +38,7 @@ from s3common import (
     bucket_name_problem,
     client_error_code,
     connect,
+    crc32_header,
     exit_script,
     failure_line,
     folder_prefix,
@@ -272,6 +274,10 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
             return
         with open(file.path, "rb") as body:
             data = body.read()
+        # Our own checksum header, so that botocore streams no aws-chunked body
+        # with a trailing one (see connect), direct or not.
+        checksum = crc32_header(zlib.crc32(data))
+        args = {**args, "ChecksumAlgorithm": "CRC32", "ChecksumCRC32": checksum}
         try:
             direct.put(bucket, key, data, args)
         except DirectFailed as failure:

@@ -442,6 +442,12 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
         retries={"mode": "standard", "total_max_attempts": attempts},
         # Local and S3-compatible servers rarely resolve bucket sub-domains.
         s3={"addressing_style": "path"} if endpoint_url else None,
+        # botocore 1.36+ sends every streamed upload over https as aws-chunked
+        # with a trailing CRC32, which Ceph RGW before 18 refuses
+        # (XAmzContentSHA256Mismatch) and other S3-compatible servers may too.
+        # Over http botocore signs the payload's SHA-256 instead, over https TLS
+        # guards it, and small files carry a CRC32 header of our own (put_whole).
+        request_checksum_calculation="when_required" if endpoint_url else None,
         user_agent_extra="s3backup",
     )
 
@@ -596,6 +602,8 @@ class FetchedObject:
 
 # Parameters of put_object that a direct PUT sends, as the headers botocore sends them.
 PUT_HEADERS = {
+    "ChecksumAlgorithm": "x-amz-sdk-checksum-algorithm",
+    "ChecksumCRC32": "x-amz-checksum-crc32",
     "ContentType": "Content-Type",
     "StorageClass": "x-amz-storage-class",
     "ServerSideEncryption": "x-amz-server-side-encryption",
@@ -767,8 +775,6 @@ class DirectRequests:
         }
         for name, value in args.get("Metadata", {}).items():
             headers[f"x-amz-meta-{name}"] = value
-        headers["x-amz-sdk-checksum-algorithm"] = "CRC32"
-        headers["x-amz-checksum-crc32"] = crc32_header(zlib.crc32(data))
         self._send("PutObject", bucket, key, "PUT", data, headers)
 
     def get(self, bucket: str, key: str, chunk_size: int) -> FetchedObject:
@@ -791,16 +797,22 @@ class DirectRequests:
     def _chunks(
         self, response: http.client.HTTPResponse, origin, chunk_size: int
     ) -> Iterator[bytes]:
-        """The body, checked against its Content-Length and any whole-object CRC32."""
+        """The body, checked against its Content-Length and any whole-object CRC32,
+        else its ETag where that is the body's MD5."""
         expected_crc = response.getheader("x-amz-checksum-crc32")
         if expected_crc and "-" in expected_crc:
             expected_crc = None  # a multipart object's checksum of part checksums
+        # Servers without S3's additional checksums (Ceph RGW before 18) send none.
+        expected_md5 = None if expected_crc else md5_of_etag(response)
+        md5 = hashlib.md5(usedforsecurity=False) if expected_md5 else None
         length = response.getheader("Content-Length")
         crc = received = 0
         complete = False
         try:
             while chunk := response.read(chunk_size):
                 crc = zlib.crc32(chunk, crc)
+                if md5:
+                    md5.update(chunk)
                 received += len(chunk)
                 yield chunk
             complete = True
@@ -813,6 +825,22 @@ class DirectRequests:
             raise DirectFailed(f"got {received} bytes of {length}")
         if expected_crc and crc32_header(crc) != expected_crc:
             raise DirectFailed("the body does not match its CRC32 checksum")
+        if md5 and md5.hexdigest() != expected_md5:
+            raise DirectFailed("the body does not match its ETag (MD5)")
+
+
+def md5_of_etag(response: http.client.HTTPResponse) -> str | None:
+    """The object's MD5 from its ETag, where the ETag is one: a single-part
+    object without SSE-KMS or SSE-C (whose ETags are not their MD5s)."""
+    etag = (response.getheader("ETag") or "").strip('"').lower()
+    encrypted = response.getheader(
+        "x-amz-server-side-encryption", ""
+    ) == "aws:kms" or response.getheader(
+        "x-amz-server-side-encryption-customer-algorithm"
+    )
+    if encrypted or not re.fullmatch(r"[0-9a-f]{32}", etag):
+        return None
+    return etag
 
 
 def client_error_code(exc: BaseException) -> str:
@@ -841,6 +869,8 @@ _CLIENT_ERROR_LINES = {
     "ServiceUnavailable": "the service was unavailable after every retry: run again later",
     "InvalidStorageClass": "the storage class is not supported by this server",
     "KMS.NotFoundException": "the KMS key was not found: check --sse-kms-key-id",
+    "InvalidLocationConstraint": "the server does not take this region as a bucket location: "
+    "check --region (on Ceph RGW it is the zonegroup's name, e.g. default)",
 }
 
 
@@ -874,7 +904,12 @@ def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
         code = client_error_code(exc)
         line = _CLIENT_ERROR_LINES.get(code)
         if line is None:
-            message = exc.response.get("Error", {}).get("Message") or str(exc)
+            message = exc.response.get("Error", {}).get("Message")
+            if not message:  # Ceph RGW leaves out most messages
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                message = (
+                    f"the server refused the request (HTTP {status}) and gave no reason"
+                )
             line = f"{code}: {message}"
         return line, ExitCode.FAILURE
     if isinstance(exc, botocore.exceptions.EndpointConnectionError):
