@@ -78,7 +78,7 @@ class Cluster:
     access_key: str
     secret_key: str
     conf: Path  # ceph.conf, for `ceph -c` and `radosgw-admin -c` by hand
-    rgw_pid: int
+    server_pids: tuple[int, ...]  # the monitor's, the OSD's and radosgw's
 
 
 def missing_programs() -> list[str]:
@@ -271,7 +271,8 @@ def rgw_cluster(folder: Path, access_key: str, secret_key: str) -> Iterator[Clus
             folder,
             60,
         )
-        yield Cluster(url, access_key, secret_key, conf, processes[-1].pid)
+        pids = tuple(process.pid for process in processes)
+        yield Cluster(url, access_key, secret_key, conf, pids)
     finally:
         _stop(processes)
 
