@@ -277,8 +277,15 @@ def rgw_cluster(folder: Path, access_key: str, secret_key: str) -> Iterator[Clus
         _stop(processes)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
-    """Start a cluster by hand, print how to reach it, and stop it on Ctrl-C."""
+    """Start a cluster by hand, print how to reach it, and stop it on Ctrl-C or SIGTERM."""
+    # Also when started in the background, where a shell leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     with tempfile.TemporaryDirectory(prefix="rgw-") as folder:
         try:
             with rgw_cluster(Path(folder), "testing", "testing-secret") as cluster:

@@ -199,3 +199,29 @@ def test_progress_line_on_a_terminal(s3_server, cli_env, tmp_path, bucket_name):
     assert "/50 files, " in text and "/s, ETA" in text
     assert text.endswith("\r\x1b[K")  # the line is cleared before the summary
     assert "uploaded 50" in process.stdout.read().decode()
+
+
+def test_a_tree_of_several_listing_pages_is_listed_in_ranges_on_the_server(
+    s3_server, cli_env, tmp_path, bucket_name, server_client
+):
+    """The server's own key order and StartAfter, across page boundaries that fall
+    between non-ASCII names: nothing is uploaded again, nothing else deleted."""
+    names = ["a", "é", "z", "日本", "a-b", "a.b", "a/b"]
+    files = {
+        f"{names[n % len(names)]}/{n:04d}-{names[n % 3]}.txt": b"%d" % n
+        for n in range(2_100)
+    }
+    source = make_tree(tmp_path / "src", files)
+    endpoint = ["--endpoint-url", s3_server]
+    location = f"{bucket_name}::p"
+    first = run_script("backup.py", str(source), location, *endpoint, env=cli_env)
+    assert first.returncode == 0, first.stderr
+    (source / "a" / "0000-a.txt").unlink()
+    again = run_script(
+        "backup.py", str(source), location, "--delete", *endpoint, env=cli_env
+    )
+    assert again.returncode == 0, again.stderr
+    assert "uploaded 0, skipped 2099, failed 0, deleted 1" in again.stdout
+    listed = server_client.get_paginator("list_objects_v2").paginate(Bucket=bucket_name)
+    keys = {item["Key"] for page in listed for item in page.get("Contents", [])}
+    assert keys == {f"p/{name}" for name in files} - {"p/a/0000-a.txt"}
