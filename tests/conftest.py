@@ -19,7 +19,7 @@ import botocore.exceptions
 import pytest
 from faultproxy import FaultProxy
 from moto import mock_aws
-from rgwserver import rgw_cluster
+from rgwserver import PACKAGES, missing_programs, rgw_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -108,6 +108,11 @@ def pytest_configure(config):
     if TEST_SERVER not in TEST_SERVERS:
         raise pytest.UsageError(
             f"S3_TEST_SERVER={TEST_SERVER!r}: choose one of {', '.join(TEST_SERVERS)}"
+        )
+    if TEST_SERVER == "rgw" and missing_programs():
+        raise pytest.UsageError(
+            f"S3_TEST_SERVER=rgw needs {', '.join(missing_programs())}: install the "
+            f"Debian packages {' '.join(PACKAGES)}"
         )
 
 
