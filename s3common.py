@@ -833,12 +833,9 @@ def md5_of_etag(response: http.client.HTTPResponse) -> str | None:
     """The object's MD5 from its ETag, where the ETag is one: a single-part
     object without SSE-KMS or SSE-C (whose ETags are not their MD5s)."""
     etag = (response.getheader("ETag") or "").strip('"').lower()
-    encrypted = response.getheader(
-        "x-amz-server-side-encryption", ""
-    ) == "aws:kms" or response.getheader(
-        "x-amz-server-side-encryption-customer-algorithm"
-    )
-    if encrypted or not re.fullmatch(r"[0-9a-f]{32}", etag):
+    kms = response.getheader("x-amz-server-side-encryption") == "aws:kms"
+    sse_c = response.getheader("x-amz-server-side-encryption-customer-algorithm")
+    if kms or sse_c or not re.fullmatch(r"[0-9a-f]{32}", etag):
         return None
     return etag
 
@@ -907,9 +904,7 @@ def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
             message = exc.response.get("Error", {}).get("Message")
             if not message:  # Ceph RGW leaves out most messages
                 status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                message = (
-                    f"the server refused the request (HTTP {status}) and gave no reason"
-                )
+                message = f"the server answered HTTP {status} and gave no reason"
             line = f"{code}: {message}"
         return line, ExitCode.FAILURE
     if isinstance(exc, botocore.exceptions.EndpointConnectionError):

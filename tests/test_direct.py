@@ -26,7 +26,13 @@ from test_e2e import AWKWARD_TREE, MiB, snapshot
 
 import backup
 import restore
-from s3common import MAX_ROUTE_CHANGES, SigV4, crc32_header, host_header
+from s3common import (
+    MAX_ROUTE_CHANGES,
+    SigV4,
+    crc32_header,
+    host_header,
+    md5_of_etag,
+)
 
 
 @pytest.fixture
@@ -107,6 +113,39 @@ def test_sigv4_signs_exactly_as_botocore_does(
 def test_crc32_header_is_base64_of_the_big_endian_checksum():
     assert crc32_header(zlib.crc32(b"hello")) == "NhCmhg=="
     assert crc32_header(0) == "AAAAAA=="
+
+
+class Headers(dict):
+    """Response headers, as http.client.HTTPResponse.getheader reads them."""
+
+    def getheader(self, name, default=None):
+        return self.get(name, default)
+
+
+MD5 = "5d41402abc4b2a76b9719d911017c592"
+
+
+@pytest.mark.parametrize(
+    ("headers", "md5"),
+    [
+        ({"ETag": f'"{MD5}"'}, MD5),
+        ({"ETag": f'"{MD5.upper()}"'}, MD5),
+        ({"ETag": f'"{MD5}-2"'}, None),  # multipart
+        ({"ETag": f'"{MD5}"', "x-amz-server-side-encryption": "aws:kms"}, None),
+        ({"ETag": f'"{MD5}"', "x-amz-server-side-encryption": "AES256"}, MD5),
+        (
+            {
+                "ETag": f'"{MD5}"',
+                "x-amz-server-side-encryption-customer-algorithm": "AES256",
+            },
+            None,
+        ),
+        ({"ETag": '"not-an-md5"'}, None),
+        ({}, None),
+    ],
+)
+def test_md5_of_etag_only_where_the_etag_is_the_md5(headers, md5):
+    assert md5_of_etag(Headers(headers)) == md5
 
 
 def test_after_botocores_first_request_small_objects_go_direct_and_round_trip(

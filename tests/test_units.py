@@ -429,7 +429,7 @@ def client_error(code, status=400, message="m"):
         # Ceph RGW sends most errors without a message.
         (
             client_error("InvalidArgument", 400, None),
-            "InvalidArgument: the server refused the request (HTTP 400) and gave no reason",
+            "InvalidArgument: the server answered HTTP 400 and gave no reason",
             ExitCode.FAILURE,
         ),
         (
