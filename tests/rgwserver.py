@@ -45,6 +45,9 @@ START_TIMEOUT = 90  # seconds; it starts in about 3 on an idle 2-core machine
 #   often; cold start 12 s -> ~2.2 s, the first bucket 2.1 s -> 0.3 s.
 # - pools of one copy and 8 placement groups: one OSD holds every copy, and
 #   radosgw's own pools stay under the limit of placement groups per OSD.
+# - memstore holds 1 GiB by default and radosgw frees the data of deleted
+#   objects only after 2 hours: a benchmark run filled it, and a full OSD makes
+#   every write wait forever. Memory is taken only as data is written.
 CEPH_CONF = """\
 [global]
 fsid = {fsid}
@@ -57,6 +60,7 @@ ms mon client mode = crc
 paxos propose interval = 0.1
 mon allow pool size one = true
 osd objectstore = memstore
+memstore device bytes = 8589934592
 osd pool default size = 1
 osd pool default min size = 1
 osd pool default pg num = 8
@@ -70,6 +74,8 @@ osd data = {folder}/osd
 [client.rgw]
 rgw frontends = beast endpoint=127.0.0.1:{rgw_port}
 rgw data = {folder}/rgw
+rgw gc obj min wait = 1
+rgw gc processor period = 5
 """
 
 
