@@ -24,6 +24,7 @@ from s3common import (
     SMALL_OBJECT,
     STORAGE_CLASSES,
     ArgumentParser,
+    BandwidthSubscriber,
     CliError,
     Connection,
     Console,
@@ -265,9 +266,14 @@ def create_bucket(
 def make_uploader(connection: Connection, bucket: str, extra: dict, console: Console):
     """The work function for run_in_parallel: one file up, as one PUT or a parallel multipart."""
     client, direct = connection.client, connection.direct
+    bandwidth = connection.bandwidth  # None without --bwlimit
 
-    def put_whole(key: str, file: LocalFile, args: dict) -> None:
+    def put_whole(key: str, file: LocalFile, args: dict, cancel) -> None:
         """One PutObject: a direct request for a small file, else through botocore."""
+        # Bodies of one request are let through whole (they are at most 8 MiB):
+        # botocore reads a body more than once, for its checksums, before it sends it.
+        if bandwidth:
+            bandwidth.take(file.size, cancel)
         if file.size > SMALL_OBJECT:
             with open(file.path, "rb") as body:
                 client.put_object(Bucket=bucket, Key=key, Body=body, **args)
@@ -292,10 +298,12 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
         # One PutObject is the cheapest request for a small file; the transfer
         # manager's futures and callbacks cost more than the upload itself.
         if file.size < MULTIPART_THRESHOLD:
-            put_whole(item.key, file, args)
+            put_whole(item.key, file, args, cancel)
             console.advance(nbytes=file.size)
         else:
             subscribers = [ProgressSubscriber(console)]
+            if bandwidth:
+                subscribers.append(BandwidthSubscriber(bandwidth, cancel))
             manager.upload(
                 file.path, bucket, item.key, extra_args=args, subscribers=subscribers
             ).result()
@@ -337,33 +345,56 @@ def delete_objects(
 # --- The command ----------------------------------------------------------------
 
 
+EXAMPLES = """
+  python backup.py ~/Documents my-bucket::documents
+  python backup.py ~/Photos s3://family-archive/photos --storage-class STANDARD_IA
+  python backup.py ~/project work-bucket::project --exclude '.git/*' --delete
+  python backup.py ~/notes.txt my-bucket::misc      # one file: s3://my-bucket/misc/notes.txt
+  python backup.py ~/Documents my-bucket::documents --dry-run -v
+  python backup.py /srv/data nightly::srv --json -q --bwlimit 8M > report.json
+"""
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="backup.py",
         description="Back up a folder (or one file) to S3, uploading only what changed.",
+        examples=EXAMPLES,
     )
     parser.add_argument("local", metavar="LOCAL", help="the folder or file to back up")
     parser.add_argument(
-        "location", metavar="BUCKET::PREFIX", help="or s3://BUCKET/PREFIX"
+        "location",
+        metavar="BUCKET::PREFIX",
+        help="where to, also s3://BUCKET/PREFIX; the bucket is created if missing",
     )
     add_shared_options(parser)
     parser.add_argument(
         "--delete",
         action="store_true",
-        help="delete objects under the prefix whose files no longer exist locally",
+        help="delete objects under the prefix whose files no longer exist locally "
+        "(e.g. --delete --dry-run to see what would go)",
     )
     parser.add_argument(
         "--no-follow-symlinks",
         dest="follow_symlinks",
         action="store_false",
-        help="skip symbolic links instead of following them",
-    )
-    parser.add_argument("--storage-class", choices=STORAGE_CLASSES, metavar="CLASS")
-    parser.add_argument(
-        "--sse", choices=("AES256", "aws:kms"), help="server-side encryption"
+        help="skip symbolic links instead of following them (e.g. --no-follow-symlinks)",
     )
     parser.add_argument(
-        "--sse-kms-key-id", metavar="ID", help="the KMS key for --sse aws:kms"
+        "--storage-class",
+        choices=STORAGE_CLASSES,
+        metavar="CLASS",
+        help="storage class of the uploaded objects (e.g. --storage-class STANDARD_IA)",
+    )
+    parser.add_argument(
+        "--sse",
+        choices=("AES256", "aws:kms"),
+        help="server-side encryption, AES256 or aws:kms (e.g. --sse AES256)",
+    )
+    parser.add_argument(
+        "--sse-kms-key-id",
+        metavar="ID",
+        help="the KMS key for --sse aws:kms (e.g. --sse aws:kms --sse-kms-key-id alias/backup)",
     )
     return parser
 
@@ -381,9 +412,8 @@ def extra_args_from(args) -> dict:
     return extra
 
 
-def run(args) -> int:
+def run(args, console: Console) -> int:
     started = time.monotonic()
-    console = Console(args.quiet, args.verbose)
     location = parse_location(args.location)
     extra = extra_args_from(args)
     filters = Filters(args.filters)
@@ -409,7 +439,9 @@ def run(args) -> int:
     for warning in scan.warnings:
         console.warning(warning)
     for failure in scan.errors:
-        console.error(failure_line("read", failure.item, failure.error))
+        console.error(
+            failure_line("read", failure.item, failure.error), path=failure.item
+        )
 
     # A single file is listed by its own key, a folder on its folder boundary.
     listing_prefix = (
@@ -449,9 +481,18 @@ def run(args) -> int:
             )
         for key in plan.deletes:
             console.info(f"(dry run) delete: s3://{location.bucket}/{key}")
-        console.info(
+        summary = Summary(
+            "uploaded",
+            transferred=len(plan.uploads),
+            skipped=plan.skipped,
+            deleted=len(plan.deletes),
+            nbytes=total_bytes,
+            seconds=time.monotonic() - started,
+        )
+        console.summarize(
+            summary,
             f"(dry run) would upload {len(plan.uploads)} ({total_bytes} bytes), "
-            f"skip {plan.skipped}, delete {len(plan.deletes)}"
+            f"skip {plan.skipped}, delete {len(plan.deletes)}",
         )
         return ExitCode.OK
 
@@ -460,7 +501,8 @@ def run(args) -> int:
     failures, _ = run_in_parallel(plan.uploads, uploader, client, args.workers)
     console.finish()
     for failure in failures:
-        console.error(failure_line("upload", failure.item.file.path, failure.error))
+        path = failure.item.file.path
+        console.error(failure_line("upload", path, failure.error), path=path)
 
     deleted = 0
     if plan.deletes:
@@ -474,7 +516,8 @@ def run(args) -> int:
             )
             for failure in delete_failures:
                 console.error(
-                    failure_line("delete", location.url(failure.item), failure.error)
+                    failure_line("delete", location.url(failure.item), failure.error),
+                    key=failure.item,
                 )
             deleted = len(plan.deletes) - len(delete_failures)
             failures += delete_failures
@@ -492,7 +535,7 @@ def run(args) -> int:
         nbytes=total_bytes - failed_bytes,
         seconds=time.monotonic() - started,
     )
-    console.info(summary.line())
+    console.summarize(summary)
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
 
 

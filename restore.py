@@ -30,6 +30,7 @@ from s3common import (
     PART_WORKERS,
     SMALL_OBJECT,
     ArgumentParser,
+    BandwidthSubscriber,
     Cancelled,
     CliError,
     Connection,
@@ -55,6 +56,7 @@ from s3common import (
     run_cli,
     run_failure,
     run_in_parallel,
+    throttled,
     usage_error,
 )
 
@@ -291,6 +293,7 @@ def make_restorer(
 ):
     """The work function for run_in_parallel: one object down; False when already restored."""
     client, direct = connection.client, connection.direct
+    bandwidth = connection.bandwidth  # None without --bwlimit
 
     def file_mode(metadata: dict) -> int:
         mode = parse_mode(metadata.get("mode"))
@@ -306,8 +309,12 @@ def make_restorer(
         )
 
     def write_object(item: Download, path: str, fetched: FetchedObject, cancel) -> None:
+        chunks = fetched.chunks
+        if bandwidth:
+            chunks = throttled(chunks, bandwidth, cancel)
+
         def fill(out: BinaryIO) -> None:
-            for chunk in fetched.chunks:
+            for chunk in chunks:
                 if cancel.is_set():
                     raise Cancelled()
                 out.write(chunk)
@@ -316,7 +323,7 @@ def make_restorer(
         write_atomically(path, fill, file_mode(fetched.metadata), mtime_ns)
         console.advance(nbytes=item.size)
 
-    def write_large(item: Download, path: str, manager) -> bool:
+    def write_large(item: Download, path: str, manager, cancel) -> bool:
         """A HEAD for the metadata, then parallel ranged GETs, unless an earlier
         (interrupted) run already restored this very file whole."""
         head = client.head_object(Bucket=bucket, Key=item.key)
@@ -326,6 +333,8 @@ def make_restorer(
 
         def fill(out: BinaryIO) -> None:
             subscribers = [ProgressSubscriber(console, size=item.size)]
+            if bandwidth:
+                subscribers.append(BandwidthSubscriber(bandwidth, cancel))
             manager.download(bucket, item.key, out, subscribers=subscribers).result()
 
         write_atomically(path, fill, file_mode(head["Metadata"]), mtime_ns)
@@ -348,7 +357,7 @@ def make_restorer(
                 write_object(item, path, fetch(item.key, via), cancel)
         elif item.size < MULTIPART_THRESHOLD:
             write_object(item, path, fetch(item.key, client), cancel)
-        elif not write_large(item, path, manager):
+        elif not write_large(item, path, manager, cancel):
             console.advance(files=1)
             console.detail(f"already restored: {path}")
             return False
@@ -368,13 +377,25 @@ def current_umask() -> int:
 # --- The command ----------------------------------------------------------------
 
 
+EXAMPLES = """
+  python restore.py my-bucket::documents ~/Documents-restored
+  python restore.py s3://family-archive/photos/2024 ~/Pictures/2024 --include '*.jpg'
+  python restore.py my-bucket::misc/notes.txt ~/recovered   # one object: ~/recovered/notes.txt
+  python restore.py my-bucket::documents ~/Documents-restored --dry-run -v
+  python restore.py nightly::srv /srv/data-restored --json --bwlimit 20M > report.json
+"""
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="restore.py",
         description="Restore a prefix (or one object) from S3 into a folder.",
+        examples=EXAMPLES,
     )
     parser.add_argument(
-        "location", metavar="BUCKET::PREFIX", help="or s3://BUCKET/PREFIX"
+        "location",
+        metavar="BUCKET::PREFIX",
+        help="what to restore, also s3://BUCKET/PREFIX; a prefix or one object",
     )
     parser.add_argument(
         "local", metavar="LOCAL", help="the folder to restore into (created if missing)"
@@ -383,9 +404,8 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def run(args) -> int:
+def run(args, console: Console) -> int:
     started = time.monotonic()
-    console = Console(args.quiet, args.verbose)
     location = parse_location(args.location)
     filters = Filters(args.filters)
     if not args.local or (os.path.exists(args.local) and not os.path.isdir(args.local)):
@@ -406,7 +426,7 @@ def run(args) -> int:
         case_insensitive = probe_case_insensitive(args.local)
     plan = plan_restore(objects, strip, Path(args.local), filters, case_insensitive)
     for key, why in plan.refused + plan.conflicts:
-        console.error(f"s3://{location.bucket}/{key}: {why}")
+        console.error(f"s3://{location.bucket}/{key}: {why}", key=key)
     problems = len(plan.refused) + len(plan.conflicts)
     total_bytes = sum(item.size for item in plan.downloads)
 
@@ -415,8 +435,21 @@ def run(args) -> int:
             console.info(
                 f"(dry run) restore: s3://{location.bucket}/{item.key} -> {item.path}"
             )
-        console.info(
-            f"(dry run) would restore {len(plan.downloads)} ({total_bytes} bytes)"
+        summary = Summary(
+            "restored",
+            transferred=len(plan.downloads),
+            failed=problems,
+            nbytes=total_bytes,
+            seconds=time.monotonic() - started,
+            refused=len(plan.refused),
+            conflicts=len(plan.conflicts),
+            archived=sum(
+                item.storage_class in ARCHIVE_STORAGE_CLASSES for item in plan.downloads
+            ),
+        )
+        console.summarize(
+            summary,
+            f"(dry run) would restore {len(plan.downloads)} ({total_bytes} bytes)",
         )
         return ExitCode.FAILURE if problems else ExitCode.OK
 
@@ -434,7 +467,9 @@ def run(args) -> int:
         where = location.url(failure.item.key)
         if failure.item.storage_class in ARCHIVE_STORAGE_CLASSES:
             where += f" ({failure.item.storage_class})"
-        console.error(failure_line("restore", where, failure.error))
+        console.error(
+            failure_line("restore", where, failure.error), key=failure.item.key
+        )
 
     untouched_bytes = sum(item.size for item in skipped) + sum(
         f.item.size for f in failures
@@ -446,8 +481,11 @@ def run(args) -> int:
         failed=len(failures) + problems,
         nbytes=total_bytes - untouched_bytes,
         seconds=time.monotonic() - started,
+        refused=len(plan.refused),
+        conflicts=len(plan.conflicts),
+        archived=sum(f.item.storage_class in ARCHIVE_STORAGE_CLASSES for f in failures),
     )
-    console.info(summary.line())
+    console.summarize(summary)
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
 
 
