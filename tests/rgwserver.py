@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -125,14 +126,17 @@ def _die_with_parent() -> None:
     _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _daemon(argv: list[str], log: Path, processes: list[subprocess.Popen]) -> None:
-    """Start a Ceph daemon in the foreground (-f), so that its pid is ours to stop."""
-    with open(log, "ab") as out:
+def _daemon(
+    program: str, args: list[str], conf: Path, processes: list[subprocess.Popen]
+) -> None:
+    """Start a Ceph daemon in the foreground (-f), so that its pid is ours to stop;
+    its output goes to log/PROGRAM.out beside `conf`."""
+    with open(conf.parent / "log" / f"{program}.out", "ab") as out:
         # Its own session: a Ctrl-C in the terminal reaches only our process,
         # which then kills the daemon, instead of a slow clean shutdown of each.
         processes.append(
             subprocess.Popen(
-                argv,
+                [program, "-c", str(conf), "-f", *args],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -202,94 +206,35 @@ def rgw_cluster(folder: Path, access_key: str, secret_key: str) -> Iterator[Clus
     deadline = time.monotonic() + START_TIMEOUT
     processes: list[subprocess.Popen] = []
     try:
+        monmap = str(folder / "monmap")
         _run(
-            [
-                "monmaptool",
-                "--create",
-                "--fsid",
-                str(fsid),
-                "--addv",
-                "a",
-                f"[v2:127.0.0.1:{mon_port}]",
-                str(folder / "monmap"),
-            ],
+            ["monmaptool", "--create", "--fsid", str(fsid),
+             "--addv", "a", f"[v2:127.0.0.1:{mon_port}]", monmap],
+            folder, 30,
+        )  # fmt: skip
+        _run(
+            ["ceph-mon", *with_conf, "--mkfs", "-i", "a", "--monmap", monmap],
             folder,
             30,
         )
-        _run(
-            [
-                "ceph-mon",
-                *with_conf,
-                "--mkfs",
-                "-i",
-                "a",
-                "--monmap",
-                str(folder / "monmap"),
-            ],
-            folder,
-            30,
-        )
-        _daemon(
-            ["ceph-mon", *with_conf, "-f", "-i", "a"],
-            folder / "log" / "mon.out",
-            processes,
-        )
+        _daemon("ceph-mon", ["-i", "a"], conf, processes)
         osd_id = _run(
-            [
-                "ceph",
-                *with_conf,
-                "--connect-timeout",
-                "30",
-                "osd",
-                "new",
-                str(osd_uuid),
-            ],
-            folder,
-            60,
-        ).strip()
+            ["ceph", *with_conf, "--connect-timeout", "30", "osd", "new", str(osd_uuid)],
+            folder, 60,
+        ).strip()  # fmt: skip
         _run(
-            [
-                "ceph-osd",
-                *with_conf,
-                "-i",
-                osd_id,
-                "--mkfs",
-                "--osd-uuid",
-                str(osd_uuid),
-            ],
-            folder,
-            60,
-        )
-        _daemon(
-            ["ceph-osd", *with_conf, "-f", "-i", osd_id],
-            folder / "log" / "osd.out",
-            processes,
-        )
-        _daemon(
-            ["radosgw", *with_conf, "-f", "-n", "client.rgw"],
-            folder / "log" / "rgw.out",
-            processes,
-        )
+            ["ceph-osd", *with_conf, "-i", osd_id, "--mkfs", "--osd-uuid", str(osd_uuid)],
+            folder, 60,
+        )  # fmt: skip
+        _daemon("ceph-osd", ["-i", osd_id], conf, processes)
+        _daemon("radosgw", ["-n", "client.rgw"], conf, processes)
         url = f"http://127.0.0.1:{rgw_port}"
         _wait_for_s3(url, processes, deadline)
         _run(
-            [
-                "radosgw-admin",
-                *with_conf,
-                "user",
-                "create",
-                "--uid",
-                "tester",
-                "--display-name",
-                "tester",
-                "--access-key",
-                access_key,
-                "--secret",
-                secret_key,
-            ],
-            folder,
-            60,
-        )
+            ["radosgw-admin", *with_conf, "user", "create", "--uid", "tester",
+             "--display-name", "tester", "--access-key", access_key, "--secret", secret_key],
+            folder, 60,
+        )  # fmt: skip
         pids = tuple(process.pid for process in processes)
         yield Cluster(url, access_key, secret_key, conf, pids)
     finally:
