@@ -9,6 +9,7 @@ and mode in user metadata. The bucket is created when it does not exist.
 
 from __future__ import annotations
 
+import hashlib
 import mimetypes
 import os
 import stat
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 import botocore.exceptions
 
 from s3common import (
+    MD5_METADATA,
     MULTIPART_THRESHOLD,
     PART_WORKERS,
     SMALL_OBJECT,
@@ -28,27 +30,33 @@ from s3common import (
     CliError,
     Connection,
     Console,
+    Contents,
     DirectFailed,
     ExitCode,
     Failure,
     Filters,
+    Location,
     ProgressSubscriber,
     RemoteObject,
     Summary,
     add_shared_options,
     bucket_name_problem,
     client_error_code,
+    compare_contents,
     connect,
     crc32_header,
     exit_script,
     failure_line,
+    file_md5,
     folder_prefix,
     format_mtime,
     in_background,
     key_for,
     list_objects,
     listing_boundaries,
+    md5chksum,
     parse_location,
+    printable,
     relative_key,
     run_cli,
     run_failure,
@@ -71,7 +79,9 @@ class LocalFile:
 class Upload:
     key: str
     file: LocalFile
-    reason: str  # "new", "size changed" or "newer"
+    # "new", "size changed", "newer", "content changed" or "no MD5 to compare"
+    reason: str
+    md5: str | None = None  # the file's, when --checksum has hashed it already
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,16 @@ class BackupPlan:
     uploads: tuple[Upload, ...]
     deletes: tuple[str, ...]
     skipped: int
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """How a backup differs from LOCAL (--check), by key."""
+
+    missing: tuple[str, ...]  # files with no object
+    changed: tuple[tuple[str, str], ...]  # (key, why): files whose object differs
+    extra: tuple[str, ...]  # objects with no file
+    identical: int
 
 
 @dataclass
@@ -91,12 +111,26 @@ class Scan:
 # --- Deciding: pure functions --------------------------------------------------
 
 
-def upload_reason(local: LocalFile, remote: RemoteObject | None) -> str | None:
-    """Why a file must go up, or None when the object already matches it."""
+def upload_reason(
+    local: LocalFile,
+    remote: RemoteObject | None,
+    local_md5: str | None = None,
+    remote_md5: str | None = None,
+    by_content: bool = False,
+) -> str | None:
+    """Why a file must go up, or None when the object already matches it.
+
+    By content, a file of the object's size matches when both MD5s are known and
+    equal, whatever the mtimes; else by its mtime.
+    """
     if remote is None:
         return "new"
     if remote.size != local.size:
         return "size changed"
+    if by_content:
+        if local_md5 is None or remote_md5 is None:
+            return "no MD5 to compare"
+        return None if local_md5 == remote_md5 else "content changed"
     # S3 keeps LastModified to the whole second: compare at that resolution, or
     # every file written in the second before its upload would go up again.
     if local.mtime_ns // 1_000_000_000 > remote.last_modified:
@@ -110,15 +144,26 @@ def plan_backup(
     prefix: str,
     filters: Filters,
     delete: bool,
+    contents: Contents | None = None,
 ) -> BackupPlan:
-    """What to upload and delete, from the local and the remote listing keyed by S3 key."""
+    """What to upload and delete, from the local and the remote listing keyed by S3 key.
+
+    With `contents` (--checksum), files of their object's size are compared by MD5.
+    """
     uploads, skipped = [], 0
     for key in sorted(local):
         if not filters.includes(relative_key(prefix, key)):
             continue
-        reason = upload_reason(local[key], remote.get(key))
+        reason = upload_reason(
+            local[key],
+            remote.get(key),
+            contents.local.get(key) if contents else None,
+            contents.remote.get(key) if contents else None,
+            by_content=contents is not None,
+        )
         if reason:
-            uploads.append(Upload(key, local[key], reason))
+            md5 = contents.local.get(key) if contents else None
+            uploads.append(Upload(key, local[key], reason, md5))
         else:
             skipped += 1
     deletes = ()
@@ -133,14 +178,54 @@ def plan_backup(
     return BackupPlan(tuple(uploads), deletes, skipped)
 
 
-def upload_args(file: LocalFile, extra: dict) -> dict:
-    """Metadata (mtime and mode as rclone writes them), Content-Type and the pass-through options."""
+def same_size_files(
+    local: dict[str, LocalFile],
+    remote: dict[str, RemoteObject],
+    prefix: str,
+    filters: Filters,
+) -> dict[str, tuple[str, RemoteObject]]:
+    """The files to compare by content: those of their object's size, within the filters."""
+    return {
+        key: (file.path, remote[key])
+        for key, file in local.items()
+        if key in remote
+        and remote[key].size == file.size
+        and filters.includes(relative_key(prefix, key))
+    }
+
+
+def check_report(plan: BackupPlan, unread: frozenset[str] = frozenset()) -> CheckReport:
+    """--check's differences, from a plan by content with --delete; `unread` files are errors, not differences."""
+    return CheckReport(
+        missing=tuple(item.key for item in plan.uploads if item.reason == "new"),
+        changed=tuple(
+            (item.key, item.reason)
+            for item in plan.uploads
+            if item.reason != "new" and item.key not in unread
+        ),
+        extra=plan.deletes,
+        identical=plan.skipped,
+    )
+
+
+def needs_md5chksum(size: int, extra: dict) -> bool:
+    """Whether the object's ETag will not be its MD5: a multipart upload, or SSE-KMS."""
+    return size >= MULTIPART_THRESHOLD or extra.get(
+        "ServerSideEncryption", ""
+    ).startswith("aws:kms")
+
+
+def upload_args(file: LocalFile, extra: dict, md5: str | None = None) -> dict:
+    """Metadata (mtime and mode as rclone writes them, and md5chksum when given),
+    Content-Type and the pass-through options."""
     args = {
         "Metadata": {
             "mtime": format_mtime(file.mtime_ns),
             "mode": format(file.mode, "o"),
         }
     }
+    if md5 is not None:
+        args["Metadata"][MD5_METADATA] = md5chksum(md5)
     content_type, _ = mimetypes.guess_type(file.path, strict=False)
     if content_type:
         args["ContentType"] = content_type
@@ -268,22 +353,34 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
     client, direct = connection.client, connection.direct
     bandwidth = connection.bandwidth  # None without --bwlimit
 
-    def put_whole(key: str, file: LocalFile, args: dict, cancel) -> None:
-        """One PutObject: a direct request for a small file, else through botocore."""
+    def put_whole(key: str, file: LocalFile, cancel) -> None:
+        """One PutObject: a direct request for a small file, else through botocore.
+
+        A file whose object needs md5chksum is read into memory (it is below the
+        multipart threshold) and the MD5 taken of the very bytes sent.
+        """
         # Bodies of one request are let through whole (they are at most 8 MiB):
         # botocore reads a body more than once, for its checksums, before it sends it.
         if bandwidth:
             bandwidth.take(file.size, cancel)
-        if file.size > SMALL_OBJECT:
+        with_md5 = needs_md5chksum(file.size, extra)
+        if file.size > SMALL_OBJECT and not with_md5:
             with open(file.path, "rb") as body:
-                client.put_object(Bucket=bucket, Key=key, Body=body, **args)
+                client.put_object(
+                    Bucket=bucket, Key=key, Body=body, **upload_args(file, extra)
+                )
             return
         with open(file.path, "rb") as body:
             data = body.read()
+        md5 = hashlib.md5(data, usedforsecurity=False).hexdigest() if with_md5 else None
         # Our own checksum header, so that botocore streams no aws-chunked body
         # with a trailing one (see connect), direct or not.
         checksum = crc32_header(zlib.crc32(data))
-        args = {**args, "ChecksumAlgorithm": "CRC32", "ChecksumCRC32": checksum}
+        args = {
+            **upload_args(file, extra, md5),
+            "ChecksumAlgorithm": "CRC32",
+            "ChecksumCRC32": checksum,
+        }
         try:
             direct.put(bucket, key, data, args)
         except DirectFailed as failure:
@@ -294,13 +391,16 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
 
     def upload(item: Upload, manager, cancel) -> None:
         file = item.file
-        args = upload_args(file, extra)
         # One PutObject is the cheapest request for a small file; the transfer
         # manager's futures and callbacks cost more than the upload itself.
         if file.size < MULTIPART_THRESHOLD:
-            put_whole(item.key, file, args, cancel)
+            put_whole(item.key, file, cancel)
             console.advance(nbytes=file.size)
         else:
+            # CreateMultipartUpload carries the metadata before any part is read,
+            # so the MD5 takes a pass of its own over the file first (unless
+            # --checksum has just made it).
+            args = upload_args(file, extra, item.md5 or file_md5(file.path))
             subscribers = [ProgressSubscriber(console)]
             if bandwidth:
                 subscribers.append(BandwidthSubscriber(bandwidth, cancel))
@@ -351,6 +451,7 @@ EXAMPLES = """
   python backup.py ~/project work-bucket::project --exclude '.git/*' --delete
   python backup.py ~/notes.txt my-bucket::misc      # one file: s3://my-bucket/misc/notes.txt
   python backup.py ~/Documents my-bucket::documents --dry-run -v
+  python backup.py ~/Documents my-bucket::documents --check   # exit 0: the backup holds it
   python backup.py /srv/data nightly::srv --json -q --bwlimit 8M > report.json
 """
 
@@ -373,6 +474,13 @@ def build_parser() -> ArgumentParser:
         action="store_true",
         help="delete objects under the prefix whose files no longer exist locally "
         "(e.g. --delete --dry-run to see what would go)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="compare LOCAL with the backup by content and change nothing; "
+        "exit 0 when the backup holds LOCAL exactly, 1 when it does not "
+        "(e.g. --check --exclude '*.tmp')",
     )
     parser.add_argument(
         "--no-follow-symlinks",
@@ -421,6 +529,8 @@ def run(args, console: Console) -> int:
     is_folder = stat.S_ISDIR(local.st_mode)
     if args.delete and not is_folder:
         raise usage_error("--delete needs LOCAL to be a folder")
+    if args.check and args.delete:
+        raise usage_error("--check changes nothing: it does not go with --delete")
 
     connection = connect(args, pool_size=args.workers + PART_WORKERS)
     client = connection.client
@@ -469,9 +579,27 @@ def run(args, console: Console) -> int:
             raise run_failure(f"cannot list {location.url()}", exc) from None
         if not is_folder:
             remote = {key: obj for key, obj in remote.items() if key == listing_prefix}
+    elif args.check:
+        raise CliError(
+            f"the bucket {location.bucket} does not exist: nothing is backed up at {location.url()}"
+        )
     else:
         create_bucket(client, location.bucket, connection.region, args.dry_run, console)
-    plan = plan_backup(scan.files, remote, location.prefix, filters, args.delete)
+    contents = None
+    if args.checksum or args.check:
+        contents = compare_contents(
+            client,
+            location.bucket,
+            same_size_files(scan.files, remote, location.prefix, filters),
+            args.workers,
+        )
+    if args.check:
+        plan = plan_backup(scan.files, remote, location.prefix, filters, True, contents)
+        return report_check(plan, contents, scan, location, console, started)
+    # A file that could not be hashed goes up, and its upload reports why it failed.
+    plan = plan_backup(
+        scan.files, remote, location.prefix, filters, args.delete, contents
+    )
     total_bytes = sum(upload.file.size for upload in plan.uploads)
 
     if args.dry_run:
@@ -537,6 +665,41 @@ def run(args, console: Console) -> int:
     )
     console.summarize(summary)
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
+
+
+def report_check(
+    plan: BackupPlan,
+    contents: Contents,
+    scan: Scan,
+    location: Location,
+    console: Console,
+    started: float,
+) -> int:
+    """--check's output: one line per difference, the summary; exit 0 only when identical."""
+    for failure in contents.failures:
+        path = scan.files[failure.item].path
+        console.error(failure_line("read", path, failure.error), path=path)
+    report = check_report(plan, frozenset(f.item for f in contents.failures))
+    for key in report.missing:
+        console.info(f"missing: {printable(key)}")
+    for key, why in report.changed:
+        console.info(f"changed: {printable(key)} ({why})")
+    for key in report.extra:
+        console.info(f"extra: {printable(key)}")
+    summary = Summary(
+        "checked",
+        skipped=report.identical,
+        failed=len(contents.failures) + len(scan.errors),
+        seconds=time.monotonic() - started,
+        missing=list(report.missing),
+        changed=[key for key, _ in report.changed],
+        extra=list(report.extra),
+    )
+    if not (report.missing or report.changed or report.extra or summary.failed):
+        console.info(f"{location.url()} holds every file exactly")
+    console.summarize(summary)
+    differs = report.missing or report.changed or report.extra
+    return ExitCode.FAILURE if differs or summary.failed else ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:

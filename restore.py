@@ -18,7 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
 from typing import BinaryIO
 
@@ -35,6 +35,7 @@ from s3common import (
     CliError,
     Connection,
     Console,
+    Contents,
     DirectFailed,
     ExitCode,
     FetchedObject,
@@ -44,6 +45,7 @@ from s3common import (
     Summary,
     add_shared_options,
     client_error_code,
+    compare_contents,
     connect,
     exit_script,
     failure_line,
@@ -52,6 +54,7 @@ from s3common import (
     parse_location,
     parse_mode,
     parse_mtime,
+    printable,
     relative_key,
     run_cli,
     run_failure,
@@ -81,6 +84,8 @@ class Download:
     size: int
     last_modified: float
     storage_class: str
+    # --checksum: the local file already holds these bytes; only mtime and mode are set.
+    same_content: bool = False
 
 
 @dataclass(frozen=True)
@@ -180,6 +185,18 @@ def plan_restore(
     return RestorePlan(tuple(downloads), tuple(refused), tuple(conflicts))
 
 
+def with_same_content(plan: RestorePlan, contents: Contents) -> RestorePlan:
+    """The plan with the downloads whose local file has the object's MD5 marked same_content."""
+    downloads = tuple(
+        replace(item, same_content=True)
+        if contents.local.get(item.key) is not None
+        and contents.local.get(item.key) == contents.remote.get(item.key)
+        else item
+        for item in plan.downloads
+    )
+    return replace(plan, downloads=downloads)
+
+
 def restored_times(metadata: dict, last_modified: float) -> int:
     """The mtime to give a restored file, in nanoseconds: the recorded one, else LastModified."""
     recorded = parse_mtime(metadata.get("mtime"))
@@ -224,9 +241,25 @@ def find_objects(
         head["ContentLength"],
         head["LastModified"].timestamp(),
         head.get("StorageClass", "STANDARD"),
+        head.get("ETag", "").strip('"'),
     )
     parent = str(PurePosixPath(prefix).parent)
     return {prefix: single}, "" if parent == "." else parent
+
+
+def same_size_files(
+    downloads: tuple[Download, ...], objects: dict[str, RemoteObject]
+) -> dict[str, tuple[str, RemoteObject]]:
+    """The local files to compare by content: regular files (not links) of their object's size."""
+    candidates = {}
+    for item in downloads:
+        try:
+            info = os.lstat(item.path)
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_size == item.size:
+            candidates[item.key] = (str(item.path), objects[item.key])
+    return candidates
 
 
 def probe_case_insensitive(folder: str) -> bool:
@@ -340,9 +373,44 @@ def make_restorer(
         write_atomically(path, fill, file_mode(head["Metadata"]), mtime_ns)
         return True
 
+    def recorded(item: Download, cancel) -> tuple[dict, float]:
+        """The object's user metadata and LastModified.
+
+        A small object's come from a GET on the direct path, its body read and
+        dropped: there that costs less client CPU than botocore's HEAD.
+        """
+        if (
+            item.size <= SMALL_OBJECT
+            and item.storage_class not in ARCHIVE_STORAGE_CLASSES
+        ):
+            try:
+                fetched = direct.get(bucket, item.key, CHUNK)
+            except DirectFailed as failure:
+                fetched = fetch(item.key, direct.client_after(failure))
+            chunks = fetched.chunks
+            if bandwidth:
+                chunks = throttled(chunks, bandwidth, cancel)
+            for _ in chunks:
+                pass
+            return fetched.metadata, fetched.last_modified
+        head = client.head_object(Bucket=bucket, Key=item.key)
+        return head["Metadata"], head["LastModified"].timestamp()
+
+    def keep(item: Download, path: str, cancel) -> None:
+        """The file already holds the object's bytes: give it the recorded mode and mtime."""
+        metadata, last_modified = recorded(item, cancel)
+        os.chmod(path, file_mode(metadata))
+        mtime_ns = restored_times(metadata, last_modified)
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        console.advance(files=1)
+        console.detail(f"same content: {printable(path)}")
+
     def restore(item: Download, manager, cancel) -> bool:
         path = str(item.path)
         folders.ensure(os.path.dirname(path))
+        if item.same_content:
+            keep(item, path, cancel)
+            return False
         # Smaller objects: one GET, with no HEAD first (the listing gave the size).
         # An archived object fails either way: botocore says why.
         if (
@@ -382,6 +450,7 @@ EXAMPLES = """
   python restore.py s3://family-archive/photos/2024 ~/Pictures/2024 --include '*.jpg'
   python restore.py my-bucket::misc/notes.txt ~/recovered   # one object: ~/recovered/notes.txt
   python restore.py my-bucket::documents ~/Documents-restored --dry-run -v
+  python restore.py my-bucket::documents ~/Documents --checksum   # fetch only what differs
   python restore.py nightly::srv /srv/data-restored --json --bwlimit 20M > report.json
 """
 
@@ -425,21 +494,29 @@ def run(args, console: Console) -> int:
         os.makedirs(args.local, exist_ok=True)
         case_insensitive = probe_case_insensitive(args.local)
     plan = plan_restore(objects, strip, Path(args.local), filters, case_insensitive)
+    if args.checksum:
+        # A file that cannot be read is simply restored over.
+        candidates = same_size_files(plan.downloads, objects)
+        contents = compare_contents(client, location.bucket, candidates, args.workers)
+        plan = with_same_content(plan, contents)
     for key, why in plan.refused + plan.conflicts:
         console.error(f"s3://{location.bucket}/{key}: {why}", key=key)
     problems = len(plan.refused) + len(plan.conflicts)
     total_bytes = sum(item.size for item in plan.downloads)
 
     if args.dry_run:
-        for item in plan.downloads:
+        fetched = [item for item in plan.downloads if not item.same_content]
+        for item in fetched:
             console.info(
                 f"(dry run) restore: s3://{location.bucket}/{item.key} -> {item.path}"
             )
+        fetched_bytes = sum(item.size for item in fetched)
         summary = Summary(
             "restored",
-            transferred=len(plan.downloads),
+            transferred=len(fetched),
+            skipped=len(plan.downloads) - len(fetched),
             failed=problems,
-            nbytes=total_bytes,
+            nbytes=fetched_bytes,
             seconds=time.monotonic() - started,
             refused=len(plan.refused),
             conflicts=len(plan.conflicts),
@@ -449,7 +526,8 @@ def run(args, console: Console) -> int:
         )
         console.summarize(
             summary,
-            f"(dry run) would restore {len(plan.downloads)} ({total_bytes} bytes)",
+            f"(dry run) would restore {len(fetched)} ({fetched_bytes} bytes), "
+            f"skip {len(plan.downloads) - len(fetched)}",
         )
         return ExitCode.FAILURE if problems else ExitCode.OK
 

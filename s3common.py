@@ -1,6 +1,7 @@
 """What backup.py and restore.py share: locations, filters, the command line, the S3
 client and the direct requests for small objects, error messages and exit codes, the
-worker pool and its bandwidth limit, progress, the summary and the JSON report."""
+worker pool and its bandwidth limit, progress, the summary and the JSON report, and
+the MD5s of files and objects (--checksum, --check)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ import urllib.request
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from enum import IntEnum
@@ -201,6 +202,7 @@ class RemoteObject:
     size: int
     last_modified: float  # seconds since the epoch
     storage_class: str = "STANDARD"
+    etag: str = ""  # as listed, without its quotes
 
 
 def list_objects(
@@ -249,6 +251,7 @@ def list_range(
                 item["Size"],
                 item["LastModified"].timestamp(),
                 item.get("StorageClass", "STANDARD"),
+                item.get("ETag", "").strip('"'),
             )
         # A page that ends on `through` ends the range, without asking for another.
         if through is not None and contents and contents[-1]["Key"] == through:
@@ -399,6 +402,12 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
         "--dry-run",
         action="store_true",
         help="show what would be done and change nothing (e.g. --dry-run -v)",
+    )
+    parser.add_argument(
+        "--checksum",
+        action="store_true",
+        help="compare files of the same size by content (MD5) instead of by mtime "
+        "(e.g. --checksum after files were copied with cp -p)",
     )
     volume = parser.add_mutually_exclusive_group()
     volume.add_argument(
@@ -874,12 +883,12 @@ class DirectRequests:
         self, response: http.client.HTTPResponse, origin, chunk_size: int
     ) -> Iterator[bytes]:
         """The body, checked against its Content-Length and any whole-object CRC32,
-        else its ETag where that is the body's MD5."""
+        else the MD5 its ETag or md5chksum states."""
         expected_crc = response.getheader("x-amz-checksum-crc32")
         if expected_crc and "-" in expected_crc:
             expected_crc = None  # a multipart object's checksum of part checksums
         # Servers without S3's additional checksums (Ceph RGW before 18) send none.
-        expected_md5 = None if expected_crc else md5_of_etag(response)
+        expected_md5 = None if expected_crc else response_md5(response)
         md5 = hashlib.md5(usedforsecurity=False) if expected_md5 else None
         length = response.getheader("Content-Length")
         crc = received = 0
@@ -902,18 +911,26 @@ class DirectRequests:
         if expected_crc and crc32_header(crc) != expected_crc:
             raise DirectFailed("the body does not match its CRC32 checksum")
         if md5 and md5.hexdigest() != expected_md5:
-            raise DirectFailed("the body does not match its ETag (MD5)")
+            raise DirectFailed("the body does not match its MD5 (ETag or md5chksum)")
 
 
-def md5_of_etag(response: http.client.HTTPResponse) -> str | None:
-    """The object's MD5 from its ETag, where the ETag is one: a single-part
-    object without SSE-KMS or SSE-C (whose ETags are not their MD5s)."""
-    etag = (response.getheader("ETag") or "").strip('"').lower()
-    kms = response.getheader("x-amz-server-side-encryption") == "aws:kms"
-    sse_c = response.getheader("x-amz-server-side-encryption-customer-algorithm")
-    if kms or sse_c or not re.fullmatch(r"[0-9a-f]{32}", etag):
-        return None
-    return etag
+def response_md5(response: http.client.HTTPResponse) -> str | None:
+    """The MD5 a GetObject answer states for its body, as object_md5 reads a HEAD's:
+    the ETag where that is the MD5, else the md5chksum metadata, else None."""
+    return object_md5(
+        {
+            "ETag": response.getheader("ETag", ""),
+            "ServerSideEncryption": response.getheader(
+                "x-amz-server-side-encryption", ""
+            ),
+            "SSECustomerAlgorithm": response.getheader(
+                "x-amz-server-side-encryption-customer-algorithm"
+            ),
+            "Metadata": {
+                MD5_METADATA: response.getheader(f"x-amz-meta-{MD5_METADATA}")
+            },
+        }
+    )
 
 
 def client_error_code(exc: BaseException) -> str:
@@ -1028,6 +1045,15 @@ def failure_line(action: str, where: str, error: BaseException) -> str:
 
 def one_line(text: str) -> str:
     return " ".join(str(text).split())
+
+
+def printable(name: object) -> str:
+    """A file name or key for one line of output: control and other unprintable
+    characters escaped as Python's repr escapes them (a newline as \\n)."""
+    text = str(name)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 # --- Output: progress line, messages, summary --------------------------------
@@ -1166,7 +1192,7 @@ class Summary:
     report under its own name (`nbytes` as `bytes`), unless it is None: name a new
     field as its JSON key, and leave it None where it does not apply."""
 
-    verb: str  # "uploaded" or "restored"
+    verb: str  # "uploaded", "restored" or "checked"
     transferred: int = 0
     skipped: int = 0
     failed: int = 0
@@ -1176,8 +1202,18 @@ class Summary:
     refused: int | None = None  # restore: keys that would land outside LOCAL
     conflicts: int | None = None  # restore: keys that collide locally
     archived: int | None = None  # restore: objects still in GLACIER or DEEP_ARCHIVE
+    # backup.py --check only: the keys of each kind of difference.
+    missing: list[str] | None = None
+    changed: list[str] | None = None
+    extra: list[str] | None = None
 
     def line(self) -> str:
+        if self.missing is not None:
+            return (
+                f"{self.verb} {self.skipped} identical, {len(self.missing)} missing, "
+                f"{len(self.changed or ())} changed, {len(self.extra or ())} extra, "
+                f"failed {self.failed}, in {self.seconds:.1f} s"
+            )
         deleted = f", deleted {self.deleted}" if self.deleted else ""
         return (
             f"{self.verb} {self.transferred}, skipped {self.skipped}, failed {self.failed}"
@@ -1511,3 +1547,113 @@ def run_cli(
         sys.stdout.write(json.dumps(report, default=_json_value) + "\n")
         sys.stdout.flush()
     return code
+
+
+# --- Content: MD5s of files and objects (--checksum, --check) ----------------
+
+# User metadata holding the base64 MD5 of an object whose ETag is not its MD5
+# (multipart uploads, SSE-KMS): rclone's name and format, so that rclone can
+# check our objects and we can check rclone's.
+MD5_METADATA = "md5chksum"
+HASH_CHUNK = MiB
+_PLAIN_ETAG = re.compile(r"[0-9a-f]{32}")
+
+
+def md5_of_etag(etag: str) -> str | None:
+    """The hex MD5 an ETag of plain form states; None for a multipart ETag ("<hex>-N") or any other form.
+
+    A plain-form ETag is the object's MD5 only if it is not encrypted with SSE-KMS
+    or SSE-C, which ListObjectsV2 does not say: only a HEAD does (object_md5).
+    """
+    etag = etag.strip('"').lower()
+    return etag if _PLAIN_ETAG.fullmatch(etag) else None
+
+
+def md5chksum(md5: str) -> str:
+    """A hex MD5 as the md5chksum metadata writes it (base64 of the digest)."""
+    return base64.b64encode(bytes.fromhex(md5)).decode()
+
+
+def md5_of_md5chksum(value: str | None) -> str | None:
+    """The hex MD5 in an md5chksum metadata value, or None if it holds none."""
+    try:
+        digest = base64.b64decode(value or "", validate=True)
+    except ValueError:
+        return None
+    return digest.hex() if len(digest) == 16 else None
+
+
+def object_md5(head: dict) -> str | None:
+    """An object's hex MD5 from its HeadObject answer: the ETag when that is the MD5, else md5chksum."""
+    encrypted = head.get("ServerSideEncryption", "").startswith("aws:kms") or bool(
+        head.get("SSECustomerAlgorithm")
+    )
+    etag_md5 = None if encrypted else md5_of_etag(head.get("ETag", ""))
+    return etag_md5 or md5_of_md5chksum(head.get("Metadata", {}).get(MD5_METADATA))
+
+
+def file_md5(path: str) -> str:
+    """The hex MD5 of a file's bytes, read once in chunks."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Contents:
+    """MD5s (hex) of files and of their objects, keyed by S3 key."""
+
+    local: dict[str, str] = field(default_factory=dict)
+    remote: dict[str, str | None] = field(default_factory=dict)  # None: not known
+    # Files that could not be read, by key.
+    failures: list[Failure] = field(default_factory=list)
+
+
+def head_md5(client, bucket: str, key: str) -> str | None:
+    """One HEAD: the object's MD5 (object_md5), or None if it has none or is gone."""
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as exc:
+        # 400: S3's answer to a HEAD of an SSE-C object without its key, whose
+        # MD5 is not to be had.
+        if client_error_code(exc) in ("404", "NoSuchKey", "400"):
+            return None
+        raise
+    return object_md5(head)
+
+
+def compare_contents(
+    client, bucket: str, candidates: dict[str, tuple[str, RemoteObject]], workers: int
+) -> Contents:
+    """Hash each candidate (key: (file path, its object)) and find its object's MD5, on `workers` threads.
+
+    A listed ETag of plain form that equals the file's MD5 settles it with no
+    request; otherwise one HEAD tells whether the ETag is the MD5, or gives md5chksum.
+    """
+
+    def compare(key: str) -> tuple[str | OSError, str | None]:
+        path, obj = candidates[key]
+        try:
+            local = file_md5(path)
+        except OSError as exc:
+            return exc, None
+        if md5_of_etag(obj.etag) == local:
+            return local, local
+        return local, head_md5(client, bucket, key)
+
+    keys = sorted(candidates)
+    contents = Contents()
+    for key, future in zip(keys, map_in_background(compare, keys, workers)):
+        try:
+            local, remote = future.result()
+        except botocore.exceptions.ClientError as exc:
+            raise run_failure(
+                f"cannot read the metadata of s3://{bucket}/{key}", exc
+            ) from None
+        if isinstance(local, OSError):
+            contents.failures.append(Failure(key, local))
+        else:
+            contents.local[key], contents.remote[key] = local, remote
+    return contents

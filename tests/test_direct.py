@@ -31,7 +31,7 @@ from s3common import (
     SigV4,
     crc32_header,
     host_header,
-    md5_of_etag,
+    response_md5,
 )
 
 
@@ -131,6 +131,10 @@ MD5 = "5d41402abc4b2a76b9719d911017c592"
         ({"ETag": f'"{MD5}"'}, MD5),
         ({"ETag": f'"{MD5.upper()}"'}, MD5),
         ({"ETag": f'"{MD5}-2"'}, None),  # multipart
+        (
+            {"ETag": f'"{MD5}-2"', "x-amz-meta-md5chksum": "XUFAKrxLKna5cZ2REBfFkg=="},
+            MD5,
+        ),
         ({"ETag": f'"{MD5}"', "x-amz-server-side-encryption": "aws:kms"}, None),
         ({"ETag": f'"{MD5}"', "x-amz-server-side-encryption": "AES256"}, MD5),
         (
@@ -144,8 +148,9 @@ MD5 = "5d41402abc4b2a76b9719d911017c592"
         ({}, None),
     ],
 )
-def test_md5_of_etag_only_where_the_etag_is_the_md5(headers, md5):
-    assert md5_of_etag(Headers(headers)) == md5
+def test_a_direct_get_checks_the_md5_its_etag_or_md5chksum_states(headers, md5):
+    """What a server without additional checksums (Ceph RGW 16) is checked against."""
+    assert response_md5(Headers(headers)) == md5
 
 
 def test_after_botocores_first_request_small_objects_go_direct_and_round_trip(
