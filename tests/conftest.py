@@ -5,7 +5,6 @@ throw-away Ceph RADOS Gateway (tests/rgwserver.py)."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import botocore.exceptions
 import pytest
 from faultproxy import FaultProxy
 from moto import mock_aws
-from rgwserver import PACKAGES, missing_programs, rgw_cluster
+from rgwserver import PACKAGES, free_port, missing_programs, rgw_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -77,12 +76,6 @@ def s3(aws_env):
     """A moto in-process S3 client; the scripts' own clients are mocked too."""
     with mock_aws():
         yield boto3.client("s3", region_name="us-east-1")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_moto_server(port: int) -> subprocess.Popen:
