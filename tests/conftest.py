@@ -1,9 +1,10 @@
-"""Shared fixtures: fake credentials, moto in-process, and moto's server on 127.0.0.1."""
+"""Shared fixtures: fake credentials, moto in-process, and the S3 server of the
+end-to-end tests on 127.0.0.1: moto's server, or with S3_TEST_SERVER=rgw a
+throw-away Ceph RADOS Gateway (tests/rgwserver.py)."""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,12 +18,16 @@ import botocore.exceptions
 import pytest
 from faultproxy import FaultProxy
 from moto import mock_aws
+from rgwserver import PACKAGES, free_port, missing_programs, rgw_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 FAKE_SECRET = "fake-secret-key-never-printed"
 FAKE_TOKEN = "fake-session-token-never-printed"
+# The server that `s3_server` starts: "moto" (the default) or "rgw".
+TEST_SERVERS = ("moto", "rgw")
+TEST_SERVER = os.environ.get("S3_TEST_SERVER") or "moto"
 
 # As root, drop the capabilities that would let the script read or write
 # through a chmod anyway.
@@ -73,12 +78,6 @@ def s3(aws_env):
         yield boto3.client("s3", region_name="us-east-1")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_moto_server(port: int) -> subprocess.Popen:
     process = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -98,9 +97,28 @@ def start_moto_server(port: int) -> subprocess.Popen:
     raise RuntimeError("moto server did not start")
 
 
+def pytest_configure(config):
+    if TEST_SERVER not in TEST_SERVERS:
+        raise pytest.UsageError(
+            f"S3_TEST_SERVER={TEST_SERVER!r}: choose one of {', '.join(TEST_SERVERS)}"
+        )
+    if TEST_SERVER == "rgw" and missing_programs():
+        raise pytest.UsageError(
+            f"S3_TEST_SERVER=rgw needs {', '.join(missing_programs())}: install the "
+            f"Debian packages {' '.join(PACKAGES)}"
+        )
+
+
+def pytest_report_header(config):
+    return f"end-to-end S3 server: {TEST_SERVER} (S3_TEST_SERVER)"
+
+
 @pytest.fixture(scope="session")
 def moto_server():
-    """moto's server mode on 127.0.0.1 on a free port, for the whole session: its URL."""
+    """moto's server mode on 127.0.0.1 on a free port, for the whole session: its URL.
+
+    Tests that need what only moto does ask for this one; all others for s3_server.
+    """
     port = free_port()
     process = start_moto_server(port)
     yield f"http://127.0.0.1:{port}"
@@ -108,13 +126,29 @@ def moto_server():
     process.wait(timeout=10)
 
 
+@pytest.fixture(scope="session")
+def rgw_server(tmp_path_factory):
+    """A Ceph RADOS Gateway on 127.0.0.1 for the whole session, with a user whose
+    keys are the fake environment's: its URL."""
+    folder = tmp_path_factory.mktemp("rgw")
+    with rgw_cluster(folder, "testing", FAKE_SECRET) as cluster:
+        yield cluster.url
+
+
+@pytest.fixture(scope="session")
+def s3_server(request):
+    """The S3 server of the end-to-end tests: moto's, or RGW with S3_TEST_SERVER=rgw."""
+    return request.getfixturevalue(f"{TEST_SERVER}_server")
+
+
 @pytest.fixture
-def start_proxy(moto_server):
-    """Start a FaultProxy in front of the moto server; stopped after the test."""
+def start_proxy(request):
+    """Start a FaultProxy in front of `upstream` (default: the s3_server); stopped
+    after the test."""
     proxies = []
 
-    def start(**options) -> FaultProxy:
-        proxy = FaultProxy(moto_server, **options)
+    def start(upstream: str | None = None, **options) -> FaultProxy:
+        proxy = FaultProxy(upstream or request.getfixturevalue("s3_server"), **options)
         proxy.start()
         proxies.append(proxy)
         return proxy
@@ -130,14 +164,18 @@ def bucket_name() -> str:
 
 
 @pytest.fixture
-def server_client(moto_server):
-    """A plain boto3 client on the moto server, to arrange and inspect state."""
+def server_client(request):
+    """A plain boto3 client to arrange and inspect state on the server the test
+    runs the scripts against: moto's when it asked for moto_server, else s3_server."""
+    uses = request.fixturenames
+    on_moto = "moto_server" in uses and "s3_server" not in uses
     return boto3.client(
         "s3",
         region_name="us-east-1",
-        endpoint_url=moto_server,
+        endpoint_url=request.getfixturevalue("moto_server" if on_moto else "s3_server"),
         aws_access_key_id="testing",
-        aws_secret_access_key="testing",
+        aws_secret_access_key=FAKE_SECRET,
+        config=botocore.client.Config(s3={"addressing_style": "path"}),
     )
 
 

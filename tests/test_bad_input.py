@@ -576,7 +576,7 @@ ROWS = [
 
 
 @pytest.fixture
-def place(tmp_path, moto_server, server_client, bucket_name) -> Place:
+def place(tmp_path, s3_server, server_client, bucket_name) -> Place:
     source = make_tree(tmp_path / "src", SOURCE_FILES)
     server_client.create_bucket(Bucket=bucket_name)
     for relative, data in SOURCE_FILES.items():
@@ -586,7 +586,7 @@ def place(tmp_path, moto_server, server_client, bucket_name) -> Place:
         source=source,
         dest=tmp_path / "dest",
         bucket=bucket_name,
-        endpoint=moto_server,
+        endpoint=s3_server,
         dead_endpoint=f"http://127.0.0.1:{free_port()}",
         client=server_client,
     )

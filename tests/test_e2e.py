@@ -1,4 +1,5 @@
-"""The real scripts as subprocesses against moto's server mode on 127.0.0.1."""
+"""The real scripts as subprocesses against the test server on 127.0.0.1 (moto's
+server mode, or Ceph RGW with S3_TEST_SERVER=rgw)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, make_tree, run_script
+from conftest import ROOT, TEST_SERVER, make_tree, run_script
 
 MiB = 1024 * 1024
 
@@ -56,9 +57,9 @@ def awkward_tree(tmp_path):
 
 
 def test_round_trip_is_byte_for_byte_with_mtimes_and_modes(
-    moto_server, cli_env, awkward_tree, tmp_path, bucket_name
+    s3_server, cli_env, awkward_tree, tmp_path, bucket_name
 ):
-    endpoint = ["--endpoint-url", moto_server]
+    endpoint = ["--endpoint-url", s3_server]
     uploaded = run_script(
         "backup.py",
         str(awkward_tree),
@@ -84,7 +85,7 @@ def test_round_trip_is_byte_for_byte_with_mtimes_and_modes(
 
 
 def test_second_backup_makes_no_upload(
-    moto_server, cli_env, awkward_tree, bucket_name, server_client
+    s3_server, cli_env, awkward_tree, bucket_name, server_client
 ):
     location = f"{bucket_name}::p"
     first = run_script(
@@ -92,7 +93,7 @@ def test_second_backup_makes_no_upload(
         str(awkward_tree),
         location,
         "--endpoint-url",
-        moto_server,
+        s3_server,
         env=cli_env,
     )
     assert first.returncode == 0, first.stderr
@@ -102,7 +103,7 @@ def test_second_backup_makes_no_upload(
         str(awkward_tree),
         location,
         "--endpoint-url",
-        moto_server,
+        s3_server,
         env={**cli_env, "PYTHONPROFILEIMPORTTIME": "1"},
     )
     assert second.returncode == 0, second.stderr
@@ -116,10 +117,10 @@ def test_second_backup_makes_no_upload(
 
 
 def test_endpoint_from_environment(
-    moto_server, cli_env, tmp_path, bucket_name, server_client
+    s3_server, cli_env, tmp_path, bucket_name, server_client
 ):
     source = make_tree(tmp_path / "src", {"a.txt": b"a"})
-    env = {**cli_env, "AWS_ENDPOINT_URL": moto_server}
+    env = {**cli_env, "AWS_ENDPOINT_URL": s3_server}
     result = run_script("backup.py", str(source), bucket_name, env=env)
     assert result.returncode == 0, result.stderr
     assert (
@@ -128,36 +129,36 @@ def test_endpoint_from_environment(
 
 
 def test_bucket_created_in_requested_region(
-    moto_server, cli_env, tmp_path, bucket_name, server_client
+    s3_server, cli_env, tmp_path, bucket_name, server_client
 ):
+    """A bucket location on RGW is its zonegroup's name, not an AWS region."""
+    region = "default" if TEST_SERVER == "rgw" else "eu-central-1"
     source = make_tree(tmp_path / "src", {"a.txt": b"a"})
     result = run_script(
         "backup.py",
         str(source),
         bucket_name,
         "--region",
-        "eu-central-1",
+        region,
         "--endpoint-url",
-        moto_server,
+        s3_server,
         env=cli_env,
     )
     assert result.returncode == 0, result.stderr
     assert (
         server_client.get_bucket_location(Bucket=bucket_name)["LocationConstraint"]
-        == "eu-central-1"
+        == region
     )
 
 
-def test_no_progress_line_without_a_terminal(
-    moto_server, cli_env, tmp_path, bucket_name
-):
+def test_no_progress_line_without_a_terminal(s3_server, cli_env, tmp_path, bucket_name):
     source = make_tree(tmp_path / "src", {f"f{n}.txt": b"x" for n in range(20)})
     result = run_script(
         "backup.py",
         str(source),
         bucket_name,
         "--endpoint-url",
-        moto_server,
+        s3_server,
         env=cli_env,
     )
     assert result.returncode == 0
@@ -165,7 +166,7 @@ def test_no_progress_line_without_a_terminal(
     assert result.stdout.splitlines()[-1].startswith("uploaded 20, skipped 0, failed 0")
 
 
-def test_progress_line_on_a_terminal(moto_server, cli_env, tmp_path, bucket_name):
+def test_progress_line_on_a_terminal(s3_server, cli_env, tmp_path, bucket_name):
     source = make_tree(tmp_path / "src", {f"f{n}.txt": b"x" * 1000 for n in range(50)})
     terminal, stderr_side = pty.openpty()
     process = subprocess.Popen(
@@ -175,7 +176,7 @@ def test_progress_line_on_a_terminal(moto_server, cli_env, tmp_path, bucket_name
             str(source),
             bucket_name,
             "--endpoint-url",
-            moto_server,
+            s3_server,
         ],
         env=cli_env,
         stdout=subprocess.PIPE,
@@ -198,3 +199,29 @@ def test_progress_line_on_a_terminal(moto_server, cli_env, tmp_path, bucket_name
     assert "/50 files, " in text and "/s, ETA" in text
     assert text.endswith("\r\x1b[K")  # the line is cleared before the summary
     assert "uploaded 50" in process.stdout.read().decode()
+
+
+def test_a_tree_of_several_listing_pages_is_listed_in_ranges_on_the_server(
+    s3_server, cli_env, tmp_path, bucket_name, server_client
+):
+    """The server's own key order and StartAfter, across page boundaries that fall
+    between non-ASCII names: nothing is uploaded again, nothing else deleted."""
+    names = ["a", "é", "z", "日本", "a-b", "a.b", "a/b"]
+    files = {
+        f"{names[n % len(names)]}/{n:04d}-{names[n % 3]}.txt": b"%d" % n
+        for n in range(2_100)
+    }
+    source = make_tree(tmp_path / "src", files)
+    endpoint = ["--endpoint-url", s3_server]
+    location = f"{bucket_name}::p"
+    first = run_script("backup.py", str(source), location, *endpoint, env=cli_env)
+    assert first.returncode == 0, first.stderr
+    (source / "a" / "0000-a.txt").unlink()
+    again = run_script(
+        "backup.py", str(source), location, "--delete", *endpoint, env=cli_env
+    )
+    assert again.returncode == 0, again.stderr
+    assert "uploaded 0, skipped 2099, failed 0, deleted 1" in again.stdout
+    listed = server_client.get_paginator("list_objects_v2").paginate(Bucket=bucket_name)
+    keys = {item["Key"] for page in listed for item in page.get("Contents", [])}
+    assert keys == {f"p/{name}" for name in files} - {"p/a/0000-a.txt"}

@@ -1,5 +1,6 @@
 """--checksum, --check and md5chksum end to end: the real scripts as subprocesses
-against moto's server on 127.0.0.1, and rclone checking our backup."""
+against the test server on 127.0.0.1 (moto's, or Ceph RGW with S3_TEST_SERVER=rgw),
+and rclone checking our backup."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, UNPRIVILEGED, make_tree, run_script
+from conftest import FAKE_SECRET, ROOT, UNPRIVILEGED, make_tree, run_script
 
 MiB = 1024 * 1024
 OLD = 1_600_000_000  # an mtime long before any upload
@@ -34,9 +35,9 @@ def tree(tmp_path):
 
 
 @pytest.fixture
-def backed_up(tree, moto_server, cli_env, bucket_name):
+def backed_up(tree, s3_server, cli_env, bucket_name):
     """The tree backed up to BUCKET::p; the arguments that name the backup."""
-    location = [f"{bucket_name}::p", "--endpoint-url", moto_server]
+    location = [f"{bucket_name}::p", "--endpoint-url", s3_server]
     result = run_script("backup.py", str(tree), *location, env=cli_env)
     assert result.returncode == 0, result.stderr
     return location
@@ -118,14 +119,14 @@ def test_check_reports_a_difference_and_changes_nothing(
 
 
 def test_check_of_a_missing_bucket_creates_none(
-    tree, moto_server, cli_env, server_client, bucket_name
+    tree, s3_server, cli_env, server_client, bucket_name
 ):
     result = run_script(
         "backup.py",
         str(tree),
         f"{bucket_name}::p",
         "--endpoint-url",
-        moto_server,
+        s3_server,
         "--check",
         env=cli_env,
     )
@@ -192,22 +193,22 @@ RCLONE = shutil.which("rclone")
     "the interoperability test runs rclone check",
 )
 def test_rclone_check_finds_our_backup_identical(
-    tree, backed_up, moto_server, bucket_name
+    tree, backed_up, s3_server, bucket_name
 ):
     # rclone refuses to start while AWS_CA_BUNDLE is set.
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update(
-        RCLONE_CONFIG_MOTO_TYPE="s3",
-        RCLONE_CONFIG_MOTO_PROVIDER="Other",
-        RCLONE_CONFIG_MOTO_ENDPOINT=moto_server,
-        RCLONE_CONFIG_MOTO_ACCESS_KEY_ID="testing",
-        RCLONE_CONFIG_MOTO_SECRET_ACCESS_KEY="testing",
-        RCLONE_CONFIG_MOTO_REGION="us-east-1",
+        RCLONE_CONFIG_SERVER_TYPE="s3",
+        RCLONE_CONFIG_SERVER_PROVIDER="Other",
+        RCLONE_CONFIG_SERVER_ENDPOINT=s3_server,
+        RCLONE_CONFIG_SERVER_ACCESS_KEY_ID="testing",
+        RCLONE_CONFIG_SERVER_SECRET_ACCESS_KEY=FAKE_SECRET,
+        RCLONE_CONFIG_SERVER_REGION="us-east-1",
     )
 
     def rclone_check() -> subprocess.CompletedProcess:
         return subprocess.run(
-            [RCLONE, "check", str(tree), f"moto:{bucket_name}/p"],
+            [RCLONE, "check", str(tree), f"server:{bucket_name}/p"],
             env=env,
             capture_output=True,
             text=True,

@@ -204,14 +204,14 @@ def interrupt(process: subprocess.Popen) -> tuple[int, str]:
 
 
 def test_ctrl_c_during_backup_stops_cleanly_and_leaves_no_incomplete_upload(
-    moto_server, cli_env, large_files, bucket_name, server_client
+    s3_server, cli_env, large_files, bucket_name, server_client
 ):
     process = start_script(
         "backup.py",
         str(large_files),
         f"{bucket_name}::big",
         "--endpoint-url",
-        moto_server,
+        s3_server,
         env=cli_env,
     )
 
@@ -234,7 +234,7 @@ def test_ctrl_c_during_backup_stops_cleanly_and_leaves_no_incomplete_upload(
 
 
 def test_ctrl_c_during_restore_leaves_no_temporary_file_and_no_half_written_file(
-    moto_server, cli_env, large_files, tmp_path, bucket_name, server_client
+    s3_server, cli_env, large_files, tmp_path, bucket_name, server_client
 ):
     server_client.create_bucket(Bucket=bucket_name)
     for path in large_files.iterdir():
@@ -247,7 +247,7 @@ def test_ctrl_c_during_restore_leaves_no_temporary_file_and_no_half_written_file
         f"{bucket_name}::big",
         str(target),
         "--endpoint-url",
-        moto_server,
+        s3_server,
         env=cli_env,
     )
 
@@ -277,7 +277,7 @@ def test_ctrl_c_during_restore_leaves_no_temporary_file_and_no_half_written_file
 
 
 def test_backup_deletes_nothing_unless_asked_and_then_exactly_what_is_gone(
-    moto_server, cli_env, tmp_path, bucket_name, server_client
+    s3_server, cli_env, tmp_path, bucket_name, server_client
 ):
     source = make_tree(
         tmp_path / "src",
@@ -290,7 +290,7 @@ def test_backup_deletes_nothing_unless_asked_and_then_exactly_what_is_gone(
             "sub/kept-too.txt": b"kept too",
         },
     )
-    endpoint = ["--endpoint-url", moto_server]
+    endpoint = ["--endpoint-url", s3_server]
     location = f"{bucket_name}::host/home"
     first = run_script("backup.py", str(source), location, *endpoint, env=cli_env)
     assert first.returncode == 0, first.stderr

@@ -360,10 +360,10 @@ def tree(tmp_path):
     )
 
 
-def test_json_backup_then_no_change_backup(moto_server, cli_env, tree, bucket_name):
+def test_json_backup_then_no_change_backup(s3_server, cli_env, tree, bucket_name):
     location = f"{bucket_name}::host/home"
     first = run_script(
-        "backup.py", str(tree), location, "--endpoint-url", moto_server, "--json",
+        "backup.py", str(tree), location, "--endpoint-url", s3_server, "--json",
         env=cli_env,
     )  # fmt: skip
     report = one_json_object(first)
@@ -376,7 +376,7 @@ def test_json_backup_then_no_change_backup(moto_server, cli_env, tree, bucket_na
     assert report["exit_code"] == 0 and "error" not in report
 
     second = run_script(
-        "backup.py", str(tree), location, "--endpoint-url", moto_server, "--json",
+        "backup.py", str(tree), location, "--endpoint-url", s3_server, "--json",
         "-v", env=cli_env,
     )  # fmt: skip
     report = one_json_object(second)
@@ -385,7 +385,7 @@ def test_json_backup_then_no_change_backup(moto_server, cli_env, tree, bucket_na
 
 
 def test_json_restore_with_a_conflict(
-    moto_server, cli_env, tmp_path, bucket_name, server_client
+    s3_server, cli_env, tmp_path, bucket_name, server_client
 ):
     server_client.create_bucket(Bucket=bucket_name)
     for key, data in {"p/a": b"file a", "p/a/b": b"under a", "p/c": b"c"}.items():
@@ -393,7 +393,7 @@ def test_json_restore_with_a_conflict(
     target = tmp_path / "restored"
     result = run_script(
         "restore.py", f"s3://{bucket_name}/p", str(target), "--json",
-        "--endpoint-url", moto_server, env=cli_env,
+        "--endpoint-url", s3_server, env=cli_env,
     )  # fmt: skip
     report = one_json_object(result)
     assert result.returncode == 1
@@ -412,7 +412,7 @@ def test_json_restore_with_a_conflict(
 
 
 @pytest.mark.parametrize("script", ["backup.py", "restore.py"])
-def test_json_dry_run(moto_server, cli_env, tree, tmp_path, server_client, script):
+def test_json_dry_run(s3_server, cli_env, tree, tmp_path, server_client, script):
     # backup: into a bucket that does not exist; restore: from one that does.
     bucket = f"dry-{script[:6]}-{tmp_path.name[-8:].lower().replace('_', '-')}"
     if script == "restore.py":
@@ -422,7 +422,7 @@ def test_json_dry_run(moto_server, cli_env, tree, tmp_path, server_client, scrip
     else:
         args = [str(tree), f"{bucket}::p"]
     result = run_script(
-        script, *args, "--dry-run", "--json", "--endpoint-url", moto_server,
+        script, *args, "--dry-run", "--json", "--endpoint-url", s3_server,
         env=cli_env,
     )  # fmt: skip
     report = one_json_object(result)
@@ -460,10 +460,10 @@ def test_json_usage_error(cli_env, script, args, words):
     assert (report["transferred"], report["errors"]) == (0, [])
 
 
-def test_json_restore_from_a_missing_bucket(moto_server, cli_env, tmp_path):
+def test_json_restore_from_a_missing_bucket(s3_server, cli_env, tmp_path):
     result = run_script(
         "restore.py", "no-such-bucket-here::p", str(tmp_path / "out"), "--json",
-        "--endpoint-url", moto_server, env=cli_env,
+        "--endpoint-url", s3_server, env=cli_env,
     )  # fmt: skip
     report = one_json_object(result)
     assert result.returncode == 1
@@ -474,11 +474,11 @@ def test_json_restore_from_a_missing_bucket(moto_server, cli_env, tmp_path):
     )
 
 
-def test_json_without_credentials(moto_server, cli_env, tree):
+def test_json_without_credentials(s3_server, cli_env, tree):
     env = {k: v for k, v in cli_env.items() if not k.startswith("AWS_ACCESS")}
     env = {k: v for k, v in env.items() if k not in ("AWS_SECRET_ACCESS_KEY",)}
     result = run_script(
-        "backup.py", str(tree), "bucket::p", "--json", "--endpoint-url", moto_server,
+        "backup.py", str(tree), "bucket::p", "--json", "--endpoint-url", s3_server,
         env=env,
     )  # fmt: skip
     report = one_json_object(result)
@@ -487,7 +487,7 @@ def test_json_without_credentials(moto_server, cli_env, tree):
 
 
 def test_json_interrupted_run_still_reports(
-    moto_server, cli_env, tmp_path, bucket_name, server_client
+    s3_server, cli_env, tmp_path, bucket_name, server_client
 ):
     # Slowed down by --bwlimit, so that the run is surely under way when Ctrl-C
     # comes, and its workers are waiting in the token bucket.
@@ -496,7 +496,7 @@ def test_json_interrupted_run_still_reports(
     )
     process = start_script(
         "backup.py", str(source), f"{bucket_name}::p", "--json", "--bwlimit", "256K",
-        "--endpoint-url", moto_server, env=cli_env,
+        "--endpoint-url", s3_server, env=cli_env,
     )  # fmt: skip
 
     def bucket_made() -> bool:
@@ -528,14 +528,14 @@ def test_json_interrupted_run_still_reports(
 
 
 def test_bwlimit_holds_uploads_and_restores_of_every_size_to_the_rate(
-    moto_server, cli_env, tmp_path, bucket_name
+    s3_server, cli_env, tmp_path, bucket_name
 ):
     """24 MiB at 6 MiB/s: 4 s each way, in multipart parts (a 17 MiB file in two
     parts), one botocore PUT (3 MiB) and direct requests (4 x 1 MiB)."""
     files = {"large.bin": b"L" * (17 * MiB), "middle.bin": b"M" * (3 * MiB)}
     files.update({f"small/{n}.bin": bytes([n]) * MiB for n in range(4)})
     source = make_tree(tmp_path / "src", files)
-    common = ["--bwlimit", "6M", "--json", "--endpoint-url", moto_server]
+    common = ["--bwlimit", "6M", "--json", "--endpoint-url", s3_server]
     up = run_script("backup.py", str(source), f"{bucket_name}::p", *common, env=cli_env)
     down = run_script(
         "restore.py", f"{bucket_name}::p", str(tmp_path / "out"), *common, env=cli_env

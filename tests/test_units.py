@@ -393,10 +393,10 @@ def test_plan_restore_single_object_lands_in_root():
     assert [str(d.path) for d in plan.downloads] == ["/restore/report.pdf"]
 
 
-def client_error(code, status=400):
+def client_error(code, status=400, message="m"):
     return botocore.exceptions.ClientError(
         {
-            "Error": {"Code": code, "Message": "m"},
+            "Error": {"Code": code, "Message": message},
             "ResponseMetadata": {"HTTPStatusCode": status},
         },
         "Op",
@@ -426,6 +426,17 @@ def client_error(code, status=400):
             ExitCode.FAILURE,
         ),
         (client_error("Weird"), "Weird: m", ExitCode.FAILURE),
+        # Ceph RGW sends most errors without a message.
+        (
+            client_error("InvalidArgument", 400, None),
+            "InvalidArgument: the server answered HTTP 400 and gave no reason",
+            ExitCode.FAILURE,
+        ),
+        (
+            client_error("InvalidLocationConstraint"),
+            "check --region (on Ceph RGW it is the zonegroup's name",
+            ExitCode.FAILURE,
+        ),
         (
             PermissionError(13, "Permission denied", "/x/y"),
             "Permission denied: /x/y",
