@@ -668,7 +668,7 @@ def upload_rows(ctx: Context, workload: str, with_rerun: bool) -> list[Row]:
                         ctx, tool, source, bucket
                     )
             for label, options in verify_runs if tool.name == "backup.py" else ():
-                checked = measure([*argv, *options], tool.env, ctx.server_pid)
+                checked = measure([*argv, *options], tool.env, ctx.server_pids)
                 rows[label, tool.name].measurements.append(checked)
                 log(f"{label} {tool.name} run {run + 1}: {checked.seconds:.2f} s")
             drop_bucket(ctx.client, bucket)
@@ -771,7 +771,7 @@ def history_rows(ctx: Context) -> list[Row]:
             ("dry", [*plain, "--at", moment, "--dry-run"], None),
         ]
         for kind, argv, expected in kinds[run % 3 :] + kinds[: run % 3]:
-            result = measure(argv, ours_tool.env, ctx.server_pid)
+            result = measure(argv, ours_tool.env, ctx.server_pids)
             if expected is not None:
                 verify_restored(expected, target)
                 shutil.rmtree(target)
