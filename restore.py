@@ -134,7 +134,8 @@ def parse_when(text: str, now: datetime, local_zone: tzinfo | None = None) -> da
     try:
         if age:
             seconds = int(age[1]) * _AGE_SECONDS[age[2]]
-            return (now - timedelta(seconds=seconds)).replace(microsecond=0)
+            # To the microsecond: some servers keep LastModified to the millisecond.
+            return (now - timedelta(seconds=seconds)).astimezone(UTC)
         if _ISO_WHEN.fullmatch(text):
             # Python 3.9 and 3.10 read no "Z" suffix in fromisoformat.
             moment = datetime.fromisoformat(text.replace("Z", "+00:00"))  # noqa: FURB162

@@ -350,11 +350,11 @@ def test_under_an_in_process_mock_nothing_goes_to_the_network(
 
 
 def test_versioned_gets_of_restore_at_go_direct_with_the_version_signed(
-    start_proxy, moto_server, cli_env, small_tree, tmp_path, bucket_name
+    start_proxy, s3_server, cli_env, small_tree, tmp_path, bucket_name
 ):
     location = f"{bucket_name}::p"
     result = run_script(
-        "backup.py", str(small_tree), location, "--endpoint-url", moto_server,
+        "backup.py", str(small_tree), location, "--endpoint-url", s3_server,
         env=cli_env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -362,7 +362,7 @@ def test_versioned_gets_of_restore_at_go_direct_with_the_version_signed(
     wait_after(point)
     (small_tree / "plain.txt").write_bytes(b"changed later")
     result = run_script(
-        "backup.py", str(small_tree), location, "--endpoint-url", moto_server,
+        "backup.py", str(small_tree), location, "--endpoint-url", s3_server,
         env=cli_env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

@@ -51,13 +51,13 @@ NOW = datetime(2026, 11, 28, 5, 12, 3, 250_000, tzinfo=UTC)
         ("2026-11-20 14:30-05:00", "2026-11-20T19:30:00+00:00"),
         ("2026-11-20T14:30:05.250Z", "2026-11-20T14:30:05.250000+00:00"),
         ("2026-11-20T14:30:05.123456+00:00", "2026-11-20T14:30:05.123456+00:00"),
-        # Ages count back from now, to the whole second.
-        ("90s", "2026-11-28T05:10:33+00:00"),
-        ("15m", "2026-11-28T04:57:03+00:00"),
-        ("36h", "2026-11-26T17:12:03+00:00"),
-        ("7d", "2026-11-21T05:12:03+00:00"),
-        ("2w", "2026-11-14T05:12:03+00:00"),
-        ("0s", "2026-11-28T05:12:03+00:00"),
+        # Ages count back from now, to the microsecond.
+        ("90s", "2026-11-28T05:10:33.250000+00:00"),
+        ("15m", "2026-11-28T04:57:03.250000+00:00"),
+        ("36h", "2026-11-26T17:12:03.250000+00:00"),
+        ("7d", "2026-11-21T05:12:03.250000+00:00"),
+        ("2w", "2026-11-14T05:12:03.250000+00:00"),
+        ("0s", "2026-11-28T05:12:03.250000+00:00"),
     ],
 )
 def test_parse_when_reads_dates_date_times_and_ages(text, expected):
@@ -597,9 +597,9 @@ def moment_now() -> str:
 
 
 @pytest.fixture
-def history_env(moto_server, cli_env):
+def history_env(s3_server, cli_env):
     def run(script, *args):
-        return run_script(script, *args, "--endpoint-url", moto_server, env=cli_env)
+        return run_script(script, *args, "--endpoint-url", s3_server, env=cli_env)
 
     return run
 
