@@ -9,11 +9,19 @@ and mode in user metadata. The bucket is created when it does not exist.
 
 from __future__ import annotations
 
-import mimetypes
 import os
+import signal
+
+# Ctrl-C while botocore is imported (the first tenth of a second) exits 130,
+# quietly, until run_cli takes over; os._exit, since nothing is written yet.
+signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+
+import mimetypes
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import PurePath
+from typing import BinaryIO
 
 import botocore.exceptions
 
@@ -33,6 +41,7 @@ from s3common import (
     ProgressSubscriber,
     RemoteObject,
     Summary,
+    UnsafeKey,
     add_shared_options,
     bucket_name_problem,
     client_error_code,
@@ -43,9 +52,14 @@ from s3common import (
     format_mtime,
     in_background,
     key_for,
+    key_length_problem,
     list_objects,
     listing_boundaries,
+    map_in_background,
     parse_location,
+    parse_mtime,
+    path_for_key,
+    printable,
     relative_key,
     run_cli,
     run_failure,
@@ -54,6 +68,23 @@ from s3common import (
 )
 
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
+# A file seen changing while it is read is read this many times in all.
+READ_ATTEMPTS = 3
+# Linux stamps a write's ctime from a clock that lags the real time by up to one
+# tick (at most 10 ms): a file whose ctime is more than this before a read began
+# was not written during the read, even where a write leaves size and mtime as
+# they were (a rewrite in place within one tick).
+CLOCK_SLACK_NS = 20_000_000
+
+
+class FileChanged(CliError):
+    """The file changed while it was read: nothing of that read is stored."""
+
+    def __init__(self):
+        super().__init__(
+            f"it changed while it was read, {READ_ATTEMPTS} times: not uploaded "
+            "(the next run uploads it)"
+        )
 
 
 @dataclass(frozen=True)
@@ -130,6 +161,87 @@ def plan_backup(
     return BackupPlan(tuple(uploads), deletes, skipped)
 
 
+def read_unchanged(
+    before: os.stat_result, after: os.stat_result, started_ns: int
+) -> bool:
+    """Whether a file stat'ed before a read that began at started_ns (time.time_ns)
+    and again after it was written to, replaced or changed meanwhile."""
+    same = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns) == (
+        after.st_dev,
+        after.st_ino,
+        after.st_size,
+        after.st_mtime_ns,
+    )
+    return same and after.st_ctime_ns < started_ns - CLOCK_SLACK_NS
+
+
+def future_dated(plan: BackupPlan, now: float) -> list[Upload]:
+    """The uploads planned only because the file's mtime is after now.
+
+    Such a file stays "newer" than its object forever; its recorded mtime says
+    whether the object already holds it.
+    """
+    return [
+        upload
+        for upload in plan.uploads
+        if upload.reason == "newer" and upload.file.mtime_ns > now * 1e9
+    ]
+
+
+def stale_folders(
+    local: dict[str, LocalFile],
+    remote: dict[str, RemoteObject],
+    prefix: str,
+    filters: Filters,
+) -> dict[str, int]:
+    """Folders in the backup that LOCAL now holds as a file: the number of objects
+    under each that --delete would remove, by the file's key."""
+    stale: dict[str, int] = {}
+    for key in remote:
+        relative = relative_key(prefix, key)
+        if key in local or key.endswith("/") or not filters.includes(relative):
+            continue
+        parts = relative.split("/")
+        for depth in range(1, len(parts)):
+            folder = key_for(prefix, "/".join(parts[:depth]))
+            if folder in local:
+                stale[folder] = stale.get(folder, 0) + 1
+                break
+    return stale
+
+
+def without_recorded(plan: BackupPlan, recorded: dict[str, int | None]) -> BackupPlan:
+    """The plan less the uploads whose object records the file's very mtime
+    (`recorded`: the mtime metadata by key, None where there is none)."""
+    uploads = tuple(
+        upload
+        for upload in plan.uploads
+        if recorded.get(upload.key, None) != upload.file.mtime_ns
+    )
+    skipped = plan.skipped + len(plan.uploads) - len(uploads)
+    return replace(plan, uploads=uploads, skipped=skipped)
+
+
+def refuse_keys(scan: Scan, prefix: str, root: PurePath) -> list[Failure]:
+    """Take out of the scan the files whose keys S3 refuses (their failures), and
+    warn of those that restore.py refuses on this kind of system (root's flavour)."""
+    refused = []
+    for key, file in list(scan.files.items()):
+        problem = key_length_problem(key)
+        if problem:
+            del scan.files[key]
+            refused.append(Failure(file.path, CliError(problem)))
+            continue
+        try:
+            path_for_key(relative_key(prefix, key), root)
+        except UnsafeKey as exc:
+            scan.warnings.append(
+                f"{printable(file.path)}: backed up, but restore.py on this kind of "
+                f"system refuses it: the key {exc}"
+            )
+    return refused
+
+
 def upload_args(file: LocalFile, extra: dict) -> dict:
     """Metadata (mtime and mode as rclone writes them), Content-Type and the pass-through options."""
     args = {
@@ -173,7 +285,14 @@ def scan_folder(root: str, prefix: str, follow_symlinks: bool) -> Scan:
                     continue
                 info = entry.stat()
             except FileNotFoundError:
-                scan.warnings.append(f"broken symbolic link skipped: {entry.path}")
+                if entry.is_symlink():
+                    scan.warnings.append(
+                        f"broken symbolic link skipped: {printable(entry.path)}"
+                    )
+                else:
+                    scan.warnings.append(
+                        f"vanished during the backup, not uploaded: {printable(entry.path)}"
+                    )
                 continue
             except OSError as exc:
                 scan.errors.append(Failure(entry.path, exc))
@@ -182,7 +301,7 @@ def scan_folder(root: str, prefix: str, follow_symlinks: bool) -> Scan:
                 identity = (info.st_dev, info.st_ino)
                 if identity in ancestors:
                     scan.warnings.append(
-                        f"symbolic link loop not followed: {entry.path}"
+                        f"symbolic link loop not followed: {printable(entry.path)}"
                     )
                 else:
                     subfolders.append(
@@ -193,7 +312,9 @@ def scan_folder(root: str, prefix: str, follow_symlinks: bool) -> Scan:
                     entry.path, info.st_size, info.st_mtime_ns, info.st_mode
                 )
             else:
-                scan.warnings.append(f"not a regular file, skipped: {entry.path}")
+                scan.warnings.append(
+                    f"not a regular file, skipped: {printable(entry.path)}"
+                )
         stack.extend(reversed(subfolders))
     return scan
 
@@ -220,6 +341,22 @@ def scan_local(
     name = os.path.basename(os.path.normpath(local))
     file = LocalFile(local, info.st_size, info.st_mtime_ns, info.st_mode)
     return Scan(files={key_for(prefix, name): file})
+
+
+def recorded_mtimes(
+    client, bucket: str, uploads: list[Upload], workers: int
+) -> dict[str, int | None]:
+    """The mtime recorded on each upload's object (HeadObject), None where there is none."""
+
+    def recorded(upload: Upload) -> int | None:
+        try:
+            head = client.head_object(Bucket=bucket, Key=upload.key)
+        except botocore.exceptions.ClientError:
+            return None  # uploaded again, which says what is wrong if anything is
+        return parse_mtime(head.get("Metadata", {}).get("mtime"))
+
+    answers = map_in_background(recorded, uploads, workers)
+    return {upload.key: answer.result() for upload, answer in zip(uploads, answers)}
 
 
 def bucket_exists(client, bucket: str) -> bool:
@@ -260,18 +397,63 @@ def create_bucket(
     console.info(f"created bucket s3://{bucket} in {region}")
 
 
+class CheckedReader:
+    """A file opened for one upload, read front to back, that raises FileChanged
+    at its end when the file was written to, replaced or resized while it was read.
+
+    s3transfer reads an open file's parts one after another into memory and
+    checksums each over the bytes it sends, so an object uploaded from it is
+    the bytes of this one read. The check comes with the last bytes, before
+    CompleteMultipartUpload: a file that changed fails the upload, and
+    s3transfer then aborts it, so no object of mixed states is ever completed.
+    """
+
+    def __init__(self, source: BinaryIO, path: str):
+        self._source, self._path = source, path
+        self._started = time.time_ns()
+        self.before = os.fstat(source.fileno())
+
+    def file(self) -> LocalFile:
+        """The file as it was when this read began."""
+        info = self.before
+        return LocalFile(self._path, info.st_size, info.st_mtime_ns, info.st_mode)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._source.read(size)
+        end = self._source.tell()
+        at_end = size < 0 or len(data) < size or end >= self.before.st_size
+        if at_end and not (
+            end == self.before.st_size
+            and read_unchanged(self.before, os.stat(self._path), self._started)
+        ):
+            raise FileChanged()
+        return data
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._source.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._source.tell()
+
+
 def make_uploader(connection: Connection, bucket: str, extra: dict, console: Console):
-    """The work function for run_in_parallel: one file up, as one PUT or a parallel multipart."""
+    """The work function for run_in_parallel: one file up, as one PUT or a parallel
+    multipart, from one read of it during which it did not change; False when it
+    vanished since the scan."""
     client, direct = connection.client, connection.direct
 
-    def put_whole(key: str, file: LocalFile, args: dict) -> None:
+    def put_whole(key: str, file: LocalFile, data: bytes) -> None:
         """One PutObject: a direct request for a small file, else through botocore."""
+        args = upload_args(file, extra)
         if file.size > SMALL_OBJECT:
-            with open(file.path, "rb") as body:
-                client.put_object(Bucket=bucket, Key=key, Body=body, **args)
+            client.put_object(Bucket=bucket, Key=key, Body=data, **args)
             return
-        with open(file.path, "rb") as body:
-            data = body.read()
         try:
             direct.put(bucket, key, data, args)
         except DirectFailed as failure:
@@ -280,21 +462,56 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
                 Bucket=bucket, Key=key, Body=data, **args
             )
 
-    def upload(item: Upload, manager, cancel) -> None:
-        file = item.file
-        args = upload_args(file, extra)
-        # One PutObject is the cheapest request for a small file; the transfer
-        # manager's futures and callbacks cost more than the upload itself.
+    def put_multipart(key: str, reader: CheckedReader, manager) -> None:
+        file = reader.file()
+        subscribers = [ProgressSubscriber(console, size=file.size)]
+        manager.upload(
+            reader,
+            bucket,
+            key,
+            extra_args=upload_args(file, extra),
+            subscribers=subscribers,
+        ).result()
+
+    def put_once(key: str, path: str, manager) -> LocalFile:
+        """The file up from one read; FileChanged if it changed during the read."""
+        with open(path, "rb") as source:
+            reader = CheckedReader(source, path)
+            file = reader.file()
+            # One PutObject is the cheapest request for a small file; the transfer
+            # manager's futures and callbacks cost more than the upload itself.
+            # Its bytes are read once, so that its checksum and body are the same read.
+            if file.size < MULTIPART_THRESHOLD:
+                put_whole(key, file, reader.read())
+            else:
+                put_multipart(key, reader, manager)
+        return file
+
+    def upload(item: Upload, manager, cancel) -> bool:
+        path = item.file.path
+        for attempt in range(READ_ATTEMPTS):
+            if attempt:
+                time.sleep(CLOCK_SLACK_NS / 1e9)
+            try:
+                file = put_once(item.key, path, manager)
+                break
+            except FileChanged:
+                if attempt == READ_ATTEMPTS - 1:
+                    raise
+            except FileNotFoundError as exc:
+                if exc.filename != path:
+                    raise
+                console.warning(
+                    f"vanished during the backup, not uploaded: {printable(path)}"
+                )
+                return False
         if file.size < MULTIPART_THRESHOLD:
-            put_whole(item.key, file, args)
             console.advance(nbytes=file.size)
-        else:
-            subscribers = [ProgressSubscriber(console)]
-            manager.upload(
-                file.path, bucket, item.key, extra_args=args, subscribers=subscribers
-            ).result()
         console.advance(files=1)
-        console.detail(f"upload: {file.path} -> s3://{bucket}/{item.key}")
+        console.detail(
+            f"upload: {printable(path)} -> {printable(f's3://{bucket}/{item.key}')}"
+        )
+        return True
 
     return upload
 
@@ -324,7 +541,7 @@ def delete_objects(
                     )
                 )
             else:
-                console.detail(f"delete: s3://{bucket}/{key}")
+                console.detail(f"delete: {printable(f's3://{bucket}/{key}')}")
     return failures
 
 
@@ -400,10 +617,14 @@ def run(args) -> int:
             f"refusing --delete: {args.local!r} has no files to back up, "
             "so every object under the prefix would be deleted"
         )
+    refused = refuse_keys(scan, location.prefix, PurePath(args.local))
     for warning in scan.warnings:
         console.warning(warning)
     for failure in scan.errors:
         console.error(failure_line("read", failure.item, failure.error))
+    for failure in refused:
+        console.error(failure_line("upload", failure.item, failure.error))
+    scan.errors.extend(refused)
 
     # A single file is listed by its own key, a folder on its folder boundary.
     listing_prefix = (
@@ -434,15 +655,30 @@ def run(args) -> int:
     else:
         create_bucket(client, location.bucket, connection.region, args.dry_run, console)
     plan = plan_backup(scan.files, remote, location.prefix, filters, args.delete)
+    recheck = future_dated(plan, time.time())
+    if recheck:
+        plan = without_recorded(
+            plan, recorded_mtimes(client, location.bucket, recheck, args.workers)
+        )
+    if not args.delete:
+        stale = stale_folders(scan.files, remote, location.prefix, filters)
+        for key, count in sorted(stale.items()):
+            console.warning(
+                f"{printable(scan.files[key].path)} is a file now, but the backup still "
+                f"holds {count} objects under {printable(location.url(key))}/, the folder "
+                "it replaced: restore.py brings that folder back instead of the file; "
+                "backup.py --delete removes them"
+            )
     total_bytes = sum(upload.file.size for upload in plan.uploads)
 
     if args.dry_run:
         for upload in plan.uploads:
             console.info(
-                f"(dry run) upload: {upload.file.path} -> s3://{location.bucket}/{upload.key}"
+                f"(dry run) upload: {printable(upload.file.path)} -> "
+                f"{printable(location.url(upload.key))}"
             )
         for key in plan.deletes:
-            console.info(f"(dry run) delete: s3://{location.bucket}/{key}")
+            console.info(f"(dry run) delete: {printable(location.url(key))}")
         console.info(
             f"(dry run) would upload {len(plan.uploads)} ({total_bytes} bytes), "
             f"skip {plan.skipped}, delete {len(plan.deletes)}"
@@ -451,10 +687,18 @@ def run(args) -> int:
 
     console.start(len(plan.uploads), total_bytes)
     uploader = make_uploader(connection, location.bucket, extra, console)
-    failures, _ = run_in_parallel(plan.uploads, uploader, client, args.workers)
+    failures, vanished = run_in_parallel(plan.uploads, uploader, client, args.workers)
     console.finish()
     for failure in failures:
-        console.error(failure_line("upload", failure.item.file.path, failure.error))
+        error = failure.error
+        if client_error_code(error) == "404":
+            # The bucket was there a moment ago: what the server refuses is the key.
+            error = CliError(
+                f"the server answered 404 Not Found for the key "
+                f"{printable(failure.item.key)}: it refuses this name (some servers "
+                "refuse control characters): rename the file"
+            )
+        console.error(failure_line("upload", failure.item.file.path, error))
 
     deleted = 0
     if plan.deletes:
@@ -474,13 +718,15 @@ def run(args) -> int:
             failures += delete_failures
 
     if not plan.uploads and not plan.deletes and not scan.errors:
-        console.info(f"nothing to upload: {location.url()} is up to date")
+        console.info(f"nothing to upload: {printable(location.url())} is up to date")
     failed_bytes = sum(f.item.file.size for f in failures if isinstance(f.item, Upload))
+    failed_bytes += sum(upload.file.size for upload in vanished)
     summary = Summary(
         "uploaded",
         transferred=len(plan.uploads)
-        - sum(isinstance(f.item, Upload) for f in failures),
-        skipped=plan.skipped,
+        - sum(isinstance(f.item, Upload) for f in failures)
+        - len(vanished),
+        skipped=plan.skipped + len(vanished),
         failed=len(failures) + len(scan.errors),
         deleted=deleted,
         nbytes=total_bytes - failed_bytes,
