@@ -78,12 +78,12 @@ CLOCK_SLACK_NS = 20_000_000
 
 
 class FileChanged(CliError):
-    """The file changed while it was read: nothing of that read is stored."""
+    """The file changed while it was read or uploaded."""
 
     def __init__(self):
         super().__init__(
-            f"it changed while it was read, {READ_ATTEMPTS} times: not uploaded "
-            "(the next run uploads it)"
+            f"it changed during the backup, {READ_ATTEMPTS} times in a row: "
+            "not backed up as it is now; run again when nothing writes to it"
         )
 
 
@@ -161,18 +161,26 @@ def plan_backup(
     return BackupPlan(tuple(uploads), deletes, skipped)
 
 
+def file_state(info: os.stat_result) -> tuple[int, ...]:
+    """What changes when a file is written to, replaced, resized or chmod'ed."""
+    return (
+        info.st_dev,
+        info.st_ino,
+        info.st_size,
+        info.st_mtime_ns,
+        info.st_ctime_ns,
+    )
+
+
 def read_unchanged(
     before: os.stat_result, after: os.stat_result, started_ns: int
 ) -> bool:
     """Whether a file stat'ed before a read that began at started_ns (time.time_ns)
-    and again after it was written to, replaced or changed meanwhile."""
-    same = (before.st_dev, before.st_ino, before.st_size, before.st_mtime_ns) == (
-        after.st_dev,
-        after.st_ino,
-        after.st_size,
-        after.st_mtime_ns,
+    and again after it was left as it was meanwhile."""
+    return (
+        file_state(before) == file_state(after)
+        and after.st_ctime_ns < started_ns - CLOCK_SLACK_NS
     )
-    return same and after.st_ctime_ns < started_ns - CLOCK_SLACK_NS
 
 
 def future_dated(plan: BackupPlan, now: float) -> list[Upload]:
@@ -418,6 +426,13 @@ class CheckedReader:
         info = self.before
         return LocalFile(self._path, info.st_size, info.st_mtime_ns, info.st_mode)
 
+    def unchanged_since(self) -> bool:
+        """Whether the file is still as it was read (after its upload, say)."""
+        try:
+            return file_state(os.stat(self._path)) == file_state(self.before)
+        except FileNotFoundError:
+            return True  # deleted after it was backed up whole
+
     def read(self, size: int = -1) -> bytes:
         data = self._source.read(size)
         end = self._source.tell()
@@ -473,7 +488,7 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
             subscribers=subscribers,
         ).result()
 
-    def put_once(key: str, path: str, manager) -> LocalFile:
+    def put_once(key: str, path: str, manager) -> CheckedReader:
         """The file up from one read; FileChanged if it changed during the read."""
         with open(path, "rb") as source:
             reader = CheckedReader(source, path)
@@ -485,7 +500,7 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
                 put_whole(key, file, reader.read())
             else:
                 put_multipart(key, reader, manager)
-        return file
+        return reader
 
     def upload(item: Upload, manager, cancel) -> bool:
         path = item.file.path
@@ -493,11 +508,13 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
             if attempt:
                 time.sleep(CLOCK_SLACK_NS / 1e9)
             try:
-                file = put_once(item.key, path, manager)
-                break
+                reader = put_once(item.key, path, manager)
+                # Changed after it was read, while it went up: the object holds
+                # the state before, which the next run might take for the latest.
+                if reader.unchanged_since():
+                    break
             except FileChanged:
-                if attempt == READ_ATTEMPTS - 1:
-                    raise
+                pass
             except FileNotFoundError as exc:
                 if exc.filename != path:
                     raise
@@ -505,6 +522,9 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
                     f"vanished during the backup, not uploaded: {printable(path)}"
                 )
                 return False
+        else:
+            raise FileChanged()
+        file = reader.file()
         if file.size < MULTIPART_THRESHOLD:
             console.advance(nbytes=file.size)
         console.advance(files=1)
