@@ -669,7 +669,7 @@ def run(args) -> int:
         try:
             remote = listing.result()
         except botocore.exceptions.ClientError as exc:
-            raise run_failure(f"cannot list {location.url()}", exc) from None
+            raise run_failure(f"cannot list {printable(location.url())}", exc) from None
         if not is_folder:
             remote = {key: obj for key, obj in remote.items() if key == listing_prefix}
     else:

@@ -199,7 +199,9 @@ def find_objects(
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) in ("404", "NoSuchKey"):
             return {}, prefix
-        raise run_failure(f"cannot list s3://{bucket}/{prefix}", exc) from None
+        raise run_failure(
+            f"cannot list {printable(f's3://{bucket}/{prefix}')}", exc
+        ) from None
     single = RemoteObject(
         prefix,
         head["ContentLength"],
@@ -405,7 +407,9 @@ def run(args) -> int:
     client = connection.client
     objects, strip = find_objects(client, location.bucket, location.prefix)
     if not any(not key.endswith("/") for key in objects):
-        raise CliError(f"nothing to restore: no objects under {location.url()}")
+        raise CliError(
+            f"nothing to restore: no objects under {printable(location.url())}"
+        )
 
     if args.dry_run:
         case_insensitive = sys.platform in ("darwin", "win32")

@@ -1015,7 +1015,8 @@ def failure_line(action: str, where: str, error: BaseException) -> str:
 
 
 def one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """A message on one line: its line breaks (and the space around them) become one space."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", str(text)).strip()
 
 
 # --- Output: progress line, messages, summary --------------------------------

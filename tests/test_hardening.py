@@ -41,6 +41,7 @@ from s3common import (
     endpoint_url_from,
     format_mtime,
     key_length_problem,
+    one_line,
     parse_location,
     parse_mtime,
     path_for_key,
@@ -70,6 +71,12 @@ SECOND = 1_000_000_000
 def test_printable_escapes_control_characters_only(name, shown):
     assert printable(name) == shown
     assert "\n" not in printable(name) and "\r" not in printable(name)
+
+
+def test_one_line_joins_lines_but_keeps_the_spaces_of_a_name():
+    assert one_line("upload failed: a  b.txt:\n  Too many\r\nopen files ") == (
+        "upload failed: a  b.txt: Too many open files"
+    )
 
 
 @pytest.mark.parametrize(
