@@ -218,7 +218,7 @@ def probe_case_insensitive(folder: str) -> bool:
         fd, probe = tempfile.mkstemp(prefix=".s3restore-case-", dir=folder)
     except OSError as exc:
         raise CliError(
-            f"cannot write to {folder}: {exc.strerror}: check its permissions"
+            f"cannot write to {printable(folder)}: {exc.strerror}: check its permissions"
         ) from None
     os.close(fd)
     try:
@@ -249,7 +249,7 @@ class Folders:
         real = os.path.realpath(folder)
         if real != self._root and not real.startswith(self._root + os.sep):
             raise CliError(
-                f"refused: {folder} leads outside the destination (through a symbolic link)"
+                f"refused: {printable(folder)} leads outside the destination (through a symbolic link)"
             )
         with self._lock:
             self._made.add(folder)
