@@ -31,7 +31,7 @@ from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from enum import IntEnum
 from pathlib import PurePath, PureWindowsPath
-from typing import NoReturn, TextIO
+from typing import BinaryIO, NoReturn, TextIO
 from urllib.parse import quote, urlsplit
 
 import botocore
@@ -563,12 +563,20 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
     return Connection(client, region, direct)
 
 
-def create_transfer_manager(client):
-    """boto3's transfer manager, for multipart uploads and ranged downloads."""
+def create_transfer_manager(
+    client, open_file: Callable[[str, str], BinaryIO] | None = None
+):
+    """boto3's transfer manager, for multipart uploads and ranged downloads;
+    open_file(name, mode), if given, opens the files it uploads by name."""
     # Imported here, not at the top: boto3 and s3transfer take some 30 ms to import,
     # and a backup with nothing to upload never needs them.
     from boto3.s3.transfer import TransferConfig
     from boto3.s3.transfer import create_transfer_manager as create
+    from s3transfer.utils import OSUtils
+
+    class Opener(OSUtils):
+        def open(self, filename, mode):
+            return open_file(filename, mode)
 
     # The CRT transfer client ignores endpoint_url (boto3 issue 4839): pin classic.
     config = TransferConfig(
@@ -577,7 +585,7 @@ def create_transfer_manager(client):
         max_concurrency=PART_WORKERS,
         preferred_transfer_client="classic",
     )
-    return create(client, config)
+    return create(client, config, osutil=None if open_file is None else Opener())
 
 
 # --- Direct requests for small objects ---------------------------------------
@@ -1200,6 +1208,7 @@ def run_in_parallel(
     work: Callable[[object, object, threading.Event], None],
     client,
     workers: int,
+    open_file: Callable[[str, str], BinaryIO] | None = None,
 ) -> tuple[list[Failure], list]:
     """Call work(item, transfer_manager, cancel) for every item on `workers` threads.
 
@@ -1216,7 +1225,7 @@ def run_in_parallel(
         return failures, skipped
     cancel = threading.Event()
     pending = iter(items)
-    manager = create_transfer_manager(client)
+    manager = create_transfer_manager(client, open_file)
     # Guards `pending` and the thread counts. The main thread waits on the
     # counts, never in Thread.join: a join that Ctrl-C interrupts marks its
     # thread as ended while it still runs (CPython gh-90882, Python 3.12 and older).

@@ -20,12 +20,14 @@ from conftest import ROOT, make_tree, run_script
 import backup
 from backup import (
     BackupPlan,
-    CheckedReader,
     FileChanged,
     LocalFile,
+    ReadStart,
     Upload,
+    before_complete_multipart,
     future_dated,
     read_unchanged,
+    read_whole,
     stale_folders,
     without_recorded,
 )
@@ -165,26 +167,51 @@ def test_read_unchanged(after, started_ns, unchanged):
     assert read_unchanged(stat(), after, started_ns) is unchanged
 
 
-def test_checked_reader_refuses_a_file_that_grew_while_read(tmp_path):
+def test_read_whole_refuses_a_file_that_grew_while_read(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"a" * 1000)
     with open(path, "rb") as source:
-        reader = CheckedReader(source, str(path))
+        start = ReadStart.of(str(path), source)
         with open(path, "ab") as writer:
             writer.write(b"b")
-        assert reader.read(500) == b"a" * 500  # not yet at the end
         with pytest.raises(FileChanged):
-            reader.read(500)
+            read_whole(source, start)
 
 
-def test_checked_reader_refuses_a_file_that_shrank_while_read(tmp_path):
+def test_read_whole_refuses_a_file_replaced_while_read(tmp_path):
     path = tmp_path / "f"
     path.write_bytes(b"a" * 1000)
     with open(path, "rb") as source:
-        reader = CheckedReader(source, str(path))
-        os.truncate(path, 100)
+        start = ReadStart.of(str(path), source)
+        (tmp_path / "g").write_bytes(b"b" * 1000)
+        os.replace(tmp_path / "g", path)
         with pytest.raises(FileChanged):
-            reader.read()
+            read_whole(source, start)
+    assert not start.unchanged_since()
+
+
+def test_a_failed_check_before_complete_multipart_leaves_no_object(s3):
+    s3.create_bucket(Bucket="bkt")
+    seen = []
+
+    def check(key):
+        seen.append(key)
+        raise FileChanged()
+
+    before_complete_multipart(s3, check)
+    upload = s3.create_multipart_upload(Bucket="bkt", Key="k")
+    part = s3.upload_part(
+        Bucket="bkt", Key="k", UploadId=upload["UploadId"], PartNumber=1, Body=b"x"
+    )
+    with pytest.raises(FileChanged):
+        s3.complete_multipart_upload(
+            Bucket="bkt",
+            Key="k",
+            UploadId=upload["UploadId"],
+            MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]},
+        )
+    assert seen == ["k"]
+    assert "Contents" not in s3.list_objects_v2(Bucket="bkt")
 
 
 def local(name, size=1, mtime_ns=SECOND):
