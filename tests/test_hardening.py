@@ -15,7 +15,7 @@ from pathlib import PurePosixPath, PureWindowsPath
 from types import SimpleNamespace
 
 import pytest
-from conftest import ROOT, make_tree, run_script
+from conftest import ROOT, free_port, make_tree, run_script
 
 import backup
 from backup import (
@@ -679,9 +679,16 @@ def test_restore_names_the_target_and_what_stands_in_its_way(
 @pytest.mark.parametrize("script", ["backup.py", "restore.py"])
 def test_ctrl_c_while_importing_exits_130_quietly(tmp_path, cli_env, script):
     # -X importtime reports each import as it ends: once botocore's modules are
-    # being imported, the script's own first lines have run.
+    # being imported, the script's own first lines have run. Should the signal
+    # come late, the run fails at the dead endpoint, never reaching the network.
+    args = (
+        (str(tmp_path), "bucket::p")
+        if script == "backup.py"
+        else ("bucket::p", str(tmp_path / "d"))
+    )
     process = subprocess.Popen(
-        [sys.executable, "-X", "importtime", str(ROOT / script), str(tmp_path), "bucket::p"],
+        [sys.executable, "-X", "importtime", str(ROOT / script), *args,
+         "--endpoint-url", f"http://127.0.0.1:{free_port()}"],
         env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     seen = []
