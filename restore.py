@@ -89,6 +89,7 @@ class RestorePlan:
 
 
 def utc_time(seconds: float) -> str:
+    """Seconds since the epoch as '2026-11-28 05:12:19 UTC'."""
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
 
@@ -100,11 +101,13 @@ def folder_conflict(file_time: float, folder_time: float) -> str:
             f"{utc_time(folder_time)}): it probably replaced the folder, whose objects "
             "backup.py --delete would remove"
         )
-    else:
+    elif file_time < folder_time:
         newer = (
             f"the folder is newer (its newest object {utc_time(folder_time)}, the file "
             f"{utc_time(file_time)}): it probably replaced the file"
         )
+    else:
+        newer = f"both were backed up at {utc_time(file_time)}"
     return f"conflict: the backup holds a folder of the same name; restored the folder; {newer}"
 
 

@@ -266,6 +266,9 @@ def test_restore_conflict_says_which_is_newer():
     assert why == folder_conflict(2000.0, 1500.0)
     assert "the file is newer" in why and "--delete" in why
     assert "the folder is newer" in folder_conflict(1000.0, 1500.0)
+    assert "both were backed up at 1970-01-01 00:25:00 UTC" in folder_conflict(
+        1500.0, 1500.0
+    )
 
 
 # --- End to end on moto's server --------------------------------------------------
