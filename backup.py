@@ -434,13 +434,6 @@ class ReadStart:
         if not read_unchanged(self.before, after, self.started_ns):
             raise FileChanged()
 
-    def unchanged_since(self) -> bool:
-        """Whether the file is still as it was read (after its upload, say)."""
-        try:
-            return file_state(os.stat(self.path)) == file_state(self.before)
-        except FileNotFoundError:
-            return True  # deleted after it was backed up whole
-
 
 def read_whole(source: BinaryIO, start: ReadStart) -> bytes:
     """The bytes of the open file, from one read during which it did not change."""
@@ -548,10 +541,7 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
                 time.sleep(CLOCK_SLACK_NS / 1e9)
             try:
                 start = put_once(item.key, path, manager)
-                # Changed after it was read, while it went up: the object holds
-                # the state before, which the next run might take for the latest.
-                if start.unchanged_since():
-                    break
+                break
             except FileChanged:
                 pass
             except FileNotFoundError as exc:
