@@ -16,6 +16,7 @@ import signal
 # quietly, until run_cli takes over; os._exit, since nothing is written yet.
 signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
+import hashlib
 import io
 import mimetypes
 import stat
@@ -28,18 +29,22 @@ from typing import BinaryIO
 import botocore.exceptions
 
 from s3common import (
+    MD5_METADATA,
     MULTIPART_THRESHOLD,
     PART_WORKERS,
     SMALL_OBJECT,
     STORAGE_CLASSES,
     ArgumentParser,
+    BandwidthSubscriber,
     CliError,
     Connection,
     Console,
+    Contents,
     DirectFailed,
     ExitCode,
     Failure,
     Filters,
+    Location,
     ProgressSubscriber,
     RemoteObject,
     Summary,
@@ -47,9 +52,11 @@ from s3common import (
     add_shared_options,
     bucket_name_problem,
     client_error_code,
+    compare_contents,
     connect,
     exit_script,
     failure_line,
+    file_md5,
     folder_prefix,
     format_mtime,
     in_background,
@@ -58,6 +65,7 @@ from s3common import (
     list_objects,
     listing_boundaries,
     map_in_background,
+    md5chksum,
     parse_location,
     parse_mtime,
     path_for_key,
@@ -101,7 +109,9 @@ class LocalFile:
 class Upload:
     key: str
     file: LocalFile
-    reason: str  # "new", "size changed" or "newer"
+    # "new", "size changed", "newer", "content changed" or "no MD5 to compare"
+    reason: str
+    md5: str | None = None  # the file's, when --checksum has hashed it already
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,16 @@ class BackupPlan:
     uploads: tuple[Upload, ...]
     deletes: tuple[str, ...]
     skipped: int
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    """How a backup differs from LOCAL (--check), by key."""
+
+    missing: tuple[str, ...]  # files with no object
+    changed: tuple[tuple[str, str], ...]  # (key, why): files whose object differs
+    extra: tuple[str, ...]  # objects with no file
+    identical: int
 
 
 @dataclass
@@ -121,12 +141,26 @@ class Scan:
 # --- Deciding: pure functions --------------------------------------------------
 
 
-def upload_reason(local: LocalFile, remote: RemoteObject | None) -> str | None:
-    """Why a file must go up, or None when the object already matches it."""
+def upload_reason(
+    local: LocalFile,
+    remote: RemoteObject | None,
+    local_md5: str | None = None,
+    remote_md5: str | None = None,
+    by_content: bool = False,
+) -> str | None:
+    """Why a file must go up, or None when the object already matches it.
+
+    By content, a file of the object's size matches when both MD5s are known and
+    equal, whatever the mtimes; else by its mtime.
+    """
     if remote is None:
         return "new"
     if remote.size != local.size:
         return "size changed"
+    if by_content:
+        if local_md5 is None or remote_md5 is None:
+            return "no MD5 to compare"
+        return None if local_md5 == remote_md5 else "content changed"
     # S3 keeps LastModified to the whole second: compare at that resolution, or
     # every file written in the second before its upload would go up again.
     if local.mtime_ns // 1_000_000_000 > remote.last_modified:
@@ -140,15 +174,26 @@ def plan_backup(
     prefix: str,
     filters: Filters,
     delete: bool,
+    contents: Contents | None = None,
 ) -> BackupPlan:
-    """What to upload and delete, from the local and the remote listing keyed by S3 key."""
+    """What to upload and delete, from the local and the remote listing keyed by S3 key.
+
+    With `contents` (--checksum), files of their object's size are compared by MD5.
+    """
     uploads, skipped = [], 0
     for key in sorted(local):
         if not filters.includes(relative_key(prefix, key)):
             continue
-        reason = upload_reason(local[key], remote.get(key))
+        reason = upload_reason(
+            local[key],
+            remote.get(key),
+            contents.local.get(key) if contents else None,
+            contents.remote.get(key) if contents else None,
+            by_content=contents is not None,
+        )
         if reason:
-            uploads.append(Upload(key, local[key], reason))
+            md5 = contents.local.get(key) if contents else None
+            uploads.append(Upload(key, local[key], reason, md5))
         else:
             skipped += 1
     deletes = ()
@@ -252,14 +297,54 @@ def refuse_keys(scan: Scan, prefix: str, root: PurePath) -> list[Failure]:
     return refused
 
 
-def upload_args(file: LocalFile, extra: dict) -> dict:
-    """Metadata (mtime and mode as rclone writes them), Content-Type and the pass-through options."""
+def same_size_files(
+    local: dict[str, LocalFile],
+    remote: dict[str, RemoteObject],
+    prefix: str,
+    filters: Filters,
+) -> dict[str, tuple[str, RemoteObject]]:
+    """The files to compare by content: those of their object's size, within the filters."""
+    return {
+        key: (file.path, remote[key])
+        for key, file in local.items()
+        if key in remote
+        and remote[key].size == file.size
+        and filters.includes(relative_key(prefix, key))
+    }
+
+
+def check_report(plan: BackupPlan, unread: frozenset[str] = frozenset()) -> CheckReport:
+    """--check's differences, from a plan by content with --delete; `unread` files are errors, not differences."""
+    return CheckReport(
+        missing=tuple(item.key for item in plan.uploads if item.reason == "new"),
+        changed=tuple(
+            (item.key, item.reason)
+            for item in plan.uploads
+            if item.reason != "new" and item.key not in unread
+        ),
+        extra=plan.deletes,
+        identical=plan.skipped,
+    )
+
+
+def needs_md5chksum(size: int, extra: dict) -> bool:
+    """Whether the object's ETag will not be its MD5: a multipart upload, or SSE-KMS."""
+    return size >= MULTIPART_THRESHOLD or extra.get(
+        "ServerSideEncryption", ""
+    ).startswith("aws:kms")
+
+
+def upload_args(file: LocalFile, extra: dict, md5: str | None = None) -> dict:
+    """Metadata (mtime and mode as rclone writes them, and md5chksum when given),
+    Content-Type and the pass-through options."""
     args = {
         "Metadata": {
             "mtime": format_mtime(file.mtime_ns),
             "mode": format(file.mode, "o"),
         }
     }
+    if md5 is not None:
+        args["Metadata"][MD5_METADATA] = md5chksum(md5)
     content_type, _ = mimetypes.guess_type(file.path, strict=False)
     if content_type:
         args["ContentType"] = content_type
@@ -479,6 +564,7 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
     multipart, from one read of it during which it did not change; False when it
     vanished since the scan."""
     client, direct = connection.client, connection.direct
+    bandwidth = connection.bandwidth  # None without --bwlimit
     # The read of each multipart upload under way, by key, checked before its parts are joined.
     multipart_reads: dict[str, ReadStart] = {}
     before_complete_multipart(
@@ -486,9 +572,17 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
         lambda key: multipart_reads[key].check() if key in multipart_reads else None,
     )
 
-    def put_whole(key: str, file: LocalFile, data: bytes) -> None:
-        """One PutObject: a direct request for a small file, else through botocore."""
-        args = upload_args(file, extra)
+    def put_whole(key: str, file: LocalFile, data: bytes, cancel) -> None:
+        """One PutObject of the bytes read: a direct request for a small file, else
+        through botocore. md5chksum, when the object needs it, is of those bytes."""
+        # Bodies of one request are let through whole (they are at most 8 MiB):
+        # botocore reads a body more than once, for its checksums, before it sends it.
+        if bandwidth:
+            bandwidth.take(file.size, cancel)
+        md5 = None
+        if needs_md5chksum(file.size, extra):
+            md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        args = upload_args(file, extra, md5)
         if file.size > SMALL_OBJECT:
             client.put_object(Bucket=bucket, Key=key, Body=data, **args)
             return
@@ -500,7 +594,9 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
                 Bucket=bucket, Key=key, Body=data, **args
             )
 
-    def put_multipart(key: str, start: ReadStart, manager) -> None:
+    def put_multipart(
+        key: str, start: ReadStart, md5: str | None, manager, cancel
+    ) -> None:
         """Parallel parts read from the file by name, as s3transfer does: each
         part's checksum is over the bytes read for it, and the parts are joined
         only if the file was left alone from before the first read to after the
@@ -509,29 +605,34 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
         of such a file in memory: 319 MiB peak for W3 against 79 MiB.)"""
         file = start.file()
         subscribers = [ProgressSubscriber(console, size=file.size)]
+        if bandwidth:
+            subscribers.append(BandwidthSubscriber(bandwidth, cancel))
         multipart_reads[key] = start
         try:
+            # CreateMultipartUpload carries the metadata before any part is read,
+            # so the MD5 takes a pass of its own over the file first (unless
+            # --checksum has just made it of this very file). The pass is within
+            # the checked read: a change during it fails the upload too.
+            args = upload_args(file, extra, md5 or file_md5(file.path))
             manager.upload(
-                file.path,
-                bucket,
-                key,
-                extra_args=upload_args(file, extra),
-                subscribers=subscribers,
+                file.path, bucket, key, extra_args=args, subscribers=subscribers
             ).result()
         finally:
             del multipart_reads[key]
 
-    def put_once(key: str, path: str, manager) -> ReadStart:
+    def put_once(item: Upload, manager, cancel) -> ReadStart:
         """The file up from one read; FileChanged if it changed during the read."""
+        path = item.file.path
         with open(path, "rb") as source:
             start = ReadStart.of(path, source)
             # One PutObject is the cheapest request for a small file; the transfer
             # manager's futures and callbacks cost more than the upload itself.
             # Its bytes are read once, so that its checksum and body are the same read.
             if start.before.st_size < MULTIPART_THRESHOLD:
-                put_whole(key, start.file(), read_whole(source, start))
+                put_whole(item.key, start.file(), read_whole(source, start), cancel)
                 return start
-        put_multipart(key, start, manager)
+        md5 = item.md5 if start.file() == item.file else None
+        put_multipart(item.key, start, md5, manager, cancel)
         return start
 
     def upload(item: Upload, manager, cancel) -> bool:
@@ -540,7 +641,7 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
             if attempt:
                 time.sleep(CLOCK_SLACK_NS / 1e9)
             try:
-                start = put_once(item.key, path, manager)
+                start = put_once(item, manager, cancel)
                 break
             except FileChanged:
                 pass
@@ -597,33 +698,64 @@ def delete_objects(
 # --- The command ----------------------------------------------------------------
 
 
+EXAMPLES = """
+  python backup.py ~/Documents my-bucket::documents
+  python backup.py ~/Photos s3://family-archive/photos --storage-class STANDARD_IA
+  python backup.py ~/project work-bucket::project --exclude '.git/*' --delete
+  python backup.py ~/notes.txt my-bucket::misc      # one file: s3://my-bucket/misc/notes.txt
+  python backup.py ~/Documents my-bucket::documents --dry-run -v
+  python backup.py ~/Documents my-bucket::documents --check   # exit 0: the backup holds it
+  python backup.py /srv/data nightly::srv --json -q --bwlimit 8M > report.json
+"""
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="backup.py",
         description="Back up a folder (or one file) to S3, uploading only what changed.",
+        examples=EXAMPLES,
     )
     parser.add_argument("local", metavar="LOCAL", help="the folder or file to back up")
     parser.add_argument(
-        "location", metavar="BUCKET::PREFIX", help="or s3://BUCKET/PREFIX"
+        "location",
+        metavar="BUCKET::PREFIX",
+        help="where to, also s3://BUCKET/PREFIX; the bucket is created if missing",
     )
     add_shared_options(parser)
     parser.add_argument(
         "--delete",
         action="store_true",
-        help="delete objects under the prefix whose files no longer exist locally",
+        help="delete objects under the prefix whose files no longer exist locally "
+        "(e.g. --delete --dry-run to see what would go)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="compare LOCAL with the backup by content and change nothing; "
+        "exit 0 when the backup holds LOCAL exactly, 1 when it does not "
+        "(e.g. --check --exclude '*.tmp')",
     )
     parser.add_argument(
         "--no-follow-symlinks",
         dest="follow_symlinks",
         action="store_false",
-        help="skip symbolic links instead of following them",
-    )
-    parser.add_argument("--storage-class", choices=STORAGE_CLASSES, metavar="CLASS")
-    parser.add_argument(
-        "--sse", choices=("AES256", "aws:kms"), help="server-side encryption"
+        help="skip symbolic links instead of following them (e.g. --no-follow-symlinks)",
     )
     parser.add_argument(
-        "--sse-kms-key-id", metavar="ID", help="the KMS key for --sse aws:kms"
+        "--storage-class",
+        choices=STORAGE_CLASSES,
+        metavar="CLASS",
+        help="storage class of the uploaded objects (e.g. --storage-class STANDARD_IA)",
+    )
+    parser.add_argument(
+        "--sse",
+        choices=("AES256", "aws:kms"),
+        help="server-side encryption, AES256 or aws:kms (e.g. --sse AES256)",
+    )
+    parser.add_argument(
+        "--sse-kms-key-id",
+        metavar="ID",
+        help="the KMS key for --sse aws:kms (e.g. --sse aws:kms --sse-kms-key-id alias/backup)",
     )
     return parser
 
@@ -641,9 +773,8 @@ def extra_args_from(args) -> dict:
     return extra
 
 
-def run(args) -> int:
+def run(args, console: Console) -> int:
     started = time.monotonic()
-    console = Console(args.quiet, args.verbose)
     location = parse_location(args.location)
     extra = extra_args_from(args)
     filters = Filters(args.filters)
@@ -651,6 +782,8 @@ def run(args) -> int:
     is_folder = stat.S_ISDIR(local.st_mode)
     if args.delete and not is_folder:
         raise usage_error("--delete needs LOCAL to be a folder")
+    if args.check and args.delete:
+        raise usage_error("--check changes nothing: it does not go with --delete")
 
     connection = connect(args, pool_size=args.workers + PART_WORKERS)
     client = connection.client
@@ -670,9 +803,13 @@ def run(args) -> int:
     for warning in scan.warnings:
         console.warning(warning)
     for failure in scan.errors:
-        console.error(failure_line("read", failure.item, failure.error))
+        console.error(
+            failure_line("read", failure.item, failure.error), path=failure.item
+        )
     for failure in refused:
-        console.error(failure_line("upload", failure.item, failure.error))
+        console.error(
+            failure_line("upload", failure.item, failure.error), path=failure.item
+        )
     scan.errors.extend(refused)
 
     # A single file is listed by its own key, a folder on its folder boundary.
@@ -701,9 +838,27 @@ def run(args) -> int:
             raise run_failure(f"cannot list {printable(location.url())}", exc) from None
         if not is_folder:
             remote = {key: obj for key, obj in remote.items() if key == listing_prefix}
+    elif args.check:
+        raise CliError(
+            f"the bucket {location.bucket} does not exist: nothing is backed up at {location.url()}"
+        )
     else:
         create_bucket(client, location.bucket, connection.region, args.dry_run, console)
-    plan = plan_backup(scan.files, remote, location.prefix, filters, args.delete)
+    contents = None
+    if args.checksum or args.check:
+        contents = compare_contents(
+            client,
+            location.bucket,
+            same_size_files(scan.files, remote, location.prefix, filters),
+            args.workers,
+        )
+    if args.check:
+        plan = plan_backup(scan.files, remote, location.prefix, filters, True, contents)
+        return report_check(plan, contents, scan, location, console, started)
+    # A file that could not be hashed goes up, and its upload reports why it failed.
+    plan = plan_backup(
+        scan.files, remote, location.prefix, filters, args.delete, contents
+    )
     recheck = future_dated(plan, time.time())
     if recheck:
         plan = without_recorded(
@@ -728,9 +883,18 @@ def run(args) -> int:
             )
         for key in plan.deletes:
             console.info(f"(dry run) delete: {printable(location.url(key))}")
-        console.info(
+        summary = Summary(
+            "uploaded",
+            transferred=len(plan.uploads),
+            skipped=plan.skipped,
+            deleted=len(plan.deletes),
+            nbytes=total_bytes,
+            seconds=time.monotonic() - started,
+        )
+        console.summarize(
+            summary,
             f"(dry run) would upload {len(plan.uploads)} ({total_bytes} bytes), "
-            f"skip {plan.skipped}, delete {len(plan.deletes)}"
+            f"skip {plan.skipped}, delete {len(plan.deletes)}",
         )
         return ExitCode.OK
 
@@ -749,7 +913,8 @@ def run(args) -> int:
                 f"{printable(failure.item.key)}: it refuses this name (some servers "
                 "refuse control characters): rename the file"
             )
-        console.error(failure_line("upload", failure.item.file.path, error))
+        path = failure.item.file.path
+        console.error(failure_line("upload", path, error), path=path)
 
     deleted = 0
     if plan.deletes:
@@ -763,7 +928,8 @@ def run(args) -> int:
             )
             for failure in delete_failures:
                 console.error(
-                    failure_line("delete", location.url(failure.item), failure.error)
+                    failure_line("delete", location.url(failure.item), failure.error),
+                    key=failure.item,
                 )
             deleted = len(plan.deletes) - len(delete_failures)
             failures += delete_failures
@@ -783,8 +949,43 @@ def run(args) -> int:
         nbytes=total_bytes - failed_bytes,
         seconds=time.monotonic() - started,
     )
-    console.info(summary.line())
+    console.summarize(summary)
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
+
+
+def report_check(
+    plan: BackupPlan,
+    contents: Contents,
+    scan: Scan,
+    location: Location,
+    console: Console,
+    started: float,
+) -> int:
+    """--check's output: one line per difference, the summary; exit 0 only when identical."""
+    for failure in contents.failures:
+        path = scan.files[failure.item].path
+        console.error(failure_line("read", path, failure.error), path=path)
+    report = check_report(plan, frozenset(f.item for f in contents.failures))
+    for key in report.missing:
+        console.info(f"missing: {printable(key)}")
+    for key, why in report.changed:
+        console.info(f"changed: {printable(key)} ({why})")
+    for key in report.extra:
+        console.info(f"extra: {printable(key)}")
+    summary = Summary(
+        "checked",
+        skipped=report.identical,
+        failed=len(contents.failures) + len(scan.errors),
+        seconds=time.monotonic() - started,
+        missing=list(report.missing),
+        changed=[key for key, _ in report.changed],
+        extra=list(report.extra),
+    )
+    if not (report.missing or report.changed or report.extra or summary.failed):
+        console.info(f"{location.url()} holds every file exactly")
+    console.summarize(summary)
+    differs = report.missing or report.changed or report.extra
+    return ExitCode.FAILURE if differs or summary.failed else ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:

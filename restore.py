@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePath, PurePosixPath
 from typing import BinaryIO
 
@@ -35,10 +35,12 @@ from s3common import (
     PART_WORKERS,
     SMALL_OBJECT,
     ArgumentParser,
+    BandwidthSubscriber,
     Cancelled,
     CliError,
     Connection,
     Console,
+    Contents,
     DirectFailed,
     ExitCode,
     FetchedObject,
@@ -49,6 +51,7 @@ from s3common import (
     UnsafeKey,
     add_shared_options,
     client_error_code,
+    compare_contents,
     connect,
     exit_script,
     failure_line,
@@ -63,6 +66,7 @@ from s3common import (
     run_cli,
     run_failure,
     run_in_parallel,
+    throttled,
     usage_error,
 )
 
@@ -76,6 +80,8 @@ class Download:
     size: int
     last_modified: float
     storage_class: str
+    # --checksum: the local file already holds these bytes; only mtime and mode are set.
+    same_content: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,18 @@ def plan_restore(
     return RestorePlan(tuple(downloads), tuple(refused), tuple(conflicts))
 
 
+def with_same_content(plan: RestorePlan, contents: Contents) -> RestorePlan:
+    """The plan with the downloads whose local file has the object's MD5 marked same_content."""
+    downloads = tuple(
+        replace(item, same_content=True)
+        if contents.local.get(item.key) is not None
+        and contents.local.get(item.key) == contents.remote.get(item.key)
+        else item
+        for item in plan.downloads
+    )
+    return replace(plan, downloads=downloads)
+
+
 def restored_times(metadata: dict, last_modified: float) -> int:
     """The mtime to give a restored file, in nanoseconds: the recorded one, else LastModified."""
     recorded = parse_mtime(metadata.get("mtime"))
@@ -210,9 +228,25 @@ def find_objects(
         head["ContentLength"],
         head["LastModified"].timestamp(),
         head.get("StorageClass", "STANDARD"),
+        head.get("ETag", "").strip('"'),
     )
     parent = str(PurePosixPath(prefix).parent)
     return {prefix: single}, "" if parent == "." else parent
+
+
+def same_size_files(
+    downloads: tuple[Download, ...], objects: dict[str, RemoteObject]
+) -> dict[str, tuple[str, RemoteObject]]:
+    """The local files to compare by content: regular files (not links) of their object's size."""
+    candidates = {}
+    for item in downloads:
+        try:
+            info = os.lstat(item.path)
+        except OSError:
+            continue
+        if stat.S_ISREG(info.st_mode) and info.st_size == item.size:
+            candidates[item.key] = (str(item.path), objects[item.key])
+    return candidates
 
 
 def probe_case_insensitive(folder: str) -> bool:
@@ -302,6 +336,7 @@ def make_restorer(
 ):
     """The work function for run_in_parallel: one object down; False when already restored."""
     client, direct = connection.client, connection.direct
+    bandwidth = connection.bandwidth  # None without --bwlimit
 
     def file_mode(metadata: dict) -> int:
         mode = parse_mode(metadata.get("mode"))
@@ -317,8 +352,12 @@ def make_restorer(
         )
 
     def write_object(item: Download, path: str, fetched: FetchedObject, cancel) -> None:
+        chunks = fetched.chunks
+        if bandwidth:
+            chunks = throttled(chunks, bandwidth, cancel)
+
         def fill(out: BinaryIO) -> None:
-            for chunk in fetched.chunks:
+            for chunk in chunks:
                 if cancel.is_set():
                     raise Cancelled()
                 out.write(chunk)
@@ -327,7 +366,7 @@ def make_restorer(
         write_atomically(path, fill, file_mode(fetched.metadata), mtime_ns)
         console.advance(nbytes=item.size)
 
-    def write_large(item: Download, path: str, manager) -> bool:
+    def write_large(item: Download, path: str, manager, cancel) -> bool:
         """A HEAD for the metadata, then parallel ranged GETs, unless an earlier
         (interrupted) run already restored this very file whole."""
         head = client.head_object(Bucket=bucket, Key=item.key)
@@ -337,14 +376,51 @@ def make_restorer(
 
         def fill(out: BinaryIO) -> None:
             subscribers = [ProgressSubscriber(console, size=item.size)]
+            if bandwidth:
+                subscribers.append(BandwidthSubscriber(bandwidth, cancel))
             manager.download(bucket, item.key, out, subscribers=subscribers).result()
 
         write_atomically(path, fill, file_mode(head["Metadata"]), mtime_ns)
         return True
 
+    def recorded(item: Download, cancel) -> tuple[dict, float]:
+        """The object's user metadata and LastModified.
+
+        A small object's come from a GET on the direct path, its body read and
+        dropped: there that costs less client CPU than botocore's HEAD.
+        """
+        if (
+            item.size <= SMALL_OBJECT
+            and item.storage_class not in ARCHIVE_STORAGE_CLASSES
+        ):
+            try:
+                fetched = direct.get(bucket, item.key, CHUNK)
+            except DirectFailed as failure:
+                fetched = fetch(item.key, direct.client_after(failure))
+            chunks = fetched.chunks
+            if bandwidth:
+                chunks = throttled(chunks, bandwidth, cancel)
+            for _ in chunks:
+                pass
+            return fetched.metadata, fetched.last_modified
+        head = client.head_object(Bucket=bucket, Key=item.key)
+        return head["Metadata"], head["LastModified"].timestamp()
+
+    def keep(item: Download, path: str, cancel) -> None:
+        """The file already holds the object's bytes: give it the recorded mode and mtime."""
+        metadata, last_modified = recorded(item, cancel)
+        os.chmod(path, file_mode(metadata))
+        mtime_ns = restored_times(metadata, last_modified)
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+        console.advance(files=1)
+        console.detail(f"same content: {printable(path)}")
+
     def restore(item: Download, manager, cancel) -> bool:
         path = str(item.path)
         folders.ensure(os.path.dirname(path))
+        if item.same_content:
+            keep(item, path, cancel)
+            return False
         # Smaller objects: one GET, with no HEAD first (the listing gave the size).
         # An archived object fails either way: botocore says why.
         if (
@@ -359,7 +435,7 @@ def make_restorer(
                 write_object(item, path, fetch(item.key, via), cancel)
         elif item.size < MULTIPART_THRESHOLD:
             write_object(item, path, fetch(item.key, client), cancel)
-        elif not write_large(item, path, manager):
+        elif not write_large(item, path, manager, cancel):
             console.advance(files=1)
             console.detail(f"already restored: {printable(path)}")
             return False
@@ -381,13 +457,26 @@ def current_umask() -> int:
 # --- The command ----------------------------------------------------------------
 
 
+EXAMPLES = """
+  python restore.py my-bucket::documents ~/Documents-restored
+  python restore.py s3://family-archive/photos/2024 ~/Pictures/2024 --include '*.jpg'
+  python restore.py my-bucket::misc/notes.txt ~/recovered   # one object: ~/recovered/notes.txt
+  python restore.py my-bucket::documents ~/Documents-restored --dry-run -v
+  python restore.py my-bucket::documents ~/Documents --checksum   # fetch only what differs
+  python restore.py nightly::srv /srv/data-restored --json --bwlimit 20M > report.json
+"""
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
         prog="restore.py",
         description="Restore a prefix (or one object) from S3 into a folder.",
+        examples=EXAMPLES,
     )
     parser.add_argument(
-        "location", metavar="BUCKET::PREFIX", help="or s3://BUCKET/PREFIX"
+        "location",
+        metavar="BUCKET::PREFIX",
+        help="what to restore, also s3://BUCKET/PREFIX; a prefix or one object",
     )
     parser.add_argument(
         "local", metavar="LOCAL", help="the folder to restore into (created if missing)"
@@ -396,9 +485,8 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def run(args) -> int:
+def run(args, console: Console) -> int:
     started = time.monotonic()
-    console = Console(args.quiet, args.verbose)
     location = parse_location(args.location)
     filters = Filters(args.filters)
     if not args.local or (os.path.exists(args.local) and not os.path.isdir(args.local)):
@@ -420,18 +508,40 @@ def run(args) -> int:
         os.makedirs(args.local, exist_ok=True)
         case_insensitive = probe_case_insensitive(args.local)
     plan = plan_restore(objects, strip, Path(args.local), filters, case_insensitive)
+    if args.checksum:
+        # A file that cannot be read is simply restored over.
+        candidates = same_size_files(plan.downloads, objects)
+        contents = compare_contents(client, location.bucket, candidates, args.workers)
+        plan = with_same_content(plan, contents)
     for key, why in plan.refused + plan.conflicts:
-        console.error(f"{printable(location.url(key))}: {why}")
+        console.error(f"{printable(location.url(key))}: {why}", key=key)
     problems = len(plan.refused) + len(plan.conflicts)
     total_bytes = sum(item.size for item in plan.downloads)
 
     if args.dry_run:
-        for item in plan.downloads:
+        fetched = [item for item in plan.downloads if not item.same_content]
+        for item in fetched:
             console.info(
                 f"(dry run) restore: {printable(location.url(item.key))} -> {printable(item.path)}"
             )
-        console.info(
-            f"(dry run) would restore {len(plan.downloads)} ({total_bytes} bytes)"
+        fetched_bytes = sum(item.size for item in fetched)
+        summary = Summary(
+            "restored",
+            transferred=len(fetched),
+            skipped=len(plan.downloads) - len(fetched),
+            failed=problems,
+            nbytes=fetched_bytes,
+            seconds=time.monotonic() - started,
+            refused=len(plan.refused),
+            conflicts=len(plan.conflicts),
+            archived=sum(
+                item.storage_class in ARCHIVE_STORAGE_CLASSES for item in plan.downloads
+            ),
+        )
+        console.summarize(
+            summary,
+            f"(dry run) would restore {len(fetched)} ({fetched_bytes} bytes), "
+            f"skip {len(plan.downloads) - len(fetched)}",
         )
         return ExitCode.FAILURE if problems else ExitCode.OK
 
@@ -456,7 +566,7 @@ def run(args) -> int:
                 "the server answers 404 Not Found for this key, which it listed: "
                 "it was deleted meanwhile, or the server refuses its name"
             )
-        console.error(failure_line("restore", where, error))
+        console.error(failure_line("restore", where, error), key=failure.item.key)
 
     untouched_bytes = sum(item.size for item in skipped) + sum(
         f.item.size for f in failures
@@ -468,8 +578,11 @@ def run(args) -> int:
         failed=len(failures) + problems,
         nbytes=total_bytes - untouched_bytes,
         seconds=time.monotonic() - started,
+        refused=len(plan.refused),
+        conflicts=len(plan.conflicts),
+        archived=sum(f.item.storage_class in ARCHIVE_STORAGE_CLASSES for f in failures),
     )
-    console.info(summary.line())
+    console.summarize(summary)
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
 
 

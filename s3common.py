@@ -1,11 +1,13 @@
-"""What backup.py and restore.py share: locations, filters, the S3 client and the
-direct requests for small objects, error messages and exit codes, the worker pool,
-progress and the summary."""
+"""What backup.py and restore.py share: locations, filters, the command line, the S3
+client and the direct requests for small objects, error messages and exit codes, the
+worker pool and its bandwidth limit, progress, the summary and the JSON report, and
+the MD5s of files and objects (--checksum, --check)."""
 
 from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
 import email.utils
 import fnmatch
 import functools
@@ -14,6 +16,7 @@ import hashlib
 import hmac
 import http.client
 import ipaddress
+import json
 import os
 import re
 import signal
@@ -26,8 +29,8 @@ import urllib.request
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from enum import IntEnum
 from pathlib import PurePath, PureWindowsPath
@@ -43,6 +46,7 @@ import urllib3
 from botocore.config import Config
 
 MiB = 1024 * 1024
+UTC = timezone.utc  # datetime.UTC is Python 3.11 and newer  # noqa: UP017
 MULTIPART_THRESHOLD = 8 * MiB
 # Objects up to this size go up and down as one direct request (DirectRequests).
 SMALL_OBJECT = MiB
@@ -57,6 +61,9 @@ DEFAULT_WORKERS = 32
 PART_WORKERS = 10
 # The most keys one ListObjectsV2 page holds, and the size of a listing range.
 LIST_PAGE = 1000
+# A --bwlimit bucket that has stood idle lets this many seconds' worth of bytes
+# through at once; less would lose rate in the gaps between one worker's reads.
+BURST_SECONDS = 0.1
 # Enough attempts to ride out throttling (503 SlowDown), 500s and dropped
 # connections; botocore's standard mode backs off exponentially between them.
 RETRY_ATTEMPTS = 10
@@ -285,6 +292,7 @@ class RemoteObject:
     size: int
     last_modified: float  # seconds since the epoch
     storage_class: str = "STANDARD"
+    etag: str = ""  # as listed, without its quotes
 
 
 def list_objects(
@@ -333,6 +341,7 @@ def list_range(
                 item["Size"],
                 item["LastModified"].timestamp(),
                 item.get("StorageClass", "STANDARD"),
+                item.get("ETag", "").strip('"'),
             )
         # A page that ends on `through` ends the range, without asking for another.
         if through is not None and contents and contents[-1]["Key"] == through:
@@ -384,8 +393,25 @@ class _FilterAction(argparse.Action):
 # --- Command line ------------------------------------------------------------
 
 
+EXIT_CODES_HELP = """
+exit codes:
+  0    everything done (including "nothing to do")
+  1    a runtime failure: credentials, access, missing bucket, empty prefix, any file failed
+  2    bad command line or input: unknown option, bad location or RATE, LOCAL missing
+  130  interrupted (Ctrl-C): in-flight work stopped cleanly
+"""
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is one line and exit 2, not a usage dump."""
+    """argparse, but a bad command line is one line and exit 2, not a usage dump,
+    and --help ends with `examples` (lines of a shell session) and the exit codes."""
+
+    def __init__(self, *, examples: str, **kwargs):
+        super().__init__(
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog="examples:\n" + examples.strip("\n") + "\n" + EXIT_CODES_HELP,
+            **kwargs,
+        )
 
     def error(self, message):
         raise usage_error(f"{message} (see --help)")
@@ -401,22 +427,49 @@ def positive_int(text: str) -> int:
     return value
 
 
+RATE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+_RATE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([KMG]?)", re.IGNORECASE)
+
+
+def parse_rate(text: str) -> int:
+    """Bytes per second from a RATE: a number with an optional binary K, M or G; 0 is no limit."""
+    match = _RATE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rate: write bytes per second with K, M or G, e.g. 512K or 8M"
+        )
+    rate = int(Decimal(match[1]) * RATE_UNITS[match[2].upper()])
+    if rate == 0 and Decimal(match[1]) != 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is less than 1 byte per second")
+    return rate
+
+
+# Every option's help says what it does and shows it in use (tests/test_unattended.py
+# checks for the "e.g."), as `rclone copy --help` does.
 def add_shared_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--profile", help="credentials and region from this AWS profile"
+        "--profile",
+        metavar="NAME",
+        help="credentials and region from this AWS profile (e.g. --profile work)",
     )
     parser.add_argument(
-        "--region", help="region of the client (and of a bucket backup creates)"
+        "--region",
+        metavar="NAME",
+        help="region of the client and of a bucket backup creates (e.g. --region eu-west-1)",
     )
     parser.add_argument(
         "--endpoint-url",
-        help="an S3-compatible server, e.g. http://127.0.0.1:9000 (default: $AWS_ENDPOINT_URL)",
+        metavar="URL",
+        help="an S3-compatible server instead of AWS, default $AWS_ENDPOINT_URL "
+        "(e.g. --endpoint-url http://127.0.0.1:9000)",
     )
     parser.add_argument(
         "--workers",
+        metavar="N",
         type=positive_int,
         default=DEFAULT_WORKERS,
-        help=f"files transferred at once (default {DEFAULT_WORKERS})",
+        help=f"files transferred at once, default {DEFAULT_WORKERS} "
+        "(e.g. --workers 64 for a distant bucket)",
     )
     parser.add_argument(
         "--exclude",
@@ -424,24 +477,54 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
         action=_FilterAction,
         default=(),
         metavar="GLOB",
-        help="skip paths matching GLOB ('*' also crosses '/'); repeatable",
+        help="skip paths matching GLOB, where '*' also crosses '/'; repeatable "
+        "(e.g. --exclude '*.tmp' --exclude '.git/*')",
     )
     parser.add_argument(
         "--include",
         dest="filters",
         action=_FilterAction,
         metavar="GLOB",
-        help="take paths matching GLOB after an --exclude; the last match wins",
+        help="take paths matching GLOB after an --exclude; the last match wins "
+        "(e.g. --exclude '*' --include '*.jpg')",
     )
     parser.add_argument(
-        "--dry-run", action="store_true", help="show what would happen, change nothing"
+        "--dry-run",
+        action="store_true",
+        help="show what would be done and change nothing (e.g. --dry-run -v)",
+    )
+    parser.add_argument(
+        "--checksum",
+        action="store_true",
+        help="compare files of the same size by content (MD5) instead of by mtime "
+        "(e.g. --checksum after files were copied with cp -p)",
     )
     volume = parser.add_mutually_exclusive_group()
     volume.add_argument(
-        "-q", "--quiet", action="store_true", help="print nothing but errors"
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print nothing but warnings and errors (e.g. -q in a crontab line)",
     )
     volume.add_argument(
-        "-v", "--verbose", action="store_true", help="print one line per file"
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print one line per file (e.g. -v > files.log)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON report on stdout when the run ends, and nothing else "
+        "(e.g. --json > report.json)",
+    )
+    parser.add_argument(
+        "--bwlimit",
+        metavar="RATE",
+        type=parse_rate,
+        default=0,
+        help="at most RATE bytes per second for the whole run; K, M and G are binary, "
+        "0 is no limit (e.g. --bwlimit 8M)",
     )
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -511,6 +594,7 @@ class Connection:
     client: object  # a botocore S3 client, shared by every thread
     region: str
     direct: DirectRequests  # the same client's small-object requests, sent directly
+    bandwidth: TokenBucket | None = None  # --bwlimit, shared by every transfer
 
 
 def connect(args: argparse.Namespace, pool_size: int) -> Connection:
@@ -560,7 +644,8 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
         credentials,
         botocore.httpsession.get_cert_path(verify),
     )
-    return Connection(client, region, direct)
+    bandwidth = TokenBucket(args.bwlimit) if args.bwlimit else None
+    return Connection(client, region, direct, bandwidth)
 
 
 def create_transfer_manager(
@@ -1039,7 +1124,12 @@ def format_bytes(size: float) -> str:
 
 
 class Console:
-    """Messages on stdout/stderr, and a live progress line when stderr is a terminal."""
+    """Messages on stdout/stderr, and a live progress line when stderr is a terminal.
+
+    With `json`, stdout is kept for the report: what would go there is not printed
+    (but -v's lines, which go to stderr), there is no progress line, and the
+    files and bytes done are counted for a run that stops early.
+    """
 
     def __init__(
         self,
@@ -1047,11 +1137,14 @@ class Console:
         verbose: bool,
         out: TextIO | None = None,
         err: TextIO | None = None,
+        json: bool = False,
     ):
-        self.quiet, self.verbose = quiet, verbose
+        self.quiet, self.verbose, self.json = quiet, verbose, json
         self.out = out or sys.stdout
         self.err = err or sys.stderr
-        self.live = not quiet and self.err.isatty()
+        self.live = not quiet and not json and self.err.isatty()
+        self.summary: Summary | None = None  # the run's, once it has one
+        self.errors: list[dict[str, str]] = []  # every error line, for the report
         self._lock = threading.Lock()
         self._shown = False
         self._files = self._total_files = 0
@@ -1066,31 +1159,41 @@ class Console:
             stream.flush()
 
     def info(self, text: str) -> None:
-        if not self.quiet:
+        if not (self.quiet or self.json):
             self._write(self.out, text)
 
     def detail(self, text: str) -> None:
         if self.verbose:
-            self._write(self.out, text)
+            self._write(self.err if self.json else self.out, text)
 
     def warning(self, text: str) -> None:
         self._write(self.err, f"warning: {one_line(text)}")
 
-    def error(self, text: str) -> None:
+    def error(self, text: str, path: str | None = None, key: str | None = None) -> None:
+        """An error line about one file (`path`) or object (`key`), kept for the report."""
         self._write(self.err, f"error: {one_line(text)}")
+        record = {"path": path} if path is not None else {}
+        if key is not None:
+            record["key"] = key
+        self.errors.append({**record, "message": one_line(text)})
+
+    def summarize(self, summary: Summary, line: str | None = None) -> None:
+        """The run's summary: kept for the report, its line (or `line`) printed."""
+        self.summary = summary
+        self.info(summary.line() if line is None else line)
 
     def start(self, files: int, nbytes: int) -> None:
         self._total_files, self._total_bytes = files, nbytes
         self._started = time.monotonic()
 
     def advance(self, nbytes: int = 0, files: int = 0) -> None:
-        if not self.live:
+        if not (self.live or self.json):
             return
         with self._lock:
             self._bytes += nbytes
             self._files += files
             now = time.monotonic()
-            if now - self._drawn_at >= 0.1:
+            if self.live and now - self._drawn_at >= 0.1:
                 self._drawn_at = now
                 self._draw(now)
 
@@ -1118,6 +1221,11 @@ class Console:
             self._clear_line()
             self.err.flush()
 
+    def done_so_far(self) -> tuple[int, int]:
+        """Files and bytes transferred until now (counted only with a progress line or json)."""
+        with self._lock:
+            return self._files, self._bytes
+
 
 class ProgressSubscriber:
     """Feeds s3transfer's byte counts to the progress line (it calls on_* by name)."""
@@ -1136,15 +1244,32 @@ class ProgressSubscriber:
 
 @dataclass
 class Summary:
-    verb: str  # "uploaded" or "restored"
+    """The facts of a run. Every field but `verb` and `seconds` goes into the JSON
+    report under its own name (`nbytes` as `bytes`), unless it is None: name a new
+    field as its JSON key, and leave it None where it does not apply."""
+
+    verb: str  # "uploaded", "restored" or "checked"
     transferred: int = 0
     skipped: int = 0
     failed: int = 0
-    deleted: int = 0
+    deleted: int | None = None  # backup
     nbytes: int = 0
     seconds: float = 0.0
+    refused: int | None = None  # restore: keys that would land outside LOCAL
+    conflicts: int | None = None  # restore: keys that collide locally
+    archived: int | None = None  # restore: objects still in GLACIER or DEEP_ARCHIVE
+    # backup.py --check only: the keys of each kind of difference.
+    missing: list[str] | None = None
+    changed: list[str] | None = None
+    extra: list[str] | None = None
 
     def line(self) -> str:
+        if self.missing is not None:
+            return (
+                f"{self.verb} {self.skipped} identical, {len(self.missing)} missing, "
+                f"{len(self.changed or ())} changed, {len(self.extra or ())} extra, "
+                f"failed {self.failed}, in {self.seconds:.1f} s"
+            )
         deleted = f", deleted {self.deleted}" if self.deleted else ""
         return (
             f"{self.verb} {self.transferred}, skipped {self.skipped}, failed {self.failed}"
@@ -1163,6 +1288,62 @@ class Failure:
 
 class Cancelled(Exception):
     """The run was interrupted while this transfer was under way."""
+
+
+class TokenBucket:
+    """At most `rate` bytes per second across every thread that takes from it (--bwlimit).
+
+    A taker books its bytes at once, running the bucket into debt if need be, and
+    waits until the rate has paid for them: any size passes, and takers queue in
+    the order they came. A bucket left idle fills up to BURST_SECONDS of bytes.
+    """
+
+    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self._clock = clock
+        self._burst = rate * BURST_SECONDS
+        self._tokens = 0.0
+        self._filled_at = clock()
+        self._lock = threading.Lock()
+
+    def book(self, nbytes: int) -> float:
+        """Take nbytes from the bucket; the seconds to wait before they may move."""
+        with self._lock:
+            now = self._clock()
+            refill = (now - self._filled_at) * self.rate
+            self._tokens = min(self._burst, self._tokens + refill) - nbytes
+            self._filled_at = now
+            return max(0.0, -self._tokens / self.rate)
+
+    def take(self, nbytes: int, cancel: threading.Event) -> None:
+        """Wait until nbytes may move; Cancelled when the run is interrupted meanwhile."""
+        delay = self.book(nbytes)
+        if delay > 0 and cancel.wait(delay):
+            raise Cancelled()
+
+
+class BandwidthSubscriber:
+    """Holds each read (upload) or write (download) of one s3transfer transfer to the
+    run's TokenBucket; s3transfer calls on_progress by name, from the thread that
+    moves the bytes, and not for reads that only compute a checksum."""
+
+    def __init__(self, bandwidth: TokenBucket, cancel: threading.Event):
+        self._bandwidth = bandwidth
+        self._cancel = cancel
+
+    def on_progress(self, future, bytes_transferred, **kwargs):
+        # A retry reports the bytes it goes back over as negative progress.
+        if bytes_transferred > 0:
+            self._bandwidth.take(bytes_transferred, self._cancel)
+
+
+def throttled(
+    chunks: Iterable[bytes], bandwidth: TokenBucket, cancel: threading.Event
+) -> Iterator[bytes]:
+    """The chunks, each let through when the bucket has room for it."""
+    for chunk in chunks:
+        bandwidth.take(len(chunk), cancel)
+        yield chunk
 
 
 def map_in_background(
@@ -1321,12 +1502,69 @@ def exit_script(code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+def utc_timestamp(when: datetime) -> str:
+    """ISO 8601 in UTC to the second, as the JSON report writes times."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _json_value(value: object) -> object:
+    """What json.dumps cannot write by itself: times in ISO 8601, anything else as text."""
+    return utc_timestamp(value) if isinstance(value, datetime) else str(value)
+
+
+def run_report(
+    command: str,
+    endpoints: tuple[str | None, str | None],
+    dry_run: bool,
+    started: datetime,
+    seconds: float,
+    exit_code: int,
+    console: Console | None,
+    error: str | None,
+) -> dict:
+    """The JSON report of a run, however it ended: its summary's fields if it got
+    that far, else the files and bytes done until it stopped."""
+    report = {
+        "command": command,
+        "source": endpoints[0],
+        "destination": endpoints[1],
+        "dry_run": dry_run,
+        "started": utc_timestamp(started),
+        "finished": utc_timestamp(started + timedelta(seconds=seconds)),
+        "seconds": round(seconds, 3),
+        "exit_code": int(exit_code),
+    }
+    summary = console.summary if console else None
+    if summary is None:
+        files, nbytes = console.done_so_far() if console else (0, 0)
+        summary = Summary("", transferred=files, nbytes=nbytes)
+    report.update(
+        transferred=summary.transferred,
+        skipped=summary.skipped,
+        failed=summary.failed,
+        bytes=summary.nbytes,
+    )
+    for item in dataclasses.fields(summary):
+        value = getattr(summary, item.name)
+        if item.name not in ("verb", "seconds", "nbytes") and value is not None:
+            report.setdefault(item.name, value)
+    report["errors"] = console.errors if console else []
+    if error is not None:
+        report["error"] = error
+    return report
+
+
 def run_cli(
     parser: argparse.ArgumentParser, run: Callable, argv: Iterable[str] | None
 ) -> int:
-    """Parse argv, call run(args) -> int, and turn every expected failure into a line and an exit code."""
+    """Parse argv, call run(args, console) -> int, turn every expected failure into a
+    line and an exit code, and with --json print the run's report on stdout."""
+    started, clock = datetime.now(UTC), time.monotonic()
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv
+    # Read before parsing, so that a bad command line is reported as asked too.
+    debug, as_json, dry_run = ("--debug" in argv, "--json" in argv, "--dry-run" in argv)
+    command = parser.prog.removesuffix(".py")
+    endpoints, console, error = (None, None), None, None
     # A file name that is not valid UTF-8 must not crash the per-file output.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
@@ -1335,10 +1573,17 @@ def run_cli(
     quiet_interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         args = parser.parse_args(argv)
-        return int(run(args))
+        # backup.py goes from LOCAL to the location, restore.py the other way.
+        endpoints = (args.local, args.location)
+        if command == "restore":
+            endpoints = endpoints[::-1]
+        as_json, dry_run = args.json, args.dry_run
+        console = Console(args.quiet, args.verbose, json=args.json)
+        code = int(run(args, console))
     except KeyboardInterrupt:
-        sys.stderr.write("\ninterrupted: stopped cleanly, run again to finish\n")
-        return ExitCode.INTERRUPTED
+        error = "interrupted: stopped cleanly, run again to finish"
+        sys.stderr.write(f"\n{error}\n")
+        code = ExitCode.INTERRUPTED
     except BrokenPipeError:
         # Output piped into e.g. `head` that stopped reading: not an error of ours.
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -1348,7 +1593,130 @@ def run_cli(
         if debug:
             raise
         message, code = describe_error(exc)
-        sys.stderr.write(f"{parser.prog}: error: {one_line(message)}\n")
-        return code
-    finally:
-        signal.signal(signal.SIGINT, quiet_interrupt)
+        error = f"{parser.prog}: error: {one_line(message)}"
+        sys.stderr.write(f"{error}\n")
+    signal.signal(signal.SIGINT, quiet_interrupt)
+    if as_json:
+        report = run_report(
+            command,
+            endpoints,
+            dry_run,
+            started,
+            time.monotonic() - clock,
+            code,
+            console,
+            error,
+        )
+        sys.stdout.write(json.dumps(report, default=_json_value) + "\n")
+        sys.stdout.flush()
+    return code
+
+
+# --- Content: MD5s of files and objects (--checksum, --check) ----------------
+
+# User metadata holding the base64 MD5 of an object whose ETag is not its MD5
+# (multipart uploads, SSE-KMS): rclone's name and format, so that rclone can
+# check our objects and we can check rclone's.
+MD5_METADATA = "md5chksum"
+HASH_CHUNK = MiB
+_PLAIN_ETAG = re.compile(r"[0-9a-f]{32}")
+
+
+def md5_of_etag(etag: str) -> str | None:
+    """The hex MD5 an ETag of plain form states; None for a multipart ETag ("<hex>-N") or any other form.
+
+    A plain-form ETag is the object's MD5 only if it is not encrypted with SSE-KMS
+    or SSE-C, which ListObjectsV2 does not say: only a HEAD does (object_md5).
+    """
+    etag = etag.strip('"').lower()
+    return etag if _PLAIN_ETAG.fullmatch(etag) else None
+
+
+def md5chksum(md5: str) -> str:
+    """A hex MD5 as the md5chksum metadata writes it (base64 of the digest)."""
+    return base64.b64encode(bytes.fromhex(md5)).decode()
+
+
+def md5_of_md5chksum(value: str | None) -> str | None:
+    """The hex MD5 in an md5chksum metadata value, or None if it holds none."""
+    try:
+        digest = base64.b64decode(value or "", validate=True)
+    except ValueError:
+        return None
+    return digest.hex() if len(digest) == 16 else None
+
+
+def object_md5(head: dict) -> str | None:
+    """An object's hex MD5 from its HeadObject answer: the ETag when that is the MD5, else md5chksum."""
+    encrypted = head.get("ServerSideEncryption", "").startswith("aws:kms") or bool(
+        head.get("SSECustomerAlgorithm")
+    )
+    etag_md5 = None if encrypted else md5_of_etag(head.get("ETag", ""))
+    return etag_md5 or md5_of_md5chksum(head.get("Metadata", {}).get(MD5_METADATA))
+
+
+def file_md5(path: str) -> str:
+    """The hex MD5 of a file's bytes, read once in chunks."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Contents:
+    """MD5s (hex) of files and of their objects, keyed by S3 key."""
+
+    local: dict[str, str] = field(default_factory=dict)
+    remote: dict[str, str | None] = field(default_factory=dict)  # None: not known
+    # Files that could not be read, by key.
+    failures: list[Failure] = field(default_factory=list)
+
+
+def head_md5(client, bucket: str, key: str) -> str | None:
+    """One HEAD: the object's MD5 (object_md5), or None if it has none or is gone."""
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as exc:
+        # 400: S3's answer to a HEAD of an SSE-C object without its key, whose
+        # MD5 is not to be had.
+        if client_error_code(exc) in ("404", "NoSuchKey", "400"):
+            return None
+        raise
+    return object_md5(head)
+
+
+def compare_contents(
+    client, bucket: str, candidates: dict[str, tuple[str, RemoteObject]], workers: int
+) -> Contents:
+    """Hash each candidate (key: (file path, its object)) and find its object's MD5, on `workers` threads.
+
+    A listed ETag of plain form that equals the file's MD5 settles it with no
+    request; otherwise one HEAD tells whether the ETag is the MD5, or gives md5chksum.
+    """
+
+    def compare(key: str) -> tuple[str | OSError, str | None]:
+        path, obj = candidates[key]
+        try:
+            local = file_md5(path)
+        except OSError as exc:
+            return exc, None
+        if md5_of_etag(obj.etag) == local:
+            return local, local
+        return local, head_md5(client, bucket, key)
+
+    keys = sorted(candidates)
+    contents = Contents()
+    for key, future in zip(keys, map_in_background(compare, keys, workers)):
+        try:
+            local, remote = future.result()
+        except botocore.exceptions.ClientError as exc:
+            raise run_failure(
+                f"cannot read the metadata of s3://{bucket}/{key}", exc
+            ) from None
+        if isinstance(local, OSError):
+            contents.failures.append(Failure(key, local))
+        else:
+            contents.local[key], contents.remote[key] = local, remote
+    return contents

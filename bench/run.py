@@ -15,6 +15,8 @@ files/s or MiB/s, peak RSS, client CPU, and the ratio to `aws s3 sync`.
   W1  5,000 files of 4 KiB in 100 folders, upload    W4  no-change re-run of W1
   W2  200 files of 1 MiB, upload                     W5  restore of W1 into an empty folder
   W3  2 files of 256 MiB, upload                     W6  restore of W3
+With W4, backup.py also runs `--check` of W1 against its identical backup ("W1
+--check"); with W3, a no-change re-run of W3 without and with `--checksum`.
 
 s3rver@3.7.1 is installed into bench/node_modules and awscli into bench/awscli-venv
 on first use; rclone is measured when its binary is on PATH. --scaling adds
@@ -573,8 +575,19 @@ def in_turn(tools: Sequence[Tool], run: int) -> list[Tool]:
     return [*tools[start:], *tools[:start]]
 
 
+# backup.py's runs against the backup it has just made, by workload: (row, options).
+VERIFY_RUNS = {
+    "W1": (("W1 --check", ["--check"]),),
+    "W3": (("W3 no-change", []), ("W3 --checksum no-change", ["--checksum"])),
+}
+
+
 def upload_rows(ctx: Context, workload: str, with_rerun: bool) -> list[Row]:
-    """Each tool uploads the tree to a fresh bucket; W1 also re-runs with no change (W4)."""
+    """Each tool uploads the tree to a fresh bucket; W1 also re-runs with no change (W4).
+
+    After its upload, backup.py also makes the runs of VERIFY_RUNS (for W1 only
+    with the re-run).
+    """
     source = ctx.tree(workload)
     files, nbytes = len(tree_listing(source)), sum(tree_listing(source).values())
     rows = {
@@ -582,6 +595,13 @@ def upload_rows(ctx: Context, workload: str, with_rerun: bool) -> list[Row]:
         for tool in ctx.tools
         for w in ([workload, "W4"] if with_rerun else [workload])
     }
+    verify_runs = (
+        VERIFY_RUNS.get(workload, ()) if with_rerun or workload != "W1" else ()
+    )
+    for label, _ in verify_runs:
+        rows[label, "backup.py"] = Row(
+            ctx.server, label, "backup.py", [], files, nbytes
+        )
     for run in range(ctx.runs):
         for tool in in_turn(ctx.tools, run):
             bucket = ctx.bucket(workload)
@@ -598,6 +618,10 @@ def upload_rows(ctx: Context, workload: str, with_rerun: bool) -> list[Row]:
                     rows["W4", tool.name].requests = counted_rerun(
                         ctx, tool, source, bucket
                     )
+            for label, options in verify_runs if tool.name == "backup.py" else ():
+                checked = measure([*argv, *options], tool.env, ctx.server_pid)
+                rows[label, tool.name].measurements.append(checked)
+                log(f"{label} {tool.name} run {run + 1}: {checked.seconds:.2f} s")
             drop_bucket(ctx.client, bucket)
     return list(rows.values())
 
@@ -674,7 +698,7 @@ def scaling_rows(ctx: Context, sizes: Sequence[int], runs: int) -> list[Row]:
 
 
 def rate(row: Row) -> str:
-    if row.workload in ("W2", "W3", "W6"):
+    if row.workload[:2] in ("W2", "W3", "W6"):
         return f"{row.nbytes / MiB / row.median:.1f} MiB/s"
     return f"{row.files / row.median:.0f} files/s"
 
@@ -746,6 +770,13 @@ def check_bars(rows: Sequence[Row]) -> list[str]:
                     f"{anchor.split()[0]} (bar ≤ {limit})"
                 )
         w4 = find_row(rows, server, "W4", "backup.py")
+        check = find_row(rows, server, "W1 --check", "backup.py")
+        if w4 and check:
+            ratio = check.median / w4.median
+            verdict = "PASS" if ratio <= 2 else "FAIL"
+            lines.append(
+                f"{verdict} {server} W1 --check backup.py: {ratio:.2f} × its W4 (bar ≤ 2)"
+            )
         if w4 and w4.requests is not None:
             verdict = "PASS" if w4.requests < w4.files / 10 else "FAIL"
             lines.append(
@@ -888,7 +919,22 @@ def run_server(kind: str, args, workloads: Sequence[str], home: Path) -> list[Ro
             rows += restore_rows(ctx, "W6", "W3")
         if args.scaling or args.scaling_only:
             rows += scaling_rows(ctx, SCALING_SIZES, args.scaling_runs)
-    order = {w: i for i, w in enumerate(("W1", "W4", "W5", "W2", "W3", "W6"))}
+    order = {
+        w: i
+        for i, w in enumerate(
+            (
+                "W1",
+                "W4",
+                "W1 --check",
+                "W5",
+                "W2",
+                "W3",
+                "W3 no-change",
+                "W3 --checksum no-change",
+                "W6",
+            )
+        )
+    }
     return sorted(rows, key=lambda row: order.get(row.workload, 99))
 
 
