@@ -14,6 +14,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
+
+# Ctrl-C while botocore is imported (the first tenth of a second) exits 130,
+# quietly, until run_cli takes over; os._exit, since nothing is written yet.
+signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+
 import re
 import stat
 import sys
@@ -23,7 +29,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone, tzinfo
-from pathlib import Path, PurePath, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePath, PurePosixPath
 from typing import BinaryIO
 
 import botocore.exceptions
@@ -48,6 +54,7 @@ from s3common import (
     ProgressSubscriber,
     RemoteObject,
     Summary,
+    UnsafeKey,
     add_shared_options,
     client_error_code,
     compare_contents,
@@ -60,6 +67,7 @@ from s3common import (
     parse_location,
     parse_mode,
     parse_mtime,
+    path_for_key,
     printable,
     relative_key,
     run_cli,
@@ -70,17 +78,6 @@ from s3common import (
 )
 
 CHUNK = 1024 * 1024
-_DRIVE_LETTER = re.compile(r"[A-Za-z]:")
-_WINDOWS_DEVICE_NAMES = {
-    "CON", "PRN", "AUX", "NUL",
-    *(f"COM{n}" for n in range(1, 10)),
-    *(f"LPT{n}" for n in range(1, 10)),
-}  # fmt: skip
-_WINDOWS_FORBIDDEN = set('<>:"|?*') | {chr(code) for code in range(32)}
-
-
-class UnsafeKey(ValueError):
-    """A key that would be written outside LOCAL, or not as the file it names."""
 
 
 @dataclass(frozen=True)
@@ -193,37 +190,27 @@ def objects_at(
     }
 
 
-def path_for_key(relative: str, root: PurePath) -> PurePath:
-    """Where the key part `relative` lands under root; UnsafeKey if anywhere else.
+def utc_time(seconds: float) -> str:
+    """Seconds since the epoch as '2026-11-28 05:12:19 UTC'."""
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
 
-    The rules hold on every OS; a Windows root (PureWindowsPath) also refuses
-    names that Windows reads as devices, streams or something else.
-    """
-    if not relative:
-        raise UnsafeKey("names no file")
-    if "\x00" in relative:
-        raise UnsafeKey("holds a NUL character")
-    if "\\" in relative:
-        raise UnsafeKey("holds a backslash")
-    if relative.startswith("/"):
-        raise UnsafeKey("is an absolute path")
-    if _DRIVE_LETTER.match(relative):
-        raise UnsafeKey("starts with a drive letter")
-    parts = relative.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        raise UnsafeKey("has an empty, '.' or '..' segment")
-    if isinstance(root, PureWindowsPath):
-        for part in parts:
-            if _WINDOWS_FORBIDDEN.intersection(part):
-                raise UnsafeKey(f"segment {part!r} holds a character Windows forbids")
-            if part[-1] in ". ":
-                raise UnsafeKey(f"segment {part!r} ends with a dot or space")
-            if part.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICE_NAMES:
-                raise UnsafeKey(f"segment {part!r} is a Windows device name")
-    target = root.joinpath(*parts)
-    if target.parts[: len(root.parts)] != root.parts:
-        raise UnsafeKey("lands outside the destination")
-    return target
+
+def folder_conflict(file_time: float, folder_time: float) -> str:
+    """The conflict line of an object beside a folder of the same name: which is newer."""
+    if file_time > folder_time:
+        newer = (
+            f"the file is newer ({utc_time(file_time)}, the folder's newest object "
+            f"{utc_time(folder_time)}): it probably replaced the folder, whose objects "
+            "backup.py --delete would remove"
+        )
+    elif file_time < folder_time:
+        newer = (
+            f"the folder is newer (its newest object {utc_time(folder_time)}, the file "
+            f"{utc_time(file_time)}): it probably replaced the file"
+        )
+    else:
+        newer = f"both were backed up at {utc_time(file_time)}"
+    return f"conflict: the backup holds a folder of the same name; restored the folder; {newer}"
 
 
 def plan_restore(
@@ -250,19 +237,18 @@ def plan_restore(
             refused.append((key, f"refused: the key {exc}"))
 
     fold = str.casefold if case_insensitive else str
-    folders = set()
-    for _, relative, _ in placed:
+    folders: dict[str, float] = {}  # the newest LastModified under each folder
+    for key, relative, _ in placed:
         parts = relative.split("/")
-        folders.update(fold("/".join(parts[:depth])) for depth in range(1, len(parts)))
+        for depth in range(1, len(parts)):
+            folder = fold("/".join(parts[:depth]))
+            folders[folder] = max(folders.get(folder, 0.0), objects[key].last_modified)
     downloads, conflicts, taken = [], [], {}
     for key, relative, path in placed:
         name = fold(relative)
         if name in folders:
             conflicts.append(
-                (
-                    key,
-                    "conflict: a folder of the same name is in the backup; restored the folder",
-                )
+                (key, folder_conflict(objects[key].last_modified, folders[name]))
             )
         elif name in taken:
             conflicts.append(
@@ -343,7 +329,9 @@ def find_objects(
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) in ("404", "NoSuchKey"):
             return {}, prefix
-        raise run_failure(f"cannot list s3://{bucket}/{prefix}", exc) from None
+        raise run_failure(
+            f"cannot list {printable(f's3://{bucket}/{prefix}')}", exc
+        ) from None
     single = RemoteObject(
         prefix,
         head["ContentLength"],
@@ -435,7 +423,7 @@ def probe_case_insensitive(folder: str) -> bool:
         fd, probe = tempfile.mkstemp(prefix=".s3restore-case-", dir=folder)
     except OSError as exc:
         raise CliError(
-            f"cannot write to {folder}: {exc.strerror}: check its permissions"
+            f"cannot write to {printable(folder)}: {exc.strerror}: check its permissions"
         ) from None
     os.close(fd)
     try:
@@ -455,15 +443,30 @@ class Folders:
     def ensure(self, folder: str) -> None:
         if folder in self._made:
             return
-        os.makedirs(folder, exist_ok=True)
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise CliError(
+                f"a file stands where the backup has a folder: {printable(blocking_file(folder))}: "
+                "move it away and run again"
+            ) from None
         # A symbolic link already inside LOCAL may point elsewhere: follow it and check.
         real = os.path.realpath(folder)
         if real != self._root and not real.startswith(self._root + os.sep):
             raise CliError(
-                f"refused: {folder} leads outside the destination (through a symbolic link)"
+                f"refused: {printable(folder)} leads outside the destination (through a symbolic link)"
             )
         with self._lock:
             self._made.add(folder)
+
+
+def blocking_file(folder: str) -> str:
+    """The file that stops makedirs(folder): folder itself or the first of its parents that is not a folder."""
+    blocking = folder
+    parent = os.path.dirname(folder)
+    while parent != blocking and not os.path.isdir(parent):
+        blocking, parent = parent, os.path.dirname(parent)
+    return blocking
 
 
 def write_atomically(
@@ -479,8 +482,16 @@ def write_atomically(
         os.chmod(temporary, mode)
         os.utime(temporary, ns=(mtime_ns, mtime_ns))
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as exc:
         os.unlink(temporary)
+        if isinstance(exc, IsADirectoryError) and exc.filename2 == path:
+            raise CliError(
+                f"a folder stands where the backup has a file: {printable(path)}: "
+                "move it away and run again"
+            ) from None
+        if isinstance(exc, OSError) and exc.filename == temporary:
+            # The temporary file is ours: the user knows the target.
+            exc.filename, exc.filename2 = path, None
         raise
 
 
@@ -604,10 +615,12 @@ def make_restorer(
             write_object(item, path, fetch(item, client), cancel)
         elif not write_large(item, path, manager, cancel):
             console.advance(files=1)
-            console.detail(f"already restored: {path}")
+            console.detail(f"already restored: {printable(path)}")
             return False
         console.advance(files=1)
-        console.detail(f"restore: s3://{bucket}/{item.key} -> {path}")
+        console.detail(
+            f"restore: {printable(f's3://{bucket}/{item.key}')} -> {printable(path)}"
+        )
         return True
 
     return restore
@@ -689,7 +702,9 @@ def run(args, console: Console) -> int:
         )
     if not any(not key.endswith("/") for key in objects):
         when = "" if at is None else f" at {at}"
-        raise CliError(f"nothing to restore: no objects under {location.url()}{when}")
+        raise CliError(
+            f"nothing to restore: no objects under {printable(location.url())}{when}"
+        )
 
     if args.dry_run:
         case_insensitive = sys.platform in ("darwin", "win32")
@@ -703,7 +718,7 @@ def run(args, console: Console) -> int:
         contents = compare_contents(client, location.bucket, candidates, args.workers)
         plan = with_same_content(plan, contents)
     for key, why in plan.refused + plan.conflicts:
-        console.error(f"s3://{location.bucket}/{key}: {why}", key=key)
+        console.error(f"{printable(location.url(key))}: {why}", key=key)
     problems = len(plan.refused) + len(plan.conflicts)
     total_bytes = sum(item.size for item in plan.downloads)
 
@@ -711,7 +726,7 @@ def run(args, console: Console) -> int:
         fetched = [item for item in plan.downloads if not item.same_content]
         for item in fetched:
             console.info(
-                f"(dry run) restore: s3://{location.bucket}/{item.key} -> {item.path}"
+                f"(dry run) restore: {printable(location.url(item.key))} -> {printable(item.path)}"
             )
         fetched_bytes = sum(item.size for item in fetched)
         summary = Summary(
@@ -749,9 +764,14 @@ def run(args, console: Console) -> int:
         where = location.url(failure.item.key)
         if failure.item.storage_class in ARCHIVE_STORAGE_CLASSES:
             where += f" ({failure.item.storage_class})"
-        console.error(
-            failure_line("restore", where, failure.error), key=failure.item.key
-        )
+        error = failure.error
+        if client_error_code(error) in ("404", "NoSuchKey"):
+            # The bucket was listed a moment ago: what is not found is this key.
+            error = CliError(
+                "the server answers 404 Not Found for this key, which it listed: "
+                "it was deleted meanwhile, or the server refuses its name"
+            )
+        console.error(failure_line("restore", where, error), key=failure.item.key)
 
     untouched_bytes = sum(item.size for item in skipped) + sum(
         f.item.size for f in failures

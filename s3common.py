@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import signal
 import socket
 import ssl
 import sys
@@ -33,7 +34,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from enum import IntEnum
-from typing import NoReturn, TextIO
+from pathlib import PurePath, PureWindowsPath
+from typing import BinaryIO, NoReturn, TextIO
 from urllib.parse import quote, urlsplit
 
 import botocore
@@ -122,8 +124,28 @@ def normalize_prefix(raw: str) -> str:
     return "/".join(parts)
 
 
+_WHITESPACE_NAMES = {
+    " ": "a space",
+    "\t": "a tab",
+    "\n": "a newline",
+    "\r": "a carriage return",
+}
+
+
+def whitespace_problem(text: str) -> str | None:
+    """What stray whitespace `text` starts or ends with ("ends with a space"), or None."""
+    for where, char in (("starts", text[:1]), ("ends", text[-1:])):
+        if char and char.isspace():
+            return f"{where} with {_WHITESPACE_NAMES.get(char, 'whitespace')}"
+    return None
+
+
 def parse_location(text: str) -> Location:
     """Read BUCKET::PREFIX, BUCKET::, BUCKET, s3://BUCKET/PREFIX or s3://BUCKET."""
+    # "bucket::photos " would otherwise back up a second copy under "photos ".
+    problem = whitespace_problem(text)
+    if problem:
+        raise usage_error(f"location {text!r} {problem}: remove it")
     if text[:5].lower() == "s3://":
         bucket, _, prefix = text[5:].partition("/")
     else:
@@ -152,6 +174,74 @@ def relative_key(prefix: str, key: str) -> str:
 def folder_prefix(prefix: str) -> str:
     """The listing prefix that matches on a folder boundary."""
     return f"{prefix}/" if prefix else ""
+
+
+# S3 refuses longer keys (in UTF-8 bytes).
+MAX_KEY_BYTES = 1024
+
+
+def key_length_problem(key: str) -> str | None:
+    """Why S3 would refuse `key` for its length, or None."""
+    size = len(key.encode("utf-8", "surrogateescape"))
+    if size > MAX_KEY_BYTES:
+        return f"its key is {size:,} bytes long, over S3's limit of {MAX_KEY_BYTES:,}: shorten the name or the prefix"
+    return None
+
+
+def printable(name: object) -> str:
+    """A file name or key for one line of output: control and other unprintable
+    characters escaped as Python's repr escapes them (a newline as \\n)."""
+    text = str(name)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+class UnsafeKey(ValueError):
+    """A key that would be written outside LOCAL, or not as the file it names."""
+
+
+_DRIVE_LETTER = re.compile(r"[A-Za-z]:")
+_WINDOWS_DEVICE_NAMES = {
+    "CON", "PRN", "AUX", "NUL",
+    *(f"COM{n}" for n in range(1, 10)),
+    *(f"LPT{n}" for n in range(1, 10)),
+}  # fmt: skip
+_WINDOWS_FORBIDDEN = set('<>:"|?*') | {chr(code) for code in range(32)}
+
+
+def path_for_key(relative: str, root: PurePath) -> PurePath:
+    """Where the key part `relative` lands under root; UnsafeKey if anywhere else.
+
+    A POSIX root (PurePosixPath) takes a backslash as an ordinary name
+    character; a Windows root (PureWindowsPath) reads it as a separator and
+    refuses it, with names that Windows reads as devices, streams or something else.
+    """
+    if not relative:
+        raise UnsafeKey("names no file")
+    if "\x00" in relative:
+        raise UnsafeKey("holds a NUL character")
+    if relative.startswith("/"):
+        raise UnsafeKey("is an absolute path")
+    if _DRIVE_LETTER.match(relative):
+        raise UnsafeKey("starts with a drive letter")
+    parts = relative.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise UnsafeKey("has an empty, '.' or '..' segment")
+    if isinstance(root, PureWindowsPath):
+        if "\\" in relative:
+            raise UnsafeKey("holds a backslash, a folder separator on Windows")
+        for part in parts:
+            if _WINDOWS_FORBIDDEN.intersection(part):
+                raise UnsafeKey(f"segment {part!r} holds a character Windows forbids")
+            if part[-1] in ". ":
+                raise UnsafeKey(f"segment {part!r} ends with a dot or space")
+            if part.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICE_NAMES:
+                raise UnsafeKey(f"segment {part!r} is a Windows device name")
+    target = root.joinpath(*parts)
+    if target.parts[: len(root.parts)] != root.parts:
+        raise UnsafeKey("lands outside the destination")
+    return target
 
 
 _RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
@@ -455,6 +545,9 @@ def endpoint_url_from(args: argparse.Namespace) -> str | None:
         )
     if url is None:
         return None
+    problem = whitespace_problem(url)
+    if problem:
+        raise usage_error(f"endpoint URL {url!r} {problem}: remove it")
     try:
         parts = urlsplit(url)
     except ValueError:  # e.g. an unclosed "[" of an IPv6 address
@@ -609,12 +702,20 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
     return Connection(client, region, direct, clock, bandwidth)
 
 
-def create_transfer_manager(client):
-    """boto3's transfer manager, for multipart uploads and ranged downloads."""
+def create_transfer_manager(
+    client, open_file: Callable[[str, str], BinaryIO] | None = None
+):
+    """boto3's transfer manager, for multipart uploads and ranged downloads;
+    open_file(name, mode), if given, opens the files it uploads by name."""
     # Imported here, not at the top: boto3 and s3transfer take some 30 ms to import,
     # and a backup with nothing to upload never needs them.
     from boto3.s3.transfer import TransferConfig
     from boto3.s3.transfer import create_transfer_manager as create
+    from s3transfer.utils import OSUtils
+
+    class Opener(OSUtils):
+        def open(self, filename, mode):
+            return open_file(filename, mode)
 
     # The CRT transfer client ignores endpoint_url (boto3 issue 4839): pin classic.
     config = TransferConfig(
@@ -623,7 +724,7 @@ def create_transfer_manager(client):
         max_concurrency=PART_WORKERS,
         preferred_transfer_client="classic",
     )
-    return create(client, config)
+    return create(client, config, osutil=None if open_file is None else Opener())
 
 
 # --- Direct requests for small objects ---------------------------------------
@@ -1097,7 +1198,7 @@ def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
         )
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc) or type(exc).__name__
-        where = f": {exc.filename}" if exc.filename else ""
+        where = f": {printable(exc.filename)}" if exc.filename else ""
         return f"{reason}{where}", ExitCode.FAILURE
     return (
         f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
@@ -1114,20 +1215,13 @@ def run_failure(context: str, error: BaseException) -> CliError:
 def failure_line(action: str, where: str, error: BaseException) -> str:
     """'<action> failed: <where>: <why>', naming `where` once."""
     why = describe_error(error)[0]
+    where = printable(where)
     return f"{action} failed: {where}: {why.removesuffix(f': {where}')}"
 
 
 def one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def printable(name: object) -> str:
-    """A file name or key for one line of output: control and other unprintable
-    characters escaped as Python's repr escapes them (a newline as \\n)."""
-    text = str(name)
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    """A message on one line: its line breaks (and the space around them) become one space."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", str(text)).strip()
 
 
 # --- Output: progress line, messages, summary --------------------------------
@@ -1411,6 +1505,7 @@ def run_in_parallel(
     work: Callable[[object, object, threading.Event], None],
     client,
     workers: int,
+    open_file: Callable[[str, str], BinaryIO] | None = None,
 ) -> tuple[list[Failure], list]:
     """Call work(item, transfer_manager, cancel) for every item on `workers` threads.
 
@@ -1427,7 +1522,7 @@ def run_in_parallel(
         return failures, skipped
     cancel = threading.Event()
     pending = iter(items)
-    manager = create_transfer_manager(client)
+    manager = create_transfer_manager(client, open_file)
     # Guards `pending` and the thread counts. The main thread waits on the
     # counts, never in Thread.join: a join that Ctrl-C interrupts marks its
     # thread as ended while it still runs (CPython gh-90882, Python 3.12 and older).
@@ -1482,19 +1577,21 @@ def run_in_parallel(
 
 def format_mtime(mtime_ns: int) -> str:
     """Seconds since the epoch with nanoseconds, as rclone writes its mtime metadata."""
-    seconds, nanos = divmod(mtime_ns, 1_000_000_000)
-    return f"{seconds}.{nanos:09d}"
+    sign = "-" if mtime_ns < 0 else ""
+    seconds, nanos = divmod(abs(mtime_ns), 1_000_000_000)
+    return f"{sign}{seconds}.{nanos:09d}"
 
 
 def parse_mtime(text: str | None) -> int | None:
-    """Nanoseconds since the epoch from an mtime metadata value, or None if unusable."""
+    """Nanoseconds since the epoch (before 1970 too) from an mtime metadata value, or None if unusable."""
     if not text:
         return None
     try:
         value = Decimal(text.strip())
     except InvalidOperation:
         return None
-    if not value.is_finite() or not 0 <= value < 2**40:
+    # Some 35,000 years either way: beyond that no file system keeps a time.
+    if not value.is_finite() or not -(2**40) < value < 2**40:
         return None
     return int(value * 1_000_000_000)
 
@@ -1587,6 +1684,9 @@ def run_cli(
     # A file name that is not valid UTF-8 must not crash the per-file output.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="backslashreplace")
+    # The scripts' first lines make Ctrl-C exit quietly while they import; from
+    # here on it raises KeyboardInterrupt, so that the run stops cleanly.
+    quiet_interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         args = parser.parse_args(argv)
         # backup.py goes from LOCAL to the location, restore.py the other way.
@@ -1611,6 +1711,7 @@ def run_cli(
         message, code = describe_error(exc)
         error = f"{parser.prog}: error: {one_line(message)}"
         sys.stderr.write(f"{error}\n")
+    signal.signal(signal.SIGINT, quiet_interrupt)
     if as_json:
         report = run_report(
             command,
