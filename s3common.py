@@ -1116,7 +1116,13 @@ def client_error_code(exc: BaseException) -> str:
 
 # --- Errors: one place turns exceptions into a line and an exit code ---------
 
+_CHECKSUM_MISMATCH = (
+    "the server received bytes that do not match their checksum; a file being "
+    "written to while it is read does this: run again once it is left alone"
+)
 _CLIENT_ERROR_LINES = {
+    "BadDigest": _CHECKSUM_MISMATCH,
+    "XAmzContentSHA256Mismatch": _CHECKSUM_MISMATCH,
     "AccessDenied": "access denied: check that these credentials may use the bucket",
     "403": "access denied: the bucket belongs to another account or these credentials may not use it",
     "AllAccessDisabled": "all access to this bucket has been disabled",

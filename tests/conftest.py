@@ -141,14 +141,22 @@ def s3_server(request):
     return request.getfixturevalue(f"{TEST_SERVER}_server")
 
 
+def server_of(request) -> str:
+    """The server a test runs the scripts against: moto's when it asked for
+    moto_server (and not s3_server), else s3_server; its URL."""
+    uses = request.fixturenames
+    on_moto = "moto_server" in uses and "s3_server" not in uses
+    return request.getfixturevalue("moto_server" if on_moto else "s3_server")
+
+
 @pytest.fixture
 def start_proxy(request):
-    """Start a FaultProxy in front of `upstream` (default: the s3_server); stopped
-    after the test."""
+    """Start a FaultProxy in front of `upstream` (default: the test's server, as
+    server_of says); stopped after the test."""
     proxies = []
 
     def start(upstream: str | None = None, **options) -> FaultProxy:
-        proxy = FaultProxy(upstream or request.getfixturevalue("s3_server"), **options)
+        proxy = FaultProxy(upstream or server_of(request), **options)
         proxy.start()
         proxies.append(proxy)
         return proxy
@@ -166,13 +174,11 @@ def bucket_name() -> str:
 @pytest.fixture
 def server_client(request):
     """A plain boto3 client to arrange and inspect state on the server the test
-    runs the scripts against: moto's when it asked for moto_server, else s3_server."""
-    uses = request.fixturenames
-    on_moto = "moto_server" in uses and "s3_server" not in uses
+    runs the scripts against (server_of)."""
     return boto3.client(
         "s3",
         region_name="us-east-1",
-        endpoint_url=request.getfixturevalue("moto_server" if on_moto else "s3_server"),
+        endpoint_url=server_of(request),
         aws_access_key_id="testing",
         aws_secret_access_key=FAKE_SECRET,
         config=botocore.client.Config(s3={"addressing_style": "path"}),
