@@ -517,6 +517,11 @@ def bucket_versioning(client, bucket: str) -> str:
     return client.get_bucket_versioning(Bucket=bucket).get("Status", "")
 
 
+class HistoryUnsupported(Exception):
+    """The server has no versioning or lifecycle rules (NotImplemented), as some
+    S3-compatible servers do not."""
+
+
 def set_up_history(client, bucket: str, keep_days: int | None, new: bool) -> bool:
     """Put our lifecycle rule beside the bucket's own, then turn versioning on
     (unless keep_days is None): the rule first, so that no version is kept
@@ -540,6 +545,8 @@ def set_up_history(client, bucket: str, keep_days: int | None, new: bool) -> boo
             )
             changed = True
     except botocore.exceptions.ClientError as exc:
+        if new and client_error_code(exc) == "NotImplemented":
+            raise HistoryUnsupported() from None
         raise run_failure(
             f"cannot turn on history (versioning and lifecycle rule) for bucket {bucket}",
             exc,
@@ -594,7 +601,17 @@ def create_bucket(
     client.get_waiter("bucket_exists").wait(
         Bucket=bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
     )
-    set_up_history(client, bucket, keep_days, new=True)
+    try:
+        set_up_history(client, bucket, keep_days, new=True)
+    except HistoryUnsupported:
+        # The bucket exists now, and a later run would find it and go on without
+        # history anyway: say so once, and back up.
+        console.warning(
+            f"this server has no versioning or lifecycle rules (NotImplemented): "
+            f"bucket s3://{bucket} keeps no history, so an overwritten or deleted "
+            "file cannot be brought back"
+        )
+        history = "without history"
     console.info(f"created bucket s3://{bucket} in {region} {history}")
 
 

@@ -439,6 +439,39 @@ def test_refused_history_set_up_is_one_line_exit_1_nothing_uploaded(
     assert "Contents" not in s3.list_objects_v2(Bucket="locked")
 
 
+@pytest.mark.parametrize(
+    "operation", ["PutBucketVersioning", "PutBucketLifecycleConfiguration"]
+)
+def test_a_new_bucket_on_a_server_without_history_is_backed_up_with_a_warning(
+    s3, source, monkeypatch, capsys, operation
+):
+    stub_error(monkeypatch, operation, "NotImplemented", 501)
+    assert backup.main([str(source), "plain-server::p"]) == 0
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        (
+            "warning: this server has no versioning or lifecycle rules (NotImplemented): "
+            "bucket s3://plain-server keeps no history, so an overwritten or deleted "
+            "file cannot be brought back"
+        )
+    ]
+    assert "created bucket s3://plain-server in us-east-1 without history" in out
+    assert s3.list_objects_v2(Bucket="plain-server")["KeyCount"] > 0
+
+
+@pytest.mark.parametrize(
+    "operation", ["PutBucketVersioning", "PutBucketLifecycleConfiguration"]
+)
+def test_keep_days_on_a_server_without_history_is_a_failure(
+    s3, source, monkeypatch, capsys, operation
+):
+    s3.create_bucket(Bucket="plain-server")
+    stub_error(monkeypatch, operation, "NotImplemented", 501)
+    assert backup.main([str(source), "plain-server::p", "--keep-days", "5"]) == 1
+    assert "cannot turn on history" in capsys.readouterr().err
+    assert "Contents" not in s3.list_objects_v2(Bucket="plain-server")
+
+
 def test_keep_days_and_no_versioning_together_is_a_usage_error(s3, source, capsys):
     assert (
         backup.main([str(source), "b-x::p", "--keep-days", "5", "--no-versioning"]) == 2
