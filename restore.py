@@ -26,11 +26,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone, tzinfo
 from pathlib import Path, PurePath, PurePosixPath
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import botocore.exceptions
 
@@ -78,6 +78,7 @@ from s3common import (
 )
 
 CHUNK = 1024 * 1024
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -522,10 +523,30 @@ def make_restorer(
             response["Body"].iter_chunks(CHUNK),
         )
 
-    def write_object(item: Download, path: str, fetched: FetchedObject, cancel) -> None:
-        chunks = fetched.chunks
+    def body(fetched: FetchedObject, cancel) -> Iterator[bytes]:
+        """The fetched body's chunks, held to --bwlimit if it is given."""
         if bandwidth:
-            chunks = throttled(chunks, bandwidth, cancel)
+            return throttled(fetched.chunks, bandwidth, cancel)
+        return fetched.chunks
+
+    def goes_direct(item: Download) -> bool:
+        """Smaller objects: one GET, with no HEAD first (the listing gave the size).
+        An archived object fails either way: botocore says why."""
+        return (
+            item.size <= SMALL_OBJECT
+            and item.storage_class not in ARCHIVE_STORAGE_CLASSES
+        )
+
+    def use_direct(item: Download, use: Callable[[FetchedObject], T]) -> T:
+        """use() the object from one direct GET; if that fails at any point, its
+        body included, botocore fetches it (again), with its retries and error messages."""
+        try:
+            return use(direct.get(bucket, item.key, CHUNK, item.version_id))
+        except DirectFailed as failure:
+            return use(fetch(item, direct.client_after(failure)))
+
+    def write_object(item: Download, path: str, fetched: FetchedObject, cancel) -> None:
+        chunks = body(fetched, cancel)
 
         def fill(out: BinaryIO) -> None:
             for chunk in chunks:
@@ -566,20 +587,14 @@ def make_restorer(
         A small object's come from a GET on the direct path, its body read and
         dropped: there that costs less client CPU than botocore's HEAD.
         """
-        if (
-            item.size <= SMALL_OBJECT
-            and item.storage_class not in ARCHIVE_STORAGE_CLASSES
-        ):
-            try:
-                fetched = direct.get(bucket, item.key, CHUNK, item.version_id)
-            except DirectFailed as failure:
-                fetched = fetch(item, direct.client_after(failure))
-            chunks = fetched.chunks
-            if bandwidth:
-                chunks = throttled(chunks, bandwidth, cancel)
-            for _ in chunks:
-                pass
-            return fetched.metadata, fetched.last_modified
+        if goes_direct(item):
+
+            def drained(fetched: FetchedObject) -> tuple[dict, float]:
+                for _ in body(fetched, cancel):
+                    pass
+                return fetched.metadata, fetched.last_modified
+
+            return use_direct(item, drained)
         head = client.head_object(Bucket=bucket, Key=item.key, **versioned(item))
         return head["Metadata"], head["LastModified"].timestamp()
 
@@ -598,19 +613,8 @@ def make_restorer(
         if item.same_content:
             keep(item, path, cancel)
             return False
-        # Smaller objects: one GET, with no HEAD first (the listing gave the size).
-        # An archived object fails either way: botocore says why.
-        if (
-            item.size <= SMALL_OBJECT
-            and item.storage_class not in ARCHIVE_STORAGE_CLASSES
-        ):
-            try:
-                fetched = direct.get(bucket, item.key, CHUNK, item.version_id)
-                write_object(item, path, fetched, cancel)
-            except DirectFailed as failure:
-                # botocore fetches it (again), with its retries and error messages.
-                via = direct.client_after(failure)
-                write_object(item, path, fetch(item, via), cancel)
+        if goes_direct(item):
+            use_direct(item, lambda fetched: write_object(item, path, fetched, cancel))
         elif item.size < MULTIPART_THRESHOLD:
             write_object(item, path, fetch(item, client), cancel)
         elif not write_large(item, path, manager, cancel):
