@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
-from datetime import datetime, timedelta, timezone, tzinfo
+from datetime import datetime, timedelta, tzinfo
 from pathlib import Path, PurePath, PurePosixPath
 from typing import BinaryIO, TypeVar
 
@@ -40,6 +40,7 @@ from s3common import (
     MULTIPART_THRESHOLD,
     PART_WORKERS,
     SMALL_OBJECT,
+    UTC,
     ArgumentParser,
     BandwidthSubscriber,
     Cancelled,
@@ -115,7 +116,6 @@ class RestorePlan:
 
 # --- Deciding: pure functions --------------------------------------------------
 
-UTC = timezone.utc  # noqa: UP017 (datetime.UTC is Python 3.11+)
 _AGE = re.compile(r"(\d+)([smhdw])")
 _AGE_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 # The ISO 8601 forms every supported Python's fromisoformat reads alike.
@@ -358,30 +358,22 @@ def list_versions(
     )
     versions = []
     for page in pages:
-        for item in page.get("Versions", []):
+        # Versions, then delete markers (which have no Size, StorageClass or ETag).
+        entries = [*page.get("Versions", []), *page.get("DeleteMarkers", [])]
+        for item in entries:
             versions.append(
                 ObjectVersion(
                     item["Key"],
                     item["VersionId"],
                     item["LastModified"].timestamp(),
                     item.get("IsLatest", False),
-                    item["Size"],
+                    item.get("Size"),
                     item.get("StorageClass", "STANDARD"),
                     item.get("ETag", "").strip('"'),
                 )
             )
-        for item in page.get("DeleteMarkers", []):
-            versions.append(
-                ObjectVersion(
-                    item["Key"],
-                    item["VersionId"],
-                    item["LastModified"].timestamp(),
-                    item.get("IsLatest", False),
-                    None,
-                )
-            )
         # Keys are listed in order: once past `through`, later pages hold none of it.
-        if through is not None and any(v.key > through for v in versions):
+        if through is not None and any(item["Key"] > through for item in entries):
             break
     return versions
 
