@@ -1155,11 +1155,11 @@ def report_check(
         changed=[key for key, _ in report.changed],
         extra=list(report.extra),
     )
-    if not (report.missing or report.changed or report.extra or summary.failed):
-        console.info(f"{location.url()} holds every file exactly")
+    holds_all = not (report.missing or report.changed or report.extra or summary.failed)
+    if holds_all:
+        console.info(f"{printable(location.url())} holds every file exactly")
     console.summarize(summary)
-    differs = report.missing or report.changed or report.extra
-    return ExitCode.FAILURE if differs or summary.failed else ExitCode.OK
+    return ExitCode.OK if holds_all else ExitCode.FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:
