@@ -18,16 +18,19 @@ import signal
 # quietly, until run_cli takes over; os._exit, since nothing is written yet.
 signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
+import collections
 import hashlib
 import io
+import itertools
 import mimetypes
 import stat
 import time
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import PurePath
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar, Union
 
 import botocore.exceptions
 
@@ -42,7 +45,6 @@ from s3common import (
     CliError,
     Connection,
     Console,
-    Contents,
     DirectFailed,
     ExitCode,
     Failure,
@@ -51,11 +53,13 @@ from s3common import (
     ProgressSubscriber,
     RemoteObject,
     Summary,
+    TransferEngine,
     UnsafeKey,
     add_shared_options,
+    both_md5s,
     bucket_name_problem,
+    call_failing_fast,
     client_error_code,
-    compare_contents,
     connect,
     crc32_header,
     exit_script,
@@ -63,12 +67,12 @@ from s3common import (
     file_md5,
     folder_prefix,
     format_mtime,
-    in_background,
+    key_error,
     key_for,
     key_length_problem,
     list_objects,
     listing_boundaries,
-    map_in_background,
+    map_failing_fast,
     md5chksum,
     parse_location,
     parse_mtime,
@@ -78,12 +82,16 @@ from s3common import (
     relative_key,
     restore_point,
     run_cli,
+    run_collecting_failures,
     run_failure,
-    run_in_parallel,
     usage_error,
 )
 
+T = TypeVar("T")
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
+# Uploads the plan runs ahead of the executor: their count and bytes are in the
+# progress line's totals, which are final once the plan ends.
+PLAN_AHEAD = 10_000
 # The one lifecycle rule of our own in a bucket: found and updated by this ID.
 HISTORY_RULE_ID = "s3backup-retention"
 DEFAULT_KEEP_DAYS = 30
@@ -115,6 +123,9 @@ class LocalFile:
     mode: int
 
 
+# The plan's steps, one per key, in key order.
+
+
 @dataclass(frozen=True)
 class Upload:
     key: str
@@ -125,10 +136,60 @@ class Upload:
 
 
 @dataclass(frozen=True)
+class Keep:
+    """A file that its object already holds: skipped."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class Compare:
+    """A file of its object's size, to compare by content (--checksum, --check)."""
+
+    key: str
+    file: LocalFile
+    remote: RemoteObject
+
+
+@dataclass(frozen=True)
+class Delete:
+    """An object with no file (--delete)."""
+
+    key: str
+
+
+@dataclass(frozen=True)
+class StaleFolder:
+    """A file where the backup holds a folder: `objects` under key/ that --delete would remove."""
+
+    key: str
+    file: LocalFile
+    objects: int
+
+
+# A runtime alias: X | Y of classes is Python 3.10 and newer.
+Step = Union[Upload, Keep, Compare, Delete, StaleFolder]  # noqa: UP007
+
+
+@dataclass(frozen=True)
 class BackupPlan:
+    """A plan's steps gathered (for --check): uploads and deletes in key order."""
+
     uploads: tuple[Upload, ...]
     deletes: tuple[str, ...]
     skipped: int
+
+    @classmethod
+    def of(cls, steps: Iterable[Step]) -> BackupPlan:
+        uploads, deletes, skipped = [], [], 0
+        for step in steps:
+            if isinstance(step, Upload):
+                uploads.append(step)
+            elif isinstance(step, Delete):
+                deletes.append(step.key)
+            elif isinstance(step, Keep):
+                skipped += 1
+        return cls(tuple(uploads), tuple(deletes), skipped)
 
 
 @dataclass(frozen=True)
@@ -141,11 +202,50 @@ class CheckReport:
     identical: int
 
 
+class EmptySource(Exception):
+    """--delete with no file to back up: every object under the prefix would go."""
+
+
+class OutOfOrder(CliError):
+    """A listing that is not in key order, which the plan cannot merge."""
+
+    def __init__(self, key: str, after: str):
+        super().__init__(
+            f"the server listed {printable(key)} after {printable(after)}, out of "
+            "S3's key order (UTF-8 bytes): this server cannot be backed up to safely"
+        )
+
+
 @dataclass
 class Scan:
-    files: dict[str, LocalFile] = field(default_factory=dict)  # by S3 key
-    warnings: list[str] = field(default_factory=list)
-    errors: list[Failure] = field(default_factory=list)
+    """What the walk meets besides files: warnings said at once, errors counted."""
+
+    console: Console | None  # None: a walk that only looks (listing_boundaries)
+    errors: int = 0
+
+    def warning(self, text: str) -> None:
+        if self.console:
+            self.console.warning(text)
+
+    def error(self, action: str, path: str, error: BaseException) -> None:
+        self.errors += 1
+        if self.console:
+            self.console.error(failure_line(action, path, error), path=path)
+
+
+@dataclass
+class Outcome:
+    """What the executor did, counted as it went: the report is made of this."""
+
+    transferred: int = 0
+    nbytes: int = 0
+    skipped: int = 0  # files their objects hold, or that vanished since the walk
+    planned: int = 0  # uploads, as the plan gives them out
+    planned_bytes: int = 0
+    failed: list[Failure[Upload]] = field(default_factory=list)
+    deletes: list[str] = field(default_factory=list)  # the plan's, held to the end
+    deleted: int = 0
+    delete_failures: list[Failure[str]] = field(default_factory=list)
 
 
 # --- Deciding: pure functions --------------------------------------------------
@@ -178,44 +278,155 @@ def upload_reason(
     return None
 
 
+def pair_by_key(
+    local: Iterable[tuple[str, LocalFile]], remote: Iterable[RemoteObject]
+) -> Iterator[tuple[str, LocalFile | None, RemoteObject | None]]:
+    """(key, file, object) for every key of either stream, both in key order (the
+    order of str, which is S3's UTF-8 byte order), merged; OutOfOrder if one is not."""
+    files, objects = iter(local), iter(remote)
+    file = next(files, None)
+    obj = next(objects, None)
+    while file is not None or obj is not None:
+        if obj is not None and (file is None or obj.key < file[0]):
+            key, pair = obj.key, (obj.key, None, obj)
+        elif obj is None or file[0] < obj.key:
+            key, pair = file[0], (file[0], file[1], None)
+        else:
+            key, pair = obj.key, (obj.key, file[1], obj)
+        yield pair
+        if pair[1] is not None:
+            file = next(files, None)
+            if file is not None and file[0] <= key:
+                raise OutOfOrder(file[0], key)
+        if pair[2] is not None:
+            obj = next(objects, None)
+            if obj is not None and obj.key <= key:
+                raise OutOfOrder(obj.key, key)
+
+
 def plan_backup(
-    local: dict[str, LocalFile],
-    remote: dict[str, RemoteObject],
+    local: Iterable[tuple[str, LocalFile]],
+    remote: Iterable[RemoteObject],
     prefix: str,
     filters: Filters,
     delete: bool,
-    contents: Contents | None = None,
-) -> BackupPlan:
-    """What to upload and delete, from the local and the remote listing keyed by S3 key.
+    by_content: bool = False,
+    single_file: bool = False,
+) -> Iterator[Step]:
+    """What to do with each key, from the local files and the listing, both in key
+    order (S3's: UTF-8 bytes, a folder sorting as its name plus "/"); the steps
+    come in that order, one key at a time, so neither side is ever held whole.
 
-    With `contents` (--checksum), files of their object's size are compared by MD5.
+    Files outside the filters, and objects outside them or ending in "/"
+    (folder markers), are left alone. By content, files of their object's size
+    are to be compared (Compare). A single file's listing holds the keys that
+    start with its own: only its own counts. --delete's deletes come once a file
+    to back up has been seen, and EmptySource ends a plan that has none.
+    Without --delete, a file standing where the backup holds a folder is a
+    StaleFolder once the keys have passed that folder.
     """
-    uploads, skipped = [], 0
-    for key in sorted(local):
+    held: list[Delete] | None = [] if delete else None  # until a file is seen
+    # Files whose key plus "/" may still begin a coming key, each a prefix of the next.
+    folders: list[list] = []  # [key, file, objects under key/]
+    for key, file, obj in pair_by_key(local, remote):
+        while folders and not (
+            key < folders[-1][0] + "/" or key.startswith(folders[-1][0] + "/")
+        ):
+            yield from stale_step(*folders.pop())
+        if file is None:
+            if single_file or key.endswith("/"):
+                continue
+            if not filters.includes(relative_key(prefix, key)):
+                continue
+            if held is not None:
+                held.append(Delete(key))
+            elif held is None and delete:
+                yield Delete(key)
+            elif folders and key.startswith(folders[-1][0] + "/"):
+                folders[-1][2] += 1
+            continue
+        if not delete:
+            folders.append([key, file, 0])
         if not filters.includes(relative_key(prefix, key)):
             continue
-        reason = upload_reason(
-            local[key],
-            remote.get(key),
-            contents.local.get(key) if contents else None,
-            contents.remote.get(key) if contents else None,
-            by_content=contents is not None,
-        )
-        if reason:
-            md5 = contents.local.get(key) if contents else None
-            uploads.append(Upload(key, local[key], reason, md5))
-        else:
-            skipped += 1
-    deletes = ()
-    if delete:
-        deletes = tuple(
-            key
-            for key in sorted(remote)
-            if key not in local
-            and not key.endswith("/")
-            and filters.includes(relative_key(prefix, key))
-        )
-    return BackupPlan(tuple(uploads), deletes, skipped)
+        if held:
+            yield from held
+        held = None
+        if by_content and obj is not None and obj.size == file.size:
+            yield Compare(key, file, obj)
+            continue
+        reason = upload_reason(file, obj)
+        yield Upload(key, file, reason) if reason else Keep(key)
+    while folders:
+        yield from stale_step(*folders.pop())
+    if held is not None:
+        raise EmptySource()
+
+
+def stale_step(key: str, file: LocalFile, objects: int) -> Iterator[StaleFolder]:
+    if objects:
+        yield StaleFolder(key, file, objects)
+
+
+def by_content(step: Compare, local_md5: str | None, remote_md5: str | None) -> Step:
+    """A Compare step decided by the two MD5s (None: not known)."""
+    reason = upload_reason(step.file, step.remote, local_md5, remote_md5, True)
+    return Upload(step.key, step.file, reason, local_md5) if reason else Keep(step.key)
+
+
+def future_dated(upload: Upload, now: float) -> bool:
+    """Whether the upload is planned only because the file's mtime is after now.
+
+    Such a file stays "newer" than its object forever; its recorded mtime says
+    whether the object already holds it.
+    """
+    return upload.reason == "newer" and upload.file.mtime_ns > now * 1e9
+
+
+def after_recheck(upload: Upload, recorded: int | None) -> Step:
+    """A future-dated upload, kept when its object records the file's very mtime
+    (`recorded`: its mtime metadata, None where there is none)."""
+    return Keep(upload.key) if recorded == upload.file.mtime_ns else upload
+
+
+def may_delete(outcome: Outcome, unread: int) -> bool:
+    """Delete nothing once a file could not be read (`unread`) or uploaded: its
+    object may be the one copy left of what it held."""
+    return not (outcome.failed or unread)
+
+
+def refuse_keys(
+    files: Iterable[tuple[str, LocalFile]], prefix: str, root: PurePath, scan: Scan
+) -> Iterator[tuple[str, LocalFile]]:
+    """The files less those whose keys S3 refuses (errors of the scan), with a
+    warning for those that restore.py refuses on this kind of system (root's flavour)."""
+    for key, file in files:
+        problem = key_length_problem(key)
+        if problem:
+            scan.error("upload", file.path, CliError(problem))
+            continue
+        try:
+            path_for_key(relative_key(prefix, key), root)
+        except UnsafeKey as exc:
+            scan.warning(
+                f"{printable(file.path)}: backed up, but restore.py on this kind of "
+                f"system refuses it: the key {exc}"
+            )
+        yield key, file
+
+
+def check_report(plan: BackupPlan, unread: frozenset[str] = frozenset()) -> CheckReport:
+    """--check's differences, from a plan by content with --delete; `unread` files are errors, not differences."""
+    return CheckReport(
+        missing=tuple(item.key for item in plan.uploads if item.reason == "new"),
+        changed=tuple(
+            (item.key, item.reason)
+            for item in plan.uploads
+            if item.reason != "new" and item.key not in unread
+        ),
+        extra=plan.deletes,
+        identical=plan.skipped,
+    )
 
 
 def history_rule(keep_days: int | None) -> dict:
@@ -265,103 +476,6 @@ def read_unchanged(
     )
 
 
-def future_dated(plan: BackupPlan, now: float) -> list[Upload]:
-    """The uploads planned only because the file's mtime is after now.
-
-    Such a file stays "newer" than its object forever; its recorded mtime says
-    whether the object already holds it.
-    """
-    return [
-        upload
-        for upload in plan.uploads
-        if upload.reason == "newer" and upload.file.mtime_ns > now * 1e9
-    ]
-
-
-def stale_folders(
-    local: dict[str, LocalFile],
-    remote: dict[str, RemoteObject],
-    prefix: str,
-    filters: Filters,
-) -> dict[str, int]:
-    """Folders in the backup that LOCAL now holds as a file: the number of objects
-    under each that --delete would remove, by the file's key."""
-    stale: dict[str, int] = {}
-    for key in remote:
-        relative = relative_key(prefix, key)
-        if key in local or key.endswith("/") or not filters.includes(relative):
-            continue
-        parts = relative.split("/")
-        for depth in range(1, len(parts)):
-            folder = key_for(prefix, "/".join(parts[:depth]))
-            if folder in local:
-                stale[folder] = stale.get(folder, 0) + 1
-                break
-    return stale
-
-
-def without_recorded(plan: BackupPlan, recorded: dict[str, int | None]) -> BackupPlan:
-    """The plan less the uploads whose object records the file's very mtime
-    (`recorded`: the mtime metadata by key, None where there is none)."""
-    uploads = tuple(
-        upload
-        for upload in plan.uploads
-        if recorded.get(upload.key, None) != upload.file.mtime_ns
-    )
-    skipped = plan.skipped + len(plan.uploads) - len(uploads)
-    return replace(plan, uploads=uploads, skipped=skipped)
-
-
-def refuse_keys(scan: Scan, prefix: str, root: PurePath) -> list[Failure]:
-    """Take out of the scan the files whose keys S3 refuses (their failures), and
-    warn of those that restore.py refuses on this kind of system (root's flavour)."""
-    refused = []
-    for key, file in list(scan.files.items()):
-        problem = key_length_problem(key)
-        if problem:
-            del scan.files[key]
-            refused.append(Failure(file.path, CliError(problem)))
-            continue
-        try:
-            path_for_key(relative_key(prefix, key), root)
-        except UnsafeKey as exc:
-            scan.warnings.append(
-                f"{printable(file.path)}: backed up, but restore.py on this kind of "
-                f"system refuses it: the key {exc}"
-            )
-    return refused
-
-
-def same_size_files(
-    local: dict[str, LocalFile],
-    remote: dict[str, RemoteObject],
-    prefix: str,
-    filters: Filters,
-) -> dict[str, tuple[str, RemoteObject]]:
-    """The files to compare by content: those of their object's size, within the filters."""
-    return {
-        key: (file.path, remote[key])
-        for key, file in local.items()
-        if key in remote
-        and remote[key].size == file.size
-        and filters.includes(relative_key(prefix, key))
-    }
-
-
-def check_report(plan: BackupPlan, unread: frozenset[str] = frozenset()) -> CheckReport:
-    """--check's differences, from a plan by content with --delete; `unread` files are errors, not differences."""
-    return CheckReport(
-        missing=tuple(item.key for item in plan.uploads if item.reason == "new"),
-        changed=tuple(
-            (item.key, item.reason)
-            for item in plan.uploads
-            if item.reason != "new" and item.key not in unread
-        ),
-        extra=plan.deletes,
-        identical=plan.skipped,
-    )
-
-
 def needs_md5chksum(size: int, extra: dict) -> bool:
     """Whether the object's ETag will not be its MD5: a multipart upload, or SSE-KMS."""
     return size >= MULTIPART_THRESHOLD or extra.get(
@@ -390,63 +504,80 @@ def upload_args(file: LocalFile, extra: dict, md5: str | None = None) -> dict:
 # --- Doing: the local walk and the S3 calls -------------------------------------
 
 
-def scan_folder(root: str, prefix: str, follow_symlinks: bool) -> Scan:
-    """Every regular file under root, in sorted order, keyed by its S3 key.
+def walk_folder(
+    root: str, prefix: str, follow_symlinks: bool, scan: Scan
+) -> Iterator[tuple[str, LocalFile]]:
+    """Every regular file under root with its S3 key, in key order: the order of
+    str (S3's UTF-8 byte order), a folder sorting as its name plus "/". One
+    folder's entries are held at a time, for each folder on the way down.
 
     Symbolic links are followed unless told not to; a link back to a folder
     on the way down is a loop, reported and not followed.
     """
-    scan = Scan()
     root_stat = os.stat(root)
-    stack = [(root, "", frozenset({(root_stat.st_dev, root_stat.st_ino)}))]
+    ancestors = frozenset({(root_stat.st_dev, root_stat.st_ino)})
+    stack = [iter(folder_entries(root, "", ancestors, follow_symlinks, scan))]
     while stack:
-        folder, relative_folder, ancestors = stack.pop()
+        entry = next(stack[-1], None)
+        if entry is None:
+            stack.pop()
+        elif isinstance(entry[2], LocalFile):
+            yield key_for(prefix, entry[0]), entry[2]
+        else:
+            relative, path, inside = entry
+            stack.append(
+                iter(folder_entries(path, relative, inside, follow_symlinks, scan))
+            )
+
+
+def folder_entries(
+    folder: str,
+    relative_folder: str,
+    ancestors: frozenset,
+    follow_symlinks: bool,
+    scan: Scan,
+) -> list[tuple[str, str, LocalFile | frozenset]]:
+    """The files and sub-folders of one folder as (relative path, path, LocalFile
+    or the sub-folder's ancestors), in key order; a sub-folder's relative path ends in "/"."""
+    try:
+        with os.scandir(folder) as listing:
+            entries = list(listing)
+    except OSError as exc:
+        scan.error("read", folder, exc)
+        return []
+    found = []
+    for entry in entries:
+        relative = relative_folder + entry.name
         try:
-            with os.scandir(folder) as entries:
-                entries = sorted(entries, key=lambda entry: entry.name)
-        except OSError as exc:
-            scan.errors.append(Failure(folder, exc))
+            if not follow_symlinks and entry.is_symlink():
+                continue
+            info = entry.stat()
+        except FileNotFoundError:
+            if entry.is_symlink():
+                scan.warning(f"broken symbolic link skipped: {printable(entry.path)}")
+            else:
+                scan.warning(
+                    f"vanished during the backup, not uploaded: {printable(entry.path)}"
+                )
             continue
-        subfolders = []
-        for entry in entries:
-            relative = relative_folder + entry.name
-            try:
-                if not follow_symlinks and entry.is_symlink():
-                    continue
-                info = entry.stat()
-            except FileNotFoundError:
-                if entry.is_symlink():
-                    scan.warnings.append(
-                        f"broken symbolic link skipped: {printable(entry.path)}"
-                    )
-                else:
-                    scan.warnings.append(
-                        f"vanished during the backup, not uploaded: {printable(entry.path)}"
-                    )
-                continue
-            except OSError as exc:
-                scan.errors.append(Failure(entry.path, exc))
-                continue
-            if stat.S_ISDIR(info.st_mode):
-                identity = (info.st_dev, info.st_ino)
-                if identity in ancestors:
-                    scan.warnings.append(
-                        f"symbolic link loop not followed: {printable(entry.path)}"
-                    )
-                else:
-                    subfolders.append(
-                        (entry.path, relative + "/", ancestors | {identity})
-                    )
-            elif stat.S_ISREG(info.st_mode):
-                scan.files[key_for(prefix, relative)] = LocalFile(
-                    entry.path, info.st_size, info.st_mtime_ns, info.st_mode
+        except OSError as exc:
+            scan.error("read", entry.path, exc)
+            continue
+        if stat.S_ISDIR(info.st_mode):
+            identity = (info.st_dev, info.st_ino)
+            if identity in ancestors:
+                scan.warning(
+                    f"symbolic link loop not followed: {printable(entry.path)}"
                 )
             else:
-                scan.warnings.append(
-                    f"not a regular file, skipped: {printable(entry.path)}"
-                )
-        stack.extend(reversed(subfolders))
-    return scan
+                found.append((relative + "/", entry.path, ancestors | {identity}))
+        elif stat.S_ISREG(info.st_mode):
+            file = LocalFile(entry.path, info.st_size, info.st_mtime_ns, info.st_mode)
+            found.append((relative, entry.path, file))
+        else:
+            scan.warning(f"not a regular file, skipped: {printable(entry.path)}")
+    found.sort(key=lambda item: item[0])
+    return found
 
 
 def stat_local(local: str) -> os.stat_result:
@@ -462,31 +593,47 @@ def stat_local(local: str) -> os.stat_result:
     return info
 
 
-def scan_local(
-    local: str, info: os.stat_result, prefix: str, follow_symlinks: bool
-) -> Scan:
-    """The files to back up from LOCAL (with its stat_local)."""
+def local_files(
+    local: str, info: os.stat_result, prefix: str, follow_symlinks: bool, scan: Scan
+) -> Iterator[tuple[str, LocalFile]]:
+    """The files to back up from LOCAL (with its stat_local), in key order."""
     if stat.S_ISDIR(info.st_mode):
-        return scan_folder(local, prefix, follow_symlinks)
+        return walk_folder(local, prefix, follow_symlinks, scan)
     name = os.path.basename(os.path.normpath(local))
     file = LocalFile(local, info.st_size, info.st_mtime_ns, info.st_mode)
-    return Scan(files={key_for(prefix, name): file})
+    return iter([(key_for(prefix, name), file)])
 
 
-def recorded_mtimes(
-    client, bucket: str, uploads: list[Upload], workers: int
-) -> dict[str, int | None]:
-    """The mtime recorded on each upload's object (HeadObject), None where there is none."""
+def recorded_mtime(client, bucket: str, key: str) -> int | None:
+    """The mtime recorded on the object (HeadObject), None where there is none."""
+    try:
+        head = client.head_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError:
+        return None  # uploaded again, which says what is wrong if anything is
+    return parse_mtime(head.get("Metadata", {}).get("mtime"))
 
-    def recorded(upload: Upload) -> int | None:
-        try:
-            head = client.head_object(Bucket=bucket, Key=upload.key)
-        except botocore.exceptions.ClientError:
-            return None  # uploaded again, which says what is wrong if anything is
-        return parse_mtime(head.get("Metadata", {}).get("mtime"))
 
-    answers = map_in_background(recorded, uploads, workers)
-    return {upload.key: answer.result() for upload, answer in zip(uploads, answers)}
+def content_decided(
+    steps: Iterable[Step],
+    client,
+    bucket: str,
+    workers: int,
+    unread: list[Failure[Compare]],
+) -> Iterator[Step]:
+    """The steps with each Compare decided by the MD5s of file and object, hashed
+    on `workers` threads; a file that cannot be read goes into `unread` and up
+    ("no MD5 to compare"), where its upload says why it failed."""
+
+    def decide(step: Step) -> Step:
+        if not isinstance(step, Compare):
+            return step
+        local, remote = both_md5s(client, bucket, step.key, step.file.path, step.remote)
+        if isinstance(local, OSError):
+            unread.append(Failure(step, local))
+            return by_content(step, None, remote)
+        return by_content(step, local, remote)
+
+    return map_failing_fast(decide, steps, workers)
 
 
 def bucket_exists(client, bucket: str) -> bool:
@@ -682,10 +829,18 @@ def before_complete_multipart(client, check: Callable[[str], None]) -> None:
     )
 
 
-def make_uploader(connection: Connection, bucket: str, extra: dict, console: Console):
-    """The work function for run_in_parallel: one file up, as one PUT or a parallel
-    multipart, from one read of it during which it did not change; False when it
-    vanished since the scan."""
+def make_uploader(
+    connection: Connection,
+    bucket: str,
+    extra: dict,
+    console: Console,
+    engine: TransferEngine,
+    now: float,
+):
+    """The work function for run_collecting_failures: one file up, as one PUT or a
+    parallel multipart (through `engine`), from one read of it during which it
+    did not change; False when it vanished since the walk, or when it is
+    future-dated (at `now`) and its object records its very mtime."""
     client, direct = connection.client, connection.direct
     bandwidth = connection.bandwidth  # None without --bwlimit
     # The read of each multipart upload under way, by key, checked before its parts are joined.
@@ -723,9 +878,7 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
                 Bucket=bucket, Key=key, Body=data, **args
             )
 
-    def put_multipart(
-        key: str, start: ReadStart, md5: str | None, manager, cancel
-    ) -> None:
+    def put_multipart(key: str, start: ReadStart, md5: str | None, cancel) -> None:
         """Parallel parts read from the file by name, as s3transfer does: each
         part's checksum is over the bytes read for it, and the parts are joined
         only if the file was left alone from before the first read to after the
@@ -743,13 +896,13 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
             # --checksum has just made it of this very file). The pass is within
             # the checked read: a change during it fails the upload too.
             args = upload_args(file, extra, md5 or file_md5(file.path))
-            manager.upload(
+            engine.manager().upload(
                 file.path, bucket, key, extra_args=args, subscribers=subscribers
             ).result()
         finally:
             del multipart_reads[key]
 
-    def put_once(item: Upload, manager, cancel) -> ReadStart:
+    def put_once(item: Upload, cancel) -> ReadStart:
         """The file up from one read; FileChanged if it changed during the read."""
         path = item.file.path
         with open(path, "rb") as source:
@@ -761,16 +914,20 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
                 put_whole(item.key, start.file(), read_whole(source, start), cancel)
                 return start
         md5 = item.md5 if start.file() == item.file else None
-        put_multipart(item.key, start, md5, manager, cancel)
+        put_multipart(item.key, start, md5, cancel)
         return start
 
-    def upload(item: Upload, manager, cancel) -> bool:
+    def upload(item: Upload, cancel) -> bool:
         path = item.file.path
+        if future_dated(item, now):
+            recheck = after_recheck(item, recorded_mtime(client, bucket, item.key))
+            if isinstance(recheck, Keep):
+                return False
         for attempt in range(READ_ATTEMPTS):
             if attempt:
                 time.sleep(CLOCK_SLACK_NS / 1e9)
             try:
-                start = put_once(item, manager, cancel)
+                start = put_once(item, cancel)
                 break
             except FileChanged:
                 pass
@@ -795,11 +952,9 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
     return upload
 
 
-def delete_objects(
-    client, bucket: str, keys: tuple[str, ...], console: Console
-) -> list[Failure]:
-    """Delete keys in batches; the failures, key by key."""
-    failures = []
+def delete_objects(client, bucket: str, outcome: Outcome, console: Console) -> None:
+    """Delete the outcome's deletes in batches; counted into it, failures key by key."""
+    keys, failures = outcome.deletes, outcome.delete_failures
     for start in range(0, len(keys), DELETE_BATCH):
         batch = keys[start : start + DELETE_BATCH]
         try:
@@ -820,8 +975,8 @@ def delete_objects(
                     )
                 )
             else:
+                outcome.deleted += 1
                 console.detail(f"delete: {printable(f's3://{bucket}/{key}')}")
-    return failures
 
 
 def warn_if_unversioned(client, bucket: str, console: Console) -> None:
@@ -949,177 +1104,122 @@ def run(args, console: Console) -> int:
 
     connection = connect(args, pool_size=args.workers + PART_WORKERS)
     client = connection.client
-    # HeadBucket goes out as soon as there is a client, and the folder is
-    # scanned while the server answers it (W4 on s3rver: 0.01 to 0.09 s sooner
-    # in three sets of 20-30 runs in turn).
-    found = in_background(lambda: bucket_exists(client, location.bucket))
-    scan = scan_local(args.local, local, location.prefix, args.follow_symlinks)
-    if args.delete and not any(
-        filters.includes(relative_key(location.prefix, key)) for key in scan.files
-    ):
+    scan = Scan(console)
+    found, files, listing = gather(args, local, location, client, scan)
+    remote: Iterable[RemoteObject] = ()
+    if found.result():
+        remote = listing
+    elif args.check:
+        raise CliError(
+            f"the bucket {location.bucket} does not exist: nothing is backed up at {location.url()}"
+        )
+    steps = plan_backup(
+        files,
+        remote,
+        location.prefix,
+        filters,
+        delete=args.delete or args.check,
+        by_content=args.checksum or args.check,
+        single_file=not is_folder,
+    )
+    # The plan's first step comes before anything changes: a --delete that
+    # would empty the prefix is refused by then.
+    try:
+        first = next(steps, None)
+    except EmptySource:
         raise usage_error(
             f"refusing --delete: {args.local!r} has no files to back up, "
             "so every object under the prefix would be deleted"
-        )
-    refused = refuse_keys(scan, location.prefix, PurePath(args.local))
-    for warning in scan.warnings:
-        console.warning(warning)
-    for failure in scan.errors:
-        console.error(
-            failure_line("read", failure.item, failure.error), path=failure.item
-        )
-    for failure in refused:
-        console.error(
-            failure_line("upload", failure.item, failure.error), path=failure.item
-        )
-    scan.errors.extend(refused)
-
-    # A single file is listed by its own key, a folder on its folder boundary.
-    listing_prefix = (
-        next(iter(scan.files)) if not is_folder else folder_prefix(location.prefix)
-    )
-    # The listing goes out beside HeadBucket rather than after it, in ranges of
-    # a page cut at the local keys and listed side by side, instead of one round
-    # trip per page in turn. Measured with bench/run.py --latency 50: W4 1.75 s
-    # -> 1.33 s (on s3rver, which takes one request at a time, within noise).
-    # The listing counts only once HeadBucket has found the bucket.
-    listing = in_background(
-        lambda: list_objects(
-            client,
-            location.bucket,
-            listing_prefix,
-            listing_boundaries(scan.files),
-            args.workers,
-        )
-    )
-    remote = {}
+        ) from None
+    steps = itertools.chain(() if first is None else (first,), steps)
     if found.result():
-        try:
-            remote = listing.result()
-        except botocore.exceptions.ClientError as exc:
-            raise run_failure(f"cannot list {printable(location.url())}", exc) from None
-        if not is_folder:
-            remote = {key: obj for key, obj in remote.items() if key == listing_prefix}
         if args.keep_days is not None and not args.check:
             history = describe_history(args.keep_days)
             if args.dry_run:
                 console.info(f"(dry run) set up s3://{location.bucket} {history}")
             elif set_up_history(client, location.bucket, args.keep_days, new=False):
                 console.info(f"set up s3://{location.bucket} {history}")
-    elif args.check:
-        raise CliError(
-            f"the bucket {location.bucket} does not exist: nothing is backed up at {location.url()}"
-        )
     else:
         keep_days = None if args.no_versioning else args.keep_days or DEFAULT_KEEP_DAYS
         create_bucket(
             client, location.bucket, connection.region, keep_days, args.dry_run, console
         )
-    contents = None
+    unread: list[Failure[Compare]] = []
     if args.checksum or args.check:
-        contents = compare_contents(
-            client,
-            location.bucket,
-            same_size_files(scan.files, remote, location.prefix, filters),
-            args.workers,
-        )
+        steps = content_decided(steps, client, location.bucket, args.workers, unread)
     if args.check:
-        plan = plan_backup(scan.files, remote, location.prefix, filters, True, contents)
-        return report_check(plan, contents, scan, location, console, started)
-    # A file that could not be hashed goes up, and its upload reports why it failed.
-    plan = plan_backup(
-        scan.files, remote, location.prefix, filters, args.delete, contents
-    )
-    recheck = future_dated(plan, time.time())
-    if recheck:
-        plan = without_recorded(
-            plan, recorded_mtimes(client, location.bucket, recheck, args.workers)
-        )
-    if not args.delete:
-        stale = stale_folders(scan.files, remote, location.prefix, filters)
-        for key, count in sorted(stale.items()):
-            console.warning(
-                f"{printable(scan.files[key].path)} is a file now, but the backup still "
-                f"holds {count} objects under {printable(location.url(key))}/, the folder "
-                "it replaced: restore.py brings that folder back instead of the file; "
-                "backup.py --delete removes them"
-            )
-    total_bytes = sum(upload.file.size for upload in plan.uploads)
-    if plan.deletes and args.keep_days is None:
-        warn_if_unversioned(client, location.bucket, console)
+        plan = BackupPlan.of(steps)
+        return report_check(plan, unread, scan, location, console, started)
 
+    now = time.time()
+    outcome = Outcome()
+    uploads = uploads_of(steps, outcome, location, console)
     if args.dry_run:
-        for upload in plan.uploads:
+        for upload in uploads:
+            if future_dated(upload, now):
+                recorded = recorded_mtime(client, location.bucket, upload.key)
+                if isinstance(after_recheck(upload, recorded), Keep):
+                    outcome.skipped += 1
+                    continue
+            outcome.transferred += 1
+            outcome.nbytes += upload.file.size
             console.info(
                 f"(dry run) upload: {printable(upload.file.path)} -> "
                 f"{printable(location.url(upload.key))}"
             )
-        for key in plan.deletes:
+        if outcome.deletes and args.keep_days is None:
+            warn_if_unversioned(client, location.bucket, console)
+        for key in outcome.deletes:
             console.info(f"(dry run) delete: {printable(location.url(key))}")
         summary = Summary(
             "uploaded",
-            transferred=len(plan.uploads),
-            skipped=plan.skipped,
-            deleted=len(plan.deletes),
-            nbytes=total_bytes,
+            transferred=outcome.transferred,
+            skipped=outcome.skipped,
+            deleted=len(outcome.deletes),
+            nbytes=outcome.nbytes,
             seconds=time.monotonic() - started,
         )
         console.summarize(
             summary,
-            f"(dry run) would upload {len(plan.uploads)} ({total_bytes} bytes), "
-            f"skip {plan.skipped}, delete {len(plan.deletes)}",
+            f"(dry run) would upload {outcome.transferred} ({outcome.nbytes} bytes), "
+            f"skip {outcome.skipped}, delete {len(outcome.deletes)}",
         )
         return ExitCode.OK
 
-    console.start(len(plan.uploads), total_bytes)
-    uploader = make_uploader(connection, location.bucket, extra, console)
-    failures, vanished = run_in_parallel(
-        plan.uploads, uploader, client, args.workers, open_file=PartFile
-    )
+    console.start(known=False)
+    engine = TransferEngine(client, open_file=PartFile)
+    uploader = make_uploader(connection, location.bucket, extra, console, engine, now)
+    execute(uploads, uploader, engine, args.workers, outcome)
     console.finish()
-    for failure in failures:
-        error = failure.error
-        if client_error_code(error) == "404":
-            # The bucket was there a moment ago: what the server refuses is the key.
-            error = CliError(
-                f"the server answered 404 Not Found for the key "
-                f"{printable(failure.item.key)}: it refuses this name (some servers "
-                "refuse control characters): rename the file"
-            )
+    for failure in outcome.failed:
         path = failure.item.file.path
+        error = key_error(failure.error, failure.item.key, ": rename the file")
         console.error(failure_line("upload", path, error), path=path)
 
-    deleted = 0
-    if plan.deletes:
-        if failures or scan.errors:
+    if outcome.deletes:
+        if not may_delete(outcome, scan.errors):
             console.warning(
                 "not deleting anything: some files could not be read or uploaded"
             )
         else:
-            delete_failures = delete_objects(
-                client, location.bucket, plan.deletes, console
-            )
-            for failure in delete_failures:
+            if args.keep_days is None:
+                warn_if_unversioned(client, location.bucket, console)
+            delete_objects(client, location.bucket, outcome, console)
+            for failure in outcome.delete_failures:
                 console.error(
                     failure_line("delete", location.url(failure.item), failure.error),
                     key=failure.item,
                 )
-            deleted = len(plan.deletes) - len(delete_failures)
-            failures += delete_failures
 
-    if not plan.uploads and not plan.deletes and not scan.errors:
+    if not (outcome.planned or outcome.deletes or scan.errors):
         console.info(f"nothing to upload: {printable(location.url())} is up to date")
-    failed_bytes = sum(f.item.file.size for f in failures if isinstance(f.item, Upload))
-    failed_bytes += sum(upload.file.size for upload in vanished)
     summary = Summary(
         "uploaded",
-        transferred=len(plan.uploads)
-        - sum(isinstance(f.item, Upload) for f in failures)
-        - len(vanished),
-        skipped=plan.skipped + len(vanished),
-        failed=len(failures) + len(scan.errors),
-        deleted=deleted,
-        nbytes=total_bytes - failed_bytes,
+        transferred=outcome.transferred,
+        skipped=outcome.skipped,
+        failed=len(outcome.failed) + len(outcome.delete_failures) + scan.errors,
+        deleted=outcome.deleted,
+        nbytes=outcome.nbytes,
         seconds=time.monotonic() - started,
         restore_point=restore_point(connection.clock.latest, time.time()),
     )
@@ -1127,19 +1227,118 @@ def run(args, console: Console) -> int:
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
 
 
+def gather(
+    args, local: os.stat_result, location: Location, client, scan: Scan
+) -> tuple[Future, Iterator[tuple[str, LocalFile]], Iterator[RemoteObject]]:
+    """HeadBucket, the local files and the listing, in key order, all under way.
+
+    HeadBucket goes out as soon as there is a client, and the listing beside it
+    rather than after it (what it finds counts only once HeadBucket has found
+    the bucket). A folder is listed on its folder boundary, in ranges of a page
+    cut at its keys, found by a first walk that keeps only every LIST_PAGE-th,
+    and listed side by side; a single file by its own key.
+    """
+    prefix = location.prefix
+    found = call_failing_fast(lambda: bucket_exists(client, location.bucket))
+    if stat.S_ISDIR(local.st_mode):
+        keys = (key for key, _ in walk_folder(args.local, prefix, True, Scan(None)))
+        listing_prefix, boundaries = folder_prefix(prefix), listing_boundaries(keys)
+    else:
+        (listing_prefix, _), boundaries = (
+            next(local_files(args.local, local, prefix, False, scan)),
+            [],
+        )
+    listing = list_objects(
+        client, location.bucket, listing_prefix, boundaries, args.workers
+    )
+    files = local_files(args.local, local, prefix, args.follow_symlinks, scan)
+    files = refuse_keys(files, prefix, PurePath(args.local), scan)
+    return found, files, listed(listing, location)
+
+
+def listed(
+    listing: Iterator[RemoteObject], location: Location
+) -> Iterator[RemoteObject]:
+    """The listing, a failure of it being one of the whole run."""
+    try:
+        yield from listing
+    except botocore.exceptions.ClientError as exc:
+        raise run_failure(f"cannot list {printable(location.url())}", exc) from None
+
+
+def uploads_of(
+    steps: Iterable[Step], outcome: Outcome, location: Location, console: Console
+) -> Iterator[Upload]:
+    """The plan's uploads, counted (and added to the progress line's totals) as
+    they come; its other steps counted (Keep), held to the end (Delete) or said
+    (StaleFolder)."""
+    for step in steps:
+        if isinstance(step, Upload):
+            outcome.planned += 1
+            outcome.planned_bytes += step.file.size
+            console.planned(1, step.file.size)
+            yield step
+        elif isinstance(step, Keep):
+            outcome.skipped += 1
+        elif isinstance(step, Delete):
+            outcome.deletes.append(step.key)
+        elif isinstance(step, StaleFolder):
+            console.warning(
+                f"{printable(step.file.path)} is a file now, but the backup still "
+                f"holds {step.objects} objects under {printable(location.url(step.key))}/, "
+                "the folder it replaced: restore.py brings that folder back instead "
+                "of the file; backup.py --delete removes them"
+            )
+    console.totals_known()
+
+
+def read_ahead(items: Iterable[T], count: int) -> Iterator[T]:
+    """The items, each drawn `count` items before it is given out."""
+    held: collections.deque[T] = collections.deque()
+    for item in items:
+        held.append(item)
+        if len(held) > count:
+            yield held.popleft()
+    yield from held
+
+
+def execute(
+    uploads: Iterable[Upload],
+    uploader,
+    engine: TransferEngine,
+    workers: int,
+    outcome: Outcome,
+) -> Outcome:
+    """The uploads on `workers` threads, the plan drawn PLAN_AHEAD uploads ahead of
+    them; what became of them counted into `outcome`."""
+    failures, skipped = run_collecting_failures(
+        read_ahead(uploads, PLAN_AHEAD), uploader, engine, workers
+    )
+    outcome.failed = failures
+    outcome.skipped += len(skipped)
+    outcome.transferred = outcome.planned - len(failures) - len(skipped)
+    outcome.nbytes = (
+        outcome.planned_bytes
+        - sum(failure.item.file.size for failure in failures)
+        - sum(upload.file.size for upload in skipped)
+    )
+    return outcome
+
+
 def report_check(
     plan: BackupPlan,
-    contents: Contents,
+    unread: list[Failure[Compare]],
     scan: Scan,
     location: Location,
     console: Console,
     started: float,
 ) -> int:
     """--check's output: one line per difference, the summary; exit 0 only when identical."""
-    for failure in contents.failures:
-        path = scan.files[failure.item].path
+    unread = sorted(unread, key=lambda failure: failure.item.key)
+    for failure in unread:
+        path = failure.item.file.path
         console.error(failure_line("read", path, failure.error), path=path)
-    report = check_report(plan, frozenset(f.item for f in contents.failures))
+    report = check_report(plan, frozenset(f.item.key for f in unread))
     for key in report.missing:
         console.info(f"missing: {printable(key)}")
     for key, why in report.changed:
@@ -1149,7 +1348,7 @@ def report_check(
     summary = Summary(
         "checked",
         skipped=report.identical,
-        failed=len(contents.failures) + len(scan.errors),
+        failed=len(unread) + scan.errors,
         seconds=time.monotonic() - started,
         missing=list(report.missing),
         changed=[key for key, _ in report.changed],

@@ -55,6 +55,7 @@ from s3common import (
     ProgressSubscriber,
     RemoteObject,
     Summary,
+    TransferEngine,
     UnsafeKey,
     add_shared_options,
     client_error_code,
@@ -64,6 +65,7 @@ from s3common import (
     failure_line,
     folder_prefix,
     format_when,
+    key_error,
     list_objects,
     parse_location,
     parse_mode,
@@ -72,8 +74,8 @@ from s3common import (
     printable,
     relative_key,
     run_cli,
+    run_collecting_failures,
     run_failure,
-    run_in_parallel,
     throttled,
     usage_error,
 )
@@ -323,7 +325,8 @@ def find_objects(
     Everything under PREFIX/ if there is anything; else the one object named PREFIX.
     """
     try:
-        objects = list_objects(client, bucket, folder_prefix(prefix))
+        listing = list_objects(client, bucket, folder_prefix(prefix))
+        objects = {obj.key: obj for obj in listing}
         if any(not key.endswith("/") for key in objects) or not prefix:
             return objects, prefix
         head = client.head_object(Bucket=bucket, Key=prefix)
@@ -494,8 +497,10 @@ def make_restorer(
     folders: Folders,
     default_mode: int,
     console: Console,
+    engine: TransferEngine,
 ):
-    """The work function for run_in_parallel: one object down; False when already restored."""
+    """The work function for run_collecting_failures: one object down (large ones
+    through `engine`); False when already restored."""
     client, direct = connection.client, connection.direct
     bandwidth = connection.bandwidth  # None without --bwlimit
 
@@ -550,7 +555,7 @@ def make_restorer(
         write_atomically(path, fill, file_mode(fetched.metadata), mtime_ns)
         console.advance(nbytes=item.size)
 
-    def write_large(item: Download, path: str, manager, cancel) -> bool:
+    def write_large(item: Download, path: str, cancel) -> bool:
         """A HEAD for the metadata, then parallel ranged GETs, unless an earlier
         (interrupted) run already restored this very file whole."""
         head = client.head_object(Bucket=bucket, Key=item.key, **versioned(item))
@@ -562,7 +567,7 @@ def make_restorer(
             subscribers = [ProgressSubscriber(console, size=item.size)]
             if bandwidth:
                 subscribers.append(BandwidthSubscriber(bandwidth, cancel))
-            manager.download(
+            engine.manager().download(
                 bucket,
                 item.key,
                 out,
@@ -599,7 +604,7 @@ def make_restorer(
         console.advance(files=1)
         console.detail(f"same content: {printable(path)}")
 
-    def restore(item: Download, manager, cancel) -> bool:
+    def restore(item: Download, cancel) -> bool:
         path = str(item.path)
         folders.ensure(os.path.dirname(path))
         if item.same_content:
@@ -609,7 +614,7 @@ def make_restorer(
             use_direct(item, lambda fetched: write_object(item, path, fetched, cancel))
         elif item.size < MULTIPART_THRESHOLD:
             write_object(item, path, fetch(item, client), cancel)
-        elif not write_large(item, path, manager, cancel):
+        elif not write_large(item, path, cancel):
             console.advance(files=1)
             console.detail(f"already restored: {printable(path)}")
             return False
@@ -747,26 +752,26 @@ def run(args, console: Console) -> int:
         return ExitCode.FAILURE if problems else ExitCode.OK
 
     console.start(len(plan.downloads), total_bytes)
+    engine = TransferEngine(client)
     restorer = make_restorer(
         connection,
         location.bucket,
         Folders(args.local),
         0o666 & ~current_umask(),
         console,
+        engine,
     )
-    failures, skipped = run_in_parallel(plan.downloads, restorer, client, args.workers)
+    failures, skipped = run_collecting_failures(
+        plan.downloads, restorer, engine, args.workers
+    )
     console.finish()
     for failure in failures:
         where = location.url(failure.item.key)
         if failure.item.storage_class in ARCHIVE_STORAGE_CLASSES:
             where += f" ({failure.item.storage_class})"
-        error = failure.error
-        if client_error_code(error) in ("404", "NoSuchKey"):
-            # The bucket was listed a moment ago: what is not found is this key.
-            error = CliError(
-                "the server answers 404 Not Found for this key, which it listed: "
-                "it was deleted meanwhile, or the server refuses its name"
-            )
+        error = key_error(
+            failure.error, failure.item.key, ", or it was deleted since it was listed"
+        )
         console.error(failure_line("restore", where, error), key=failure.item.key)
 
     untouched_bytes = sum(item.size for item in skipped) + sum(

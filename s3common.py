@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import dataclasses
 import email.utils
 import fnmatch
@@ -19,6 +20,7 @@ import ipaddress
 import json
 import math
 import os
+import queue
 import re
 import signal
 import socket
@@ -35,7 +37,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from enum import IntEnum
 from pathlib import PurePath, PureWindowsPath
-from typing import BinaryIO, NoReturn, TextIO
+from typing import BinaryIO, Generic, NoReturn, TextIO, TypeVar
 from urllib.parse import quote, urlsplit
 
 import botocore
@@ -46,6 +48,8 @@ import botocore.utils
 import urllib3
 from botocore.config import Config
 
+T = TypeVar("T")
+R = TypeVar("R")
 MiB = 1024 * 1024
 UTC = timezone.utc  # datetime.UTC is Python 3.11 and newer  # noqa: UP017
 MULTIPART_THRESHOLD = 8 * MiB
@@ -299,46 +303,48 @@ class RemoteObject:
 
 def list_objects(
     client, bucket: str, prefix: str, boundaries: Sequence[str] = (), workers: int = 1
-) -> dict[str, RemoteObject]:
-    """Every object whose key starts with `prefix`, from paged ListObjectsV2 requests.
+) -> Iterator[RemoteObject]:
+    """Every object whose key starts with `prefix`, in key order, from paged
+    ListObjectsV2 requests that start at once.
 
     Sorted `boundaries` cut the keys into ranges that are listed side by side on
-    up to `workers` threads: the first range ends with boundaries[0], the next
-    starts after it, and the last is everything after boundaries[-1].
+    up to `workers` threads, at most `workers` ranges ahead of the one read: the
+    first range ends with boundaries[0], the next starts after it, and the last
+    is everything after boundaries[-1]. A range is held whole until it is read.
     """
     if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
-        # Directory buckets list in no particular order and take no StartAfter.
-        boundaries = ()
-    ranges = list(zip(("", *boundaries), (*boundaries, None)))
-    if len(ranges) == 1:
-        return list_range(client, bucket, prefix, "", None)
-    listings = map_in_background(
-        lambda bounds: list_range(client, bucket, prefix, *bounds), ranges, workers
+        # Directory buckets list in no particular order and take no StartAfter:
+        # the only listing held whole, to be put in order.
+        whole = call_failing_fast(lambda: list(list_range(client, bucket, prefix)))
+        return iter(sorted(whole.result(), key=lambda obj: obj.key))
+    ranges = zip(("", *boundaries), (*boundaries, None))
+    listings = map_failing_fast(
+        lambda bounds: list(list_range(client, bucket, prefix, *bounds)),
+        ranges,
+        workers,
+        ahead=workers,
     )
-    objects = {}
-    for listing in listings:
-        objects.update(listing.result())
-    return objects
+    return (obj for listing in listings for obj in listing)
 
 
 def list_range(
-    client, bucket: str, prefix: str, after: str, through: str | None
-) -> dict[str, RemoteObject]:
-    """The objects under `prefix` whose keys sort after `after` and up to `through` (None: no end)."""
+    client, bucket: str, prefix: str, after: str = "", through: str | None = None
+) -> Iterator[RemoteObject]:
+    """The objects under `prefix` whose keys sort after `after` and up to `through`
+    (None: no end), page by page as they are read."""
     params = {"Bucket": bucket, "Prefix": prefix}
     if after:
         params["StartAfter"] = after
     pages = client.get_paginator("list_objects_v2").paginate(
         **params, PaginationConfig={"PageSize": LIST_PAGE}
     )
-    objects = {}
     for page in pages:
         contents = page.get("Contents", [])
         for item in contents:
             # S3 lists keys in UTF-8 byte order, which is the order of str.
             if through is not None and item["Key"] > through:
-                return objects
-            objects[item["Key"]] = RemoteObject(
+                return
+            yield RemoteObject(
                 item["Key"],
                 item["Size"],
                 item["LastModified"].timestamp(),
@@ -347,18 +353,24 @@ def list_range(
             )
         # A page that ends on `through` ends the range, without asking for another.
         if through is not None and contents and contents[-1]["Key"] == through:
-            return objects
-    return objects
+            return
 
 
-def listing_boundaries(expected_keys: Iterable[str]) -> list[str]:
-    """Where to cut a listing into ranges of one page each, from the keys it should hold.
+def listing_boundaries(keys_in_order: Iterable[str]) -> list[str]:
+    """Where to cut a listing into ranges of one page each, from the keys it should
+    hold, in key order.
 
-    Every LIST_PAGE-th key in sorted order but the last key itself: a range after
-    the last key holds nothing that is expected, only what is new.
+    Every LIST_PAGE-th key but the last key itself: a range after the last key
+    holds nothing that is expected, only what is new.
     """
-    ordered = sorted(expected_keys)
-    return ordered[LIST_PAGE - 1 : -1 : LIST_PAGE]
+    boundaries, last = [], None
+    for count, key in enumerate(keys_in_order, 1):
+        if count % LIST_PAGE == 0:
+            boundaries.append(key)
+        last = key
+    if boundaries and boundaries[-1] == last:
+        boundaries.pop()
+    return boundaries
 
 
 # --- Filters -----------------------------------------------------------------
@@ -1218,6 +1230,17 @@ def run_failure(context: str, error: BaseException) -> CliError:
     return CliError(f"{context}: {message}", code)
 
 
+def key_error(error: BaseException, key: str, otherwise: str) -> BaseException:
+    """The error of a request about one object, once the bucket is known to exist:
+    a 404 there is about the key (`otherwise`: what else it can mean to this script)."""
+    if client_error_code(error) not in ("404", "NoSuchKey"):
+        return error
+    return CliError(
+        f"the server answered 404 Not Found for the key {printable(key)}: it refuses "
+        f"this name (some servers refuse control characters){otherwise}"
+    )
+
+
 def failure_line(action: str, where: str, error: BaseException) -> str:
     """'<action> failed: <where>: <why>', naming `where` once."""
     why = describe_error(error)[0]
@@ -1267,6 +1290,9 @@ class Console:
         self._shown = False
         self._files = self._total_files = 0
         self._bytes = self._total_bytes = 0
+        self._totals_known = (
+            True  # False while a plan that streams is still growing them
+        )
         self._started = time.monotonic()
         self._drawn_at = 0.0
 
@@ -1300,9 +1326,20 @@ class Console:
         self.summary = summary
         self.info(summary.line() if line is None else line)
 
-    def start(self, files: int, nbytes: int) -> None:
+    def start(self, files: int = 0, nbytes: int = 0, known: bool = True) -> None:
+        """Start the clock; the totals, or (known=False) their first part, which
+        planned() adds to until totals_known()."""
         self._total_files, self._total_bytes = files, nbytes
+        self._totals_known = known
         self._started = time.monotonic()
+
+    def planned(self, files: int, nbytes: int) -> None:
+        with self._lock:
+            self._total_files += files
+            self._total_bytes += nbytes
+
+    def totals_known(self) -> None:
+        self._totals_known = True
 
     def advance(self, nbytes: int = 0, files: int = 0) -> None:
         if not (self.live or self.json):
@@ -1319,10 +1356,12 @@ class Console:
         elapsed = max(now - self._started, 1e-6)
         rate = self._bytes / elapsed
         left = self._total_bytes - self._bytes
-        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+        # Totals that are still growing end in "+", and give no ETA yet.
+        more = "" if self._totals_known else "+"
+        eta = f"{left / rate:.0f} s" if rate > 0 and not more else "?"
         line = (
-            f"{self._files}/{self._total_files} files, "
-            f"{format_bytes(self._bytes)}/{format_bytes(self._total_bytes)}, "
+            f"{self._files}/{self._total_files}{more} files, "
+            f"{format_bytes(self._bytes)}/{format_bytes(self._total_bytes)}{more}, "
             f"{format_bytes(rate)}/s, ETA {eta}"
         )
         self.err.write("\r\x1b[K" + line)
@@ -1403,8 +1442,10 @@ class Summary:
 
 
 @dataclass(frozen=True)
-class Failure:
-    item: object
+class Failure(Generic[T]):
+    """One item of a run that failed (a path, a key, an Upload...), and why."""
+
+    item: T
     error: BaseException
 
 
@@ -1468,67 +1509,140 @@ def throttled(
         yield chunk
 
 
-def map_in_background(
-    function: Callable[[object], object], items: Iterable, workers: int
-) -> list[Future]:
-    """Start function(item) for every item on up to `workers` threads; a Future for each, in order.
+def map_failing_fast(
+    function: Callable[[T], R], items: Iterable[T], workers: int, ahead: int = 0
+) -> Iterator[R]:
+    """function(item) for each item on up to `workers` threads, started at once and
+    at most `ahead` (default 2 × workers) items beyond the result awaited; the
+    results in the items' order.
 
-    After a failure no further item starts: the Futures of those are cancelled.
-    The threads are daemons, so that Ctrl-C in the main thread never waits for them.
+    On failure: no further item starts, and the exception is raised in place of
+    its result. On Ctrl-C the caller stops waiting at once: the threads are
+    daemons, left to end with the process (for reads only: listings, HEADs, hashes).
     """
-    jobs = [(item, Future()) for item in items]
-    pending = iter(jobs)
-    taking = threading.Lock()
+    ahead = ahead or 2 * workers
+    source = iter(items)
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    window: collections.deque[Future] = collections.deque()
+    failures: list[BaseException] = []
+    threads = 0
 
     def worker() -> None:
-        while True:
-            with taking:
-                job = next(pending, None)
-            if job is None:
-                return
+        while (job := jobs.get()) is not None:
             item, future = job
+            if failures:
+                future.cancel()
+                continue
             try:
                 future.set_result(function(item))
             # Whatever it is, it belongs to whoever asks for the result.
             except Exception as exc:  # noqa: BLE001
+                failures.append(exc)
                 future.set_exception(exc)
-                with taking:
-                    for _, left in pending:
-                        left.cancel()
 
-    for _ in range(min(workers, len(jobs))):
-        threading.Thread(target=worker, daemon=True).start()
-    return [future for _, future in jobs]
+    def submit() -> bool:
+        nonlocal threads
+        item = next(source, _END)
+        if item is _END:
+            return False
+        future: Future = Future()
+        window.append(future)
+        jobs.put((item, future))
+        if threads < min(workers, len(window)):
+            threads += 1
+            threading.Thread(target=worker, daemon=True).start()
+        return True
+
+    while len(window) < ahead and submit():
+        pass
+
+    def results() -> Iterator[R]:
+        try:
+            while window:
+                future = window.popleft()
+                if future.cancelled():
+                    raise failures[0]
+                yield future.result()
+                if not failures:
+                    submit()
+        finally:
+            for _ in range(threads):
+                jobs.put(None)
+
+    return results()
 
 
-def in_background(call: Callable[[], object]) -> Future:
-    """call() on a daemon thread; its Future."""
-    return map_in_background(lambda _: call(), [None], 1)[0]
+_END = object()
 
 
-def run_in_parallel(
-    items: Sequence,
-    work: Callable[[object, object, threading.Event], None],
-    client,
+def call_failing_fast(call: Callable[[], R]) -> Future:
+    """call() on a daemon thread; its Future, whose result() raises what call()
+    raised. On Ctrl-C the caller stops waiting at once: the thread is left to end
+    with the process."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call())
+        except Exception as exc:  # noqa: BLE001
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
+
+
+class TransferEngine:
+    """The transfer manager for multipart uploads and ranged downloads, created on
+    first use (a run with nothing large to move never imports it), and what
+    stopping it means: cancel() on Ctrl-C cancels (and so aborts) its transfers,
+    close() waits for them."""
+
+    def __init__(self, client, open_file: Callable[[str, str], BinaryIO] | None = None):
+        self._client = client
+        self._open_file = open_file
+        self._manager = None
+        self._lock = threading.Lock()
+
+    def manager(self):
+        with self._lock:
+            if self._manager is None:
+                self._manager = create_transfer_manager(self._client, self._open_file)
+            return self._manager
+
+    def cancel(self) -> None:
+        if self._manager is not None:
+            # TransferManager.shutdown(cancel=True) passes its arguments on in the
+            # wrong order and raises TypeError (boto/s3transfer#143); leaving it as
+            # a context manager does on KeyboardInterrupt cancels (and aborts) them.
+            self._manager.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.shutdown()
+
+
+def run_collecting_failures(
+    items: Iterable[T],
+    work: Callable[[T, threading.Event], bool | None],
+    engine: TransferEngine,
     workers: int,
-    open_file: Callable[[str, str], BinaryIO] | None = None,
-) -> tuple[list[Failure], list]:
-    """Call work(item, transfer_manager, cancel) for every item on `workers` threads.
+) -> tuple[list[Failure[T]], list[T]]:
+    """Call work(item, cancel) for every item on `workers` threads, taking the
+    items from their iterator as threads come free.
 
     Returns the failures and the items work() skipped (by returning False).
 
-    A failure of one item is collected and the rest go on (as shutil.copytree
-    does). On Ctrl-C no new item starts, the transfer manager cancels (and so
-    aborts) its multipart transfers, running items see `cancel` set, and the
-    KeyboardInterrupt is raised again once every thread has stopped.
+    On failure of one item, it is collected and the rest go on (as
+    shutil.copytree does); a failure of the iterator itself (the plan) stops the
+    run as Ctrl-C does and is raised. On Ctrl-C no new item starts, the engine
+    cancels (and so aborts) its transfers, running items see `cancel` set, and
+    the KeyboardInterrupt is raised again once every thread has stopped.
     """
-    failures: list[Failure] = []
-    skipped: list[object] = []
-    if not items:
-        return failures, skipped
+    failures: list[Failure[T]] = []
+    skipped: list[T] = []
+    stopped_by: list[BaseException] = []
     cancel = threading.Event()
     pending = iter(items)
-    manager = create_transfer_manager(client, open_file)
     # Guards `pending` and the thread counts. The main thread waits on the
     # counts, never in Thread.join: a join that Ctrl-C interrupts marks its
     # thread as ended while it still runs (CPython gh-90882, Python 3.12 and older).
@@ -1542,11 +1656,17 @@ def run_in_parallel(
         try:
             while not cancel.is_set():
                 with changed:
-                    item = next(pending, None)
-                if item is None:
+                    try:
+                        item = next(pending, _END)
+                    # The items' own failure ends the run, as in the main thread.
+                    except Exception as exc:  # noqa: BLE001
+                        stopped_by.append(exc)
+                        cancel.set()
+                        return
+                if item is _END:
                     return
                 try:
-                    if work(item, manager, cancel) is False:
+                    if work(item, cancel) is False:
                         skipped.append(item)
                 # One file's failure, whatever it is, must not stop the others.
                 except Exception as exc:  # noqa: BLE001
@@ -1557,10 +1677,7 @@ def run_in_parallel(
                 ended += 1
                 changed.notify_all()
 
-    threads = [
-        threading.Thread(target=worker, daemon=True)
-        for _ in range(min(workers, len(items)))
-    ]
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
     try:
         # Ctrl-C may come while threads are still being started.
         for thread in threads:
@@ -1569,15 +1686,15 @@ def run_in_parallel(
             changed.wait_for(lambda: ended == len(threads))
     except KeyboardInterrupt:
         cancel.set()
-        # TransferManager.shutdown(cancel=True) passes its arguments on in the
-        # wrong order and raises TypeError (boto/s3transfer#143); leaving it as
-        # a context manager does on KeyboardInterrupt cancels (and aborts) them.
-        manager.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+        engine.cancel()
         # A thread that starts after this sees `cancel` and takes no item.
         with changed:
             changed.wait_for(lambda: running == 0)
         raise
-    manager.shutdown()
+    if stopped_by:
+        engine.cancel()
+        raise stopped_by[0]
+    engine.close()
     return failures, skipped
 
 
@@ -1813,34 +1930,41 @@ def head_md5(
     return object_md5(head)
 
 
-def compare_contents(
-    client, bucket: str, candidates: dict[str, tuple[str, RemoteObject]], workers: int
-) -> Contents:
-    """Hash each candidate (key: (file path, its object)) and find its object's MD5, on `workers` threads.
+def both_md5s(
+    client, bucket: str, key: str, path: str, obj: RemoteObject
+) -> tuple[str | OSError, str | None]:
+    """The file's MD5 (or why it could not be read) and its object's (None: not known).
 
     A listed ETag of plain form that equals the file's MD5 settles it with no
     request; otherwise one HEAD tells whether the ETag is the MD5, or gives md5chksum.
     """
-
-    def compare(key: str) -> tuple[str | OSError, str | None]:
-        path, obj = candidates[key]
-        try:
-            local = file_md5(path)
-        except OSError as exc:
-            return exc, None
-        if md5_of_etag(obj.etag) == local:
-            return local, local
+    try:
+        local = file_md5(path)
+    except OSError as exc:
+        return exc, None
+    if md5_of_etag(obj.etag) == local:
+        return local, local
+    try:
         return local, head_md5(client, bucket, key, obj.version_id)
+    except botocore.exceptions.ClientError as exc:
+        raise run_failure(
+            f"cannot read the metadata of s3://{bucket}/{key}", exc
+        ) from None
+
+
+def compare_contents(
+    client, bucket: str, candidates: dict[str, tuple[str, RemoteObject]], workers: int
+) -> Contents:
+    """Hash each candidate (key: (file path, its object)) and find its object's MD5
+    (both_md5s), on `workers` threads."""
 
     keys = sorted(candidates)
+    md5s = map_failing_fast(
+        lambda key: both_md5s(client, bucket, key, *candidates[key]), keys, workers
+    )
     contents = Contents()
-    for key, future in zip(keys, map_in_background(compare, keys, workers)):
-        try:
-            local, remote = future.result()
-        except botocore.exceptions.ClientError as exc:
-            raise run_failure(
-                f"cannot read the metadata of s3://{bucket}/{key}", exc
-            ) from None
+    for key in keys:
+        local, remote = next(md5s)
         if isinstance(local, OSError):
             contents.failures.append(Failure(key, local))
         else:

@@ -2,8 +2,8 @@
 
 usage: python bench/run.py [--server s3rver|moto|rgw ...] [--workloads W1,W4,...] [--runs N]
                            [--tools ours,aws,rclone,s5cmd] [--quick] [--scaling]
-                           [--scripts DIR] [--tool-args ARGS] [--output FILE]
-                           [--workdir DIR]
+                           [--memory] [--scripts DIR] [--tool-args ARGS]
+                           [--output FILE] [--workdir DIR]
 
 One run starts the server on 127.0.0.1 on a free port, builds the workloads in a
 temporary folder (in memory, under /dev/shm, where there is one; the server keeps
@@ -26,6 +26,9 @@ rclone is measured when its binary is on PATH. `--server rgw` starts a throw-awa
 Ceph cluster with tests/rgwserver.py (Debian's ceph-mon, ceph-osd and radosgw;
 "server CPU" is then that of all three daemons). --scaling adds
 backup.py rows for W1-shaped trees of 1k, 10k and 50k files (full and no-change).
+--memory adds backup.py's memory rows: a no-change run over a W1-shaped tree of
+200,000 files ("M200k no-change"), and --dry-run over trees of 100k to 1M empty
+files into an empty prefix ("D100k dry-run" ...), where time should grow linearly.
 --scripts points at a copy of backup.py/restore.py/s3common.py (to try a change);
 --tool-args adds options to backup.py and restore.py (e.g. "--workers 32").
 """
@@ -66,6 +69,10 @@ WORKLOADS = ("W1", "W4", "W5", "W2", "W3", "W6")
 # Run only when named: it needs a server that keeps versions.
 HISTORY_WORKLOAD = "W7"
 SCALING_SIZES = (1_000, 10_000, 50_000)
+# --memory: the no-change tree (W1-shaped), and the --dry-run trees (empty files).
+MEMORY_NO_CHANGE = 200_000
+MEMORY_DRY_RUN = (100_000, 200_000, 500_000, 1_000_000)
+MEMORY_QUICK = 0.01  # --quick shrinks the memory trees to this share
 
 
 # --- Workload trees -------------------------------------------------------------
@@ -108,7 +115,8 @@ def build_tree(root: Path, shape: TreeShape, seed: int) -> Path:
     rng = random.Random(seed)
     for relative in relative_paths(shape):
         path = root / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.parent.is_dir():
+            path.parent.mkdir(parents=True)
         with open(path, "wb") as out:
             left = shape.size
             while left:
@@ -808,6 +816,43 @@ def scaling_rows(ctx: Context, sizes: Sequence[int], runs: int) -> list[Row]:
     return rows
 
 
+def memory_rows(ctx: Context, quick: bool) -> list[Row]:
+    """backup.py's peak RSS where memory would grow with the tree: a no-change run
+    over MEMORY_NO_CHANGE small files, and --dry-run over growing trees of empty
+    files into an empty prefix (its time should grow linearly)."""
+    ours_tool = next(tool for tool in ctx.tools if tool.name == "backup.py")
+    share = MEMORY_QUICK if quick else 1
+    rows = []
+    count = int(MEMORY_NO_CHANGE * share)
+    source = ctx.trees / f"memory-{count}"
+    build_tree(source, TreeShape(count, 4096, 100), seed=count)
+    bucket = ctx.bucket("memory")
+    argv = ours_tool.upload(source, bucket, "backup", ctx.url)
+    log(f"memory: uploading {count} files once")
+    measure(argv, ours_tool.env, ctx.server_pids)
+    row = Row(ctx.server, f"M{count // 1000}k no-change", "backup.py", [], count, 0)
+    for run in range(ctx.runs):
+        row.measurements.append(measure(argv, ours_tool.env, ctx.server_pids))
+        log(f"{row.workload} run {run + 1}: {row.measurements[-1].seconds:.1f} s")
+    rows.append(row)
+    drop_bucket(ctx.client, bucket)
+    shutil.rmtree(source)
+    bucket = ctx.bucket("dry-run")
+    for size in MEMORY_DRY_RUN:
+        count = int(size * share)
+        source = ctx.trees / f"dry-run-{count}"
+        build_tree(source, TreeShape(count, 0, 100), seed=count)
+        argv = [*ours_tool.upload(source, bucket, "empty", ctx.url), "--dry-run"]
+        label = f"D{count // 1000}k dry-run" if count < 1_000_000 else "D1M dry-run"
+        row = Row(ctx.server, label, "backup.py", [], count, 0)
+        for run in range(ctx.runs):
+            row.measurements.append(measure(argv, ours_tool.env, ctx.server_pids))
+            log(f"{label} run {run + 1}: {row.measurements[-1].seconds:.1f} s")
+        rows.append(row)
+        shutil.rmtree(source)
+    return rows
+
+
 # --- The table ------------------------------------------------------------------------
 
 
@@ -862,6 +907,8 @@ BARS = (
 )
 # restore.py --at among three versions a key (W7) against the plain restore (W5).
 HISTORY_BAR = 1.3
+# Peak RSS allowed to backup.py's --memory rows, by row: memory must not grow with the tree.
+MEMORY_BARS = {"M200k no-change": 96, "D1M dry-run": 128}
 
 
 def find_row(rows: Sequence[Row], server: str, workload: str, tool: str) -> Row | None:
@@ -908,6 +955,15 @@ def check_bars(rows: Sequence[Row]) -> list[str]:
                     f"{verdict} {server} W7 restore.py --at: {ratio:.2f} × "
                     f"{workload} {tool} (bar ≤ {HISTORY_BAR})"
                 )
+        for workload, limit in MEMORY_BARS.items():
+            row = find_row(rows, server, workload, "backup.py")
+            if row:
+                peak = max(m.peak_rss_mib for m in row.measurements)
+                verdict = "PASS" if peak <= limit else "FAIL"
+                lines.append(
+                    f"{verdict} {server} {workload} backup.py peak RSS {peak:.0f} MiB"
+                    f" (bar ≤ {limit})"
+                )
         w6 = find_row(rows, server, "W6", "restore.py")
         if w6:
             peak = max(m.peak_rss_mib for m in w6.measurements)
@@ -934,7 +990,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workloads",
         default=",".join(WORKLOADS),
-        help="comma-separated subset of W1..W7 (W4 needs W1; W7 only on moto)",
+        help='comma-separated subset of W1..W7 (W4 needs W1; W7 only on moto; "": none)',
     )
     parser.add_argument("--runs", type=int, default=3, help="runs per cell (median)")
     parser.add_argument(
@@ -955,6 +1011,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--scaling-runs", type=int, default=1, help="runs per scaling size (slow)"
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="add backup.py's memory rows (200k no-change, 100k-1M --dry-run)",
     )
     parser.add_argument(
         "--scripts",
@@ -1052,6 +1113,8 @@ def run_server(kind: str, args, workloads: Sequence[str], home: Path) -> list[Ro
                 rows += history_rows(ctx)
         if args.scaling or args.scaling_only:
             rows += scaling_rows(ctx, SCALING_SIZES, args.scaling_runs)
+        if args.memory:
+            rows += memory_rows(ctx, args.quick)
     order = {
         w: i
         for i, w in enumerate(
@@ -1075,6 +1138,7 @@ def run_server(kind: str, args, workloads: Sequence[str], home: Path) -> list[Ro
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     workloads = [] if args.scaling_only else args.workloads.upper().split(",")
+    workloads = [workload for workload in workloads if workload]  # "": none
     unknown = set(workloads) - {*WORKLOADS, HISTORY_WORKLOAD}
     if unknown:
         print(f"unknown workloads: {sorted(unknown)}", file=sys.stderr)

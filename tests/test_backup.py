@@ -319,10 +319,11 @@ def test_listing_in_ranges_finds_every_key_once(s3, monkeypatch, remote):
     for key in remote:
         s3.put_object(Bucket="ranges", Key=key, Body=key.encode())
     expected = [f"p/k{n:02d}" for n in range(10)]
-    boundaries = s3common.listing_boundaries(reversed(expected))
+    boundaries = s3common.listing_boundaries(expected)
     assert boundaries == ["p/k02", "p/k05", "p/k08"]
 
-    listed = s3common.list_objects(s3, "ranges", "p/", boundaries, workers=2)
+    listing = s3common.list_objects(s3, "ranges", "p/", boundaries, workers=2)
+    listed = {obj.key: obj for obj in listing}
     assert sorted(listed) == sorted(key for key in remote if key.startswith("p/"))
     assert all(listed[key].size == len(key) for key in listed)
 
@@ -335,7 +336,7 @@ def test_listing_in_ranges_sends_no_more_requests_than_paging(s3, monkeypatch):
         s3.put_object(Bucket="ranges", Key=key, Body=b"")
     sent = count_listings(s3)
     boundaries = s3common.listing_boundaries(expected)
-    s3common.list_objects(s3, "ranges", "p/", boundaries, workers=4)
+    list(s3common.list_objects(s3, "ranges", "p/", boundaries, workers=4))
     # Four pages of three: each range is one page that ends on its boundary.
     assert len(sent) == 4
     assert sorted(query.get("start-after", "") for query in sent) == [
@@ -394,7 +395,8 @@ def test_directory_buckets_are_listed_in_one_range(monkeypatch):
                 expected["ContinuationToken"] = f"after-{start - 3}"
             stubber.add_response("list_objects_v2", response, expected)
         boundaries = ["p/k02", "p/k05"]
-        listed = s3common.list_objects(client, bucket, "p/", boundaries, workers=4)
+        listing = s3common.list_objects(client, bucket, "p/", boundaries, workers=4)
+        listed = {obj.key: obj for obj in listing}
         stubber.assert_no_pending_responses()
     assert sorted(listed) == sorted(keys_there)
 
@@ -418,5 +420,5 @@ def test_a_failed_range_stops_the_listing(monkeypatch):
     client = boto3.client("s3", region_name="us-east-1")
     boundaries = s3common.listing_boundaries(f"p/k{n:02d}" for n in range(20))
     with pytest.raises(botocore.exceptions.ClientError):
-        s3common.list_objects(client, "not-yet", "p/", boundaries, workers=2)
+        list(s3common.list_objects(client, "not-yet", "p/", boundaries, workers=2))
     assert 1 <= len(sent) <= 2

@@ -17,20 +17,21 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT, free_port, make_tree, run_script
+from plans import steps_of
 
 import backup
 from backup import (
     BackupPlan,
     FileChanged,
+    Keep,
     LocalFile,
     ReadStart,
+    StaleFolder,
     Upload,
+    after_recheck,
     before_complete_multipart,
-    future_dated,
     read_unchanged,
     read_whole,
-    stale_folders,
-    without_recorded,
 )
 from restore import folder_conflict, plan_restore
 from s3common import (
@@ -217,6 +218,24 @@ def test_a_failed_check_before_complete_multipart_leaves_no_object(s3):
 
 def local(name, size=1, mtime_ns=SECOND):
     return LocalFile(name, size, mtime_ns, 0o100644)
+
+
+def stale_folders(files, remote, prefix, filters) -> dict[str, int]:
+    """The plan's stale folders: objects under each that --delete would remove, by the file's key."""
+    steps = steps_of(files, remote, prefix, filters, delete=False)
+    return {step.key: step.objects for step in steps if isinstance(step, StaleFolder)}
+
+
+def future_dated(plan: BackupPlan, now: float) -> list[Upload]:
+    return [upload for upload in plan.uploads if backup.future_dated(upload, now)]
+
+
+def without_recorded(plan: BackupPlan, recorded: dict[str, int | None]) -> BackupPlan:
+    """The plan with each upload rechecked against its object's recorded mtime."""
+    rechecked = [
+        after_recheck(upload, recorded.get(upload.key)) for upload in plan.uploads
+    ]
+    return BackupPlan.of([*rechecked, *[Keep("") for _ in range(plan.skipped)]])
 
 
 def test_stale_folders_counts_what_delete_would_remove():

@@ -6,9 +6,10 @@ from pathlib import PurePosixPath, PureWindowsPath
 
 import botocore.exceptions
 import pytest
+from plans import plan_of
 
 import s3common
-from backup import LocalFile, plan_backup, upload_args, upload_reason
+from backup import LocalFile, upload_args, upload_reason
 from restore import plan_restore
 from s3common import (
     CliError,
@@ -183,7 +184,7 @@ def test_plan_backup_uploads_changed_and_skips_unchanged():
         "p/touched": local(mtime=3000.0),
     }
     objects = {key: remote(key) for key in ("p/same", "p/grown", "p/touched", "p/gone")}
-    plan = plan_backup(files, objects, "p", Filters(), delete=False)
+    plan = plan_of(files, objects, "p", Filters(), delete=False)
     assert [(u.key, u.reason) for u in plan.uploads] == [
         ("p/grown", "size changed"),
         ("p/new", "new"),
@@ -198,13 +199,13 @@ def test_plan_backup_delete_respects_filters_and_folder_markers():
     objects = {
         key: remote(key) for key in ("p/keep", "p/gone.txt", "p/gone.log", "p/dir/")
     }
-    plan = plan_backup(files, objects, "p", Filters(((False, "*.log"),)), delete=True)
+    plan = plan_of(files, objects, "p", Filters(((False, "*.log"),)), delete=True)
     assert plan.deletes == ("p/gone.txt",)
 
 
 def test_plan_backup_filters_local_files():
     files = {"a.log": local(), "b.txt": local(), "sub/c.log": local()}
-    plan = plan_backup(files, {}, "", Filters(((False, "*.log"),)), delete=False)
+    plan = plan_of(files, {}, "", Filters(((False, "*.log"),)), delete=False)
     assert [u.key for u in plan.uploads] == ["b.txt"]
 
 
@@ -497,5 +498,5 @@ def test_parse_timestamp_reads_what_s3_sends(text):
 )
 def test_listing_boundaries_cut_every_page(monkeypatch, count, boundaries):
     monkeypatch.setattr(s3common, "LIST_PAGE", 3)
-    keys = [f"k{n}" for n in reversed(range(count))]
+    keys = [f"k{n}" for n in range(count)]
     assert s3common.listing_boundaries(keys) == boundaries

@@ -11,6 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 from conftest import make_tree, stub_error
+from plans import plan_of, steps_of
 
 import backup
 import restore
@@ -171,7 +172,7 @@ def test_plan_backup_by_content():
         remote={"p/same": HELLO_MD5, "p/edited": HELLO_MD5},
     )
     filters = Filters(((False, "*.log"),))
-    plan = backup.plan_backup(files, objects, "p", filters, True, contents)
+    plan = plan_of(files, objects, "p", filters, True, contents)
     assert [(u.key, u.reason, u.md5) for u in plan.uploads] == [
         ("p/edited", "content changed", OTHER_MD5),
         ("p/grown", "size changed", None),
@@ -180,16 +181,21 @@ def test_plan_backup_by_content():
     assert plan.deletes == ("p/gone",)
     assert plan.skipped == 1
     # Without contents the same listing is compared by mtime: nothing but size and new.
-    by_time = backup.plan_backup(files, objects, "p", filters, False)
+    by_time = plan_of(files, objects, "p", filters, False)
     assert [u.key for u in by_time.uploads] == ["p/grown", "p/new"]
 
 
 def test_same_size_files_are_the_only_candidates_within_the_filters():
     files = {"a": local(path="/a"), "b": local(size=6), "c": local(), "d.log": local()}
     objects = {key: remote(key) for key in ("a", "b", "d.log")}
-    candidates = backup.same_size_files(
-        files, objects, "", Filters(((False, "*.log"),))
+    steps = steps_of(
+        files, objects, "", Filters(((False, "*.log"),)), False, by_content=True
     )
+    candidates = {
+        step.key: (step.file.path, step.remote)
+        for step in steps
+        if isinstance(step, backup.Compare)
+    }
     assert candidates == {"a": ("/a", objects["a"])}
 
 
