@@ -505,29 +505,29 @@ def upload_args(file: LocalFile, extra: dict, md5: str | None = None) -> dict:
 
 
 def walk_folder(
-    root: str, prefix: str, follow_symlinks: bool, scan: Scan
-) -> Iterator[tuple[str, LocalFile]]:
+    root: str, prefix: str, follow_symlinks: bool, scan: Scan, look_only: bool = False
+) -> Iterator[tuple[str, LocalFile | None]]:
     """Every regular file under root with its S3 key, in key order: the order of
     str (S3's UTF-8 byte order), a folder sorting as its name plus "/". One
     folder's entries are held at a time, for each folder on the way down.
 
     Symbolic links are followed unless told not to; a link back to a folder
-    on the way down is a loop, reported and not followed.
+    on the way down is a loop, reported and not followed. `look_only` takes
+    the file system's word for what is a file, with no stat (and no LocalFile).
     """
     root_stat = os.stat(root)
     ancestors = frozenset({(root_stat.st_dev, root_stat.st_ino)})
-    stack = [iter(folder_entries(root, "", ancestors, follow_symlinks, scan))]
+    walk = (follow_symlinks, scan, look_only)
+    stack = [iter(folder_entries(root, "", ancestors, *walk))]
     while stack:
         entry = next(stack[-1], None)
         if entry is None:
             stack.pop()
-        elif isinstance(entry[2], LocalFile):
+        elif entry[3] is None:
             yield key_for(prefix, entry[0]), entry[2]
         else:
-            relative, path, inside = entry
-            stack.append(
-                iter(folder_entries(path, relative, inside, follow_symlinks, scan))
-            )
+            relative, path, _, inside = entry
+            stack.append(iter(folder_entries(path, relative, inside, *walk)))
 
 
 def folder_entries(
@@ -536,9 +536,11 @@ def folder_entries(
     ancestors: frozenset,
     follow_symlinks: bool,
     scan: Scan,
-) -> list[tuple[str, str, LocalFile | frozenset]]:
-    """The files and sub-folders of one folder as (relative path, path, LocalFile
-    or the sub-folder's ancestors), in key order; a sub-folder's relative path ends in "/"."""
+    look_only: bool,
+) -> list[tuple[str, str, LocalFile | None, frozenset | None]]:
+    """The files and sub-folders of one folder as (relative path, path, LocalFile,
+    None) and (relative path, path, None, the sub-folder's ancestors), in key
+    order; a sub-folder's relative path ends in "/"."""
     try:
         with os.scandir(folder) as listing:
             entries = list(listing)
@@ -550,6 +552,9 @@ def folder_entries(
         relative = relative_folder + entry.name
         try:
             if not follow_symlinks and entry.is_symlink():
+                continue
+            if look_only and entry.is_file():
+                found.append((relative, entry.path, None, None))
                 continue
             info = entry.stat()
         except FileNotFoundError:
@@ -570,10 +575,11 @@ def folder_entries(
                     f"symbolic link loop not followed: {printable(entry.path)}"
                 )
             else:
-                found.append((relative + "/", entry.path, ancestors | {identity}))
+                inside = ancestors | {identity}
+                found.append((relative + "/", entry.path, None, inside))
         elif stat.S_ISREG(info.st_mode):
             file = LocalFile(entry.path, info.st_size, info.st_mtime_ns, info.st_mode)
-            found.append((relative, entry.path, file))
+            found.append((relative, entry.path, file, None))
         else:
             scan.warning(f"not a regular file, skipped: {printable(entry.path)}")
     found.sort(key=lambda item: item[0])
@@ -1240,18 +1246,17 @@ def gather(
     """
     prefix = location.prefix
     found = call_failing_fast(lambda: bucket_exists(client, location.bucket))
+    files = local_files(args.local, local, prefix, args.follow_symlinks, scan)
     if stat.S_ISDIR(local.st_mode):
-        keys = (key for key, _ in walk_folder(args.local, prefix, True, Scan(None)))
-        listing_prefix, boundaries = folder_prefix(prefix), listing_boundaries(keys)
+        walk = walk_folder(args.local, prefix, args.follow_symlinks, Scan(None), True)
+        listing_prefix = folder_prefix(prefix)
+        boundaries = listing_boundaries(key for key, _ in walk)
     else:
-        (listing_prefix, _), boundaries = (
-            next(local_files(args.local, local, prefix, False, scan)),
-            [],
-        )
+        [(listing_prefix, _)] = files = list(files)
+        boundaries = []
     listing = list_objects(
         client, location.bucket, listing_prefix, boundaries, args.workers
     )
-    files = local_files(args.local, local, prefix, args.follow_symlinks, scan)
     files = refuse_keys(files, prefix, PurePath(args.local), scan)
     return found, files, listed(listing, location)
 
