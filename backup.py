@@ -24,7 +24,7 @@ import mimetypes
 import stat
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import PurePath
 from typing import BinaryIO
@@ -32,11 +32,11 @@ from typing import BinaryIO
 import botocore.exceptions
 
 from s3common import (
+    LIST_PAGE,
     MD5_METADATA,
     MULTIPART_THRESHOLD,
     PART_WORKERS,
     SMALL_OBJECT,
-    STORAGE_CLASSES,
     ArgumentParser,
     BandwidthSubscriber,
     CliError,
@@ -67,7 +67,6 @@ from s3common import (
     key_for,
     key_length_problem,
     list_objects,
-    listing_boundaries,
     map_in_background,
     md5chksum,
     parse_location,
@@ -95,6 +94,20 @@ READ_ATTEMPTS = 3
 # was not written during the read, even where a write leaves size and mtime as
 # they were (a rewrite in place within one tick).
 CLOCK_SLACK_NS = 20_000_000
+
+STORAGE_CLASSES = (
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+    "GLACIER_IR",
+    "OUTPOSTS",
+    "SNOW",
+    "EXPRESS_ONEZONE",
+)
 
 
 class FileChanged(CliError):
@@ -385,6 +398,16 @@ def upload_args(file: LocalFile, extra: dict, md5: str | None = None) -> dict:
         args["ContentType"] = content_type
     args.update(extra)
     return args
+
+
+def listing_boundaries(expected_keys: Iterable[str]) -> list[str]:
+    """Where to cut a listing into ranges of one page each, from the keys it should hold.
+
+    Every LIST_PAGE-th key in sorted order but the last key itself: a range after
+    the last key holds nothing that is expected, only what is new.
+    """
+    ordered = sorted(expected_keys)
+    return ordered[LIST_PAGE - 1 : -1 : LIST_PAGE]
 
 
 # --- Doing: the local walk and the S3 calls -------------------------------------

@@ -35,7 +35,6 @@ from typing import BinaryIO, TypeVar
 import botocore.exceptions
 
 from s3common import (
-    ARCHIVE_STORAGE_CLASSES,
     LIST_PAGE,
     MULTIPART_THRESHOLD,
     PART_WORKERS,
@@ -79,6 +78,7 @@ from s3common import (
 )
 
 CHUNK = 1024 * 1024
+ARCHIVE_STORAGE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 T = TypeVar("T")
 
 

@@ -1,7 +1,20 @@
-"""What backup.py and restore.py share: locations, filters, the command line, the S3
-client and the direct requests for small objects, error messages and exit codes, the
-worker pool and its bandwidth limit, progress, the summary and the JSON report, and
-the MD5s of files and objects (--checksum, --check)."""
+"""What backup.py and restore.py share, in the order a reader looks for things:
+
+- settings: sizes, worker counts and retries, each with the reason for its value;
+- errors and exit codes: the one place (describe_error) that turns an exception
+  into one line and an exit code;
+- the command line: the shared options, --exclude/--include filters, RATE;
+- locations, keys, bucket names and the metadata format, all pure: BUCKET::PREFIX,
+  key to path and back, mtime and mode metadata, the MD5 an ETag or md5chksum states;
+- the S3 session and listings: the client (connect), the server's clock,
+  ListObjectsV2 in ranges, MD5s of files and objects (--checksum, --check);
+- worker pools: threads in the background or one file each, and the --bwlimit
+  token bucket;
+- console and summary: messages, the progress line, the closing summary, the JSON
+  report, and run_cli, where each script's main begins and ends;
+- the fast transfer path: boto3's transfer manager for large files and direct
+  signed requests for small objects.
+"""
 
 from __future__ import annotations
 
@@ -46,6 +59,8 @@ import botocore.utils
 import urllib3
 from botocore.config import Config
 
+# --- Settings: sizes, worker counts and retries ------------------------------
+
 MiB = 1024 * 1024
 UTC = timezone.utc  # datetime.UTC is Python 3.11 and newer  # noqa: UP017
 MULTIPART_THRESHOLD = 8 * MiB
@@ -69,20 +84,8 @@ BURST_SECONDS = 0.1
 # connections; botocore's standard mode backs off exponentially between them.
 RETRY_ATTEMPTS = 10
 
-STORAGE_CLASSES = (
-    "STANDARD",
-    "REDUCED_REDUNDANCY",
-    "STANDARD_IA",
-    "ONEZONE_IA",
-    "INTELLIGENT_TIERING",
-    "GLACIER",
-    "DEEP_ARCHIVE",
-    "GLACIER_IR",
-    "OUTPOSTS",
-    "SNOW",
-    "EXPRESS_ONEZONE",
-)
-ARCHIVE_STORAGE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+
+# --- Errors and exit codes: describe_error, the one place --------------------
 
 
 class ExitCode(IntEnum):
@@ -104,7 +107,294 @@ def usage_error(message: str) -> CliError:
     return CliError(message, ExitCode.USAGE)
 
 
-# --- Locations and keys ------------------------------------------------------
+def client_error_code(exc: BaseException) -> str:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+_CHECKSUM_MISMATCH = (
+    "the server received bytes that do not match their checksum; a file being "
+    "written to while it is read does this: run again once it is left alone"
+)
+_CLIENT_ERROR_LINES = {
+    "BadDigest": _CHECKSUM_MISMATCH,
+    "XAmzContentSHA256Mismatch": _CHECKSUM_MISMATCH,
+    "AccessDenied": "access denied: check that these credentials may use the bucket",
+    "403": "access denied: the bucket belongs to another account or these credentials may not use it",
+    "AllAccessDisabled": "all access to this bucket has been disabled",
+    "NoSuchBucket": "the bucket does not exist: check its name (and --endpoint-url)",
+    "404": "not found: check the bucket name (and --endpoint-url)",
+    "BucketAlreadyExists": "the bucket name is taken by another account: choose another name",
+    "InvalidAccessKeyId": "the access key is not known to S3: check your credentials (aws configure)",
+    "SignatureDoesNotMatch": "the secret key does not match the access key: check your credentials (aws configure)",
+    "ExpiredToken": "the credentials have expired: renew them (e.g. aws sso login) and run again",
+    "InvalidToken": "the session token is not valid: renew your credentials and run again",
+    "InvalidObjectState": "the object is in an archive storage class (GLACIER or DEEP_ARCHIVE): "
+    "restore it from the archive first (aws s3api restore-object), then run again",
+    "SlowDown": "the server kept throttling requests (SlowDown) after every retry: run again later",
+    "InternalError": "the server kept failing (InternalError) after every retry: run again later",
+    "ServiceUnavailable": "the service was unavailable after every retry: run again later",
+    "InvalidStorageClass": "the storage class is not supported by this server",
+    "KMS.NotFoundException": "the KMS key was not found: check --sse-kms-key-id",
+    "InvalidLocationConstraint": "the server does not take this region as a bucket location: "
+    "check --region (on Ceph RGW it is the zonegroup's name, e.g. default)",
+}
+
+
+def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
+    """One actionable line and the exit code for an exception."""
+    if isinstance(exc, CliError):
+        return str(exc), exc.code
+    if isinstance(
+        exc,
+        (
+            botocore.exceptions.NoCredentialsError,
+            botocore.exceptions.PartialCredentialsError,
+        ),
+    ):
+        return (
+            (
+                "no AWS credentials found: run 'aws configure', set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or pick a profile with --profile"
+            ),
+            ExitCode.FAILURE,
+        )
+    if isinstance(exc, botocore.exceptions.ProfileNotFound):
+        return (
+            (
+                f"profile {exc.kwargs.get('profile')!r} is not in ~/.aws/config or "
+                "~/.aws/credentials: check --profile or AWS_PROFILE"
+            ),
+            ExitCode.FAILURE,
+        )
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = client_error_code(exc)
+        line = _CLIENT_ERROR_LINES.get(code)
+        if line is None:
+            message = exc.response.get("Error", {}).get("Message")
+            if not message:  # Ceph RGW leaves out most messages
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                message = f"the server answered HTTP {status} and gave no reason"
+            line = f"{code}: {message}"
+        return line, ExitCode.FAILURE
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        return (
+            f"could not connect to {exc.kwargs.get('endpoint_url')}: check the network or --endpoint-url",
+            ExitCode.FAILURE,
+        )
+    if isinstance(
+        exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
+    ):
+        return (
+            f"the connection kept failing after every retry ({exc}): run again later",
+            ExitCode.FAILURE,
+        )
+    if isinstance(exc, botocore.exceptions.InvalidRegionError):
+        return f"{exc}: check --region (e.g. eu-west-1)", ExitCode.USAGE
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return str(exc), ExitCode.FAILURE
+    if isinstance(exc, UnicodeError):
+        return (
+            "the name is not valid UTF-8, so it cannot be an S3 key: rename it",
+            ExitCode.FAILURE,
+        )
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        where = f": {printable(exc.filename)}" if exc.filename else ""
+        return f"{reason}{where}", ExitCode.FAILURE
+    return (
+        f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
+        ExitCode.FAILURE,
+    )
+
+
+def run_failure(context: str, error: BaseException) -> CliError:
+    """A failure of the whole run: what was being done, then why."""
+    message, code = describe_error(error)
+    return CliError(f"{context}: {message}", code)
+
+
+def failure_line(action: str, where: str, error: BaseException) -> str:
+    """'<action> failed: <where>: <why>', naming `where` once."""
+    why = describe_error(error)[0]
+    where = printable(where)
+    return f"{action} failed: {where}: {why.removesuffix(f': {where}')}"
+
+
+def one_line(text: str) -> str:
+    """A message on one line: its line breaks (and the space around them) become one space."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", str(text)).strip()
+
+
+# --- Command line: shared options, --exclude/--include filters, RATE ---------
+
+
+@dataclass(frozen=True)
+class Filters:
+    """--exclude/--include rules in command-line order; the last match wins."""
+
+    rules: tuple[tuple[bool, str], ...] = ()  # (include?, glob)
+
+    def __post_init__(self):
+        compiled = tuple(
+            (include, re.compile(fnmatch.translate(glob)))
+            for include, glob in self.rules
+        )
+        object.__setattr__(self, "_compiled", compiled)
+
+    def includes(self, relative: str) -> bool:
+        """Whether a "/"-separated path relative to the root takes part."""
+        included = True
+        for include, pattern in self._compiled:
+            if pattern.match(relative):
+                included = include
+        return included
+
+
+class _FilterAction(argparse.Action):
+    def __call__(self, parser, namespace, value, option_string=None):
+        rules = getattr(namespace, self.dest) or ()
+        setattr(namespace, self.dest, (*rules, (option_string == "--include", value)))
+
+
+EXIT_CODES_HELP = """
+exit codes:
+  0    everything done (including "nothing to do")
+  1    a runtime failure: credentials, access, missing bucket, empty prefix, any file failed
+  2    bad command line or input: unknown option, bad location or RATE, LOCAL missing
+  130  interrupted (Ctrl-C): in-flight work stopped cleanly
+"""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line and exit 2, not a usage dump,
+    and --help ends with `examples` (lines of a shell session) and the exit codes."""
+
+    def __init__(self, *, examples: str, **kwargs):
+        super().__init__(
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            epilog="examples:\n" + examples.strip("\n") + "\n" + EXIT_CODES_HELP,
+            **kwargs,
+        )
+
+    def error(self, message):
+        raise usage_error(f"{message} (see --help)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
+    return value
+
+
+RATE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+_RATE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([KMG]?)", re.IGNORECASE)
+
+
+def parse_rate(text: str) -> int:
+    """Bytes per second from a RATE: a number with an optional binary K, M or G; 0 is no limit."""
+    match = _RATE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a rate: write bytes per second with K, M or G, e.g. 512K or 8M"
+        )
+    rate = int(Decimal(match[1]) * RATE_UNITS[match[2].upper()])
+    if rate == 0 and Decimal(match[1]) != 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is less than 1 byte per second")
+    return rate
+
+
+# Every option's help says what it does and shows it in use (tests/test_unattended.py
+# checks for the "e.g."), as `rclone copy --help` does.
+def add_shared_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--profile",
+        metavar="NAME",
+        help="credentials and region from this AWS profile (e.g. --profile work)",
+    )
+    parser.add_argument(
+        "--region",
+        metavar="NAME",
+        help="region of the client and of a bucket backup creates (e.g. --region eu-west-1)",
+    )
+    parser.add_argument(
+        "--endpoint-url",
+        metavar="URL",
+        help="an S3-compatible server instead of AWS, default $AWS_ENDPOINT_URL "
+        "(e.g. --endpoint-url http://127.0.0.1:9000)",
+    )
+    parser.add_argument(
+        "--workers",
+        metavar="N",
+        type=positive_int,
+        default=DEFAULT_WORKERS,
+        help=f"files transferred at once, default {DEFAULT_WORKERS} "
+        "(e.g. --workers 64 for a distant bucket)",
+    )
+    parser.add_argument(
+        "--exclude",
+        dest="filters",
+        action=_FilterAction,
+        default=(),
+        metavar="GLOB",
+        help="skip paths matching GLOB, where '*' also crosses '/'; repeatable "
+        "(e.g. --exclude '*.tmp' --exclude '.git/*')",
+    )
+    parser.add_argument(
+        "--include",
+        dest="filters",
+        action=_FilterAction,
+        metavar="GLOB",
+        help="take paths matching GLOB after an --exclude; the last match wins "
+        "(e.g. --exclude '*' --include '*.jpg')",
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="show what would be done and change nothing (e.g. --dry-run -v)",
+    )
+    parser.add_argument(
+        "--checksum",
+        action="store_true",
+        help="compare files of the same size by content (MD5) instead of by mtime "
+        "(e.g. --checksum after files were copied with cp -p)",
+    )
+    volume = parser.add_mutually_exclusive_group()
+    volume.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="print nothing but warnings and errors (e.g. -q in a crontab line)",
+    )
+    volume.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print one line per file (e.g. -v > files.log)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON report on stdout when the run ends, and nothing else "
+        "(e.g. --json > report.json)",
+    )
+    parser.add_argument(
+        "--bwlimit",
+        metavar="RATE",
+        type=parse_rate,
+        default=0,
+        help="at most RATE bytes per second for the whole run; K, M and G are binary, "
+        "0 is no limit (e.g. --bwlimit 8M)",
+    )
+    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+
+# --- Locations, keys, bucket names and the metadata format (pure) ------------
 
 
 @dataclass(frozen=True)
@@ -287,251 +577,93 @@ def bucket_name_problem(name: str, legacy: bool = False) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class RemoteObject:
-    key: str
-    size: int
-    last_modified: float  # seconds since the epoch
-    storage_class: str = "STANDARD"
-    etag: str = ""  # as listed, without its quotes
-    version_id: str | None = None  # a version picked by restore.py --at
+def format_mtime(mtime_ns: int) -> str:
+    """Seconds since the epoch with nanoseconds, as rclone writes its mtime metadata."""
+    sign = "-" if mtime_ns < 0 else ""
+    seconds, nanos = divmod(abs(mtime_ns), 1_000_000_000)
+    return f"{sign}{seconds}.{nanos:09d}"
 
 
-def list_objects(
-    client, bucket: str, prefix: str, boundaries: Sequence[str] = (), workers: int = 1
-) -> dict[str, RemoteObject]:
-    """Every object whose key starts with `prefix`, from paged ListObjectsV2 requests.
-
-    Sorted `boundaries` cut the keys into ranges that are listed side by side on
-    up to `workers` threads: the first range ends with boundaries[0], the next
-    starts after it, and the last is everything after boundaries[-1].
-    """
-    if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
-        # Directory buckets list in no particular order and take no StartAfter.
-        boundaries = ()
-    ranges = list(zip(("", *boundaries), (*boundaries, None)))
-    if len(ranges) == 1:
-        return list_range(client, bucket, prefix, "", None)
-    listings = map_in_background(
-        lambda bounds: list_range(client, bucket, prefix, *bounds), ranges, workers
-    )
-    objects = {}
-    for listing in listings:
-        objects.update(listing.result())
-    return objects
-
-
-def list_range(
-    client, bucket: str, prefix: str, after: str, through: str | None
-) -> dict[str, RemoteObject]:
-    """The objects under `prefix` whose keys sort after `after` and up to `through` (None: no end)."""
-    params = {"Bucket": bucket, "Prefix": prefix}
-    if after:
-        params["StartAfter"] = after
-    pages = client.get_paginator("list_objects_v2").paginate(
-        **params, PaginationConfig={"PageSize": LIST_PAGE}
-    )
-    objects = {}
-    for page in pages:
-        contents = page.get("Contents", [])
-        for item in contents:
-            # S3 lists keys in UTF-8 byte order, which is the order of str.
-            if through is not None and item["Key"] > through:
-                return objects
-            objects[item["Key"]] = RemoteObject(
-                item["Key"],
-                item["Size"],
-                item["LastModified"].timestamp(),
-                item.get("StorageClass", "STANDARD"),
-                item.get("ETag", "").strip('"'),
-            )
-        # A page that ends on `through` ends the range, without asking for another.
-        if through is not None and contents and contents[-1]["Key"] == through:
-            return objects
-    return objects
-
-
-def listing_boundaries(expected_keys: Iterable[str]) -> list[str]:
-    """Where to cut a listing into ranges of one page each, from the keys it should hold.
-
-    Every LIST_PAGE-th key in sorted order but the last key itself: a range after
-    the last key holds nothing that is expected, only what is new.
-    """
-    ordered = sorted(expected_keys)
-    return ordered[LIST_PAGE - 1 : -1 : LIST_PAGE]
-
-
-# --- Filters -----------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Filters:
-    """--exclude/--include rules in command-line order; the last match wins."""
-
-    rules: tuple[tuple[bool, str], ...] = ()  # (include?, glob)
-
-    def __post_init__(self):
-        compiled = tuple(
-            (include, re.compile(fnmatch.translate(glob)))
-            for include, glob in self.rules
-        )
-        object.__setattr__(self, "_compiled", compiled)
-
-    def includes(self, relative: str) -> bool:
-        """Whether a "/"-separated path relative to the root takes part."""
-        included = True
-        for include, pattern in self._compiled:
-            if pattern.match(relative):
-                included = include
-        return included
-
-
-class _FilterAction(argparse.Action):
-    def __call__(self, parser, namespace, value, option_string=None):
-        rules = getattr(namespace, self.dest) or ()
-        setattr(namespace, self.dest, (*rules, (option_string == "--include", value)))
-
-
-# --- Command line ------------------------------------------------------------
-
-
-EXIT_CODES_HELP = """
-exit codes:
-  0    everything done (including "nothing to do")
-  1    a runtime failure: credentials, access, missing bucket, empty prefix, any file failed
-  2    bad command line or input: unknown option, bad location or RATE, LOCAL missing
-  130  interrupted (Ctrl-C): in-flight work stopped cleanly
-"""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad command line is one line and exit 2, not a usage dump,
-    and --help ends with `examples` (lines of a shell session) and the exit codes."""
-
-    def __init__(self, *, examples: str, **kwargs):
-        super().__init__(
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-            epilog="examples:\n" + examples.strip("\n") + "\n" + EXIT_CODES_HELP,
-            **kwargs,
-        )
-
-    def error(self, message):
-        raise usage_error(f"{message} (see --help)")
-
-
-def positive_int(text: str) -> int:
+def parse_mtime(text: str | None) -> int | None:
+    """Nanoseconds since the epoch (before 1970 too) from an mtime metadata value, or None if unusable."""
+    if not text:
+        return None
     try:
-        value = int(text)
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        return None
+    # Some 35,000 years either way: beyond that no file system keeps a time.
+    if not value.is_finite() or not -(2**40) < value < 2**40:
+        return None
+    return int(value * 1_000_000_000)
+
+
+def parse_mode(text: str | None) -> int | None:
+    """Permission bits from a mode metadata value (octal st_mode), or None."""
+    if not text:
+        return None
+    try:
+        return int(text.strip(), 8) & 0o777
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 1 or more")
-    return value
+        return None
 
 
-RATE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
-_RATE = re.compile(r"([0-9]+(?:\.[0-9]+)?)([KMG]?)", re.IGNORECASE)
+def format_when(seconds: float) -> str:
+    """A moment in UTC to the second, in a form restore.py --at reads: 2026-11-28T05:12:03Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
-def parse_rate(text: str) -> int:
-    """Bytes per second from a RATE: a number with an optional binary K, M or G; 0 is no limit."""
-    match = _RATE.fullmatch(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a rate: write bytes per second with K, M or G, e.g. 512K or 8M"
-        )
-    rate = int(Decimal(match[1]) * RATE_UNITS[match[2].upper()])
-    if rate == 0 and Decimal(match[1]) != 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is less than 1 byte per second")
-    return rate
+def restore_point(server_time: float | None, now: float) -> str:
+    """The moment at which every object written before `server_time` (a Date header,
+    else the local `now`) is in place, whatever resolution the server keeps LastModified
+    to: a Date header is cut to the second, so the answer came before the next second."""
+    if server_time is None:
+        return format_when(math.ceil(now))
+    return format_when(server_time + 1)
 
 
-# Every option's help says what it does and shows it in use (tests/test_unattended.py
-# checks for the "e.g."), as `rclone copy --help` does.
-def add_shared_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--profile",
-        metavar="NAME",
-        help="credentials and region from this AWS profile (e.g. --profile work)",
-    )
-    parser.add_argument(
-        "--region",
-        metavar="NAME",
-        help="region of the client and of a bucket backup creates (e.g. --region eu-west-1)",
-    )
-    parser.add_argument(
-        "--endpoint-url",
-        metavar="URL",
-        help="an S3-compatible server instead of AWS, default $AWS_ENDPOINT_URL "
-        "(e.g. --endpoint-url http://127.0.0.1:9000)",
-    )
-    parser.add_argument(
-        "--workers",
-        metavar="N",
-        type=positive_int,
-        default=DEFAULT_WORKERS,
-        help=f"files transferred at once, default {DEFAULT_WORKERS} "
-        "(e.g. --workers 64 for a distant bucket)",
-    )
-    parser.add_argument(
-        "--exclude",
-        dest="filters",
-        action=_FilterAction,
-        default=(),
-        metavar="GLOB",
-        help="skip paths matching GLOB, where '*' also crosses '/'; repeatable "
-        "(e.g. --exclude '*.tmp' --exclude '.git/*')",
-    )
-    parser.add_argument(
-        "--include",
-        dest="filters",
-        action=_FilterAction,
-        metavar="GLOB",
-        help="take paths matching GLOB after an --exclude; the last match wins "
-        "(e.g. --exclude '*' --include '*.jpg')",
-    )
-    parser.add_argument(
-        "--dry-run",
-        action="store_true",
-        help="show what would be done and change nothing (e.g. --dry-run -v)",
-    )
-    parser.add_argument(
-        "--checksum",
-        action="store_true",
-        help="compare files of the same size by content (MD5) instead of by mtime "
-        "(e.g. --checksum after files were copied with cp -p)",
-    )
-    volume = parser.add_mutually_exclusive_group()
-    volume.add_argument(
-        "-q",
-        "--quiet",
-        action="store_true",
-        help="print nothing but warnings and errors (e.g. -q in a crontab line)",
-    )
-    volume.add_argument(
-        "-v",
-        "--verbose",
-        action="store_true",
-        help="print one line per file (e.g. -v > files.log)",
-    )
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print one JSON report on stdout when the run ends, and nothing else "
-        "(e.g. --json > report.json)",
-    )
-    parser.add_argument(
-        "--bwlimit",
-        metavar="RATE",
-        type=parse_rate,
-        default=0,
-        help="at most RATE bytes per second for the whole run; K, M and G are binary, "
-        "0 is no limit (e.g. --bwlimit 8M)",
-    )
-    parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+# User metadata holding the base64 MD5 of an object whose ETag is not its MD5
+# (multipart uploads, SSE-KMS): rclone's name and format, so that rclone can
+# check our objects and we can check rclone's.
+MD5_METADATA = "md5chksum"
+HASH_CHUNK = MiB
+_PLAIN_ETAG = re.compile(r"[0-9a-f]{32}")
 
 
-# --- Client and credentials --------------------------------------------------
+def md5_of_etag(etag: str) -> str | None:
+    """The hex MD5 an ETag of plain form states; None for a multipart ETag ("<hex>-N") or any other form.
+
+    A plain-form ETag is the object's MD5 only if it is not encrypted with SSE-KMS
+    or SSE-C, which ListObjectsV2 does not say: only a HEAD does (object_md5).
+    """
+    etag = etag.strip('"').lower()
+    return etag if _PLAIN_ETAG.fullmatch(etag) else None
+
+
+def md5chksum(md5: str) -> str:
+    """A hex MD5 as the md5chksum metadata writes it (base64 of the digest)."""
+    return base64.b64encode(bytes.fromhex(md5)).decode()
+
+
+def md5_of_md5chksum(value: str | None) -> str | None:
+    """The hex MD5 in an md5chksum metadata value, or None if it holds none."""
+    try:
+        digest = base64.b64decode(value or "", validate=True)
+    except ValueError:
+        return None
+    return digest.hex() if len(digest) == 16 else None
+
+
+def object_md5(head: dict) -> str | None:
+    """An object's hex MD5 from its HeadObject answer: the ETag when that is the MD5, else md5chksum."""
+    encrypted = head.get("ServerSideEncryption", "").startswith("aws:kms") or bool(
+        head.get("SSECustomerAlgorithm")
+    )
+    etag_md5 = None if encrypted else md5_of_etag(head.get("ETag", ""))
+    return etag_md5 or md5_of_md5chksum(head.get("Metadata", {}).get(MD5_METADATA))
+
+
+# --- The S3 session, listings and MD5s of files and objects ------------------
 
 
 def endpoint_url_from(args: argparse.Namespace) -> str | None:
@@ -617,20 +749,6 @@ class ServerClock:
         self.saw(http_response.headers.get("Date"))
 
 
-def format_when(seconds: float) -> str:
-    """A moment in UTC to the second, in a form restore.py --at reads: 2026-11-28T05:12:03Z."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
-def restore_point(server_time: float | None, now: float) -> str:
-    """The moment at which every object written before `server_time` (a Date header,
-    else the local `now`) is in place, whatever resolution the server keeps LastModified
-    to: a Date header is cut to the second, so the answer came before the next second."""
-    if server_time is None:
-        return format_when(math.ceil(now))
-    return format_when(server_time + 1)
-
-
 @dataclass(frozen=True)
 class Connection:
     client: object  # a botocore S3 client, shared by every thread
@@ -702,6 +820,617 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
     return Connection(client, region, direct, clock, bandwidth)
 
 
+@dataclass(frozen=True)
+class RemoteObject:
+    key: str
+    size: int
+    last_modified: float  # seconds since the epoch
+    storage_class: str = "STANDARD"
+    etag: str = ""  # as listed, without its quotes
+    version_id: str | None = None  # a version picked by restore.py --at
+
+
+def list_objects(
+    client, bucket: str, prefix: str, boundaries: Sequence[str] = (), workers: int = 1
+) -> dict[str, RemoteObject]:
+    """Every object whose key starts with `prefix`, from paged ListObjectsV2 requests.
+
+    Sorted `boundaries` cut the keys into ranges that are listed side by side on
+    up to `workers` threads: the first range ends with boundaries[0], the next
+    starts after it, and the last is everything after boundaries[-1].
+    """
+    if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
+        # Directory buckets list in no particular order and take no StartAfter.
+        boundaries = ()
+    ranges = list(zip(("", *boundaries), (*boundaries, None)))
+    if len(ranges) == 1:
+        return list_range(client, bucket, prefix, "", None)
+    listings = map_in_background(
+        lambda bounds: list_range(client, bucket, prefix, *bounds), ranges, workers
+    )
+    objects = {}
+    for listing in listings:
+        objects.update(listing.result())
+    return objects
+
+
+def list_range(
+    client, bucket: str, prefix: str, after: str, through: str | None
+) -> dict[str, RemoteObject]:
+    """The objects under `prefix` whose keys sort after `after` and up to `through` (None: no end)."""
+    params = {"Bucket": bucket, "Prefix": prefix}
+    if after:
+        params["StartAfter"] = after
+    pages = client.get_paginator("list_objects_v2").paginate(
+        **params, PaginationConfig={"PageSize": LIST_PAGE}
+    )
+    objects = {}
+    for page in pages:
+        contents = page.get("Contents", [])
+        for item in contents:
+            # S3 lists keys in UTF-8 byte order, which is the order of str.
+            if through is not None and item["Key"] > through:
+                return objects
+            objects[item["Key"]] = RemoteObject(
+                item["Key"],
+                item["Size"],
+                item["LastModified"].timestamp(),
+                item.get("StorageClass", "STANDARD"),
+                item.get("ETag", "").strip('"'),
+            )
+        # A page that ends on `through` ends the range, without asking for another.
+        if through is not None and contents and contents[-1]["Key"] == through:
+            return objects
+    return objects
+
+
+def file_md5(path: str) -> str:
+    """The hex MD5 of a file's bytes, read once in chunks."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Contents:
+    """MD5s (hex) of files and of their objects, keyed by S3 key."""
+
+    local: dict[str, str] = field(default_factory=dict)
+    remote: dict[str, str | None] = field(default_factory=dict)  # None: not known
+    # Files that could not be read, by key.
+    failures: list[Failure] = field(default_factory=list)
+
+
+def head_md5(
+    client, bucket: str, key: str, version_id: str | None = None
+) -> str | None:
+    """One HEAD (of one version, if given): the object's MD5 (object_md5), or None
+    if it has none or is gone."""
+    versioned = {"VersionId": version_id} if version_id else {}
+    try:
+        head = client.head_object(Bucket=bucket, Key=key, **versioned)
+    except botocore.exceptions.ClientError as exc:
+        # 400: S3's answer to a HEAD of an SSE-C object without its key, whose
+        # MD5 is not to be had.
+        if client_error_code(exc) in ("404", "NoSuchKey", "400"):
+            return None
+        raise
+    return object_md5(head)
+
+
+def compare_contents(
+    client, bucket: str, candidates: dict[str, tuple[str, RemoteObject]], workers: int
+) -> Contents:
+    """Hash each candidate (key: (file path, its object)) and find its object's MD5, on `workers` threads.
+
+    A listed ETag of plain form that equals the file's MD5 settles it with no
+    request; otherwise one HEAD tells whether the ETag is the MD5, or gives md5chksum.
+    """
+
+    def compare(key: str) -> tuple[str | OSError, str | None]:
+        path, obj = candidates[key]
+        try:
+            local = file_md5(path)
+        except OSError as exc:
+            return exc, None
+        if md5_of_etag(obj.etag) == local:
+            return local, local
+        return local, head_md5(client, bucket, key, obj.version_id)
+
+    keys = sorted(candidates)
+    contents = Contents()
+    for key, future in zip(keys, map_in_background(compare, keys, workers)):
+        try:
+            local, remote = future.result()
+        except botocore.exceptions.ClientError as exc:
+            raise run_failure(
+                f"cannot read the metadata of s3://{bucket}/{key}", exc
+            ) from None
+        if isinstance(local, OSError):
+            contents.failures.append(Failure(key, local))
+        else:
+            contents.local[key], contents.remote[key] = local, remote
+    return contents
+
+
+# --- Worker pools and the --bwlimit token bucket -----------------------------
+
+
+@dataclass(frozen=True)
+class Failure:
+    item: object
+    error: BaseException
+
+
+class Cancelled(Exception):
+    """The run was interrupted while this transfer was under way."""
+
+
+class TokenBucket:
+    """At most `rate` bytes per second across every thread that takes from it (--bwlimit).
+
+    A taker books its bytes at once, running the bucket into debt if need be, and
+    waits until the rate has paid for them: any size passes, and takers queue in
+    the order they came. A bucket left idle fills up to BURST_SECONDS of bytes.
+    """
+
+    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
+        self._clock = clock
+        self._burst = rate * BURST_SECONDS
+        self._tokens = 0.0
+        self._filled_at = clock()
+        self._lock = threading.Lock()
+
+    def book(self, nbytes: int) -> float:
+        """Take nbytes from the bucket; the seconds to wait before they may move."""
+        with self._lock:
+            now = self._clock()
+            refill = (now - self._filled_at) * self.rate
+            self._tokens = min(self._burst, self._tokens + refill) - nbytes
+            self._filled_at = now
+            return max(0.0, -self._tokens / self.rate)
+
+    def take(self, nbytes: int, cancel: threading.Event) -> None:
+        """Wait until nbytes may move; Cancelled when the run is interrupted meanwhile."""
+        delay = self.book(nbytes)
+        if delay > 0 and cancel.wait(delay):
+            raise Cancelled()
+
+
+class BandwidthSubscriber:
+    """Holds each read (upload) or write (download) of one s3transfer transfer to the
+    run's TokenBucket; s3transfer calls on_progress by name, from the thread that
+    moves the bytes, and not for reads that only compute a checksum."""
+
+    def __init__(self, bandwidth: TokenBucket, cancel: threading.Event):
+        self._bandwidth = bandwidth
+        self._cancel = cancel
+
+    def on_progress(self, future, bytes_transferred, **kwargs):
+        # A retry reports the bytes it goes back over as negative progress.
+        if bytes_transferred > 0:
+            self._bandwidth.take(bytes_transferred, self._cancel)
+
+
+def throttled(
+    chunks: Iterable[bytes], bandwidth: TokenBucket, cancel: threading.Event
+) -> Iterator[bytes]:
+    """The chunks, each let through when the bucket has room for it."""
+    for chunk in chunks:
+        bandwidth.take(len(chunk), cancel)
+        yield chunk
+
+
+def map_in_background(
+    function: Callable[[object], object], items: Iterable, workers: int
+) -> list[Future]:
+    """Start function(item) for every item on up to `workers` threads; a Future for each, in order.
+
+    After a failure no further item starts: the Futures of those are cancelled.
+    The threads are daemons, so that Ctrl-C in the main thread never waits for them.
+    """
+    jobs = [(item, Future()) for item in items]
+    pending = iter(jobs)
+    taking = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with taking:
+                job = next(pending, None)
+            if job is None:
+                return
+            item, future = job
+            try:
+                future.set_result(function(item))
+            # Whatever it is, it belongs to whoever asks for the result.
+            except Exception as exc:  # noqa: BLE001
+                future.set_exception(exc)
+                with taking:
+                    for _, left in pending:
+                        left.cancel()
+
+    for _ in range(min(workers, len(jobs))):
+        threading.Thread(target=worker, daemon=True).start()
+    return [future for _, future in jobs]
+
+
+def in_background(call: Callable[[], object]) -> Future:
+    """call() on a daemon thread; its Future."""
+    return map_in_background(lambda _: call(), [None], 1)[0]
+
+
+def run_in_parallel(
+    items: Sequence,
+    work: Callable[[object, object, threading.Event], None],
+    client,
+    workers: int,
+    open_file: Callable[[str, str], BinaryIO] | None = None,
+) -> tuple[list[Failure], list]:
+    """Call work(item, transfer_manager, cancel) for every item on `workers` threads.
+
+    Returns the failures and the items work() skipped (by returning False).
+
+    A failure of one item is collected and the rest go on (as shutil.copytree
+    does). On Ctrl-C no new item starts, the transfer manager cancels (and so
+    aborts) its multipart transfers, running items see `cancel` set, and the
+    KeyboardInterrupt is raised again once every thread has stopped.
+    """
+    failures: list[Failure] = []
+    skipped: list[object] = []
+    if not items:
+        return failures, skipped
+    cancel = threading.Event()
+    pending = iter(items)
+    manager = create_transfer_manager(client, open_file)
+    # Guards `pending` and the thread counts. The main thread waits on the
+    # counts, never in Thread.join: a join that Ctrl-C interrupts marks its
+    # thread as ended while it still runs (CPython gh-90882, Python 3.12 and older).
+    changed = threading.Condition()
+    running = ended = 0
+
+    def worker():
+        nonlocal running, ended
+        with changed:
+            running += 1
+        try:
+            while not cancel.is_set():
+                with changed:
+                    item = next(pending, None)
+                if item is None:
+                    return
+                try:
+                    if work(item, manager, cancel) is False:
+                        skipped.append(item)
+                # One file's failure, whatever it is, must not stop the others.
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(Failure(item, exc))
+        finally:
+            with changed:
+                running -= 1
+                ended += 1
+                changed.notify_all()
+
+    threads = [
+        threading.Thread(target=worker, daemon=True)
+        for _ in range(min(workers, len(items)))
+    ]
+    try:
+        # Ctrl-C may come while threads are still being started.
+        for thread in threads:
+            thread.start()
+        with changed:
+            changed.wait_for(lambda: ended == len(threads))
+    except KeyboardInterrupt:
+        cancel.set()
+        # TransferManager.shutdown(cancel=True) passes its arguments on in the
+        # wrong order and raises TypeError (boto/s3transfer#143); leaving it as
+        # a context manager does on KeyboardInterrupt cancels (and aborts) them.
+        manager.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+        # A thread that starts after this sees `cancel` and takes no item.
+        with changed:
+            changed.wait_for(lambda: running == 0)
+        raise
+    manager.shutdown()
+    return failures, skipped
+
+
+# --- Console and summary: messages, progress, the JSON report, run_cli -------
+
+
+def format_bytes(size: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+class Console:
+    """Messages on stdout/stderr, and a live progress line when stderr is a terminal.
+
+    With `json`, stdout is kept for the report: what would go there is not printed
+    (but -v's lines, which go to stderr), there is no progress line, and the
+    files and bytes done are counted for a run that stops early.
+    """
+
+    def __init__(
+        self,
+        quiet: bool,
+        verbose: bool,
+        out: TextIO | None = None,
+        err: TextIO | None = None,
+        json: bool = False,
+    ):
+        self.quiet, self.verbose, self.json = quiet, verbose, json
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.live = not quiet and not json and self.err.isatty()
+        self.summary: Summary | None = None  # the run's, once it has one
+        self.errors: list[dict[str, str]] = []  # every error line, for the report
+        self._lock = threading.Lock()
+        self._shown = False
+        self._files = self._total_files = 0
+        self._bytes = self._total_bytes = 0
+        self._started = time.monotonic()
+        self._drawn_at = 0.0
+
+    def _write(self, stream: TextIO, text: str) -> None:
+        with self._lock:
+            self._clear_line()
+            stream.write(text + "\n")
+            stream.flush()
+
+    def info(self, text: str) -> None:
+        if not (self.quiet or self.json):
+            self._write(self.out, text)
+
+    def detail(self, text: str) -> None:
+        if self.verbose:
+            self._write(self.err if self.json else self.out, text)
+
+    def warning(self, text: str) -> None:
+        self._write(self.err, f"warning: {one_line(text)}")
+
+    def error(self, text: str, path: str | None = None, key: str | None = None) -> None:
+        """An error line about one file (`path`) or object (`key`), kept for the report."""
+        self._write(self.err, f"error: {one_line(text)}")
+        record = {"path": path} if path is not None else {}
+        if key is not None:
+            record["key"] = key
+        self.errors.append({**record, "message": one_line(text)})
+
+    def summarize(self, summary: Summary, line: str | None = None) -> None:
+        """The run's summary: kept for the report, its line (or `line`) printed."""
+        self.summary = summary
+        self.info(summary.line() if line is None else line)
+
+    def start(self, files: int, nbytes: int) -> None:
+        self._total_files, self._total_bytes = files, nbytes
+        self._started = time.monotonic()
+
+    def advance(self, nbytes: int = 0, files: int = 0) -> None:
+        if not (self.live or self.json):
+            return
+        with self._lock:
+            self._bytes += nbytes
+            self._files += files
+            now = time.monotonic()
+            if self.live and now - self._drawn_at >= 0.1:
+                self._drawn_at = now
+                self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        elapsed = max(now - self._started, 1e-6)
+        rate = self._bytes / elapsed
+        left = self._total_bytes - self._bytes
+        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+        line = (
+            f"{self._files}/{self._total_files} files, "
+            f"{format_bytes(self._bytes)}/{format_bytes(self._total_bytes)}, "
+            f"{format_bytes(rate)}/s, ETA {eta}"
+        )
+        self.err.write("\r\x1b[K" + line)
+        self.err.flush()
+        self._shown = True
+
+    def _clear_line(self) -> None:
+        if self._shown:
+            self.err.write("\r\x1b[K")
+            self._shown = False
+
+    def finish(self) -> None:
+        with self._lock:
+            self._clear_line()
+            self.err.flush()
+
+    def done_so_far(self) -> tuple[int, int]:
+        """Files and bytes transferred until now (counted only with a progress line or json)."""
+        with self._lock:
+            return self._files, self._bytes
+
+
+class ProgressSubscriber:
+    """Feeds s3transfer's byte counts to the progress line (it calls on_* by name)."""
+
+    def __init__(self, console: Console, size: int | None = None):
+        self._console = console
+        self._size = size
+
+    def on_queued(self, future, **kwargs):
+        if self._size is not None:
+            future.meta.provide_transfer_size(self._size)
+
+    def on_progress(self, future, bytes_transferred, **kwargs):
+        self._console.advance(nbytes=bytes_transferred)
+
+
+@dataclass
+class Summary:
+    """The facts of a run. Every field but `verb` and `seconds` goes into the JSON
+    report under its own name (`nbytes` as `bytes`), unless it is None: name a new
+    field as its JSON key, and leave it None where it does not apply."""
+
+    verb: str  # "uploaded", "restored" or "checked"
+    transferred: int = 0
+    skipped: int = 0
+    failed: int = 0
+    deleted: int | None = None  # backup
+    nbytes: int = 0
+    seconds: float = 0.0
+    restore_point: str | None = None  # backup: restore.py --at this brings the run back
+    at: str | None = None  # restore --at: the moment restored, in UTC
+    refused: int | None = None  # restore: keys that would land outside LOCAL
+    conflicts: int | None = None  # restore: keys that collide locally
+    archived: int | None = None  # restore: objects still in GLACIER or DEEP_ARCHIVE
+    # backup.py --check only: the keys of each kind of difference.
+    missing: list[str] | None = None
+    changed: list[str] | None = None
+    extra: list[str] | None = None
+
+    def line(self) -> str:
+        if self.missing is not None:
+            return (
+                f"{self.verb} {self.skipped} identical, {len(self.missing)} missing, "
+                f"{len(self.changed or ())} changed, {len(self.extra or ())} extra, "
+                f"failed {self.failed}, in {self.seconds:.1f} s"
+            )
+        deleted = f", deleted {self.deleted}" if self.deleted else ""
+        at = f", as at {self.at}" if self.at else ""
+        point = f", restore point {self.restore_point}" if self.restore_point else ""
+        return (
+            f"{self.verb} {self.transferred}{at}, skipped {self.skipped}, failed {self.failed}"
+            f"{deleted}, {format_bytes(self.nbytes)} in {self.seconds:.1f} s{point}"
+        )
+
+
+def exit_script(code: int) -> NoReturn:
+    """Leave the script with `code`, without the interpreter's collections at exit.
+
+    The process frees everything anyway, but at exit the interpreter first walks
+    every object still alive in several collections: with botocore's models that
+    took 0.1 s of each run, a tenth of a no-change backup (bench/run.py). Frozen
+    objects are left out of them.
+    """
+    gc.freeze()
+    raise SystemExit(code)
+
+
+def utc_timestamp(when: datetime) -> str:
+    """ISO 8601 in UTC to the second, as the JSON report writes times."""
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _json_value(value: object) -> object:
+    """What json.dumps cannot write by itself: times in ISO 8601, anything else as text."""
+    return utc_timestamp(value) if isinstance(value, datetime) else str(value)
+
+
+def run_report(
+    command: str,
+    endpoints: tuple[str | None, str | None],
+    dry_run: bool,
+    started: datetime,
+    seconds: float,
+    exit_code: int,
+    console: Console | None,
+    error: str | None,
+) -> dict:
+    """The JSON report of a run, however it ended: its summary's fields if it got
+    that far, else the files and bytes done until it stopped."""
+    report = {
+        "command": command,
+        "source": endpoints[0],
+        "destination": endpoints[1],
+        "dry_run": dry_run,
+        "started": utc_timestamp(started),
+        "finished": utc_timestamp(started + timedelta(seconds=seconds)),
+        "seconds": round(seconds, 3),
+        "exit_code": int(exit_code),
+    }
+    summary = console.summary if console else None
+    if summary is None:
+        files, nbytes = console.done_so_far() if console else (0, 0)
+        summary = Summary("", transferred=files, nbytes=nbytes)
+    report.update(
+        transferred=summary.transferred,
+        skipped=summary.skipped,
+        failed=summary.failed,
+        bytes=summary.nbytes,
+    )
+    for item in dataclasses.fields(summary):
+        value = getattr(summary, item.name)
+        if item.name not in ("verb", "seconds", "nbytes") and value is not None:
+            report.setdefault(item.name, value)
+    report["errors"] = console.errors if console else []
+    if error is not None:
+        report["error"] = error
+    return report
+
+
+def run_cli(
+    parser: argparse.ArgumentParser, run: Callable, argv: Iterable[str] | None
+) -> int:
+    """Parse argv, call run(args, console) -> int, turn every expected failure into a
+    line and an exit code, and with --json print the run's report on stdout."""
+    started, clock = datetime.now(UTC), time.monotonic()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Read before parsing, so that a bad command line is reported as asked too.
+    debug, as_json, dry_run = ("--debug" in argv, "--json" in argv, "--dry-run" in argv)
+    command = parser.prog.removesuffix(".py")
+    endpoints, console, error = (None, None), None, None
+    # A file name that is not valid UTF-8 must not crash the per-file output.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="backslashreplace")
+    # The scripts' first lines make Ctrl-C exit quietly while they import; from
+    # here on it raises KeyboardInterrupt, so that the run stops cleanly.
+    quiet_interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        args = parser.parse_args(argv)
+        # backup.py goes from LOCAL to the location, restore.py the other way.
+        endpoints = (args.local, args.location)
+        if command == "restore":
+            endpoints = endpoints[::-1]
+        as_json, dry_run = args.json, args.dry_run
+        console = Console(args.quiet, args.verbose, json=args.json)
+        code = int(run(args, console))
+    except KeyboardInterrupt:
+        error = "interrupted: stopped cleanly, run again to finish"
+        sys.stderr.write(f"\n{error}\n")
+        code = ExitCode.INTERRUPTED
+    except BrokenPipeError:
+        # Output piped into e.g. `head` that stopped reading: not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return ExitCode.FAILURE
+    except Exception as exc:
+        if debug:
+            raise
+        message, code = describe_error(exc)
+        error = f"{parser.prog}: error: {one_line(message)}"
+        sys.stderr.write(f"{error}\n")
+    signal.signal(signal.SIGINT, quiet_interrupt)
+    if as_json:
+        report = run_report(
+            command,
+            endpoints,
+            dry_run,
+            started,
+            time.monotonic() - clock,
+            code,
+            console,
+            error,
+        )
+        sys.stdout.write(json.dumps(report, default=_json_value) + "\n")
+        sys.stdout.flush()
+    return code
+
+
+# --- Fast transfer path: s3transfer for large files, direct small requests ---
+
+
 def create_transfer_manager(
     client, open_file: Callable[[str, str], BinaryIO] | None = None
 ):
@@ -725,9 +1454,6 @@ def create_transfer_manager(
         preferred_transfer_client="classic",
     )
     return create(client, config, osutil=None if open_file is None else Opener())
-
-
-# --- Direct requests for small objects ---------------------------------------
 
 
 class DirectFailed(Exception):
@@ -1106,743 +1832,3 @@ def response_md5(response: http.client.HTTPResponse) -> str | None:
             },
         }
     )
-
-
-def client_error_code(exc: BaseException) -> str:
-    if isinstance(exc, botocore.exceptions.ClientError):
-        return str(exc.response.get("Error", {}).get("Code", ""))
-    return ""
-
-
-# --- Errors: one place turns exceptions into a line and an exit code ---------
-
-_CHECKSUM_MISMATCH = (
-    "the server received bytes that do not match their checksum; a file being "
-    "written to while it is read does this: run again once it is left alone"
-)
-_CLIENT_ERROR_LINES = {
-    "BadDigest": _CHECKSUM_MISMATCH,
-    "XAmzContentSHA256Mismatch": _CHECKSUM_MISMATCH,
-    "AccessDenied": "access denied: check that these credentials may use the bucket",
-    "403": "access denied: the bucket belongs to another account or these credentials may not use it",
-    "AllAccessDisabled": "all access to this bucket has been disabled",
-    "NoSuchBucket": "the bucket does not exist: check its name (and --endpoint-url)",
-    "404": "not found: check the bucket name (and --endpoint-url)",
-    "BucketAlreadyExists": "the bucket name is taken by another account: choose another name",
-    "InvalidAccessKeyId": "the access key is not known to S3: check your credentials (aws configure)",
-    "SignatureDoesNotMatch": "the secret key does not match the access key: check your credentials (aws configure)",
-    "ExpiredToken": "the credentials have expired: renew them (e.g. aws sso login) and run again",
-    "InvalidToken": "the session token is not valid: renew your credentials and run again",
-    "InvalidObjectState": "the object is in an archive storage class (GLACIER or DEEP_ARCHIVE): "
-    "restore it from the archive first (aws s3api restore-object), then run again",
-    "SlowDown": "the server kept throttling requests (SlowDown) after every retry: run again later",
-    "InternalError": "the server kept failing (InternalError) after every retry: run again later",
-    "ServiceUnavailable": "the service was unavailable after every retry: run again later",
-    "InvalidStorageClass": "the storage class is not supported by this server",
-    "KMS.NotFoundException": "the KMS key was not found: check --sse-kms-key-id",
-    "InvalidLocationConstraint": "the server does not take this region as a bucket location: "
-    "check --region (on Ceph RGW it is the zonegroup's name, e.g. default)",
-}
-
-
-def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
-    """One actionable line and the exit code for an exception."""
-    if isinstance(exc, CliError):
-        return str(exc), exc.code
-    if isinstance(
-        exc,
-        (
-            botocore.exceptions.NoCredentialsError,
-            botocore.exceptions.PartialCredentialsError,
-        ),
-    ):
-        return (
-            (
-                "no AWS credentials found: run 'aws configure', set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, or pick a profile with --profile"
-            ),
-            ExitCode.FAILURE,
-        )
-    if isinstance(exc, botocore.exceptions.ProfileNotFound):
-        return (
-            (
-                f"profile {exc.kwargs.get('profile')!r} is not in ~/.aws/config or "
-                "~/.aws/credentials: check --profile or AWS_PROFILE"
-            ),
-            ExitCode.FAILURE,
-        )
-    if isinstance(exc, botocore.exceptions.ClientError):
-        code = client_error_code(exc)
-        line = _CLIENT_ERROR_LINES.get(code)
-        if line is None:
-            message = exc.response.get("Error", {}).get("Message")
-            if not message:  # Ceph RGW leaves out most messages
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                message = f"the server answered HTTP {status} and gave no reason"
-            line = f"{code}: {message}"
-        return line, ExitCode.FAILURE
-    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
-        return (
-            f"could not connect to {exc.kwargs.get('endpoint_url')}: check the network or --endpoint-url",
-            ExitCode.FAILURE,
-        )
-    if isinstance(
-        exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
-    ):
-        return (
-            f"the connection kept failing after every retry ({exc}): run again later",
-            ExitCode.FAILURE,
-        )
-    if isinstance(exc, botocore.exceptions.InvalidRegionError):
-        return f"{exc}: check --region (e.g. eu-west-1)", ExitCode.USAGE
-    if isinstance(exc, botocore.exceptions.BotoCoreError):
-        return str(exc), ExitCode.FAILURE
-    if isinstance(exc, UnicodeError):
-        return (
-            "the name is not valid UTF-8, so it cannot be an S3 key: rename it",
-            ExitCode.FAILURE,
-        )
-    if isinstance(exc, OSError):
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        where = f": {printable(exc.filename)}" if exc.filename else ""
-        return f"{reason}{where}", ExitCode.FAILURE
-    return (
-        f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
-        ExitCode.FAILURE,
-    )
-
-
-def run_failure(context: str, error: BaseException) -> CliError:
-    """A failure of the whole run: what was being done, then why."""
-    message, code = describe_error(error)
-    return CliError(f"{context}: {message}", code)
-
-
-def failure_line(action: str, where: str, error: BaseException) -> str:
-    """'<action> failed: <where>: <why>', naming `where` once."""
-    why = describe_error(error)[0]
-    where = printable(where)
-    return f"{action} failed: {where}: {why.removesuffix(f': {where}')}"
-
-
-def one_line(text: str) -> str:
-    """A message on one line: its line breaks (and the space around them) become one space."""
-    return re.sub(r"\s*[\r\n]+\s*", " ", str(text)).strip()
-
-
-# --- Output: progress line, messages, summary --------------------------------
-
-
-def format_bytes(size: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    raise AssertionError("unreachable")
-
-
-class Console:
-    """Messages on stdout/stderr, and a live progress line when stderr is a terminal.
-
-    With `json`, stdout is kept for the report: what would go there is not printed
-    (but -v's lines, which go to stderr), there is no progress line, and the
-    files and bytes done are counted for a run that stops early.
-    """
-
-    def __init__(
-        self,
-        quiet: bool,
-        verbose: bool,
-        out: TextIO | None = None,
-        err: TextIO | None = None,
-        json: bool = False,
-    ):
-        self.quiet, self.verbose, self.json = quiet, verbose, json
-        self.out = out or sys.stdout
-        self.err = err or sys.stderr
-        self.live = not quiet and not json and self.err.isatty()
-        self.summary: Summary | None = None  # the run's, once it has one
-        self.errors: list[dict[str, str]] = []  # every error line, for the report
-        self._lock = threading.Lock()
-        self._shown = False
-        self._files = self._total_files = 0
-        self._bytes = self._total_bytes = 0
-        self._started = time.monotonic()
-        self._drawn_at = 0.0
-
-    def _write(self, stream: TextIO, text: str) -> None:
-        with self._lock:
-            self._clear_line()
-            stream.write(text + "\n")
-            stream.flush()
-
-    def info(self, text: str) -> None:
-        if not (self.quiet or self.json):
-            self._write(self.out, text)
-
-    def detail(self, text: str) -> None:
-        if self.verbose:
-            self._write(self.err if self.json else self.out, text)
-
-    def warning(self, text: str) -> None:
-        self._write(self.err, f"warning: {one_line(text)}")
-
-    def error(self, text: str, path: str | None = None, key: str | None = None) -> None:
-        """An error line about one file (`path`) or object (`key`), kept for the report."""
-        self._write(self.err, f"error: {one_line(text)}")
-        record = {"path": path} if path is not None else {}
-        if key is not None:
-            record["key"] = key
-        self.errors.append({**record, "message": one_line(text)})
-
-    def summarize(self, summary: Summary, line: str | None = None) -> None:
-        """The run's summary: kept for the report, its line (or `line`) printed."""
-        self.summary = summary
-        self.info(summary.line() if line is None else line)
-
-    def start(self, files: int, nbytes: int) -> None:
-        self._total_files, self._total_bytes = files, nbytes
-        self._started = time.monotonic()
-
-    def advance(self, nbytes: int = 0, files: int = 0) -> None:
-        if not (self.live or self.json):
-            return
-        with self._lock:
-            self._bytes += nbytes
-            self._files += files
-            now = time.monotonic()
-            if self.live and now - self._drawn_at >= 0.1:
-                self._drawn_at = now
-                self._draw(now)
-
-    def _draw(self, now: float) -> None:
-        elapsed = max(now - self._started, 1e-6)
-        rate = self._bytes / elapsed
-        left = self._total_bytes - self._bytes
-        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-        line = (
-            f"{self._files}/{self._total_files} files, "
-            f"{format_bytes(self._bytes)}/{format_bytes(self._total_bytes)}, "
-            f"{format_bytes(rate)}/s, ETA {eta}"
-        )
-        self.err.write("\r\x1b[K" + line)
-        self.err.flush()
-        self._shown = True
-
-    def _clear_line(self) -> None:
-        if self._shown:
-            self.err.write("\r\x1b[K")
-            self._shown = False
-
-    def finish(self) -> None:
-        with self._lock:
-            self._clear_line()
-            self.err.flush()
-
-    def done_so_far(self) -> tuple[int, int]:
-        """Files and bytes transferred until now (counted only with a progress line or json)."""
-        with self._lock:
-            return self._files, self._bytes
-
-
-class ProgressSubscriber:
-    """Feeds s3transfer's byte counts to the progress line (it calls on_* by name)."""
-
-    def __init__(self, console: Console, size: int | None = None):
-        self._console = console
-        self._size = size
-
-    def on_queued(self, future, **kwargs):
-        if self._size is not None:
-            future.meta.provide_transfer_size(self._size)
-
-    def on_progress(self, future, bytes_transferred, **kwargs):
-        self._console.advance(nbytes=bytes_transferred)
-
-
-@dataclass
-class Summary:
-    """The facts of a run. Every field but `verb` and `seconds` goes into the JSON
-    report under its own name (`nbytes` as `bytes`), unless it is None: name a new
-    field as its JSON key, and leave it None where it does not apply."""
-
-    verb: str  # "uploaded", "restored" or "checked"
-    transferred: int = 0
-    skipped: int = 0
-    failed: int = 0
-    deleted: int | None = None  # backup
-    nbytes: int = 0
-    seconds: float = 0.0
-    restore_point: str | None = None  # backup: restore.py --at this brings the run back
-    at: str | None = None  # restore --at: the moment restored, in UTC
-    refused: int | None = None  # restore: keys that would land outside LOCAL
-    conflicts: int | None = None  # restore: keys that collide locally
-    archived: int | None = None  # restore: objects still in GLACIER or DEEP_ARCHIVE
-    # backup.py --check only: the keys of each kind of difference.
-    missing: list[str] | None = None
-    changed: list[str] | None = None
-    extra: list[str] | None = None
-
-    def line(self) -> str:
-        if self.missing is not None:
-            return (
-                f"{self.verb} {self.skipped} identical, {len(self.missing)} missing, "
-                f"{len(self.changed or ())} changed, {len(self.extra or ())} extra, "
-                f"failed {self.failed}, in {self.seconds:.1f} s"
-            )
-        deleted = f", deleted {self.deleted}" if self.deleted else ""
-        at = f", as at {self.at}" if self.at else ""
-        point = f", restore point {self.restore_point}" if self.restore_point else ""
-        return (
-            f"{self.verb} {self.transferred}{at}, skipped {self.skipped}, failed {self.failed}"
-            f"{deleted}, {format_bytes(self.nbytes)} in {self.seconds:.1f} s{point}"
-        )
-
-
-# --- Running transfers -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Failure:
-    item: object
-    error: BaseException
-
-
-class Cancelled(Exception):
-    """The run was interrupted while this transfer was under way."""
-
-
-class TokenBucket:
-    """At most `rate` bytes per second across every thread that takes from it (--bwlimit).
-
-    A taker books its bytes at once, running the bucket into debt if need be, and
-    waits until the rate has paid for them: any size passes, and takers queue in
-    the order they came. A bucket left idle fills up to BURST_SECONDS of bytes.
-    """
-
-    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic):
-        self.rate = rate
-        self._clock = clock
-        self._burst = rate * BURST_SECONDS
-        self._tokens = 0.0
-        self._filled_at = clock()
-        self._lock = threading.Lock()
-
-    def book(self, nbytes: int) -> float:
-        """Take nbytes from the bucket; the seconds to wait before they may move."""
-        with self._lock:
-            now = self._clock()
-            refill = (now - self._filled_at) * self.rate
-            self._tokens = min(self._burst, self._tokens + refill) - nbytes
-            self._filled_at = now
-            return max(0.0, -self._tokens / self.rate)
-
-    def take(self, nbytes: int, cancel: threading.Event) -> None:
-        """Wait until nbytes may move; Cancelled when the run is interrupted meanwhile."""
-        delay = self.book(nbytes)
-        if delay > 0 and cancel.wait(delay):
-            raise Cancelled()
-
-
-class BandwidthSubscriber:
-    """Holds each read (upload) or write (download) of one s3transfer transfer to the
-    run's TokenBucket; s3transfer calls on_progress by name, from the thread that
-    moves the bytes, and not for reads that only compute a checksum."""
-
-    def __init__(self, bandwidth: TokenBucket, cancel: threading.Event):
-        self._bandwidth = bandwidth
-        self._cancel = cancel
-
-    def on_progress(self, future, bytes_transferred, **kwargs):
-        # A retry reports the bytes it goes back over as negative progress.
-        if bytes_transferred > 0:
-            self._bandwidth.take(bytes_transferred, self._cancel)
-
-
-def throttled(
-    chunks: Iterable[bytes], bandwidth: TokenBucket, cancel: threading.Event
-) -> Iterator[bytes]:
-    """The chunks, each let through when the bucket has room for it."""
-    for chunk in chunks:
-        bandwidth.take(len(chunk), cancel)
-        yield chunk
-
-
-def map_in_background(
-    function: Callable[[object], object], items: Iterable, workers: int
-) -> list[Future]:
-    """Start function(item) for every item on up to `workers` threads; a Future for each, in order.
-
-    After a failure no further item starts: the Futures of those are cancelled.
-    The threads are daemons, so that Ctrl-C in the main thread never waits for them.
-    """
-    jobs = [(item, Future()) for item in items]
-    pending = iter(jobs)
-    taking = threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with taking:
-                job = next(pending, None)
-            if job is None:
-                return
-            item, future = job
-            try:
-                future.set_result(function(item))
-            # Whatever it is, it belongs to whoever asks for the result.
-            except Exception as exc:  # noqa: BLE001
-                future.set_exception(exc)
-                with taking:
-                    for _, left in pending:
-                        left.cancel()
-
-    for _ in range(min(workers, len(jobs))):
-        threading.Thread(target=worker, daemon=True).start()
-    return [future for _, future in jobs]
-
-
-def in_background(call: Callable[[], object]) -> Future:
-    """call() on a daemon thread; its Future."""
-    return map_in_background(lambda _: call(), [None], 1)[0]
-
-
-def run_in_parallel(
-    items: Sequence,
-    work: Callable[[object, object, threading.Event], None],
-    client,
-    workers: int,
-    open_file: Callable[[str, str], BinaryIO] | None = None,
-) -> tuple[list[Failure], list]:
-    """Call work(item, transfer_manager, cancel) for every item on `workers` threads.
-
-    Returns the failures and the items work() skipped (by returning False).
-
-    A failure of one item is collected and the rest go on (as shutil.copytree
-    does). On Ctrl-C no new item starts, the transfer manager cancels (and so
-    aborts) its multipart transfers, running items see `cancel` set, and the
-    KeyboardInterrupt is raised again once every thread has stopped.
-    """
-    failures: list[Failure] = []
-    skipped: list[object] = []
-    if not items:
-        return failures, skipped
-    cancel = threading.Event()
-    pending = iter(items)
-    manager = create_transfer_manager(client, open_file)
-    # Guards `pending` and the thread counts. The main thread waits on the
-    # counts, never in Thread.join: a join that Ctrl-C interrupts marks its
-    # thread as ended while it still runs (CPython gh-90882, Python 3.12 and older).
-    changed = threading.Condition()
-    running = ended = 0
-
-    def worker():
-        nonlocal running, ended
-        with changed:
-            running += 1
-        try:
-            while not cancel.is_set():
-                with changed:
-                    item = next(pending, None)
-                if item is None:
-                    return
-                try:
-                    if work(item, manager, cancel) is False:
-                        skipped.append(item)
-                # One file's failure, whatever it is, must not stop the others.
-                except Exception as exc:  # noqa: BLE001
-                    failures.append(Failure(item, exc))
-        finally:
-            with changed:
-                running -= 1
-                ended += 1
-                changed.notify_all()
-
-    threads = [
-        threading.Thread(target=worker, daemon=True)
-        for _ in range(min(workers, len(items)))
-    ]
-    try:
-        # Ctrl-C may come while threads are still being started.
-        for thread in threads:
-            thread.start()
-        with changed:
-            changed.wait_for(lambda: ended == len(threads))
-    except KeyboardInterrupt:
-        cancel.set()
-        # TransferManager.shutdown(cancel=True) passes its arguments on in the
-        # wrong order and raises TypeError (boto/s3transfer#143); leaving it as
-        # a context manager does on KeyboardInterrupt cancels (and aborts) them.
-        manager.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
-        # A thread that starts after this sees `cancel` and takes no item.
-        with changed:
-            changed.wait_for(lambda: running == 0)
-        raise
-    manager.shutdown()
-    return failures, skipped
-
-
-def format_mtime(mtime_ns: int) -> str:
-    """Seconds since the epoch with nanoseconds, as rclone writes its mtime metadata."""
-    sign = "-" if mtime_ns < 0 else ""
-    seconds, nanos = divmod(abs(mtime_ns), 1_000_000_000)
-    return f"{sign}{seconds}.{nanos:09d}"
-
-
-def parse_mtime(text: str | None) -> int | None:
-    """Nanoseconds since the epoch (before 1970 too) from an mtime metadata value, or None if unusable."""
-    if not text:
-        return None
-    try:
-        value = Decimal(text.strip())
-    except InvalidOperation:
-        return None
-    # Some 35,000 years either way: beyond that no file system keeps a time.
-    if not value.is_finite() or not -(2**40) < value < 2**40:
-        return None
-    return int(value * 1_000_000_000)
-
-
-def parse_mode(text: str | None) -> int | None:
-    """Permission bits from a mode metadata value (octal st_mode), or None."""
-    if not text:
-        return None
-    try:
-        return int(text.strip(), 8) & 0o777
-    except ValueError:
-        return None
-
-
-def exit_script(code: int) -> NoReturn:
-    """Leave the script with `code`, without the interpreter's collections at exit.
-
-    The process frees everything anyway, but at exit the interpreter first walks
-    every object still alive in several collections: with botocore's models that
-    took 0.1 s of each run, a tenth of a no-change backup (bench/run.py). Frozen
-    objects are left out of them.
-    """
-    gc.freeze()
-    raise SystemExit(code)
-
-
-def utc_timestamp(when: datetime) -> str:
-    """ISO 8601 in UTC to the second, as the JSON report writes times."""
-    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _json_value(value: object) -> object:
-    """What json.dumps cannot write by itself: times in ISO 8601, anything else as text."""
-    return utc_timestamp(value) if isinstance(value, datetime) else str(value)
-
-
-def run_report(
-    command: str,
-    endpoints: tuple[str | None, str | None],
-    dry_run: bool,
-    started: datetime,
-    seconds: float,
-    exit_code: int,
-    console: Console | None,
-    error: str | None,
-) -> dict:
-    """The JSON report of a run, however it ended: its summary's fields if it got
-    that far, else the files and bytes done until it stopped."""
-    report = {
-        "command": command,
-        "source": endpoints[0],
-        "destination": endpoints[1],
-        "dry_run": dry_run,
-        "started": utc_timestamp(started),
-        "finished": utc_timestamp(started + timedelta(seconds=seconds)),
-        "seconds": round(seconds, 3),
-        "exit_code": int(exit_code),
-    }
-    summary = console.summary if console else None
-    if summary is None:
-        files, nbytes = console.done_so_far() if console else (0, 0)
-        summary = Summary("", transferred=files, nbytes=nbytes)
-    report.update(
-        transferred=summary.transferred,
-        skipped=summary.skipped,
-        failed=summary.failed,
-        bytes=summary.nbytes,
-    )
-    for item in dataclasses.fields(summary):
-        value = getattr(summary, item.name)
-        if item.name not in ("verb", "seconds", "nbytes") and value is not None:
-            report.setdefault(item.name, value)
-    report["errors"] = console.errors if console else []
-    if error is not None:
-        report["error"] = error
-    return report
-
-
-def run_cli(
-    parser: argparse.ArgumentParser, run: Callable, argv: Iterable[str] | None
-) -> int:
-    """Parse argv, call run(args, console) -> int, turn every expected failure into a
-    line and an exit code, and with --json print the run's report on stdout."""
-    started, clock = datetime.now(UTC), time.monotonic()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    # Read before parsing, so that a bad command line is reported as asked too.
-    debug, as_json, dry_run = ("--debug" in argv, "--json" in argv, "--dry-run" in argv)
-    command = parser.prog.removesuffix(".py")
-    endpoints, console, error = (None, None), None, None
-    # A file name that is not valid UTF-8 must not crash the per-file output.
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(errors="backslashreplace")
-    # The scripts' first lines make Ctrl-C exit quietly while they import; from
-    # here on it raises KeyboardInterrupt, so that the run stops cleanly.
-    quiet_interrupt = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        args = parser.parse_args(argv)
-        # backup.py goes from LOCAL to the location, restore.py the other way.
-        endpoints = (args.local, args.location)
-        if command == "restore":
-            endpoints = endpoints[::-1]
-        as_json, dry_run = args.json, args.dry_run
-        console = Console(args.quiet, args.verbose, json=args.json)
-        code = int(run(args, console))
-    except KeyboardInterrupt:
-        error = "interrupted: stopped cleanly, run again to finish"
-        sys.stderr.write(f"\n{error}\n")
-        code = ExitCode.INTERRUPTED
-    except BrokenPipeError:
-        # Output piped into e.g. `head` that stopped reading: not an error of ours.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return ExitCode.FAILURE
-    except Exception as exc:
-        if debug:
-            raise
-        message, code = describe_error(exc)
-        error = f"{parser.prog}: error: {one_line(message)}"
-        sys.stderr.write(f"{error}\n")
-    signal.signal(signal.SIGINT, quiet_interrupt)
-    if as_json:
-        report = run_report(
-            command,
-            endpoints,
-            dry_run,
-            started,
-            time.monotonic() - clock,
-            code,
-            console,
-            error,
-        )
-        sys.stdout.write(json.dumps(report, default=_json_value) + "\n")
-        sys.stdout.flush()
-    return code
-
-
-# --- Content: MD5s of files and objects (--checksum, --check) ----------------
-
-# User metadata holding the base64 MD5 of an object whose ETag is not its MD5
-# (multipart uploads, SSE-KMS): rclone's name and format, so that rclone can
-# check our objects and we can check rclone's.
-MD5_METADATA = "md5chksum"
-HASH_CHUNK = MiB
-_PLAIN_ETAG = re.compile(r"[0-9a-f]{32}")
-
-
-def md5_of_etag(etag: str) -> str | None:
-    """The hex MD5 an ETag of plain form states; None for a multipart ETag ("<hex>-N") or any other form.
-
-    A plain-form ETag is the object's MD5 only if it is not encrypted with SSE-KMS
-    or SSE-C, which ListObjectsV2 does not say: only a HEAD does (object_md5).
-    """
-    etag = etag.strip('"').lower()
-    return etag if _PLAIN_ETAG.fullmatch(etag) else None
-
-
-def md5chksum(md5: str) -> str:
-    """A hex MD5 as the md5chksum metadata writes it (base64 of the digest)."""
-    return base64.b64encode(bytes.fromhex(md5)).decode()
-
-
-def md5_of_md5chksum(value: str | None) -> str | None:
-    """The hex MD5 in an md5chksum metadata value, or None if it holds none."""
-    try:
-        digest = base64.b64decode(value or "", validate=True)
-    except ValueError:
-        return None
-    return digest.hex() if len(digest) == 16 else None
-
-
-def object_md5(head: dict) -> str | None:
-    """An object's hex MD5 from its HeadObject answer: the ETag when that is the MD5, else md5chksum."""
-    encrypted = head.get("ServerSideEncryption", "").startswith("aws:kms") or bool(
-        head.get("SSECustomerAlgorithm")
-    )
-    etag_md5 = None if encrypted else md5_of_etag(head.get("ETag", ""))
-    return etag_md5 or md5_of_md5chksum(head.get("Metadata", {}).get(MD5_METADATA))
-
-
-def file_md5(path: str) -> str:
-    """The hex MD5 of a file's bytes, read once in chunks."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as file:
-        while chunk := file.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-@dataclass
-class Contents:
-    """MD5s (hex) of files and of their objects, keyed by S3 key."""
-
-    local: dict[str, str] = field(default_factory=dict)
-    remote: dict[str, str | None] = field(default_factory=dict)  # None: not known
-    # Files that could not be read, by key.
-    failures: list[Failure] = field(default_factory=list)
-
-
-def head_md5(
-    client, bucket: str, key: str, version_id: str | None = None
-) -> str | None:
-    """One HEAD (of one version, if given): the object's MD5 (object_md5), or None
-    if it has none or is gone."""
-    versioned = {"VersionId": version_id} if version_id else {}
-    try:
-        head = client.head_object(Bucket=bucket, Key=key, **versioned)
-    except botocore.exceptions.ClientError as exc:
-        # 400: S3's answer to a HEAD of an SSE-C object without its key, whose
-        # MD5 is not to be had.
-        if client_error_code(exc) in ("404", "NoSuchKey", "400"):
-            return None
-        raise
-    return object_md5(head)
-
-
-def compare_contents(
-    client, bucket: str, candidates: dict[str, tuple[str, RemoteObject]], workers: int
-) -> Contents:
-    """Hash each candidate (key: (file path, its object)) and find its object's MD5, on `workers` threads.
-
-    A listed ETag of plain form that equals the file's MD5 settles it with no
-    request; otherwise one HEAD tells whether the ETag is the MD5, or gives md5chksum.
-    """
-
-    def compare(key: str) -> tuple[str | OSError, str | None]:
-        path, obj = candidates[key]
-        try:
-            local = file_md5(path)
-        except OSError as exc:
-            return exc, None
-        if md5_of_etag(obj.etag) == local:
-            return local, local
-        return local, head_md5(client, bucket, key, obj.version_id)
-
-    keys = sorted(candidates)
-    contents = Contents()
-    for key, future in zip(keys, map_in_background(compare, keys, workers)):
-        try:
-            local, remote = future.result()
-        except botocore.exceptions.ClientError as exc:
-            raise run_failure(
-                f"cannot read the metadata of s3://{bucket}/{key}", exc
-            ) from None
-        if isinstance(local, OSError):
-            contents.failures.append(Failure(key, local))
-        else:
-            contents.local[key], contents.remote[key] = local, remote
-    return contents

@@ -7,7 +7,7 @@ from pathlib import PurePosixPath, PureWindowsPath
 import botocore.exceptions
 import pytest
 
-import s3common
+import backup
 from backup import LocalFile, plan_backup, upload_args, upload_reason
 from restore import plan_restore
 from s3common import (
@@ -496,6 +496,6 @@ def test_parse_timestamp_reads_what_s3_sends(text):
     ],
 )
 def test_listing_boundaries_cut_every_page(monkeypatch, count, boundaries):
-    monkeypatch.setattr(s3common, "LIST_PAGE", 3)
+    monkeypatch.setattr(backup, "LIST_PAGE", 3)
     keys = [f"k{n}" for n in reversed(range(count))]
-    assert s3common.listing_boundaries(keys) == boundaries
+    assert backup.listing_boundaries(keys) == boundaries
