@@ -77,8 +77,8 @@ from s3common import (
     relative_key,
     restore_point,
     run_cli,
-    run_failure,
     run_in_parallel,
+    runtime_error,
     usage_error,
 )
 
@@ -519,7 +519,7 @@ def bucket_exists(client, bucket: str) -> bool:
         return True
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) not in ("404", "NoSuchBucket"):
-            raise run_failure(f"bucket {bucket}", exc) from None
+            raise runtime_error(f"bucket {bucket}", exc) from None
     return False
 
 
@@ -570,7 +570,7 @@ def set_up_history(client, bucket: str, keep_days: int | None, new: bool) -> boo
     except botocore.exceptions.ClientError as exc:
         if new and client_error_code(exc) == "NotImplemented":
             raise HistoryUnsupported() from None
-        raise run_failure(
+        raise runtime_error(
             f"cannot turn on history (versioning and lifecycle rule) for bucket {bucket}",
             exc,
         ) from None
@@ -620,7 +620,7 @@ def create_bucket(
         client.create_bucket(Bucket=bucket, **location)
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) != "BucketAlreadyOwnedByYou":
-            raise run_failure(f"cannot create bucket {bucket}", exc) from None
+            raise runtime_error(f"cannot create bucket {bucket}", exc) from None
     client.get_waiter("bucket_exists").wait(
         Bucket=bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
     )
@@ -742,7 +742,7 @@ def make_uploader(connection: Connection, bucket: str, extra: dict, console: Con
             direct.put(bucket, key, data, args)
         except DirectFailed as failure:
             # botocore sends it (again), with its retries and error messages.
-            direct.client_after(failure).put_object(
+            direct.fallback_client(failure).put_object(
                 Bucket=bucket, Key=key, Body=data, **args
             )
 
@@ -1020,7 +1020,9 @@ def run(args, console: Console) -> int:
         try:
             remote = listing.result()
         except botocore.exceptions.ClientError as exc:
-            raise run_failure(f"cannot list {printable(location.url())}", exc) from None
+            raise runtime_error(
+                f"cannot list {printable(location.url())}", exc
+            ) from None
         if not is_folder:
             remote = {key: obj for key, obj in remote.items() if key == listing_prefix}
         if args.keep_days is not None and not args.check:

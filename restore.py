@@ -71,8 +71,8 @@ from s3common import (
     printable,
     relative_key,
     run_cli,
-    run_failure,
     run_in_parallel,
+    runtime_error,
     throttled,
     usage_error,
 )
@@ -216,20 +216,20 @@ def folder_conflict(file_time: float, folder_time: float) -> str:
 
 def plan_restore(
     objects: dict[str, RemoteObject],
-    strip: str,
+    base_prefix: str,
     root: PurePath,
     filters: Filters,
     case_insensitive: bool,
 ) -> RestorePlan:
     """Which objects to write where, and which to refuse, from the listing keyed by S3 key.
 
-    `strip` is the prefix folder whose contents land directly in root.
+    `base_prefix` is the prefix folder whose contents land directly in root.
     """
     refused, placed = [], []
     for key in sorted(objects):
         if key.endswith("/"):
             continue  # a folder marker
-        relative = relative_key(strip, key)
+        relative = relative_key(base_prefix, key)
         if not filters.includes(relative):
             continue
         try:
@@ -286,7 +286,7 @@ def with_same_content(plan: RestorePlan, contents: Contents) -> RestorePlan:
     return replace(plan, downloads=downloads)
 
 
-def restored_times(metadata: dict, last_modified: float) -> int:
+def restored_mtime_ns(metadata: dict, last_modified: float) -> int:
     """The mtime to give a restored file, in nanoseconds: the recorded one, else LastModified."""
     recorded = parse_mtime(metadata.get("mtime"))
     return recorded if recorded is not None else int(last_modified * 1e9)
@@ -318,7 +318,7 @@ def parent_prefix(prefix: str) -> str:
 def find_objects(
     client, bucket: str, prefix: str
 ) -> tuple[dict[str, RemoteObject], str]:
-    """The objects to restore and the prefix to strip from their keys.
+    """The objects to restore and their base prefix (what to take off their keys).
 
     Everything under PREFIX/ if there is anything; else the one object named PREFIX.
     """
@@ -330,7 +330,7 @@ def find_objects(
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) in ("404", "NoSuchKey"):
             return {}, prefix
-        raise run_failure(
+        raise runtime_error(
             f"cannot list {printable(f's3://{bucket}/{prefix}')}", exc
         ) from None
     single = RemoteObject(
@@ -388,7 +388,7 @@ def find_objects_at(
             return objects, prefix
         versions = list_versions(client, bucket, prefix, through=prefix)
     except botocore.exceptions.ClientError as exc:
-        raise run_failure(
+        raise runtime_error(
             f"cannot list the versions of s3://{bucket}/{prefix}", exc
         ) from None
     single = objects_at((v for v in versions if v.key == prefix), when)
@@ -535,7 +535,7 @@ def make_restorer(
         try:
             return use(direct.get(bucket, item.key, CHUNK, item.version_id))
         except DirectFailed as failure:
-            return use(fetch(item, direct.client_after(failure)))
+            return use(fetch(item, direct.fallback_client(failure)))
 
     def write_object(item: Download, path: str, fetched: FetchedObject, cancel) -> None:
         chunks = body(fetched, cancel)
@@ -546,7 +546,7 @@ def make_restorer(
                     raise Cancelled()
                 out.write(chunk)
 
-        mtime_ns = restored_times(fetched.metadata, fetched.last_modified)
+        mtime_ns = restored_mtime_ns(fetched.metadata, fetched.last_modified)
         write_atomically(path, fill, file_mode(fetched.metadata), mtime_ns)
         console.advance(nbytes=item.size)
 
@@ -554,7 +554,7 @@ def make_restorer(
         """A HEAD for the metadata, then parallel ranged GETs, unless an earlier
         (interrupted) run already restored this very file whole."""
         head = client.head_object(Bucket=bucket, Key=item.key, **versioned(item))
-        mtime_ns = restored_times(head["Metadata"], head["LastModified"].timestamp())
+        mtime_ns = restored_mtime_ns(head["Metadata"], head["LastModified"].timestamp())
         if is_restored(path, item.size, mtime_ns):
             return False
 
@@ -594,7 +594,7 @@ def make_restorer(
         """The file already holds the object's bytes: give it the recorded mode and mtime."""
         metadata, last_modified = recorded(item, cancel)
         os.chmod(path, file_mode(metadata))
-        mtime_ns = restored_times(metadata, last_modified)
+        mtime_ns = restored_mtime_ns(metadata, last_modified)
         os.utime(path, ns=(mtime_ns, mtime_ns))
         console.advance(files=1)
         console.detail(f"same content: {printable(path)}")
@@ -691,9 +691,9 @@ def run(args, console: Console) -> int:
     client = connection.client
     at = None if args.at is None else format_when(args.at.timestamp())
     if args.at is None:
-        objects, strip = find_objects(client, location.bucket, location.prefix)
+        objects, base_prefix = find_objects(client, location.bucket, location.prefix)
     else:
-        objects, strip = find_objects_at(
+        objects, base_prefix = find_objects_at(
             client, location.bucket, location.prefix, args.at.timestamp()
         )
     if not any(not key.endswith("/") for key in objects):
@@ -707,7 +707,9 @@ def run(args, console: Console) -> int:
     else:
         os.makedirs(args.local, exist_ok=True)
         case_insensitive = probe_case_insensitive(args.local)
-    plan = plan_restore(objects, strip, Path(args.local), filters, case_insensitive)
+    plan = plan_restore(
+        objects, base_prefix, Path(args.local), filters, case_insensitive
+    )
     if args.checksum:
         # A file that cannot be read is simply restored over.
         candidates = same_size_files(plan.downloads, objects)

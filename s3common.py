@@ -209,7 +209,7 @@ def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
     )
 
 
-def run_failure(context: str, error: BaseException) -> CliError:
+def runtime_error(context: str, error: BaseException) -> CliError:
     """A failure of the whole run: what was being done, then why."""
     message, code = describe_error(error)
     return CliError(f"{context}: {message}", code)
@@ -945,7 +945,7 @@ def compare_contents(
         try:
             local, remote = future.result()
         except botocore.exceptions.ClientError as exc:
-            raise run_failure(
+            raise runtime_error(
                 f"cannot read the metadata of s3://{bucket}/{key}", exc
             ) from None
         if isinstance(local, OSError):
@@ -1671,7 +1671,7 @@ class DirectRequests:
                 SigV4(signing["region"], signing["signing_name"]),
             )
 
-    def client_after(self, failure: DirectFailed):
+    def fallback_client(self, failure: DirectFailed):
         """The botocore client to send a request with once its direct request failed."""
         if not failure.attempted:
             return self._client
