@@ -66,14 +66,13 @@ UTC = timezone.utc  # datetime.UTC is Python 3.11 and newer  # noqa: UP017
 MULTIPART_THRESHOLD = 8 * MiB
 # Objects up to this size go up and down as one direct request (DirectRequests).
 SMALL_OBJECT = MiB
-# Measured with bench/run.py: 16 MiB parts upload W3 ~9 % faster than 8 MiB.
+# 16 MiB parts: fewer requests, faster than 8 MiB (bench/RESULTS.md, measured choices).
 MULTIPART_CHUNKSIZE = 16 * MiB
-# Measured with bench/run.py: on s3rver 16 and 32 workers are within noise and
-# 64 cost ~15 % more client CPU; with 50 ms per request (--latency 50), as S3 is
-# from afar, W1 took 21.4 s with 16, 11.3 s with 32 and 7.1 s with 64.
+# Enough to hide a distant server's round trips without the client CPU of more
+# threads nearby (bench/RESULTS.md, measured choices).
 DEFAULT_WORKERS = 32
-# Threads s3transfer may use for the parts of one large file (its own default,
-# which bench/run.py measured ~10 % faster than 8 on W6).
+# Threads s3transfer may use for the parts of one large file: its own default,
+# faster than 8 (bench/RESULTS.md, measured choices).
 PART_WORKERS = 10
 # The most keys one ListObjectsV2 page holds, and the size of a listing range.
 LIST_PAGE = 1000
@@ -761,8 +760,8 @@ class Connection:
 def connect(args: argparse.Namespace, pool_size: int) -> Connection:
     """One S3 client for the run, after checking there are credentials to sign with."""
     core = botocore.session.Session(profile=args.profile)
-    # Measured with bench/run.py: dateutil's parsing of LastModified was a quarter
-    # of the client's CPU in a no-change backup of 5,000 files.
+    # dateutil's parsing of LastModified was much of a no-change backup's CPU
+    # (bench/RESULTS.md, measured choices).
     core.get_component("response_parser_factory").set_parser_defaults(
         timestamp_parser=parse_timestamp
     )
@@ -801,7 +800,7 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
     client = make_client(config)
     # After a failed direct request botocore makes one attempt fewer, so that each
     # request is tried `attempts` times in all; with one attempt, nothing goes direct.
-    # That client is made only when first needed: a client takes ~45 ms to make.
+    # That client is made only when first needed: making a client takes time.
     make_retry_client = None
     if attempts > 1:
         retry_config = config.merge(
@@ -1310,9 +1309,9 @@ def exit_script(code: int) -> NoReturn:
     """Leave the script with `code`, without the interpreter's collections at exit.
 
     The process frees everything anyway, but at exit the interpreter first walks
-    every object still alive in several collections: with botocore's models that
-    took 0.1 s of each run, a tenth of a no-change backup (bench/run.py). Frozen
-    objects are left out of them.
+    every object still alive in several collections, which with botocore's models
+    is a noticeable part of a short run (bench/RESULTS.md, measured choices).
+    Frozen objects are left out of them.
     """
     gc.freeze()
     raise SystemExit(code)
@@ -1436,7 +1435,7 @@ def create_transfer_manager(
 ):
     """boto3's transfer manager, for multipart uploads and ranged downloads;
     open_file(name, mode), if given, opens the files it uploads by name."""
-    # Imported here, not at the top: boto3 and s3transfer take some 30 ms to import,
+    # Imported here, not at the top: boto3 and s3transfer take time to import,
     # and a backup with nothing to upload never needs them.
     from boto3.s3.transfer import TransferConfig
     from boto3.s3.transfer import create_transfer_manager as create
@@ -1603,10 +1602,10 @@ class DirectRequests:
     """Whole-object GET and PUT of small objects, signed as botocore signs them and
     sent on one kept-alive connection per thread.
 
-    Measured with bench/run.py: botocore spends ~1.3 ms of CPU on each request
-    (endpoint rules, event hooks, response parsing) against ~0.25 ms for the same
-    signed request sent with http.client, and for small files that is the whole
-    cost of a backup or a restore.
+    botocore spends several times more CPU on each request (endpoint rules, event
+    hooks, response parsing) than the same signed request sent with http.client,
+    and for small files that is the whole cost of a backup or a restore
+    (bench/RESULTS.md, measured choices).
 
     It only repeats what botocore has done: until botocore has completed a GetObject
     (PutObject) over the network, not one a mock answered in-process, get() (put())
