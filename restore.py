@@ -63,6 +63,7 @@ from s3common import (
     failure_line,
     folder_prefix,
     format_when,
+    is_within,
     list_objects,
     parse_location,
     parse_mode,
@@ -429,13 +430,16 @@ class Folders:
     """Creates the folders files land in, once each, and never outside the root."""
 
     def __init__(self, root: str):
-        self._root = os.path.realpath(root)
+        self._root = PurePath(os.path.realpath(root))
         self._made: set[str] = set()
         self._lock = threading.Lock()
 
     def ensure(self, folder: str) -> None:
         if folder in self._made:
             return
+        # A symbolic link already inside LOCAL may point elsewhere: follow it and
+        # check before creating anything through it, and after, for one made meanwhile.
+        self._refuse_outside(folder)
         try:
             os.makedirs(folder, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
@@ -443,14 +447,15 @@ class Folders:
                 f"a file stands where the backup has a folder: {printable(blocking_file(folder))}: "
                 "move it away and run again"
             ) from None
-        # A symbolic link already inside LOCAL may point elsewhere: follow it and check.
-        real = os.path.realpath(folder)
-        if real != self._root and not real.startswith(self._root + os.sep):
+        self._refuse_outside(folder)
+        with self._lock:
+            self._made.add(folder)
+
+    def _refuse_outside(self, folder: str) -> None:
+        if not is_within(PurePath(os.path.realpath(folder)), self._root):
             raise CliError(
                 f"refused: {printable(folder)} leads outside the destination (through a symbolic link)"
             )
-        with self._lock:
-            self._made.add(folder)
 
 
 def blocking_file(folder: str) -> str:

@@ -499,6 +499,12 @@ _WINDOWS_DEVICE_NAMES = {
 _WINDOWS_FORBIDDEN = set('<>:"|?*') | {chr(code) for code in range(32)}
 
 
+def is_within(path: PurePath, root: PurePath) -> bool:
+    """Whether path is root or lies under it, compared part by part: /data2 is not
+    under /data, and everything is under /."""
+    return path.parts[: len(root.parts)] == root.parts
+
+
 def path_for_key(relative: str, root: PurePath) -> PurePath:
     """Where the key part `relative` lands under root; UnsafeKey if anywhere else.
 
@@ -528,7 +534,7 @@ def path_for_key(relative: str, root: PurePath) -> PurePath:
             if part.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICE_NAMES:
                 raise UnsafeKey(f"segment {part!r} is a Windows device name")
     target = root.joinpath(*parts)
-    if target.parts[: len(root.parts)] != root.parts:
+    if not is_within(target, root):
         raise UnsafeKey("lands outside the destination")
     return target
 

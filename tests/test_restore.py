@@ -142,6 +142,23 @@ def test_symlink_in_local_pointing_outside_is_not_followed(
     assert "leads outside the destination" in capsys.readouterr().err
 
 
+def test_a_folder_under_a_file_system_root_is_inside_it(tmp_path):
+    # LOCAL at / (or C:\\): every folder is inside it, as path_for_key decides.
+    folder = tmp_path / "a" / "b"
+    restore.Folders(tmp_path.anchor).ensure(str(folder))
+    assert folder.is_dir()
+
+
+def test_a_link_to_a_neighbour_whose_name_extends_local_is_outside(tmp_path):
+    target = tmp_path / "out"
+    (tmp_path / "out2").mkdir()
+    target.mkdir()
+    os.symlink(tmp_path / "out2", target / "link")
+    with pytest.raises(restore.CliError, match="leads outside the destination"):
+        restore.Folders(str(target)).ensure(str(target / "link" / "sub"))
+    assert list((tmp_path / "out2").iterdir()) == []
+
+
 def test_file_and_folder_of_one_name_is_a_conflict(s3, bucket, tmp_path, capsys):
     put(s3, "p/a", b"file a")
     put(s3, "p/a/b", b"file b")

@@ -21,6 +21,7 @@ from s3common import (
     bucket_name_problem,
     describe_error,
     format_mtime,
+    is_within,
     key_for,
     parse_location,
     parse_mode,
@@ -326,6 +327,24 @@ def test_path_for_keys_windows_refuses(relative):
         path_for_key(relative, WINDOWS_ROOT)
     # The same names are ordinary files on a POSIX system.
     assert ROOT in path_for_key(relative, ROOT).parents
+
+
+@pytest.mark.parametrize(
+    ("path", "root", "inside"),
+    [
+        (PurePosixPath("/data/a/b"), PurePosixPath("/data"), True),
+        (PurePosixPath("/data"), PurePosixPath("/data"), True),
+        (PurePosixPath("/data2/a"), PurePosixPath("/data"), False),
+        (PurePosixPath("/"), PurePosixPath("/data"), False),
+        (PurePosixPath("/data/a"), PurePosixPath("/"), True),
+        (PureWindowsPath("C:/restore/a"), PureWindowsPath("C:/restore"), True),
+        (PureWindowsPath("C:/restore2"), PureWindowsPath("C:/restore"), False),
+        (PureWindowsPath("C:/a"), PureWindowsPath("C:/"), True),
+        (PureWindowsPath("D:/restore/a"), PureWindowsPath("C:/restore"), False),
+    ],
+)
+def test_is_within_compares_part_by_part(path, root, inside):
+    assert is_within(path, root) is inside
 
 
 def test_path_for_key_windows_lands_under_root():
