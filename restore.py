@@ -22,7 +22,6 @@ signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
 import re
 import stat
-import sys
 import tempfile
 import threading
 import time
@@ -51,6 +50,7 @@ from s3common import (
     ExitCode,
     FetchedObject,
     Filters,
+    Location,
     ProgressSubscriber,
     RemoteObject,
     Summary,
@@ -683,85 +683,83 @@ def when_argument(text: str) -> datetime:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def run(args, console: Console) -> int:
-    started = time.monotonic()
-    location = parse_location(args.location)
-    filters = Filters(args.filters)
-    if not args.local or (os.path.exists(args.local) and not os.path.isdir(args.local)):
-        raise usage_error(
-            f"{args.local!r} is not a folder: give a folder to restore into"
-        )
+@dataclass(frozen=True)
+class Outcome:
+    """What running (or, with --dry-run, showing) a plan did, for the closing summary."""
 
-    connection = connect(args, pool_size=args.workers + PART_WORKERS)
-    client = connection.client
-    at = None if args.at is None else format_when(args.at.timestamp())
-    if args.at is None:
+    transferred: int
+    skipped: int  # already restored, or the same content (--checksum)
+    failed: int  # downloads that failed; refused keys and conflicts are the plan's
+    nbytes: int
+    archived: int  # objects in an archive storage class, not restored
+
+
+def objects_to_restore(
+    client, location: Location, when: float | None
+) -> tuple[dict[str, RemoteObject], str]:
+    """The objects under the location (as at `when`, if given) and their base prefix;
+    CliError when there are none."""
+    if when is None:
         objects, base_prefix = find_objects(client, location.bucket, location.prefix)
     else:
         objects, base_prefix = find_objects_at(
-            client, location.bucket, location.prefix, args.at.timestamp()
+            client, location.bucket, location.prefix, when
         )
     if not any(not key.endswith("/") for key in objects):
-        when = "" if at is None else f" at {at}"
+        at = "" if when is None else f" at {format_when(when)}"
         raise CliError(
-            f"nothing to restore: no objects under {printable(location.url())}{when}"
+            f"nothing to restore: no objects under {printable(location.url())}{at}"
         )
+    return objects, base_prefix
 
-    if args.dry_run:
-        case_insensitive = sys.platform in ("darwin", "win32")
-    else:
-        os.makedirs(args.local, exist_ok=True)
-        case_insensitive = probe_case_insensitive(args.local)
-    plan = plan_restore(
-        objects, base_prefix, Path(args.local), filters, case_insensitive
+
+def nearest_existing(path: str) -> str:
+    """path, if it exists, else the nearest of its parents that does."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def show_plan(plan: RestorePlan, location: Location, console: Console) -> Outcome:
+    """--dry-run: one line for each object a restore would fetch, and what it would do."""
+    fetched = [item for item in plan.downloads if not item.same_content]
+    for item in fetched:
+        console.info(
+            f"(dry run) restore: {printable(location.url(item.key))} -> {printable(item.path)}"
+        )
+    return Outcome(
+        transferred=len(fetched),
+        skipped=len(plan.downloads) - len(fetched),
+        failed=0,
+        nbytes=sum(item.size for item in fetched),
+        archived=sum(
+            item.storage_class in ARCHIVE_STORAGE_CLASSES for item in plan.downloads
+        ),
     )
-    if args.checksum:
-        # A file that cannot be read is simply restored over.
-        candidates = same_size_files(plan.downloads, objects)
-        contents = compare_contents(client, location.bucket, candidates, args.workers)
-        plan = with_same_content(plan, contents)
-    for key, why in plan.refused + plan.conflicts:
-        console.error(f"{printable(location.url(key))}: {why}", key=key)
-    problems = len(plan.refused) + len(plan.conflicts)
+
+
+def execute_restore(
+    plan: RestorePlan,
+    connection: Connection,
+    location: Location,
+    local: str,
+    workers: int,
+    console: Console,
+) -> Outcome:
+    """Download the plan's objects on `workers` threads; one error line for each that fails."""
     total_bytes = sum(item.size for item in plan.downloads)
-
-    if args.dry_run:
-        fetched = [item for item in plan.downloads if not item.same_content]
-        for item in fetched:
-            console.info(
-                f"(dry run) restore: {printable(location.url(item.key))} -> {printable(item.path)}"
-            )
-        fetched_bytes = sum(item.size for item in fetched)
-        summary = Summary(
-            "restored",
-            transferred=len(fetched),
-            skipped=len(plan.downloads) - len(fetched),
-            failed=problems,
-            nbytes=fetched_bytes,
-            seconds=time.monotonic() - started,
-            refused=len(plan.refused),
-            conflicts=len(plan.conflicts),
-            archived=sum(
-                item.storage_class in ARCHIVE_STORAGE_CLASSES for item in plan.downloads
-            ),
-            at=at,
-        )
-        console.summarize(
-            summary,
-            f"(dry run) would restore {len(fetched)} ({fetched_bytes} bytes), "
-            f"skip {len(plan.downloads) - len(fetched)}",
-        )
-        return ExitCode.FAILURE if problems else ExitCode.OK
-
     console.start(len(plan.downloads), total_bytes)
     restorer = make_restorer(
         connection,
         location.bucket,
-        Folders(args.local),
+        Folders(local),
         0o666 & ~current_umask(),
         console,
     )
-    failures, skipped = run_in_parallel(plan.downloads, restorer, client, args.workers)
+    failures, skipped = run_in_parallel(
+        plan.downloads, restorer, connection.client, workers
+    )
     console.finish()
     for failure in failures:
         where = location.url(failure.item.key)
@@ -779,19 +777,73 @@ def run(args, console: Console) -> int:
     untouched_bytes = sum(item.size for item in skipped) + sum(
         f.item.size for f in failures
     )
-    summary = Summary(
-        "restored",
+    return Outcome(
         transferred=len(plan.downloads) - len(failures) - len(skipped),
         skipped=len(skipped),
-        failed=len(failures) + problems,
+        failed=len(failures),
         nbytes=total_bytes - untouched_bytes,
+        archived=sum(f.item.storage_class in ARCHIVE_STORAGE_CLASSES for f in failures),
+    )
+
+
+def run(args, console: Console) -> int:
+    """gather (list the objects) -> plan -> execute (or show, with --dry-run) -> report."""
+    started = time.monotonic()
+    location = parse_location(args.location)
+    filters = Filters(args.filters)
+    if not args.local or (os.path.exists(args.local) and not os.path.isdir(args.local)):
+        raise usage_error(
+            f"{args.local!r} is not a folder: give a folder to restore into"
+        )
+    connection = connect(args, pool_size=args.workers + PART_WORKERS)
+    client = connection.client
+    when = None if args.at is None else args.at.timestamp()
+
+    objects, base_prefix = objects_to_restore(client, location, when)
+    if not args.dry_run:
+        os.makedirs(args.local, exist_ok=True)
+    # A dry run probes where LOCAL would be made, and removes its probe: it
+    # reports the conflicts the real run would.
+    case_insensitive = probe_case_insensitive(nearest_existing(args.local))
+
+    plan = plan_restore(
+        objects, base_prefix, Path(args.local), filters, case_insensitive
+    )
+    if args.checksum:
+        # A file that cannot be read is simply restored over.
+        candidates = same_size_files(plan.downloads, objects)
+        contents = compare_contents(client, location.bucket, candidates, args.workers)
+        plan = with_same_content(plan, contents)
+    for key, why in plan.refused + plan.conflicts:
+        console.error(f"{printable(location.url(key))}: {why}", key=key)
+
+    if args.dry_run:
+        outcome = show_plan(plan, location, console)
+    else:
+        outcome = execute_restore(
+            plan, connection, location, args.local, args.workers, console
+        )
+
+    summary = Summary(
+        "restored",
+        transferred=outcome.transferred,
+        skipped=outcome.skipped,
+        failed=outcome.failed + len(plan.refused) + len(plan.conflicts),
+        nbytes=outcome.nbytes,
         seconds=time.monotonic() - started,
         refused=len(plan.refused),
         conflicts=len(plan.conflicts),
-        archived=sum(f.item.storage_class in ARCHIVE_STORAGE_CLASSES for f in failures),
-        at=at,
+        archived=outcome.archived,
+        at=None if when is None else format_when(when),
     )
-    console.summarize(summary)
+    if args.dry_run:
+        console.summarize(
+            summary,
+            f"(dry run) would restore {outcome.transferred} ({outcome.nbytes} bytes), "
+            f"skip {outcome.skipped}",
+        )
+    else:
+        console.summarize(summary)
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 
 import pytest
 from conftest import make_tree, stub_error
@@ -248,6 +249,32 @@ def test_dry_run_writes_nothing(s3, bucket, tmp_path, capsys):
         in capsys.readouterr().out
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("platform", ["linux", "darwin", "win32"])
+@pytest.mark.parametrize("local_exists", [False, True], ids=["new LOCAL", "LOCAL"])
+def test_dry_run_reports_the_conflicts_the_real_run_meets(
+    s3, bucket, tmp_path, capsys, monkeypatch, platform, local_exists
+):
+    # Whatever the platform says, both probe the file system that LOCAL is (or would be) on.
+    monkeypatch.setattr(sys, "platform", platform)
+    for key in ("p/Notes.txt", "p/notes.txt", "p/d", "p/d/x.txt"):
+        put(s3, key, key.encode())
+    target = tmp_path / "out"
+    if local_exists:
+        target.mkdir()
+
+    def conflicts(*options) -> list[str]:
+        restore.main(["vault::p", str(target), *options])
+        return [
+            line for line in capsys.readouterr().err.splitlines() if "conflict" in line
+        ]
+
+    before = sorted(tmp_path.rglob("*"))
+    dry = conflicts("--dry-run")
+    assert sorted(tmp_path.rglob("*")) == before  # the probe is gone, LOCAL not made
+    assert dry == conflicts()
+    assert dry  # p/d beside p/d/x.txt, on any file system
 
 
 def test_filters_choose_what_is_restored(s3, bucket, tmp_path):
