@@ -35,11 +35,11 @@ from typing import BinaryIO, TypeVar, Union
 import botocore.exceptions
 
 from s3common import (
+    LIST_PAGE,
     MD5_METADATA,
     MULTIPART_THRESHOLD,
     PART_WORKERS,
     SMALL_OBJECT,
-    STORAGE_CLASSES,
     ArgumentParser,
     BandwidthSubscriber,
     CliError,
@@ -71,7 +71,6 @@ from s3common import (
     key_for,
     key_length_problem,
     list_objects,
-    listing_boundaries,
     map_failing_fast,
     md5chksum,
     parse_location,
@@ -83,7 +82,7 @@ from s3common import (
     restore_point,
     run_cli,
     run_collecting_failures,
-    run_failure,
+    runtime_error,
     usage_error,
 )
 
@@ -103,6 +102,20 @@ READ_ATTEMPTS = 3
 # was not written during the read, even where a write leaves size and mtime as
 # they were (a rewrite in place within one tick).
 CLOCK_SLACK_NS = 20_000_000
+
+STORAGE_CLASSES = (
+    "STANDARD",
+    "REDUCED_REDUNDANCY",
+    "STANDARD_IA",
+    "ONEZONE_IA",
+    "INTELLIGENT_TIERING",
+    "GLACIER",
+    "DEEP_ARCHIVE",
+    "GLACIER_IR",
+    "OUTPOSTS",
+    "SNOW",
+    "EXPRESS_ONEZONE",
+)
 
 
 class FileChanged(CliError):
@@ -429,6 +442,23 @@ def check_report(plan: BackupPlan, unread: frozenset[str] = frozenset()) -> Chec
     )
 
 
+def listing_boundaries(keys_in_order: Iterable[str]) -> list[str]:
+    """Where to cut a listing into ranges of one page each, from the keys it should
+    hold, in key order.
+
+    Every LIST_PAGE-th key but the last key itself: a range after the last key
+    holds nothing that is expected, only what is new.
+    """
+    boundaries, last = [], None
+    for count, key in enumerate(keys_in_order, 1):
+        if count % LIST_PAGE == 0:
+            boundaries.append(key)
+        last = key
+    if boundaries and boundaries[-1] == last:
+        boundaries.pop()
+    return boundaries
+
+
 def history_rule(keep_days: int | None) -> dict:
     """Our lifecycle rule: old versions expire after keep_days (None: no versioning,
     only the abort), delete markers left with no version go, incomplete multipart
@@ -649,7 +679,7 @@ def bucket_exists(client, bucket: str) -> bool:
         return True
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) not in ("404", "NoSuchBucket"):
-            raise run_failure(f"bucket {bucket}", exc) from None
+            raise runtime_error(f"bucket {bucket}", exc) from None
     return False
 
 
@@ -700,7 +730,7 @@ def set_up_history(client, bucket: str, keep_days: int | None, new: bool) -> boo
     except botocore.exceptions.ClientError as exc:
         if new and client_error_code(exc) == "NotImplemented":
             raise HistoryUnsupported() from None
-        raise run_failure(
+        raise runtime_error(
             f"cannot turn on history (versioning and lifecycle rule) for bucket {bucket}",
             exc,
         ) from None
@@ -750,7 +780,7 @@ def create_bucket(
         client.create_bucket(Bucket=bucket, **location)
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) != "BucketAlreadyOwnedByYou":
-            raise run_failure(f"cannot create bucket {bucket}", exc) from None
+            raise runtime_error(f"cannot create bucket {bucket}", exc) from None
     client.get_waiter("bucket_exists").wait(
         Bucket=bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
     )
@@ -880,7 +910,7 @@ def make_uploader(
             direct.put(bucket, key, data, args)
         except DirectFailed as failure:
             # botocore sends it (again), with its retries and error messages.
-            direct.client_after(failure).put_object(
+            direct.fallback_client(failure).put_object(
                 Bucket=bucket, Key=key, Body=data, **args
             )
 
@@ -1268,7 +1298,7 @@ def listed(
     try:
         yield from listing
     except botocore.exceptions.ClientError as exc:
-        raise run_failure(f"cannot list {printable(location.url())}", exc) from None
+        raise runtime_error(f"cannot list {printable(location.url())}", exc) from None
 
 
 def uploads_of(

@@ -22,7 +22,6 @@ signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
 import re
 import stat
-import sys
 import tempfile
 import threading
 import time
@@ -35,7 +34,6 @@ from typing import BinaryIO, TypeVar
 import botocore.exceptions
 
 from s3common import (
-    ARCHIVE_STORAGE_CLASSES,
     LIST_PAGE,
     MULTIPART_THRESHOLD,
     PART_WORKERS,
@@ -52,6 +50,7 @@ from s3common import (
     ExitCode,
     FetchedObject,
     Filters,
+    Location,
     ProgressSubscriber,
     RemoteObject,
     Summary,
@@ -65,6 +64,7 @@ from s3common import (
     failure_line,
     folder_prefix,
     format_when,
+    is_within,
     key_error,
     list_objects,
     parse_location,
@@ -75,12 +75,13 @@ from s3common import (
     relative_key,
     run_cli,
     run_collecting_failures,
-    run_failure,
+    runtime_error,
     throttled,
     usage_error,
 )
 
 CHUNK = 1024 * 1024
+ARCHIVE_STORAGE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 T = TypeVar("T")
 
 
@@ -218,20 +219,20 @@ def folder_conflict(file_time: float, folder_time: float) -> str:
 
 def plan_restore(
     objects: dict[str, RemoteObject],
-    strip: str,
+    base_prefix: str,
     root: PurePath,
     filters: Filters,
     case_insensitive: bool,
 ) -> RestorePlan:
     """Which objects to write where, and which to refuse, from the listing keyed by S3 key.
 
-    `strip` is the prefix folder whose contents land directly in root.
+    `base_prefix` is the prefix folder whose contents land directly in root.
     """
     refused, placed = [], []
     for key in sorted(objects):
         if key.endswith("/"):
             continue  # a folder marker
-        relative = relative_key(strip, key)
+        relative = relative_key(base_prefix, key)
         if not filters.includes(relative):
             continue
         try:
@@ -288,7 +289,7 @@ def with_same_content(plan: RestorePlan, contents: Contents) -> RestorePlan:
     return replace(plan, downloads=downloads)
 
 
-def restored_times(metadata: dict, last_modified: float) -> int:
+def restored_mtime_ns(metadata: dict, last_modified: float) -> int:
     """The mtime to give a restored file, in nanoseconds: the recorded one, else LastModified."""
     recorded = parse_mtime(metadata.get("mtime"))
     return recorded if recorded is not None else int(last_modified * 1e9)
@@ -320,7 +321,7 @@ def parent_prefix(prefix: str) -> str:
 def find_objects(
     client, bucket: str, prefix: str
 ) -> tuple[dict[str, RemoteObject], str]:
-    """The objects to restore and the prefix to strip from their keys.
+    """The objects to restore and their base prefix (what to take off their keys).
 
     Everything under PREFIX/ if there is anything; else the one object named PREFIX.
     """
@@ -333,7 +334,7 @@ def find_objects(
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) in ("404", "NoSuchKey"):
             return {}, prefix
-        raise run_failure(
+        raise runtime_error(
             f"cannot list {printable(f's3://{bucket}/{prefix}')}", exc
         ) from None
     single = RemoteObject(
@@ -391,7 +392,7 @@ def find_objects_at(
             return objects, prefix
         versions = list_versions(client, bucket, prefix, through=prefix)
     except botocore.exceptions.ClientError as exc:
-        raise run_failure(
+        raise runtime_error(
             f"cannot list the versions of s3://{bucket}/{prefix}", exc
         ) from None
     single = objects_at((v for v in versions if v.key == prefix), when)
@@ -432,13 +433,16 @@ class Folders:
     """Creates the folders files land in, once each, and never outside the root."""
 
     def __init__(self, root: str):
-        self._root = os.path.realpath(root)
+        self._root = PurePath(os.path.realpath(root))
         self._made: set[str] = set()
         self._lock = threading.Lock()
 
     def ensure(self, folder: str) -> None:
         if folder in self._made:
             return
+        # A symbolic link already inside LOCAL may point elsewhere: follow it and
+        # check before creating anything through it, and after, for one made meanwhile.
+        self._refuse_outside(folder)
         try:
             os.makedirs(folder, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
@@ -446,14 +450,15 @@ class Folders:
                 f"a file stands where the backup has a folder: {printable(blocking_file(folder))}: "
                 "move it away and run again"
             ) from None
-        # A symbolic link already inside LOCAL may point elsewhere: follow it and check.
-        real = os.path.realpath(folder)
-        if real != self._root and not real.startswith(self._root + os.sep):
+        self._refuse_outside(folder)
+        with self._lock:
+            self._made.add(folder)
+
+    def _refuse_outside(self, folder: str) -> None:
+        if not is_within(PurePath(os.path.realpath(folder)), self._root):
             raise CliError(
                 f"refused: {printable(folder)} leads outside the destination (through a symbolic link)"
             )
-        with self._lock:
-            self._made.add(folder)
 
 
 def blocking_file(folder: str) -> str:
@@ -540,7 +545,7 @@ def make_restorer(
         try:
             return use(direct.get(bucket, item.key, CHUNK, item.version_id))
         except DirectFailed as failure:
-            return use(fetch(item, direct.client_after(failure)))
+            return use(fetch(item, direct.fallback_client(failure)))
 
     def write_object(item: Download, path: str, fetched: FetchedObject, cancel) -> None:
         chunks = body(fetched, cancel)
@@ -551,7 +556,7 @@ def make_restorer(
                     raise Cancelled()
                 out.write(chunk)
 
-        mtime_ns = restored_times(fetched.metadata, fetched.last_modified)
+        mtime_ns = restored_mtime_ns(fetched.metadata, fetched.last_modified)
         write_atomically(path, fill, file_mode(fetched.metadata), mtime_ns)
         console.advance(nbytes=item.size)
 
@@ -559,7 +564,7 @@ def make_restorer(
         """A HEAD for the metadata, then parallel ranged GETs, unless an earlier
         (interrupted) run already restored this very file whole."""
         head = client.head_object(Bucket=bucket, Key=item.key, **versioned(item))
-        mtime_ns = restored_times(head["Metadata"], head["LastModified"].timestamp())
+        mtime_ns = restored_mtime_ns(head["Metadata"], head["LastModified"].timestamp())
         if is_restored(path, item.size, mtime_ns):
             return False
 
@@ -599,7 +604,7 @@ def make_restorer(
         """The file already holds the object's bytes: give it the recorded mode and mtime."""
         metadata, last_modified = recorded(item, cancel)
         os.chmod(path, file_mode(metadata))
-        mtime_ns = restored_times(metadata, last_modified)
+        mtime_ns = restored_mtime_ns(metadata, last_modified)
         os.utime(path, ns=(mtime_ns, mtime_ns))
         console.advance(files=1)
         console.detail(f"same content: {printable(path)}")
@@ -683,86 +688,84 @@ def when_argument(text: str) -> datetime:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def run(args, console: Console) -> int:
-    started = time.monotonic()
-    location = parse_location(args.location)
-    filters = Filters(args.filters)
-    if not args.local or (os.path.exists(args.local) and not os.path.isdir(args.local)):
-        raise usage_error(
-            f"{args.local!r} is not a folder: give a folder to restore into"
-        )
+@dataclass(frozen=True)
+class Outcome:
+    """What running (or, with --dry-run, showing) a plan did, for the closing summary."""
 
-    connection = connect(args, pool_size=args.workers + PART_WORKERS)
-    client = connection.client
-    at = None if args.at is None else format_when(args.at.timestamp())
-    if args.at is None:
-        objects, strip = find_objects(client, location.bucket, location.prefix)
+    transferred: int
+    skipped: int  # already restored, or the same content (--checksum)
+    failed: int  # downloads that failed; refused keys and conflicts are the plan's
+    nbytes: int
+    archived: int  # objects in an archive storage class, not restored
+
+
+def objects_to_restore(
+    client, location: Location, when: float | None
+) -> tuple[dict[str, RemoteObject], str]:
+    """The objects under the location (as at `when`, if given) and their base prefix;
+    CliError when there are none."""
+    if when is None:
+        objects, base_prefix = find_objects(client, location.bucket, location.prefix)
     else:
-        objects, strip = find_objects_at(
-            client, location.bucket, location.prefix, args.at.timestamp()
+        objects, base_prefix = find_objects_at(
+            client, location.bucket, location.prefix, when
         )
     if not any(not key.endswith("/") for key in objects):
-        when = "" if at is None else f" at {at}"
+        at = "" if when is None else f" at {format_when(when)}"
         raise CliError(
-            f"nothing to restore: no objects under {printable(location.url())}{when}"
+            f"nothing to restore: no objects under {printable(location.url())}{at}"
         )
+    return objects, base_prefix
 
-    if args.dry_run:
-        case_insensitive = sys.platform in ("darwin", "win32")
-    else:
-        os.makedirs(args.local, exist_ok=True)
-        case_insensitive = probe_case_insensitive(args.local)
-    plan = plan_restore(objects, strip, Path(args.local), filters, case_insensitive)
-    if args.checksum:
-        # A file that cannot be read is simply restored over.
-        candidates = same_size_files(plan.downloads, objects)
-        contents = compare_contents(client, location.bucket, candidates, args.workers)
-        plan = with_same_content(plan, contents)
-    for key, why in plan.refused + plan.conflicts:
-        console.error(f"{printable(location.url(key))}: {why}", key=key)
-    problems = len(plan.refused) + len(plan.conflicts)
+
+def nearest_existing(path: str) -> str:
+    """path, if it exists, else the nearest of its parents that does."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def show_plan(plan: RestorePlan, location: Location, console: Console) -> Outcome:
+    """--dry-run: one line for each object a restore would fetch, and what it would do."""
+    fetched = [item for item in plan.downloads if not item.same_content]
+    for item in fetched:
+        console.info(
+            f"(dry run) restore: {printable(location.url(item.key))} -> {printable(item.path)}"
+        )
+    return Outcome(
+        transferred=len(fetched),
+        skipped=len(plan.downloads) - len(fetched),
+        failed=0,
+        nbytes=sum(item.size for item in fetched),
+        archived=sum(
+            item.storage_class in ARCHIVE_STORAGE_CLASSES for item in plan.downloads
+        ),
+    )
+
+
+def execute_restore(
+    plan: RestorePlan,
+    connection: Connection,
+    location: Location,
+    local: str,
+    workers: int,
+    console: Console,
+) -> Outcome:
+    """Download the plan's objects on `workers` threads; one error line for each that fails."""
     total_bytes = sum(item.size for item in plan.downloads)
-
-    if args.dry_run:
-        fetched = [item for item in plan.downloads if not item.same_content]
-        for item in fetched:
-            console.info(
-                f"(dry run) restore: {printable(location.url(item.key))} -> {printable(item.path)}"
-            )
-        fetched_bytes = sum(item.size for item in fetched)
-        summary = Summary(
-            "restored",
-            transferred=len(fetched),
-            skipped=len(plan.downloads) - len(fetched),
-            failed=problems,
-            nbytes=fetched_bytes,
-            seconds=time.monotonic() - started,
-            refused=len(plan.refused),
-            conflicts=len(plan.conflicts),
-            archived=sum(
-                item.storage_class in ARCHIVE_STORAGE_CLASSES for item in plan.downloads
-            ),
-            at=at,
-        )
-        console.summarize(
-            summary,
-            f"(dry run) would restore {len(fetched)} ({fetched_bytes} bytes), "
-            f"skip {len(plan.downloads) - len(fetched)}",
-        )
-        return ExitCode.FAILURE if problems else ExitCode.OK
-
     console.start(len(plan.downloads), total_bytes)
-    engine = TransferEngine(client)
+    engine = TransferEngine(connection.client)
     restorer = make_restorer(
         connection,
         location.bucket,
-        Folders(args.local),
+        Folders(local),
         0o666 & ~current_umask(),
         console,
         engine,
     )
     failures, skipped = run_collecting_failures(
-        plan.downloads, restorer, engine, args.workers
+        plan.downloads, restorer, engine, workers
     )
     console.finish()
     for failure in failures:
@@ -777,19 +780,73 @@ def run(args, console: Console) -> int:
     untouched_bytes = sum(item.size for item in skipped) + sum(
         f.item.size for f in failures
     )
-    summary = Summary(
-        "restored",
+    return Outcome(
         transferred=len(plan.downloads) - len(failures) - len(skipped),
         skipped=len(skipped),
-        failed=len(failures) + problems,
+        failed=len(failures),
         nbytes=total_bytes - untouched_bytes,
+        archived=sum(f.item.storage_class in ARCHIVE_STORAGE_CLASSES for f in failures),
+    )
+
+
+def run(args, console: Console) -> int:
+    """gather (list the objects) -> plan -> execute (or show, with --dry-run) -> report."""
+    started = time.monotonic()
+    location = parse_location(args.location)
+    filters = Filters(args.filters)
+    if not args.local or (os.path.exists(args.local) and not os.path.isdir(args.local)):
+        raise usage_error(
+            f"{args.local!r} is not a folder: give a folder to restore into"
+        )
+    connection = connect(args, pool_size=args.workers + PART_WORKERS)
+    client = connection.client
+    when = None if args.at is None else args.at.timestamp()
+
+    objects, base_prefix = objects_to_restore(client, location, when)
+    if not args.dry_run:
+        os.makedirs(args.local, exist_ok=True)
+    # A dry run probes where LOCAL would be made, and removes its probe: it
+    # reports the conflicts the real run would.
+    case_insensitive = probe_case_insensitive(nearest_existing(args.local))
+
+    plan = plan_restore(
+        objects, base_prefix, Path(args.local), filters, case_insensitive
+    )
+    if args.checksum:
+        # A file that cannot be read is simply restored over.
+        candidates = same_size_files(plan.downloads, objects)
+        contents = compare_contents(client, location.bucket, candidates, args.workers)
+        plan = with_same_content(plan, contents)
+    for key, why in plan.refused + plan.conflicts:
+        console.error(f"{printable(location.url(key))}: {why}", key=key)
+
+    if args.dry_run:
+        outcome = show_plan(plan, location, console)
+    else:
+        outcome = execute_restore(
+            plan, connection, location, args.local, args.workers, console
+        )
+
+    summary = Summary(
+        "restored",
+        transferred=outcome.transferred,
+        skipped=outcome.skipped,
+        failed=outcome.failed + len(plan.refused) + len(plan.conflicts),
+        nbytes=outcome.nbytes,
         seconds=time.monotonic() - started,
         refused=len(plan.refused),
         conflicts=len(plan.conflicts),
-        archived=sum(f.item.storage_class in ARCHIVE_STORAGE_CLASSES for f in failures),
-        at=at,
+        archived=outcome.archived,
+        at=None if when is None else format_when(when),
     )
-    console.summarize(summary)
+    if args.dry_run:
+        console.summarize(
+            summary,
+            f"(dry run) would restore {outcome.transferred} ({outcome.nbytes} bytes), "
+            f"skip {outcome.skipped}",
+        )
+    else:
+        console.summarize(summary)
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
 
 

@@ -1,7 +1,22 @@
-"""What backup.py and restore.py share: locations, filters, the command line, the S3
-client and the direct requests for small objects, error messages and exit codes, the
-worker pool and its bandwidth limit, progress, the summary and the JSON report, and
-the MD5s of files and objects (--checksum, --check)."""
+"""What backup.py and restore.py share, in the order a reader looks for things:
+
+- settings: sizes, worker counts and retries, each with the reason for its value;
+- errors and exit codes: the one place (describe_error) that turns an exception
+  into one line and an exit code;
+- the command line: the shared options, --exclude/--include filters, RATE;
+- locations, keys, bucket names and the metadata format, all pure: BUCKET::PREFIX,
+  key to path and back, mtime and mode metadata, the MD5 an ETag or md5chksum states;
+- the S3 session and listings: the client (connect), the server's clock,
+  ListObjectsV2 in key order and in ranges, MD5s of files and objects
+  (--checksum, --check);
+- worker pools, named by what they do on a failure (and on Ctrl-C):
+  map_failing_fast and call_failing_fast for reads, run_collecting_failures for
+  transfers; and the --bwlimit token bucket;
+- console and summary: messages, the progress line, the closing summary, the JSON
+  report, and run_cli, where each script's main begins and ends;
+- the fast transfer path: the TransferEngine (boto3's transfer manager) for
+  large files and direct signed requests for small objects.
+"""
 
 from __future__ import annotations
 
@@ -50,19 +65,21 @@ from botocore.config import Config
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# --- Settings: sizes, worker counts and retries ------------------------------
+
 MiB = 1024 * 1024
 UTC = timezone.utc  # datetime.UTC is Python 3.11 and newer  # noqa: UP017
 MULTIPART_THRESHOLD = 8 * MiB
 # Objects up to this size go up and down as one direct request (DirectRequests).
 SMALL_OBJECT = MiB
-# Measured with bench/run.py: 16 MiB parts upload W3 ~9 % faster than 8 MiB.
+# 16 MiB parts: fewer requests, faster than 8 MiB (bench/RESULTS.md, measured choices).
 MULTIPART_CHUNKSIZE = 16 * MiB
-# Measured with bench/run.py: on s3rver 16 and 32 workers are within noise and
-# 64 cost ~15 % more client CPU; with 50 ms per request (--latency 50), as S3 is
-# from afar, W1 took 21.4 s with 16, 11.3 s with 32 and 7.1 s with 64.
+# Enough to hide a distant server's round trips without the client CPU of more
+# threads nearby (bench/RESULTS.md, measured choices).
 DEFAULT_WORKERS = 32
-# Threads s3transfer may use for the parts of one large file (its own default,
-# which bench/run.py measured ~10 % faster than 8 on W6).
+# Threads s3transfer may use for the parts of one large file: its own default,
+# faster than 8 (bench/RESULTS.md, measured choices).
 PART_WORKERS = 10
 # The most keys one ListObjectsV2 page holds, and the size of a listing range.
 LIST_PAGE = 1000
@@ -73,20 +90,8 @@ BURST_SECONDS = 0.1
 # connections; botocore's standard mode backs off exponentially between them.
 RETRY_ATTEMPTS = 10
 
-STORAGE_CLASSES = (
-    "STANDARD",
-    "REDUCED_REDUNDANCY",
-    "STANDARD_IA",
-    "ONEZONE_IA",
-    "INTELLIGENT_TIERING",
-    "GLACIER",
-    "DEEP_ARCHIVE",
-    "GLACIER_IR",
-    "OUTPOSTS",
-    "SNOW",
-    "EXPRESS_ONEZONE",
-)
-ARCHIVE_STORAGE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+
+# --- Errors and exit codes: describe_error, the one place --------------------
 
 
 class ExitCode(IntEnum):
@@ -108,272 +113,138 @@ def usage_error(message: str) -> CliError:
     return CliError(message, ExitCode.USAGE)
 
 
-# --- Locations and keys ------------------------------------------------------
+def client_error_code(exc: BaseException) -> str:
+    if isinstance(exc, botocore.exceptions.ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
 
 
-@dataclass(frozen=True)
-class Location:
-    bucket: str
-    prefix: str  # normalised: no leading, trailing or doubled "/"; "" is the root
-
-    def url(self, key: str | None = None) -> str:
-        return f"s3://{self.bucket}/{self.prefix if key is None else key}"
-
-
-def normalize_prefix(raw: str) -> str:
-    """Drop leading, trailing and repeated "/", read "\\" as "/"; refuse "." and ".."."""
-    parts = [part for part in raw.replace("\\", "/").split("/") if part]
-    if any(part in (".", "..") for part in parts):
-        raise usage_error(f"prefix {raw!r} may not contain '.' or '..' segments")
-    return "/".join(parts)
-
-
-_WHITESPACE_NAMES = {
-    " ": "a space",
-    "\t": "a tab",
-    "\n": "a newline",
-    "\r": "a carriage return",
+_CHECKSUM_MISMATCH = (
+    "the server received bytes that do not match their checksum; a file being "
+    "written to while it is read does this: run again once it is left alone"
+)
+_CLIENT_ERROR_LINES = {
+    "BadDigest": _CHECKSUM_MISMATCH,
+    "XAmzContentSHA256Mismatch": _CHECKSUM_MISMATCH,
+    "AccessDenied": "access denied: check that these credentials may use the bucket",
+    "403": "access denied: the bucket belongs to another account or these credentials may not use it",
+    "AllAccessDisabled": "all access to this bucket has been disabled",
+    "NoSuchBucket": "the bucket does not exist: check its name (and --endpoint-url)",
+    "404": "not found: check the bucket name (and --endpoint-url)",
+    "BucketAlreadyExists": "the bucket name is taken by another account: choose another name",
+    "InvalidAccessKeyId": "the access key is not known to S3: check your credentials (aws configure)",
+    "SignatureDoesNotMatch": "the secret key does not match the access key: check your credentials (aws configure)",
+    "ExpiredToken": "the credentials have expired: renew them (e.g. aws sso login) and run again",
+    "InvalidToken": "the session token is not valid: renew your credentials and run again",
+    "InvalidObjectState": "the object is in an archive storage class (GLACIER or DEEP_ARCHIVE): "
+    "restore it from the archive first (aws s3api restore-object), then run again",
+    "SlowDown": "the server kept throttling requests (SlowDown) after every retry: run again later",
+    "InternalError": "the server kept failing (InternalError) after every retry: run again later",
+    "ServiceUnavailable": "the service was unavailable after every retry: run again later",
+    "InvalidStorageClass": "the storage class is not supported by this server",
+    "KMS.NotFoundException": "the KMS key was not found: check --sse-kms-key-id",
+    "InvalidLocationConstraint": "the server does not take this region as a bucket location: "
+    "check --region (on Ceph RGW it is the zonegroup's name, e.g. default)",
 }
 
 
-def whitespace_problem(text: str) -> str | None:
-    """What stray whitespace `text` starts or ends with ("ends with a space"), or None."""
-    for where, char in (("starts", text[:1]), ("ends", text[-1:])):
-        if char and char.isspace():
-            return f"{where} with {_WHITESPACE_NAMES.get(char, 'whitespace')}"
-    return None
-
-
-def parse_location(text: str) -> Location:
-    """Read BUCKET::PREFIX, BUCKET::, BUCKET, s3://BUCKET/PREFIX or s3://BUCKET."""
-    # "bucket::photos " would otherwise back up a second copy under "photos ".
-    problem = whitespace_problem(text)
-    if problem:
-        raise usage_error(f"location {text!r} {problem}: remove it")
-    if text[:5].lower() == "s3://":
-        bucket, _, prefix = text[5:].partition("/")
-    else:
-        bucket, _, prefix = text.partition("::")
-    if not bucket:
-        raise usage_error(
-            f"no bucket in location {text!r}: write BUCKET::PREFIX or s3://BUCKET/PREFIX"
+def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
+    """One actionable line and the exit code for an exception."""
+    if isinstance(exc, CliError):
+        return str(exc), exc.code
+    if isinstance(
+        exc,
+        (
+            botocore.exceptions.NoCredentialsError,
+            botocore.exceptions.PartialCredentialsError,
+        ),
+    ):
+        return (
+            (
+                "no AWS credentials found: run 'aws configure', set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY, or pick a profile with --profile"
+            ),
+            ExitCode.FAILURE,
         )
-    if bucket_name_problem(bucket, legacy=True):
-        raise usage_error(
-            f"{bucket!r} is not a bucket name: {bucket_name_problem(bucket)}"
+    if isinstance(exc, botocore.exceptions.ProfileNotFound):
+        return (
+            (
+                f"profile {exc.kwargs.get('profile')!r} is not in ~/.aws/config or "
+                "~/.aws/credentials: check --profile or AWS_PROFILE"
+            ),
+            ExitCode.FAILURE,
         )
-    return Location(bucket, normalize_prefix(prefix))
-
-
-def key_for(prefix: str, relative: str) -> str:
-    """The key of a "/"-separated path relative to the prefix."""
-    return f"{prefix}/{relative}" if prefix else relative
-
-
-def relative_key(prefix: str, key: str) -> str:
-    """The part of a key under the prefix folder (the inverse of key_for)."""
-    return key[len(prefix) + 1 :] if prefix else key
-
-
-def folder_prefix(prefix: str) -> str:
-    """The listing prefix that matches on a folder boundary."""
-    return f"{prefix}/" if prefix else ""
-
-
-# S3 refuses longer keys (in UTF-8 bytes).
-MAX_KEY_BYTES = 1024
-
-
-def key_length_problem(key: str) -> str | None:
-    """Why S3 would refuse `key` for its length, or None."""
-    size = len(key.encode("utf-8", "surrogateescape"))
-    if size > MAX_KEY_BYTES:
-        return f"its key is {size:,} bytes long, over S3's limit of {MAX_KEY_BYTES:,}: shorten the name or the prefix"
-    return None
-
-
-def printable(name: object) -> str:
-    """A file name or key for one line of output: control and other unprintable
-    characters escaped as Python's repr escapes them (a newline as \\n)."""
-    text = str(name)
-    if text.isprintable():
-        return text
-    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
-
-
-class UnsafeKey(ValueError):
-    """A key that would be written outside LOCAL, or not as the file it names."""
-
-
-_DRIVE_LETTER = re.compile(r"[A-Za-z]:")
-_WINDOWS_DEVICE_NAMES = {
-    "CON", "PRN", "AUX", "NUL",
-    *(f"COM{n}" for n in range(1, 10)),
-    *(f"LPT{n}" for n in range(1, 10)),
-}  # fmt: skip
-_WINDOWS_FORBIDDEN = set('<>:"|?*') | {chr(code) for code in range(32)}
-
-
-def path_for_key(relative: str, root: PurePath) -> PurePath:
-    """Where the key part `relative` lands under root; UnsafeKey if anywhere else.
-
-    A POSIX root (PurePosixPath) takes a backslash as an ordinary name
-    character; a Windows root (PureWindowsPath) reads it as a separator and
-    refuses it, with names that Windows reads as devices, streams or something else.
-    """
-    if not relative:
-        raise UnsafeKey("names no file")
-    if "\x00" in relative:
-        raise UnsafeKey("holds a NUL character")
-    if relative.startswith("/"):
-        raise UnsafeKey("is an absolute path")
-    if _DRIVE_LETTER.match(relative):
-        raise UnsafeKey("starts with a drive letter")
-    parts = relative.split("/")
-    if any(part in ("", ".", "..") for part in parts):
-        raise UnsafeKey("has an empty, '.' or '..' segment")
-    if isinstance(root, PureWindowsPath):
-        if "\\" in relative:
-            raise UnsafeKey("holds a backslash, a folder separator on Windows")
-        for part in parts:
-            if _WINDOWS_FORBIDDEN.intersection(part):
-                raise UnsafeKey(f"segment {part!r} holds a character Windows forbids")
-            if part[-1] in ". ":
-                raise UnsafeKey(f"segment {part!r} ends with a dot or space")
-            if part.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICE_NAMES:
-                raise UnsafeKey(f"segment {part!r} is a Windows device name")
-    target = root.joinpath(*parts)
-    if target.parts[: len(root.parts)] != root.parts:
-        raise UnsafeKey("lands outside the destination")
-    return target
-
-
-_RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
-DIRECTORY_BUCKET_SUFFIX = "--x-s3"  # S3 Express One Zone
-_RESERVED_BUCKET_SUFFIXES = (
-    "-s3alias",
-    "--ol-s3",
-    ".mrap",
-    DIRECTORY_BUCKET_SUFFIX,
-    "--table-s3",
-)
-
-
-def bucket_name_problem(name: str, legacy: bool = False) -> str | None:
-    """Why S3 would refuse `name` for a new bucket, or None if it would not.
-
-    With legacy=True, also accept what older buckets in us-east-1 may still be
-    called: upper-case letters, underscores and up to 255 characters.
-    """
-    if legacy:
-        name, max_length = name.lower().replace("_", "-"), 255
-    else:
-        max_length = 63
-    if not 3 <= len(name) <= max_length:
-        return f"a bucket name has 3 to {max_length} characters"
-    if not re.fullmatch(r"[a-z0-9.-]+", name):
-        return "a bucket name has only lowercase letters, digits, '.' and '-'"
-    if not (name[0].isalnum() and name[-1].isalnum()):
-        return "a bucket name starts and ends with a letter or digit"
-    if ".." in name:
-        return "a bucket name has no '..'"
-    try:
-        ipaddress.IPv4Address(name)
-        return "a bucket name is not an IP address"
-    except ValueError:
-        pass
-    for reserved in _RESERVED_BUCKET_PREFIXES:
-        if name.startswith(reserved):
-            return f"the prefix {reserved!r} is reserved by S3"
-    for reserved in _RESERVED_BUCKET_SUFFIXES:
-        if name.endswith(reserved):
-            return f"the suffix {reserved!r} is reserved by S3"
-    return None
-
-
-@dataclass(frozen=True)
-class RemoteObject:
-    key: str
-    size: int
-    last_modified: float  # seconds since the epoch
-    storage_class: str = "STANDARD"
-    etag: str = ""  # as listed, without its quotes
-    version_id: str | None = None  # a version picked by restore.py --at
-
-
-def list_objects(
-    client, bucket: str, prefix: str, boundaries: Sequence[str] = (), workers: int = 1
-) -> Iterator[RemoteObject]:
-    """Every object whose key starts with `prefix`, in key order, from paged
-    ListObjectsV2 requests that start at once.
-
-    Sorted `boundaries` cut the keys into ranges that are listed side by side on
-    up to `workers` threads, at most `workers` ranges ahead of the one read: the
-    first range ends with boundaries[0], the next starts after it, and the last
-    is everything after boundaries[-1]. A range is held whole until it is read.
-    """
-    if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
-        # Directory buckets list in no particular order and take no StartAfter:
-        # the only listing held whole, to be put in order.
-        whole = call_failing_fast(lambda: list(list_range(client, bucket, prefix)))
-        return iter(sorted(whole.result(), key=lambda obj: obj.key))
-    ranges = zip(("", *boundaries), (*boundaries, None))
-    listings = map_failing_fast(
-        lambda bounds: list(list_range(client, bucket, prefix, *bounds)),
-        ranges,
-        workers,
-        ahead=workers,
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = client_error_code(exc)
+        line = _CLIENT_ERROR_LINES.get(code)
+        if line is None:
+            message = exc.response.get("Error", {}).get("Message")
+            if not message:  # Ceph RGW leaves out most messages
+                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                message = f"the server answered HTTP {status} and gave no reason"
+            line = f"{code}: {message}"
+        return line, ExitCode.FAILURE
+    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
+        return (
+            f"could not connect to {exc.kwargs.get('endpoint_url')}: check the network or --endpoint-url",
+            ExitCode.FAILURE,
+        )
+    if isinstance(
+        exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
+    ):
+        return (
+            f"the connection kept failing after every retry ({exc}): run again later",
+            ExitCode.FAILURE,
+        )
+    if isinstance(exc, botocore.exceptions.InvalidRegionError):
+        return f"{exc}: check --region (e.g. eu-west-1)", ExitCode.USAGE
+    if isinstance(exc, botocore.exceptions.BotoCoreError):
+        return str(exc), ExitCode.FAILURE
+    if isinstance(exc, UnicodeError):
+        return (
+            "the name is not valid UTF-8, so it cannot be an S3 key: rename it",
+            ExitCode.FAILURE,
+        )
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        where = f": {printable(exc.filename)}" if exc.filename else ""
+        return f"{reason}{where}", ExitCode.FAILURE
+    return (
+        f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
+        ExitCode.FAILURE,
     )
-    return (obj for listing in listings for obj in listing)
 
 
-def list_range(
-    client, bucket: str, prefix: str, after: str = "", through: str | None = None
-) -> Iterator[RemoteObject]:
-    """The objects under `prefix` whose keys sort after `after` and up to `through`
-    (None: no end), page by page as they are read."""
-    params = {"Bucket": bucket, "Prefix": prefix}
-    if after:
-        params["StartAfter"] = after
-    pages = client.get_paginator("list_objects_v2").paginate(
-        **params, PaginationConfig={"PageSize": LIST_PAGE}
+def runtime_error(context: str, error: BaseException) -> CliError:
+    """A failure of the whole run: what was being done, then why."""
+    message, code = describe_error(error)
+    return CliError(f"{context}: {message}", code)
+
+
+def key_error(error: BaseException, key: str, otherwise: str) -> BaseException:
+    """The error of a request about one object, once the bucket is known to exist:
+    a 404 there is about the key (`otherwise`: what else it can mean to this script)."""
+    if client_error_code(error) not in ("404", "NoSuchKey"):
+        return error
+    return CliError(
+        f"the server answered 404 Not Found for the key {printable(key)}: it refuses "
+        f"this name (some servers refuse control characters){otherwise}"
     )
-    for page in pages:
-        contents = page.get("Contents", [])
-        for item in contents:
-            # S3 lists keys in UTF-8 byte order, which is the order of str.
-            if through is not None and item["Key"] > through:
-                return
-            yield RemoteObject(
-                item["Key"],
-                item["Size"],
-                item["LastModified"].timestamp(),
-                item.get("StorageClass", "STANDARD"),
-                item.get("ETag", "").strip('"'),
-            )
-        # A page that ends on `through` ends the range, without asking for another.
-        if through is not None and contents and contents[-1]["Key"] == through:
-            return
 
 
-def listing_boundaries(keys_in_order: Iterable[str]) -> list[str]:
-    """Where to cut a listing into ranges of one page each, from the keys it should
-    hold, in key order.
-
-    Every LIST_PAGE-th key but the last key itself: a range after the last key
-    holds nothing that is expected, only what is new.
-    """
-    boundaries, last = [], None
-    for count, key in enumerate(keys_in_order, 1):
-        if count % LIST_PAGE == 0:
-            boundaries.append(key)
-        last = key
-    if boundaries and boundaries[-1] == last:
-        boundaries.pop()
-    return boundaries
+def failure_line(action: str, where: str, error: BaseException) -> str:
+    """'<action> failed: <where>: <why>', naming `where` once."""
+    why = describe_error(error)[0]
+    where = printable(where)
+    return f"{action} failed: {where}: {why.removesuffix(f': {where}')}"
 
 
-# --- Filters -----------------------------------------------------------------
+def one_line(text: str) -> str:
+    """A message on one line: its line breaks (and the space around them) become one space."""
+    return re.sub(r"\s*[\r\n]+\s*", " ", str(text)).strip()
+
+
+# --- Command line: shared options, --exclude/--include filters, RATE ---------
 
 
 @dataclass(frozen=True)
@@ -402,9 +273,6 @@ class _FilterAction(argparse.Action):
     def __call__(self, parser, namespace, value, option_string=None):
         rules = getattr(namespace, self.dest) or ()
         setattr(namespace, self.dest, (*rules, (option_string == "--include", value)))
-
-
-# --- Command line ------------------------------------------------------------
 
 
 EXIT_CODES_HELP = """
@@ -543,7 +411,282 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
 
-# --- Client and credentials --------------------------------------------------
+# --- Locations, keys, bucket names and the metadata format (pure) ------------
+
+
+@dataclass(frozen=True)
+class Location:
+    bucket: str
+    prefix: str  # normalised: no leading, trailing or doubled "/"; "" is the root
+
+    def url(self, key: str | None = None) -> str:
+        return f"s3://{self.bucket}/{self.prefix if key is None else key}"
+
+
+def normalize_prefix(raw: str) -> str:
+    """Drop leading, trailing and repeated "/", read "\\" as "/"; refuse "." and ".."."""
+    parts = [part for part in raw.replace("\\", "/").split("/") if part]
+    if any(part in (".", "..") for part in parts):
+        raise usage_error(f"prefix {raw!r} may not contain '.' or '..' segments")
+    return "/".join(parts)
+
+
+_WHITESPACE_NAMES = {
+    " ": "a space",
+    "\t": "a tab",
+    "\n": "a newline",
+    "\r": "a carriage return",
+}
+
+
+def whitespace_problem(text: str) -> str | None:
+    """What stray whitespace `text` starts or ends with ("ends with a space"), or None."""
+    for where, char in (("starts", text[:1]), ("ends", text[-1:])):
+        if char and char.isspace():
+            return f"{where} with {_WHITESPACE_NAMES.get(char, 'whitespace')}"
+    return None
+
+
+def parse_location(text: str) -> Location:
+    """Read BUCKET::PREFIX, BUCKET::, BUCKET, s3://BUCKET/PREFIX or s3://BUCKET."""
+    # "bucket::photos " would otherwise back up a second copy under "photos ".
+    problem = whitespace_problem(text)
+    if problem:
+        raise usage_error(f"location {text!r} {problem}: remove it")
+    if text[:5].lower() == "s3://":
+        bucket, _, prefix = text[5:].partition("/")
+    else:
+        bucket, _, prefix = text.partition("::")
+    if not bucket:
+        raise usage_error(
+            f"no bucket in location {text!r}: write BUCKET::PREFIX or s3://BUCKET/PREFIX"
+        )
+    if bucket_name_problem(bucket, legacy=True):
+        raise usage_error(
+            f"{bucket!r} is not a bucket name: {bucket_name_problem(bucket)}"
+        )
+    return Location(bucket, normalize_prefix(prefix))
+
+
+def key_for(prefix: str, relative: str) -> str:
+    """The key of a "/"-separated path relative to the prefix."""
+    return f"{prefix}/{relative}" if prefix else relative
+
+
+def relative_key(prefix: str, key: str) -> str:
+    """The part of a key under the prefix folder (the inverse of key_for)."""
+    return key[len(prefix) + 1 :] if prefix else key
+
+
+def folder_prefix(prefix: str) -> str:
+    """The listing prefix that matches on a folder boundary."""
+    return f"{prefix}/" if prefix else ""
+
+
+# S3 refuses longer keys (in UTF-8 bytes).
+MAX_KEY_BYTES = 1024
+
+
+def key_length_problem(key: str) -> str | None:
+    """Why S3 would refuse `key` for its length, or None."""
+    size = len(key.encode("utf-8", "surrogateescape"))
+    if size > MAX_KEY_BYTES:
+        return f"its key is {size:,} bytes long, over S3's limit of {MAX_KEY_BYTES:,}: shorten the name or the prefix"
+    return None
+
+
+def printable(name: object) -> str:
+    """A file name or key for one line of output: control and other unprintable
+    characters escaped as Python's repr escapes them (a newline as \\n)."""
+    text = str(name)
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+class UnsafeKey(ValueError):
+    """A key that would be written outside LOCAL, or not as the file it names."""
+
+
+_DRIVE_LETTER = re.compile(r"[A-Za-z]:")
+_WINDOWS_DEVICE_NAMES = {
+    "CON", "PRN", "AUX", "NUL",
+    *(f"COM{n}" for n in range(1, 10)),
+    *(f"LPT{n}" for n in range(1, 10)),
+}  # fmt: skip
+_WINDOWS_FORBIDDEN = set('<>:"|?*') | {chr(code) for code in range(32)}
+
+
+def is_within(path: PurePath, root: PurePath) -> bool:
+    """Whether path is root or lies under it, compared part by part: /data2 is not
+    under /data, and everything is under /."""
+    return path.parts[: len(root.parts)] == root.parts
+
+
+def path_for_key(relative: str, root: PurePath) -> PurePath:
+    """Where the key part `relative` lands under root; UnsafeKey if anywhere else.
+
+    A POSIX root (PurePosixPath) takes a backslash as an ordinary name
+    character; a Windows root (PureWindowsPath) reads it as a separator and
+    refuses it, with names that Windows reads as devices, streams or something else.
+    """
+    if not relative:
+        raise UnsafeKey("names no file")
+    if "\x00" in relative:
+        raise UnsafeKey("holds a NUL character")
+    if relative.startswith("/"):
+        raise UnsafeKey("is an absolute path")
+    if _DRIVE_LETTER.match(relative):
+        raise UnsafeKey("starts with a drive letter")
+    parts = relative.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise UnsafeKey("has an empty, '.' or '..' segment")
+    if isinstance(root, PureWindowsPath):
+        if "\\" in relative:
+            raise UnsafeKey("holds a backslash, a folder separator on Windows")
+        for part in parts:
+            if _WINDOWS_FORBIDDEN.intersection(part):
+                raise UnsafeKey(f"segment {part!r} holds a character Windows forbids")
+            if part[-1] in ". ":
+                raise UnsafeKey(f"segment {part!r} ends with a dot or space")
+            if part.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICE_NAMES:
+                raise UnsafeKey(f"segment {part!r} is a Windows device name")
+    target = root.joinpath(*parts)
+    if not is_within(target, root):
+        raise UnsafeKey("lands outside the destination")
+    return target
+
+
+_RESERVED_BUCKET_PREFIXES = ("xn--", "sthree-", "amzn-s3-demo-")
+DIRECTORY_BUCKET_SUFFIX = "--x-s3"  # S3 Express One Zone
+_RESERVED_BUCKET_SUFFIXES = (
+    "-s3alias",
+    "--ol-s3",
+    ".mrap",
+    DIRECTORY_BUCKET_SUFFIX,
+    "--table-s3",
+)
+
+
+def bucket_name_problem(name: str, legacy: bool = False) -> str | None:
+    """Why S3 would refuse `name` for a new bucket, or None if it would not.
+
+    With legacy=True, also accept what older buckets in us-east-1 may still be
+    called: upper-case letters, underscores and up to 255 characters.
+    """
+    if legacy:
+        name, max_length = name.lower().replace("_", "-"), 255
+    else:
+        max_length = 63
+    if not 3 <= len(name) <= max_length:
+        return f"a bucket name has 3 to {max_length} characters"
+    if not re.fullmatch(r"[a-z0-9.-]+", name):
+        return "a bucket name has only lowercase letters, digits, '.' and '-'"
+    if not (name[0].isalnum() and name[-1].isalnum()):
+        return "a bucket name starts and ends with a letter or digit"
+    if ".." in name:
+        return "a bucket name has no '..'"
+    try:
+        ipaddress.IPv4Address(name)
+        return "a bucket name is not an IP address"
+    except ValueError:
+        pass
+    for reserved in _RESERVED_BUCKET_PREFIXES:
+        if name.startswith(reserved):
+            return f"the prefix {reserved!r} is reserved by S3"
+    for reserved in _RESERVED_BUCKET_SUFFIXES:
+        if name.endswith(reserved):
+            return f"the suffix {reserved!r} is reserved by S3"
+    return None
+
+
+def format_mtime(mtime_ns: int) -> str:
+    """Seconds since the epoch with nanoseconds, as rclone writes its mtime metadata."""
+    sign = "-" if mtime_ns < 0 else ""
+    seconds, nanos = divmod(abs(mtime_ns), 1_000_000_000)
+    return f"{sign}{seconds}.{nanos:09d}"
+
+
+def parse_mtime(text: str | None) -> int | None:
+    """Nanoseconds since the epoch (before 1970 too) from an mtime metadata value, or None if unusable."""
+    if not text:
+        return None
+    try:
+        value = Decimal(text.strip())
+    except InvalidOperation:
+        return None
+    # Some 35,000 years either way: beyond that no file system keeps a time.
+    if not value.is_finite() or not -(2**40) < value < 2**40:
+        return None
+    return int(value * 1_000_000_000)
+
+
+def parse_mode(text: str | None) -> int | None:
+    """Permission bits from a mode metadata value (octal st_mode), or None."""
+    if not text:
+        return None
+    try:
+        return int(text.strip(), 8) & 0o777
+    except ValueError:
+        return None
+
+
+def format_when(seconds: float) -> str:
+    """A moment in UTC to the second, in a form restore.py --at reads: 2026-11-28T05:12:03Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+def restore_point(server_time: float | None, now: float) -> str:
+    """The moment at which every object written before `server_time` (a Date header,
+    else the local `now`) is in place, whatever resolution the server keeps LastModified
+    to: a Date header is cut to the second, so the answer came before the next second."""
+    if server_time is None:
+        return format_when(math.ceil(now))
+    return format_when(server_time + 1)
+
+
+# User metadata holding the base64 MD5 of an object whose ETag is not its MD5
+# (multipart uploads, SSE-KMS): rclone's name and format, so that rclone can
+# check our objects and we can check rclone's.
+MD5_METADATA = "md5chksum"
+HASH_CHUNK = MiB
+_PLAIN_ETAG = re.compile(r"[0-9a-f]{32}")
+
+
+def md5_of_etag(etag: str) -> str | None:
+    """The hex MD5 an ETag of plain form states; None for a multipart ETag ("<hex>-N") or any other form.
+
+    A plain-form ETag is the object's MD5 only if it is not encrypted with SSE-KMS
+    or SSE-C, which ListObjectsV2 does not say: only a HEAD does (object_md5).
+    """
+    etag = etag.strip('"').lower()
+    return etag if _PLAIN_ETAG.fullmatch(etag) else None
+
+
+def md5chksum(md5: str) -> str:
+    """A hex MD5 as the md5chksum metadata writes it (base64 of the digest)."""
+    return base64.b64encode(bytes.fromhex(md5)).decode()
+
+
+def md5_of_md5chksum(value: str | None) -> str | None:
+    """The hex MD5 in an md5chksum metadata value, or None if it holds none."""
+    try:
+        digest = base64.b64decode(value or "", validate=True)
+    except ValueError:
+        return None
+    return digest.hex() if len(digest) == 16 else None
+
+
+def object_md5(head: dict) -> str | None:
+    """An object's hex MD5 from its HeadObject answer: the ETag when that is the MD5, else md5chksum."""
+    encrypted = head.get("ServerSideEncryption", "").startswith("aws:kms") or bool(
+        head.get("SSECustomerAlgorithm")
+    )
+    etag_md5 = None if encrypted else md5_of_etag(head.get("ETag", ""))
+    return etag_md5 or md5_of_md5chksum(head.get("Metadata", {}).get(MD5_METADATA))
+
+
+# --- The S3 session, listings and MD5s of files and objects ------------------
 
 
 def endpoint_url_from(args: argparse.Namespace) -> str | None:
@@ -629,20 +772,6 @@ class ServerClock:
         self.saw(http_response.headers.get("Date"))
 
 
-def format_when(seconds: float) -> str:
-    """A moment in UTC to the second, in a form restore.py --at reads: 2026-11-28T05:12:03Z."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
-
-
-def restore_point(server_time: float | None, now: float) -> str:
-    """The moment at which every object written before `server_time` (a Date header,
-    else the local `now`) is in place, whatever resolution the server keeps LastModified
-    to: a Date header is cut to the second, so the answer came before the next second."""
-    if server_time is None:
-        return format_when(math.ceil(now))
-    return format_when(server_time + 1)
-
-
 @dataclass(frozen=True)
 class Connection:
     client: object  # a botocore S3 client, shared by every thread
@@ -655,8 +784,8 @@ class Connection:
 def connect(args: argparse.Namespace, pool_size: int) -> Connection:
     """One S3 client for the run, after checking there are credentials to sign with."""
     core = botocore.session.Session(profile=args.profile)
-    # Measured with bench/run.py: dateutil's parsing of LastModified was a quarter
-    # of the client's CPU in a no-change backup of 5,000 files.
+    # dateutil's parsing of LastModified was much of a no-change backup's CPU
+    # (bench/RESULTS.md, measured choices).
     core.get_component("response_parser_factory").set_parser_defaults(
         timestamp_parser=parse_timestamp
     )
@@ -695,7 +824,7 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
     client = make_client(config)
     # After a failed direct request botocore makes one attempt fewer, so that each
     # request is tried `attempts` times in all; with one attempt, nothing goes direct.
-    # That client is made only when first needed: a client takes ~45 ms to make.
+    # That client is made only when first needed: making a client takes time.
     make_retry_client = None
     if attempts > 1:
         retry_config = config.merge(
@@ -714,546 +843,380 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
     return Connection(client, region, direct, clock, bandwidth)
 
 
-def create_transfer_manager(
-    client, open_file: Callable[[str, str], BinaryIO] | None = None
-):
-    """boto3's transfer manager, for multipart uploads and ranged downloads;
-    open_file(name, mode), if given, opens the files it uploads by name."""
-    # Imported here, not at the top: boto3 and s3transfer take some 30 ms to import,
-    # and a backup with nothing to upload never needs them.
-    from boto3.s3.transfer import TransferConfig
-    from boto3.s3.transfer import create_transfer_manager as create
-    from s3transfer.utils import OSUtils
-
-    class Opener(OSUtils):
-        def open(self, filename, mode):
-            return open_file(filename, mode)
-
-    # The CRT transfer client ignores endpoint_url (boto3 issue 4839): pin classic.
-    config = TransferConfig(
-        multipart_threshold=MULTIPART_THRESHOLD,
-        multipart_chunksize=MULTIPART_CHUNKSIZE,
-        max_concurrency=PART_WORKERS,
-        preferred_transfer_client="classic",
-    )
-    return create(client, config, osutil=None if open_file is None else Opener())
-
-
-# --- Direct requests for small objects ---------------------------------------
-
-
-class DirectFailed(Exception):
-    """No direct request could be sent, or it got no plain success: send it through botocore."""
-
-    def __init__(self, reason: str, attempted: bool = True):
-        super().__init__(reason)
-        self.attempted = attempted
-
-
-class SigV4:
-    """AWS Signature Version 4 in headers, as botocore's S3SigV4Auth signs an S3 request
-    (tests/test_direct.py checks that both give the same Authorization), keeping the
-    signing key for the day instead of deriving it for every request."""
-
-    def __init__(self, region: str, service: str):
-        self.region, self.service = region, service
-        self._keys: dict[tuple[str, str], bytes] = {}  # by (secret key, day)
-
-    def _signing_key(self, secret_key: str, day: str) -> bytes:
-        key = self._keys.get((secret_key, day))
-        if key is None:
-            key = f"AWS4{secret_key}".encode()
-            for part in (day, self.region, self.service, "aws4_request"):
-                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
-            self._keys = {(secret_key, day): key}
-        return key
-
-    def sign(
-        self,
-        credentials,
-        method: str,
-        host: str,
-        path: str,
-        headers: dict[str, str],
-        payload: bytes,
-        now: time.struct_time,
-        query: str = "",
-    ) -> dict[str, str]:
-        """The headers to send: `headers` and Host, X-Amz-Date, the payload's
-        SHA-256, the session token if any, and the Authorization.
-
-        `query` is the URL's query string, already encoded and in sorted order
-        (as version_query writes it), which is then its canonical form."""
-        timestamp = time.strftime("%Y%m%dT%H%M%SZ", now)
-        signed = {
-            name.lower(): " ".join(value.split()) for name, value in headers.items()
-        }
-        signed["host"] = host
-        signed["x-amz-date"] = timestamp
-        signed["x-amz-content-sha256"] = hashlib.sha256(payload).hexdigest()
-        if credentials.token:
-            signed["x-amz-security-token"] = credentials.token
-        names = sorted(signed)
-        canonical_request = "\n".join(
-            [
-                method,
-                path,
-                query,
-                *(f"{name}:{signed[name]}" for name in names),
-                "",
-                ";".join(names),
-                signed["x-amz-content-sha256"],
-            ]
-        )
-        scope = f"{timestamp[:8]}/{self.region}/{self.service}/aws4_request"
-        string_to_sign = "\n".join(
-            [
-                "AWS4-HMAC-SHA256",
-                timestamp,
-                scope,
-                hashlib.sha256(canonical_request.encode()).hexdigest(),
-            ]
-        )
-        key = self._signing_key(credentials.secret_key, timestamp[:8])
-        signature = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
-        signed["authorization"] = (
-            f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
-            f"SignedHeaders={';'.join(names)}, Signature={signature}"
-        )
-        return signed
-
-
-def host_header(parts) -> str:
-    """The Host header for a split URL, as botocore signs it: no default port."""
-    host = parts.hostname
-    if ":" in host:
-        host = f"[{host}]"
-    if parts.port is None or parts.port == {"http": 80, "https": 443}[parts.scheme]:
-        return host
-    return f"{host}:{parts.port}"
-
-
 @dataclass(frozen=True)
-class Route:
-    """Where botocore sent an object request, and how it signed it."""
-
-    origin: tuple[str, str]  # (scheme, host[:port]) to connect to
-    host: str  # the Host header
-    base_path: str  # the object's path with its key left off
-    signer: SigV4
-
-
-@dataclass(frozen=True)
-class FetchedObject:
-    metadata: dict[str, str]  # user metadata, names in lower case
+class RemoteObject:
+    key: str
+    size: int
     last_modified: float  # seconds since the epoch
-    chunks: Iterator[bytes]
+    storage_class: str = "STANDARD"
+    etag: str = ""  # as listed, without its quotes
+    version_id: str | None = None  # a version picked by restore.py --at
 
 
-# Parameters of put_object that a direct PUT sends, as the headers botocore sends them.
-PUT_HEADERS = {
-    "ChecksumAlgorithm": "x-amz-sdk-checksum-algorithm",
-    "ChecksumCRC32": "x-amz-checksum-crc32",
-    "ContentType": "Content-Type",
-    "StorageClass": "x-amz-storage-class",
-    "ServerSideEncryption": "x-amz-server-side-encryption",
-    "SSEKMSKeyId": "x-amz-server-side-encryption-aws-kms-key-id",
-}
-# Answers meaning the route or the signature no longer fits: learn it again.
-STALE_ROUTE_STATUSES = (301, 307, 400, 403)
-# Learning the route again after this many stale answers stops: botocore does the rest.
-MAX_ROUTE_CHANGES = 3
-DIRECT_TIMEOUT = 60  # seconds, botocore's default connect and read timeouts
-DIRECT_USER_AGENT = (
-    f"s3backup-direct Botocore/{botocore.__version__} "
-    f"Python/{sys.version_info[0]}.{sys.version_info[1]}.{sys.version_info[2]}"
-)
+def list_objects(
+    client, bucket: str, prefix: str, boundaries: Sequence[str] = (), workers: int = 1
+) -> Iterator[RemoteObject]:
+    """Every object whose key starts with `prefix`, in key order, from paged
+    ListObjectsV2 requests that start at once.
+
+    Sorted `boundaries` cut the keys into ranges that are listed side by side on
+    up to `workers` threads, at most `workers` ranges ahead of the one read: the
+    first range ends with boundaries[0], the next starts after it, and the last
+    is everything after boundaries[-1]. A range is held whole until it is read.
+    """
+    if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
+        # Directory buckets list in no particular order and take no StartAfter:
+        # the only listing held whole, to be put in order.
+        whole = call_failing_fast(lambda: list(list_range(client, bucket, prefix)))
+        return iter(sorted(whole.result(), key=lambda obj: obj.key))
+    ranges = zip(("", *boundaries), (*boundaries, None))
+    listings = map_failing_fast(
+        lambda bounds: list(list_range(client, bucket, prefix, *bounds)),
+        ranges,
+        workers,
+        ahead=workers,
+    )
+    return (obj for listing in listings for obj in listing)
 
 
-def key_path(key: str) -> str:
-    """A key as botocore writes it in a URL path."""
-    return quote(key, safe="/~")
+def list_range(
+    client, bucket: str, prefix: str, after: str = "", through: str | None = None
+) -> Iterator[RemoteObject]:
+    """The objects under `prefix` whose keys sort after `after` and up to `through`
+    (None: no end), page by page as they are read."""
+    params = {"Bucket": bucket, "Prefix": prefix}
+    if after:
+        params["StartAfter"] = after
+    pages = client.get_paginator("list_objects_v2").paginate(
+        **params, PaginationConfig={"PageSize": LIST_PAGE}
+    )
+    for page in pages:
+        contents = page.get("Contents", [])
+        for item in contents:
+            # S3 lists keys in UTF-8 byte order, which is the order of str.
+            if through is not None and item["Key"] > through:
+                return
+            yield RemoteObject(
+                item["Key"],
+                item["Size"],
+                item["LastModified"].timestamp(),
+                item.get("StorageClass", "STANDARD"),
+                item.get("ETag", "").strip('"'),
+            )
+        # A page that ends on `through` ends the range, without asking for another.
+        if through is not None and contents and contents[-1]["Key"] == through:
+            return
 
 
-def version_query(version_id: str | None) -> str:
-    """The query string of a request for one version of an object, as botocore writes it."""
-    return "" if version_id is None else f"versionId={quote(version_id, safe='-_.~')}"
+def file_md5(path: str) -> str:
+    """The hex MD5 of a file's bytes, read once in chunks."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as file:
+        while chunk := file.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
-def crc32_header(crc: int) -> str:
-    """A CRC32 as S3's x-amz-checksum-crc32 header writes it."""
-    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+@dataclass
+class Contents:
+    """MD5s (hex) of files and of their objects, keyed by S3 key."""
+
+    local: dict[str, str] = field(default_factory=dict)
+    remote: dict[str, str | None] = field(default_factory=dict)  # None: not known
+    # Files that could not be read, by key.
+    failures: list[Failure] = field(default_factory=list)
 
 
-class DirectRequests:
-    """Whole-object GET and PUT of small objects, signed as botocore signs them and
-    sent on one kept-alive connection per thread.
+def head_md5(
+    client, bucket: str, key: str, version_id: str | None = None
+) -> str | None:
+    """One HEAD (of one version, if given): the object's MD5 (object_md5), or None
+    if it has none or is gone."""
+    versioned = {"VersionId": version_id} if version_id else {}
+    try:
+        head = client.head_object(Bucket=bucket, Key=key, **versioned)
+    except botocore.exceptions.ClientError as exc:
+        # 400: S3's answer to a HEAD of an SSE-C object without its key, whose
+        # MD5 is not to be had.
+        if client_error_code(exc) in ("404", "NoSuchKey", "400"):
+            return None
+        raise
+    return object_md5(head)
 
-    Measured with bench/run.py: botocore spends ~1.3 ms of CPU on each request
-    (endpoint rules, event hooks, response parsing) against ~0.25 ms for the same
-    signed request sent with http.client, and for small files that is the whole
-    cost of a backup or a restore.
 
-    It only repeats what botocore has done: until botocore has completed a GetObject
-    (PutObject) over the network, not one a mock answered in-process, get() (put())
-    raises DirectFailed; after that it sends to the URL botocore used, signed (SigV4)
-    for the region botocore signed for. It takes only a plain 200 answer:
-    anything else raises DirectFailed, and the caller sends the request again through
-    botocore, which retries, follows redirects and explains errors.
+def both_md5s(
+    client, bucket: str, key: str, path: str, obj: RemoteObject
+) -> tuple[str | OSError, str | None]:
+    """The file's MD5 (or why it could not be read) and its object's (None: not known).
+
+    A listed ETag of plain form that equals the file's MD5 settles it with no
+    request; otherwise one HEAD tells whether the ETag is the MD5, or gives md5chksum.
+    """
+    try:
+        local = file_md5(path)
+    except OSError as exc:
+        return exc, None
+    if md5_of_etag(obj.etag) == local:
+        return local, local
+    try:
+        return local, head_md5(client, bucket, key, obj.version_id)
+    except botocore.exceptions.ClientError as exc:
+        raise runtime_error(
+            f"cannot read the metadata of s3://{bucket}/{key}", exc
+        ) from None
+
+
+def compare_contents(
+    client, bucket: str, candidates: dict[str, tuple[str, RemoteObject]], workers: int
+) -> Contents:
+    """Hash each candidate (key: (file path, its object)) and find its object's MD5
+    (both_md5s), on `workers` threads."""
+
+    keys = sorted(candidates)
+    md5s = map_failing_fast(
+        lambda key: both_md5s(client, bucket, key, *candidates[key]), keys, workers
+    )
+    contents = Contents()
+    for key in keys:
+        local, remote = next(md5s)
+        if isinstance(local, OSError):
+            contents.failures.append(Failure(key, local))
+        else:
+            contents.local[key], contents.remote[key] = local, remote
+    return contents
+
+
+# --- Worker pools and the --bwlimit token bucket -----------------------------
+
+
+@dataclass(frozen=True)
+class Failure(Generic[T]):
+    """One item of a run that failed (a path, a key, an Upload...), and why."""
+
+    item: T
+    error: BaseException
+
+
+class Cancelled(Exception):
+    """The run was interrupted while this transfer was under way."""
+
+
+class TokenBucket:
+    """At most `rate` bytes per second across every thread that takes from it (--bwlimit).
+
+    A taker books its bytes at once, running the bucket into debt if need be, and
+    waits until the rate has paid for them: any size passes, and takers queue in
+    the order they came. A bucket left idle fills up to BURST_SECONDS of bytes.
     """
 
-    def __init__(
-        self,
-        client,
-        make_retry_client: Callable[[], object] | None,
-        credentials,
-        ca_bundle: str,
-        clock: ServerClock,
-    ):
-        self._client = client
+    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic):
+        self.rate = rate
         self._clock = clock
-        self._make_retry_client = make_retry_client
-        self._retry_client = None
-        self._making_retry_client = threading.Lock()
-        self._credentials = credentials
-        self._routes: dict[tuple[str, str], Route] = {}  # by (operation, bucket)
-        self._route_changes = 0
-        self._local = threading.local()
-        self._ssl_context = None
-        self._ca_bundle = ca_bundle
-        config = client.meta.config
-        if (
-            make_retry_client is not None
-            and config.signature_version in (None, "s3v4", "v4")
-            and not getattr(config, "client_cert", None)
-        ):
-            for operation in ("GetObject", "PutObject"):
-                client.meta.events.register(f"after-call.s3.{operation}", self._learn)
+        self._burst = rate * BURST_SECONDS
+        self._tokens = 0.0
+        self._filled_at = clock()
+        self._lock = threading.Lock()
 
-    def _learn(self, http_response, context, model, **kwargs) -> None:
-        """Take the route of a request botocore has just completed over the network."""
-        signing = context.get("signing", {})
-        params = context.get("input_params", {})
-        key, (url, _, query) = params.get("Key") or "", http_response.url.partition("?")
-        quoted = key_path(key)
-        if (
-            http_response.status_code == 200
-            and isinstance(http_response.raw, urllib3.response.HTTPResponse)
-            and context.get("auth_type") == "v4"
-            and signing.get("signing_name") == "s3"
-            and "request_credentials" not in signing
-            and key
-            and url.endswith("/" + quoted)
-            # No query string, or only the version asked for (as version_query writes it).
-            and (not query or re.fullmatch(r"versionId=[^&]+", query))
-            and not urllib.request.getproxies().get(urlsplit(url).scheme)
-            and self._route_changes < MAX_ROUTE_CHANGES
-        ):
-            parts = urlsplit(url[: -len(quoted)])
-            self._routes[model.name, params["Bucket"]] = Route(
-                (parts.scheme, parts.netloc),
-                host_header(parts),
-                parts.path,
-                SigV4(signing["region"], signing["signing_name"]),
-            )
+    def book(self, nbytes: int) -> float:
+        """Take nbytes from the bucket; the seconds to wait before they may move."""
+        with self._lock:
+            now = self._clock()
+            refill = (now - self._filled_at) * self.rate
+            self._tokens = min(self._burst, self._tokens + refill) - nbytes
+            self._filled_at = now
+            return max(0.0, -self._tokens / self.rate)
 
-    def client_after(self, failure: DirectFailed):
-        """The botocore client to send a request with once its direct request failed."""
-        if not failure.attempted:
-            return self._client
-        with self._making_retry_client:
-            if self._retry_client is None:
-                self._retry_client = self._make_retry_client()
-        return self._retry_client
+    def take(self, nbytes: int, cancel: threading.Event) -> None:
+        """Wait until nbytes may move; Cancelled when the run is interrupted meanwhile."""
+        delay = self.book(nbytes)
+        if delay > 0 and cancel.wait(delay):
+            raise Cancelled()
 
-    def _connection(self, origin: tuple[str, str]) -> http.client.HTTPConnection:
-        """This thread's kept-alive connection to (scheme, host[:port])."""
-        connections = self._local.__dict__.setdefault("connections", {})
-        if origin not in connections:
-            scheme, netloc = origin
-            if scheme == "https":
-                if self._ssl_context is None:
-                    self._ssl_context = ssl.create_default_context(
-                        cafile=self._ca_bundle
-                    )
-                connections[origin] = http.client.HTTPSConnection(
-                    netloc, timeout=DIRECT_TIMEOUT, context=self._ssl_context
-                )
-            else:
-                connections[origin] = http.client.HTTPConnection(
-                    netloc, timeout=DIRECT_TIMEOUT
-                )
-        return connections[origin]
 
-    def _drop(self, origin: tuple[str, str]) -> None:
-        """Close this thread's connection after a failure; the next request opens another."""
-        connection = self._local.__dict__.get("connections", {}).pop(origin, None)
-        if connection is not None:
-            connection.close()
+class BandwidthSubscriber:
+    """Holds each read (upload) or write (download) of one s3transfer transfer to the
+    run's TokenBucket; s3transfer calls on_progress by name, from the thread that
+    moves the bytes, and not for reads that only compute a checksum."""
 
-    def _send(
-        self,
-        operation: str,
-        bucket: str,
-        key: str,
-        method: str,
-        body: bytes,
-        headers,
-        query: str = "",
-    ) -> tuple[http.client.HTTPResponse, tuple[str, str]]:
-        """One signed request; its 200 response (a GET's body unread) and its origin."""
-        route = self._routes.get((operation, bucket))
-        if route is None:
-            raise DirectFailed(
-                f"botocore has completed no {operation} yet", attempted=False
-            )
-        path = route.base_path + key_path(key)
-        origin = route.origin
-        credentials = self._credentials.get_frozen_credentials()
-        headers = route.signer.sign(
-            credentials, method, route.host, path, headers, body, time.gmtime(), query
-        )
-        headers["User-Agent"] = DIRECT_USER_AGENT
+    def __init__(self, bandwidth: TokenBucket, cancel: threading.Event):
+        self._bandwidth = bandwidth
+        self._cancel = cancel
+
+    def on_progress(self, future, bytes_transferred, **kwargs):
+        # A retry reports the bytes it goes back over as negative progress.
+        if bytes_transferred > 0:
+            self._bandwidth.take(bytes_transferred, self._cancel)
+
+
+def throttled(
+    chunks: Iterable[bytes], bandwidth: TokenBucket, cancel: threading.Event
+) -> Iterator[bytes]:
+    """The chunks, each let through when the bucket has room for it."""
+    for chunk in chunks:
+        bandwidth.take(len(chunk), cancel)
+        yield chunk
+
+
+def map_failing_fast(
+    function: Callable[[T], R], items: Iterable[T], workers: int, ahead: int = 0
+) -> Iterator[R]:
+    """function(item) for each item on up to `workers` threads, started at once and
+    at most `ahead` (default 2 × workers) items beyond the result awaited; the
+    results in the items' order.
+
+    On failure: no further item starts, and the exception is raised in place of
+    its result. On Ctrl-C the caller stops waiting at once: the threads are
+    daemons, left to end with the process (for reads only: listings, HEADs, hashes).
+    """
+    ahead = ahead or 2 * workers
+    source = iter(items)
+    jobs: queue.SimpleQueue = queue.SimpleQueue()
+    window: collections.deque[Future] = collections.deque()
+    failures: list[BaseException] = []
+    threads = 0
+
+    def worker() -> None:
+        while (job := jobs.get()) is not None:
+            item, future = job
+            if failures:
+                future.cancel()
+                continue
+            try:
+                future.set_result(function(item))
+            # Whatever it is, it belongs to whoever asks for the result.
+            except Exception as exc:  # noqa: BLE001
+                failures.append(exc)
+                future.set_exception(exc)
+
+    def submit() -> bool:
+        nonlocal threads
+        item = next(source, _END)
+        if item is _END:
+            return False
+        future: Future = Future()
+        window.append(future)
+        jobs.put((item, future))
+        if threads < min(workers, len(window)):
+            threads += 1
+            threading.Thread(target=worker, daemon=True).start()
+        return True
+
+    while len(window) < ahead and submit():
+        pass
+
+    def results() -> Iterator[R]:
         try:
-            connection = self._connection(origin)
-            connection.request(
-                method, f"{path}?{query}" if query else path, body, headers
-            )
-            response = connection.getresponse()
-            if response.status != 200 or method != "GET":
-                response.read()
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            self._drop(origin)
-            raise DirectFailed(f"{type(exc).__name__}: {exc}") from exc
-        if response.status != 200:
-            stale = response.status in STALE_ROUTE_STATUSES
-            if stale and self._routes.pop((operation, bucket), None) is not None:
-                self._route_changes += 1
-            raise DirectFailed(f"HTTP {response.status} {response.reason}")
-        self._clock.saw(response.getheader("Date"))
-        return response, origin
-
-    def put(self, bucket: str, key: str, data: bytes, args: dict) -> None:
-        """PutObject of data with put_object's Metadata and PUT_HEADERS parameters."""
-        unknown = set(args) - {"Metadata", *PUT_HEADERS}
-        if unknown:
-            raise DirectFailed(f"no direct PUT with {sorted(unknown)}", attempted=False)
-        headers = {
-            PUT_HEADERS[name]: args[name] for name in args if name in PUT_HEADERS
-        }
-        for name, value in args.get("Metadata", {}).items():
-            headers[f"x-amz-meta-{name}"] = value
-        self._send("PutObject", bucket, key, "PUT", data, headers)
-
-    def get(
-        self, bucket: str, key: str, chunk_size: int, version_id: str | None = None
-    ) -> FetchedObject:
-        """GetObject (of one version, if given): its metadata and its body in chunks."""
-        headers = {"x-amz-checksum-mode": "ENABLED"}
-        response, origin = self._send(
-            "GetObject", bucket, key, "GET", b"", headers, version_query(version_id)
-        )
-        metadata = {
-            name.lower()[len("x-amz-meta-") :]: value
-            for name, value in response.getheaders()
-            if name.lower().startswith("x-amz-meta-")
-        }
-        try:
-            last_modified = parse_timestamp(response.getheader("Last-Modified", ""))
-        except (TypeError, ValueError) as exc:
-            self._drop(origin)
-            raise DirectFailed(f"Last-Modified: {exc}") from exc
-        chunks = self._chunks(response, origin, chunk_size)
-        return FetchedObject(metadata, last_modified.timestamp(), chunks)
-
-    def _chunks(
-        self, response: http.client.HTTPResponse, origin, chunk_size: int
-    ) -> Iterator[bytes]:
-        """The body, checked against its Content-Length and any whole-object CRC32,
-        else the MD5 its ETag or md5chksum states."""
-        expected_crc = response.getheader("x-amz-checksum-crc32")
-        if expected_crc and "-" in expected_crc:
-            expected_crc = None  # a multipart object's checksum of part checksums
-        # Servers without S3's additional checksums (Ceph RGW before 18) send none.
-        expected_md5 = None if expected_crc else response_md5(response)
-        md5 = hashlib.md5(usedforsecurity=False) if expected_md5 else None
-        length = response.getheader("Content-Length")
-        crc = received = 0
-        complete = False
-        try:
-            while chunk := response.read(chunk_size):
-                crc = zlib.crc32(chunk, crc)
-                if md5:
-                    md5.update(chunk)
-                received += len(chunk)
-                yield chunk
-            complete = True
-        except (OSError, http.client.HTTPException) as exc:
-            raise DirectFailed(f"{type(exc).__name__}: {exc}") from exc
+            while window:
+                future = window.popleft()
+                if future.cancelled():
+                    raise failures[0]
+                yield future.result()
+                if not failures:
+                    submit()
         finally:
-            if not complete:
-                self._drop(origin)
-        if length is None or received != int(length):
-            raise DirectFailed(f"got {received} bytes of {length}")
-        if expected_crc and crc32_header(crc) != expected_crc:
-            raise DirectFailed("the body does not match its CRC32 checksum")
-        if md5 and md5.hexdigest() != expected_md5:
-            raise DirectFailed("the body does not match its MD5 (ETag or md5chksum)")
+            for _ in range(threads):
+                jobs.put(None)
+
+    return results()
 
 
-def response_md5(response: http.client.HTTPResponse) -> str | None:
-    """The MD5 a GetObject answer states for its body, as object_md5 reads a HEAD's:
-    the ETag where that is the MD5, else the md5chksum metadata, else None."""
-    return object_md5(
-        {
-            "ETag": response.getheader("ETag", ""),
-            "ServerSideEncryption": response.getheader(
-                "x-amz-server-side-encryption", ""
-            ),
-            "SSECustomerAlgorithm": response.getheader(
-                "x-amz-server-side-encryption-customer-algorithm"
-            ),
-            "Metadata": {
-                MD5_METADATA: response.getheader(f"x-amz-meta-{MD5_METADATA}")
-            },
-        }
-    )
+_END = object()
 
 
-def client_error_code(exc: BaseException) -> str:
-    if isinstance(exc, botocore.exceptions.ClientError):
-        return str(exc.response.get("Error", {}).get("Code", ""))
-    return ""
+def call_failing_fast(call: Callable[[], R]) -> Future:
+    """call() on a daemon thread; its Future, whose result() raises what call()
+    raised. On Ctrl-C the caller stops waiting at once: the thread is left to end
+    with the process."""
+    future: Future = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(call())
+        except Exception as exc:  # noqa: BLE001
+            future.set_exception(exc)
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
 
 
-# --- Errors: one place turns exceptions into a line and an exit code ---------
+def run_collecting_failures(
+    items: Iterable[T],
+    work: Callable[[T, threading.Event], bool | None],
+    engine: TransferEngine,
+    workers: int,
+) -> tuple[list[Failure[T]], list[T]]:
+    """Call work(item, cancel) for every item on `workers` threads, taking the
+    items from their iterator as threads come free.
 
-_CHECKSUM_MISMATCH = (
-    "the server received bytes that do not match their checksum; a file being "
-    "written to while it is read does this: run again once it is left alone"
-)
-_CLIENT_ERROR_LINES = {
-    "BadDigest": _CHECKSUM_MISMATCH,
-    "XAmzContentSHA256Mismatch": _CHECKSUM_MISMATCH,
-    "AccessDenied": "access denied: check that these credentials may use the bucket",
-    "403": "access denied: the bucket belongs to another account or these credentials may not use it",
-    "AllAccessDisabled": "all access to this bucket has been disabled",
-    "NoSuchBucket": "the bucket does not exist: check its name (and --endpoint-url)",
-    "404": "not found: check the bucket name (and --endpoint-url)",
-    "BucketAlreadyExists": "the bucket name is taken by another account: choose another name",
-    "InvalidAccessKeyId": "the access key is not known to S3: check your credentials (aws configure)",
-    "SignatureDoesNotMatch": "the secret key does not match the access key: check your credentials (aws configure)",
-    "ExpiredToken": "the credentials have expired: renew them (e.g. aws sso login) and run again",
-    "InvalidToken": "the session token is not valid: renew your credentials and run again",
-    "InvalidObjectState": "the object is in an archive storage class (GLACIER or DEEP_ARCHIVE): "
-    "restore it from the archive first (aws s3api restore-object), then run again",
-    "SlowDown": "the server kept throttling requests (SlowDown) after every retry: run again later",
-    "InternalError": "the server kept failing (InternalError) after every retry: run again later",
-    "ServiceUnavailable": "the service was unavailable after every retry: run again later",
-    "InvalidStorageClass": "the storage class is not supported by this server",
-    "KMS.NotFoundException": "the KMS key was not found: check --sse-kms-key-id",
-    "InvalidLocationConstraint": "the server does not take this region as a bucket location: "
-    "check --region (on Ceph RGW it is the zonegroup's name, e.g. default)",
-}
+    Returns the failures and the items work() skipped (by returning False).
 
+    On failure of one item, it is collected and the rest go on (as
+    shutil.copytree does); a failure of the iterator itself (the plan) stops the
+    run as Ctrl-C does and is raised. On Ctrl-C no new item starts, the engine
+    cancels (and so aborts) its transfers, running items see `cancel` set, and
+    the KeyboardInterrupt is raised again once every thread has stopped.
+    """
+    failures: list[Failure[T]] = []
+    skipped: list[T] = []
+    stopped_by: list[BaseException] = []
+    cancel = threading.Event()
+    pending = iter(items)
+    # Guards `pending` and the thread counts. The main thread waits on the
+    # counts, never in Thread.join: a join that Ctrl-C interrupts marks its
+    # thread as ended while it still runs (CPython gh-90882, Python 3.12 and older).
+    changed = threading.Condition()
+    running = ended = 0
 
-def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
-    """One actionable line and the exit code for an exception."""
-    if isinstance(exc, CliError):
-        return str(exc), exc.code
-    if isinstance(
-        exc,
-        (
-            botocore.exceptions.NoCredentialsError,
-            botocore.exceptions.PartialCredentialsError,
-        ),
-    ):
-        return (
-            (
-                "no AWS credentials found: run 'aws configure', set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, or pick a profile with --profile"
-            ),
-            ExitCode.FAILURE,
-        )
-    if isinstance(exc, botocore.exceptions.ProfileNotFound):
-        return (
-            (
-                f"profile {exc.kwargs.get('profile')!r} is not in ~/.aws/config or "
-                "~/.aws/credentials: check --profile or AWS_PROFILE"
-            ),
-            ExitCode.FAILURE,
-        )
-    if isinstance(exc, botocore.exceptions.ClientError):
-        code = client_error_code(exc)
-        line = _CLIENT_ERROR_LINES.get(code)
-        if line is None:
-            message = exc.response.get("Error", {}).get("Message")
-            if not message:  # Ceph RGW leaves out most messages
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                message = f"the server answered HTTP {status} and gave no reason"
-            line = f"{code}: {message}"
-        return line, ExitCode.FAILURE
-    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
-        return (
-            f"could not connect to {exc.kwargs.get('endpoint_url')}: check the network or --endpoint-url",
-            ExitCode.FAILURE,
-        )
-    if isinstance(
-        exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
-    ):
-        return (
-            f"the connection kept failing after every retry ({exc}): run again later",
-            ExitCode.FAILURE,
-        )
-    if isinstance(exc, botocore.exceptions.InvalidRegionError):
-        return f"{exc}: check --region (e.g. eu-west-1)", ExitCode.USAGE
-    if isinstance(exc, botocore.exceptions.BotoCoreError):
-        return str(exc), ExitCode.FAILURE
-    if isinstance(exc, UnicodeError):
-        return (
-            "the name is not valid UTF-8, so it cannot be an S3 key: rename it",
-            ExitCode.FAILURE,
-        )
-    if isinstance(exc, OSError):
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        where = f": {printable(exc.filename)}" if exc.filename else ""
-        return f"{reason}{where}", ExitCode.FAILURE
-    return (
-        f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
-        ExitCode.FAILURE,
-    )
+    def worker():
+        nonlocal running, ended
+        with changed:
+            running += 1
+        try:
+            while not cancel.is_set():
+                with changed:
+                    try:
+                        item = next(pending, _END)
+                    # The items' own failure ends the run, as in the main thread.
+                    except Exception as exc:  # noqa: BLE001
+                        stopped_by.append(exc)
+                        cancel.set()
+                        return
+                if item is _END:
+                    return
+                try:
+                    if work(item, cancel) is False:
+                        skipped.append(item)
+                # One file's failure, whatever it is, must not stop the others.
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(Failure(item, exc))
+        finally:
+            with changed:
+                running -= 1
+                ended += 1
+                changed.notify_all()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
+    try:
+        # Ctrl-C may come while threads are still being started.
+        for thread in threads:
+            thread.start()
+        with changed:
+            changed.wait_for(lambda: ended == len(threads))
+    except KeyboardInterrupt:
+        cancel.set()
+        engine.cancel()
+        # A thread that starts after this sees `cancel` and takes no item.
+        with changed:
+            changed.wait_for(lambda: running == 0)
+        raise
+    if stopped_by:
+        engine.cancel()
+        raise stopped_by[0]
+    engine.close()
+    return failures, skipped
 
 
-def run_failure(context: str, error: BaseException) -> CliError:
-    """A failure of the whole run: what was being done, then why."""
-    message, code = describe_error(error)
-    return CliError(f"{context}: {message}", code)
-
-
-def key_error(error: BaseException, key: str, otherwise: str) -> BaseException:
-    """The error of a request about one object, once the bucket is known to exist:
-    a 404 there is about the key (`otherwise`: what else it can mean to this script)."""
-    if client_error_code(error) not in ("404", "NoSuchKey"):
-        return error
-    return CliError(
-        f"the server answered 404 Not Found for the key {printable(key)}: it refuses "
-        f"this name (some servers refuse control characters){otherwise}"
-    )
-
-
-def failure_line(action: str, where: str, error: BaseException) -> str:
-    """'<action> failed: <where>: <why>', naming `where` once."""
-    why = describe_error(error)[0]
-    where = printable(where)
-    return f"{action} failed: {where}: {why.removesuffix(f': {where}')}"
-
-
-def one_line(text: str) -> str:
-    """A message on one line: its line breaks (and the space around them) become one space."""
-    return re.sub(r"\s*[\r\n]+\s*", " ", str(text)).strip()
-
-
-# --- Output: progress line, messages, summary --------------------------------
+# --- Console and summary: messages, progress, the JSON report, run_cli -------
 
 
 def format_bytes(size: float) -> str:
@@ -1438,304 +1401,13 @@ class Summary:
         )
 
 
-# --- Running transfers -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Failure(Generic[T]):
-    """One item of a run that failed (a path, a key, an Upload...), and why."""
-
-    item: T
-    error: BaseException
-
-
-class Cancelled(Exception):
-    """The run was interrupted while this transfer was under way."""
-
-
-class TokenBucket:
-    """At most `rate` bytes per second across every thread that takes from it (--bwlimit).
-
-    A taker books its bytes at once, running the bucket into debt if need be, and
-    waits until the rate has paid for them: any size passes, and takers queue in
-    the order they came. A bucket left idle fills up to BURST_SECONDS of bytes.
-    """
-
-    def __init__(self, rate: int, clock: Callable[[], float] = time.monotonic):
-        self.rate = rate
-        self._clock = clock
-        self._burst = rate * BURST_SECONDS
-        self._tokens = 0.0
-        self._filled_at = clock()
-        self._lock = threading.Lock()
-
-    def book(self, nbytes: int) -> float:
-        """Take nbytes from the bucket; the seconds to wait before they may move."""
-        with self._lock:
-            now = self._clock()
-            refill = (now - self._filled_at) * self.rate
-            self._tokens = min(self._burst, self._tokens + refill) - nbytes
-            self._filled_at = now
-            return max(0.0, -self._tokens / self.rate)
-
-    def take(self, nbytes: int, cancel: threading.Event) -> None:
-        """Wait until nbytes may move; Cancelled when the run is interrupted meanwhile."""
-        delay = self.book(nbytes)
-        if delay > 0 and cancel.wait(delay):
-            raise Cancelled()
-
-
-class BandwidthSubscriber:
-    """Holds each read (upload) or write (download) of one s3transfer transfer to the
-    run's TokenBucket; s3transfer calls on_progress by name, from the thread that
-    moves the bytes, and not for reads that only compute a checksum."""
-
-    def __init__(self, bandwidth: TokenBucket, cancel: threading.Event):
-        self._bandwidth = bandwidth
-        self._cancel = cancel
-
-    def on_progress(self, future, bytes_transferred, **kwargs):
-        # A retry reports the bytes it goes back over as negative progress.
-        if bytes_transferred > 0:
-            self._bandwidth.take(bytes_transferred, self._cancel)
-
-
-def throttled(
-    chunks: Iterable[bytes], bandwidth: TokenBucket, cancel: threading.Event
-) -> Iterator[bytes]:
-    """The chunks, each let through when the bucket has room for it."""
-    for chunk in chunks:
-        bandwidth.take(len(chunk), cancel)
-        yield chunk
-
-
-def map_failing_fast(
-    function: Callable[[T], R], items: Iterable[T], workers: int, ahead: int = 0
-) -> Iterator[R]:
-    """function(item) for each item on up to `workers` threads, started at once and
-    at most `ahead` (default 2 × workers) items beyond the result awaited; the
-    results in the items' order.
-
-    On failure: no further item starts, and the exception is raised in place of
-    its result. On Ctrl-C the caller stops waiting at once: the threads are
-    daemons, left to end with the process (for reads only: listings, HEADs, hashes).
-    """
-    ahead = ahead or 2 * workers
-    source = iter(items)
-    jobs: queue.SimpleQueue = queue.SimpleQueue()
-    window: collections.deque[Future] = collections.deque()
-    failures: list[BaseException] = []
-    threads = 0
-
-    def worker() -> None:
-        while (job := jobs.get()) is not None:
-            item, future = job
-            if failures:
-                future.cancel()
-                continue
-            try:
-                future.set_result(function(item))
-            # Whatever it is, it belongs to whoever asks for the result.
-            except Exception as exc:  # noqa: BLE001
-                failures.append(exc)
-                future.set_exception(exc)
-
-    def submit() -> bool:
-        nonlocal threads
-        item = next(source, _END)
-        if item is _END:
-            return False
-        future: Future = Future()
-        window.append(future)
-        jobs.put((item, future))
-        if threads < min(workers, len(window)):
-            threads += 1
-            threading.Thread(target=worker, daemon=True).start()
-        return True
-
-    while len(window) < ahead and submit():
-        pass
-
-    def results() -> Iterator[R]:
-        try:
-            while window:
-                future = window.popleft()
-                if future.cancelled():
-                    raise failures[0]
-                yield future.result()
-                if not failures:
-                    submit()
-        finally:
-            for _ in range(threads):
-                jobs.put(None)
-
-    return results()
-
-
-_END = object()
-
-
-def call_failing_fast(call: Callable[[], R]) -> Future:
-    """call() on a daemon thread; its Future, whose result() raises what call()
-    raised. On Ctrl-C the caller stops waiting at once: the thread is left to end
-    with the process."""
-    future: Future = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(call())
-        except Exception as exc:  # noqa: BLE001
-            future.set_exception(exc)
-
-    threading.Thread(target=run, daemon=True).start()
-    return future
-
-
-class TransferEngine:
-    """The transfer manager for multipart uploads and ranged downloads, created on
-    first use (a run with nothing large to move never imports it), and what
-    stopping it means: cancel() on Ctrl-C cancels (and so aborts) its transfers,
-    close() waits for them."""
-
-    def __init__(self, client, open_file: Callable[[str, str], BinaryIO] | None = None):
-        self._client = client
-        self._open_file = open_file
-        self._manager = None
-        self._lock = threading.Lock()
-
-    def manager(self):
-        with self._lock:
-            if self._manager is None:
-                self._manager = create_transfer_manager(self._client, self._open_file)
-            return self._manager
-
-    def cancel(self) -> None:
-        if self._manager is not None:
-            # TransferManager.shutdown(cancel=True) passes its arguments on in the
-            # wrong order and raises TypeError (boto/s3transfer#143); leaving it as
-            # a context manager does on KeyboardInterrupt cancels (and aborts) them.
-            self._manager.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
-
-    def close(self) -> None:
-        if self._manager is not None:
-            self._manager.shutdown()
-
-
-def run_collecting_failures(
-    items: Iterable[T],
-    work: Callable[[T, threading.Event], bool | None],
-    engine: TransferEngine,
-    workers: int,
-) -> tuple[list[Failure[T]], list[T]]:
-    """Call work(item, cancel) for every item on `workers` threads, taking the
-    items from their iterator as threads come free.
-
-    Returns the failures and the items work() skipped (by returning False).
-
-    On failure of one item, it is collected and the rest go on (as
-    shutil.copytree does); a failure of the iterator itself (the plan) stops the
-    run as Ctrl-C does and is raised. On Ctrl-C no new item starts, the engine
-    cancels (and so aborts) its transfers, running items see `cancel` set, and
-    the KeyboardInterrupt is raised again once every thread has stopped.
-    """
-    failures: list[Failure[T]] = []
-    skipped: list[T] = []
-    stopped_by: list[BaseException] = []
-    cancel = threading.Event()
-    pending = iter(items)
-    # Guards `pending` and the thread counts. The main thread waits on the
-    # counts, never in Thread.join: a join that Ctrl-C interrupts marks its
-    # thread as ended while it still runs (CPython gh-90882, Python 3.12 and older).
-    changed = threading.Condition()
-    running = ended = 0
-
-    def worker():
-        nonlocal running, ended
-        with changed:
-            running += 1
-        try:
-            while not cancel.is_set():
-                with changed:
-                    try:
-                        item = next(pending, _END)
-                    # The items' own failure ends the run, as in the main thread.
-                    except Exception as exc:  # noqa: BLE001
-                        stopped_by.append(exc)
-                        cancel.set()
-                        return
-                if item is _END:
-                    return
-                try:
-                    if work(item, cancel) is False:
-                        skipped.append(item)
-                # One file's failure, whatever it is, must not stop the others.
-                except Exception as exc:  # noqa: BLE001
-                    failures.append(Failure(item, exc))
-        finally:
-            with changed:
-                running -= 1
-                ended += 1
-                changed.notify_all()
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
-    try:
-        # Ctrl-C may come while threads are still being started.
-        for thread in threads:
-            thread.start()
-        with changed:
-            changed.wait_for(lambda: ended == len(threads))
-    except KeyboardInterrupt:
-        cancel.set()
-        engine.cancel()
-        # A thread that starts after this sees `cancel` and takes no item.
-        with changed:
-            changed.wait_for(lambda: running == 0)
-        raise
-    if stopped_by:
-        engine.cancel()
-        raise stopped_by[0]
-    engine.close()
-    return failures, skipped
-
-
-def format_mtime(mtime_ns: int) -> str:
-    """Seconds since the epoch with nanoseconds, as rclone writes its mtime metadata."""
-    sign = "-" if mtime_ns < 0 else ""
-    seconds, nanos = divmod(abs(mtime_ns), 1_000_000_000)
-    return f"{sign}{seconds}.{nanos:09d}"
-
-
-def parse_mtime(text: str | None) -> int | None:
-    """Nanoseconds since the epoch (before 1970 too) from an mtime metadata value, or None if unusable."""
-    if not text:
-        return None
-    try:
-        value = Decimal(text.strip())
-    except InvalidOperation:
-        return None
-    # Some 35,000 years either way: beyond that no file system keeps a time.
-    if not value.is_finite() or not -(2**40) < value < 2**40:
-        return None
-    return int(value * 1_000_000_000)
-
-
-def parse_mode(text: str | None) -> int | None:
-    """Permission bits from a mode metadata value (octal st_mode), or None."""
-    if not text:
-        return None
-    try:
-        return int(text.strip(), 8) & 0o777
-    except ValueError:
-        return None
-
-
 def exit_script(code: int) -> NoReturn:
     """Leave the script with `code`, without the interpreter's collections at exit.
 
     The process frees everything anyway, but at exit the interpreter first walks
-    every object still alive in several collections: with botocore's models that
-    took 0.1 s of each run, a tenth of a no-change backup (bench/run.py). Frozen
-    objects are left out of them.
+    every object still alive in several collections, which with botocore's models
+    is a noticeable part of a short run (bench/RESULTS.md, measured choices).
+    Frozen objects are left out of them.
     """
     gc.freeze()
     raise SystemExit(code)
@@ -1851,122 +1523,437 @@ def run_cli(
     return code
 
 
-# --- Content: MD5s of files and objects (--checksum, --check) ----------------
-
-# User metadata holding the base64 MD5 of an object whose ETag is not its MD5
-# (multipart uploads, SSE-KMS): rclone's name and format, so that rclone can
-# check our objects and we can check rclone's.
-MD5_METADATA = "md5chksum"
-HASH_CHUNK = MiB
-_PLAIN_ETAG = re.compile(r"[0-9a-f]{32}")
+# --- Fast transfer path: s3transfer for large files, direct small requests ---
 
 
-def md5_of_etag(etag: str) -> str | None:
-    """The hex MD5 an ETag of plain form states; None for a multipart ETag ("<hex>-N") or any other form.
+def create_transfer_manager(
+    client, open_file: Callable[[str, str], BinaryIO] | None = None
+):
+    """boto3's transfer manager, for multipart uploads and ranged downloads;
+    open_file(name, mode), if given, opens the files it uploads by name."""
+    # Imported here, not at the top: boto3 and s3transfer take time to import,
+    # and a backup with nothing to upload never needs them.
+    from boto3.s3.transfer import TransferConfig
+    from boto3.s3.transfer import create_transfer_manager as create
+    from s3transfer.utils import OSUtils
 
-    A plain-form ETag is the object's MD5 only if it is not encrypted with SSE-KMS
-    or SSE-C, which ListObjectsV2 does not say: only a HEAD does (object_md5).
-    """
-    etag = etag.strip('"').lower()
-    return etag if _PLAIN_ETAG.fullmatch(etag) else None
+    class Opener(OSUtils):
+        def open(self, filename, mode):
+            return open_file(filename, mode)
 
-
-def md5chksum(md5: str) -> str:
-    """A hex MD5 as the md5chksum metadata writes it (base64 of the digest)."""
-    return base64.b64encode(bytes.fromhex(md5)).decode()
-
-
-def md5_of_md5chksum(value: str | None) -> str | None:
-    """The hex MD5 in an md5chksum metadata value, or None if it holds none."""
-    try:
-        digest = base64.b64decode(value or "", validate=True)
-    except ValueError:
-        return None
-    return digest.hex() if len(digest) == 16 else None
-
-
-def object_md5(head: dict) -> str | None:
-    """An object's hex MD5 from its HeadObject answer: the ETag when that is the MD5, else md5chksum."""
-    encrypted = head.get("ServerSideEncryption", "").startswith("aws:kms") or bool(
-        head.get("SSECustomerAlgorithm")
+    # The CRT transfer client ignores endpoint_url (boto3 issue 4839): pin classic.
+    config = TransferConfig(
+        multipart_threshold=MULTIPART_THRESHOLD,
+        multipart_chunksize=MULTIPART_CHUNKSIZE,
+        max_concurrency=PART_WORKERS,
+        preferred_transfer_client="classic",
     )
-    etag_md5 = None if encrypted else md5_of_etag(head.get("ETag", ""))
-    return etag_md5 or md5_of_md5chksum(head.get("Metadata", {}).get(MD5_METADATA))
+    return create(client, config, osutil=None if open_file is None else Opener())
 
 
-def file_md5(path: str) -> str:
-    """The hex MD5 of a file's bytes, read once in chunks."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as file:
-        while chunk := file.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+class TransferEngine:
+    """The transfer manager for multipart uploads and ranged downloads, created on
+    first use (a run with nothing large to move never imports it), and what
+    stopping it means: cancel() on Ctrl-C cancels (and so aborts) its transfers,
+    close() waits for them."""
+
+    def __init__(self, client, open_file: Callable[[str, str], BinaryIO] | None = None):
+        self._client = client
+        self._open_file = open_file
+        self._manager = None
+        self._lock = threading.Lock()
+
+    def manager(self):
+        with self._lock:
+            if self._manager is None:
+                self._manager = create_transfer_manager(self._client, self._open_file)
+            return self._manager
+
+    def cancel(self) -> None:
+        if self._manager is not None:
+            # TransferManager.shutdown(cancel=True) passes its arguments on in the
+            # wrong order and raises TypeError (boto/s3transfer#143); leaving it as
+            # a context manager does on KeyboardInterrupt cancels (and aborts) them.
+            self._manager.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+
+    def close(self) -> None:
+        if self._manager is not None:
+            self._manager.shutdown()
 
 
-@dataclass
-class Contents:
-    """MD5s (hex) of files and of their objects, keyed by S3 key."""
+class DirectFailed(Exception):
+    """No direct request could be sent, or it got no plain success: send it through botocore."""
 
-    local: dict[str, str] = field(default_factory=dict)
-    remote: dict[str, str | None] = field(default_factory=dict)  # None: not known
-    # Files that could not be read, by key.
-    failures: list[Failure] = field(default_factory=list)
+    def __init__(self, reason: str, attempted: bool = True):
+        super().__init__(reason)
+        self.attempted = attempted
 
 
-def head_md5(
-    client, bucket: str, key: str, version_id: str | None = None
-) -> str | None:
-    """One HEAD (of one version, if given): the object's MD5 (object_md5), or None
-    if it has none or is gone."""
-    versioned = {"VersionId": version_id} if version_id else {}
-    try:
-        head = client.head_object(Bucket=bucket, Key=key, **versioned)
-    except botocore.exceptions.ClientError as exc:
-        # 400: S3's answer to a HEAD of an SSE-C object without its key, whose
-        # MD5 is not to be had.
-        if client_error_code(exc) in ("404", "NoSuchKey", "400"):
-            return None
-        raise
-    return object_md5(head)
+class SigV4:
+    """AWS Signature Version 4 in headers, as botocore's S3SigV4Auth signs an S3 request
+    (tests/test_direct.py checks that both give the same Authorization), keeping the
+    signing key for the day instead of deriving it for every request."""
+
+    def __init__(self, region: str, service: str):
+        self.region, self.service = region, service
+        self._keys: dict[tuple[str, str], bytes] = {}  # by (secret key, day)
+
+    def _signing_key(self, secret_key: str, day: str) -> bytes:
+        key = self._keys.get((secret_key, day))
+        if key is None:
+            key = f"AWS4{secret_key}".encode()
+            for part in (day, self.region, self.service, "aws4_request"):
+                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+            self._keys = {(secret_key, day): key}
+        return key
+
+    def sign(
+        self,
+        credentials,
+        method: str,
+        host: str,
+        path: str,
+        headers: dict[str, str],
+        payload: bytes,
+        now: time.struct_time,
+        query: str = "",
+    ) -> dict[str, str]:
+        """The headers to send: `headers` and Host, X-Amz-Date, the payload's
+        SHA-256, the session token if any, and the Authorization.
+
+        `query` is the URL's query string, already encoded and in sorted order
+        (as version_query writes it), which is then its canonical form."""
+        timestamp = time.strftime("%Y%m%dT%H%M%SZ", now)
+        signed = {
+            name.lower(): " ".join(value.split()) for name, value in headers.items()
+        }
+        signed["host"] = host
+        signed["x-amz-date"] = timestamp
+        signed["x-amz-content-sha256"] = hashlib.sha256(payload).hexdigest()
+        if credentials.token:
+            signed["x-amz-security-token"] = credentials.token
+        names = sorted(signed)
+        canonical_request = "\n".join(
+            [
+                method,
+                path,
+                query,
+                *(f"{name}:{signed[name]}" for name in names),
+                "",
+                ";".join(names),
+                signed["x-amz-content-sha256"],
+            ]
+        )
+        scope = f"{timestamp[:8]}/{self.region}/{self.service}/aws4_request"
+        string_to_sign = "\n".join(
+            [
+                "AWS4-HMAC-SHA256",
+                timestamp,
+                scope,
+                hashlib.sha256(canonical_request.encode()).hexdigest(),
+            ]
+        )
+        key = self._signing_key(credentials.secret_key, timestamp[:8])
+        signature = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+        signed["authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
+            f"SignedHeaders={';'.join(names)}, Signature={signature}"
+        )
+        return signed
 
 
-def both_md5s(
-    client, bucket: str, key: str, path: str, obj: RemoteObject
-) -> tuple[str | OSError, str | None]:
-    """The file's MD5 (or why it could not be read) and its object's (None: not known).
+def host_header(parts) -> str:
+    """The Host header for a split URL, as botocore signs it: no default port."""
+    host = parts.hostname
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.port is None or parts.port == {"http": 80, "https": 443}[parts.scheme]:
+        return host
+    return f"{host}:{parts.port}"
 
-    A listed ETag of plain form that equals the file's MD5 settles it with no
-    request; otherwise one HEAD tells whether the ETag is the MD5, or gives md5chksum.
+
+@dataclass(frozen=True)
+class Route:
+    """Where botocore sent an object request, and how it signed it."""
+
+    origin: tuple[str, str]  # (scheme, host[:port]) to connect to
+    host: str  # the Host header
+    base_path: str  # the object's path with its key left off
+    signer: SigV4
+
+
+@dataclass(frozen=True)
+class FetchedObject:
+    metadata: dict[str, str]  # user metadata, names in lower case
+    last_modified: float  # seconds since the epoch
+    chunks: Iterator[bytes]
+
+
+# Parameters of put_object that a direct PUT sends, as the headers botocore sends them.
+PUT_HEADERS = {
+    "ChecksumAlgorithm": "x-amz-sdk-checksum-algorithm",
+    "ChecksumCRC32": "x-amz-checksum-crc32",
+    "ContentType": "Content-Type",
+    "StorageClass": "x-amz-storage-class",
+    "ServerSideEncryption": "x-amz-server-side-encryption",
+    "SSEKMSKeyId": "x-amz-server-side-encryption-aws-kms-key-id",
+}
+# Answers meaning the route or the signature no longer fits: learn it again.
+STALE_ROUTE_STATUSES = (301, 307, 400, 403)
+# Learning the route again after this many stale answers stops: botocore does the rest.
+MAX_ROUTE_CHANGES = 3
+DIRECT_TIMEOUT = 60  # seconds, botocore's default connect and read timeouts
+DIRECT_USER_AGENT = (
+    f"s3backup-direct Botocore/{botocore.__version__} "
+    f"Python/{sys.version_info[0]}.{sys.version_info[1]}.{sys.version_info[2]}"
+)
+
+
+def key_path(key: str) -> str:
+    """A key as botocore writes it in a URL path."""
+    return quote(key, safe="/~")
+
+
+def version_query(version_id: str | None) -> str:
+    """The query string of a request for one version of an object, as botocore writes it."""
+    return "" if version_id is None else f"versionId={quote(version_id, safe='-_.~')}"
+
+
+def crc32_header(crc: int) -> str:
+    """A CRC32 as S3's x-amz-checksum-crc32 header writes it."""
+    return base64.b64encode(crc.to_bytes(4, "big")).decode()
+
+
+class DirectRequests:
+    """Whole-object GET and PUT of small objects, signed as botocore signs them and
+    sent on one kept-alive connection per thread.
+
+    botocore spends several times more CPU on each request (endpoint rules, event
+    hooks, response parsing) than the same signed request sent with http.client,
+    and for small files that is the whole cost of a backup or a restore
+    (bench/RESULTS.md, measured choices).
+
+    It only repeats what botocore has done: until botocore has completed a GetObject
+    (PutObject) over the network, not one a mock answered in-process, get() (put())
+    raises DirectFailed; after that it sends to the URL botocore used, signed (SigV4)
+    for the region botocore signed for. It takes only a plain 200 answer:
+    anything else raises DirectFailed, and the caller sends the request again through
+    botocore, which retries, follows redirects and explains errors.
     """
-    try:
-        local = file_md5(path)
-    except OSError as exc:
-        return exc, None
-    if md5_of_etag(obj.etag) == local:
-        return local, local
-    try:
-        return local, head_md5(client, bucket, key, obj.version_id)
-    except botocore.exceptions.ClientError as exc:
-        raise run_failure(
-            f"cannot read the metadata of s3://{bucket}/{key}", exc
-        ) from None
+
+    def __init__(
+        self,
+        client,
+        make_retry_client: Callable[[], object] | None,
+        credentials,
+        ca_bundle: str,
+        clock: ServerClock,
+    ):
+        self._client = client
+        self._clock = clock
+        self._make_retry_client = make_retry_client
+        self._retry_client = None
+        self._making_retry_client = threading.Lock()
+        self._credentials = credentials
+        self._routes: dict[tuple[str, str], Route] = {}  # by (operation, bucket)
+        self._route_changes = 0
+        self._local = threading.local()
+        self._ssl_context = None
+        self._ca_bundle = ca_bundle
+        config = client.meta.config
+        if (
+            make_retry_client is not None
+            and config.signature_version in (None, "s3v4", "v4")
+            and not getattr(config, "client_cert", None)
+        ):
+            for operation in ("GetObject", "PutObject"):
+                client.meta.events.register(f"after-call.s3.{operation}", self._learn)
+
+    def _learn(self, http_response, context, model, **kwargs) -> None:
+        """Take the route of a request botocore has just completed over the network."""
+        signing = context.get("signing", {})
+        params = context.get("input_params", {})
+        key, (url, _, query) = params.get("Key") or "", http_response.url.partition("?")
+        quoted = key_path(key)
+        if (
+            http_response.status_code == 200
+            and isinstance(http_response.raw, urllib3.response.HTTPResponse)
+            and context.get("auth_type") == "v4"
+            and signing.get("signing_name") == "s3"
+            and "request_credentials" not in signing
+            and key
+            and url.endswith("/" + quoted)
+            # No query string, or only the version asked for (as version_query writes it).
+            and (not query or re.fullmatch(r"versionId=[^&]+", query))
+            and not urllib.request.getproxies().get(urlsplit(url).scheme)
+            and self._route_changes < MAX_ROUTE_CHANGES
+        ):
+            parts = urlsplit(url[: -len(quoted)])
+            self._routes[model.name, params["Bucket"]] = Route(
+                (parts.scheme, parts.netloc),
+                host_header(parts),
+                parts.path,
+                SigV4(signing["region"], signing["signing_name"]),
+            )
+
+    def fallback_client(self, failure: DirectFailed):
+        """The botocore client to send a request with once its direct request failed."""
+        if not failure.attempted:
+            return self._client
+        with self._making_retry_client:
+            if self._retry_client is None:
+                self._retry_client = self._make_retry_client()
+        return self._retry_client
+
+    def _connection(self, origin: tuple[str, str]) -> http.client.HTTPConnection:
+        """This thread's kept-alive connection to (scheme, host[:port])."""
+        connections = self._local.__dict__.setdefault("connections", {})
+        if origin not in connections:
+            scheme, netloc = origin
+            if scheme == "https":
+                if self._ssl_context is None:
+                    self._ssl_context = ssl.create_default_context(
+                        cafile=self._ca_bundle
+                    )
+                connections[origin] = http.client.HTTPSConnection(
+                    netloc, timeout=DIRECT_TIMEOUT, context=self._ssl_context
+                )
+            else:
+                connections[origin] = http.client.HTTPConnection(
+                    netloc, timeout=DIRECT_TIMEOUT
+                )
+        return connections[origin]
+
+    def _drop(self, origin: tuple[str, str]) -> None:
+        """Close this thread's connection after a failure; the next request opens another."""
+        connection = self._local.__dict__.get("connections", {}).pop(origin, None)
+        if connection is not None:
+            connection.close()
+
+    def _send(
+        self,
+        operation: str,
+        bucket: str,
+        key: str,
+        method: str,
+        body: bytes,
+        headers,
+        query: str = "",
+    ) -> tuple[http.client.HTTPResponse, tuple[str, str]]:
+        """One signed request; its 200 response (a GET's body unread) and its origin."""
+        route = self._routes.get((operation, bucket))
+        if route is None:
+            raise DirectFailed(
+                f"botocore has completed no {operation} yet", attempted=False
+            )
+        path = route.base_path + key_path(key)
+        origin = route.origin
+        credentials = self._credentials.get_frozen_credentials()
+        headers = route.signer.sign(
+            credentials, method, route.host, path, headers, body, time.gmtime(), query
+        )
+        headers["User-Agent"] = DIRECT_USER_AGENT
+        try:
+            connection = self._connection(origin)
+            connection.request(
+                method, f"{path}?{query}" if query else path, body, headers
+            )
+            response = connection.getresponse()
+            if response.status != 200 or method != "GET":
+                response.read()
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            self._drop(origin)
+            raise DirectFailed(f"{type(exc).__name__}: {exc}") from exc
+        if response.status != 200:
+            stale = response.status in STALE_ROUTE_STATUSES
+            if stale and self._routes.pop((operation, bucket), None) is not None:
+                self._route_changes += 1
+            raise DirectFailed(f"HTTP {response.status} {response.reason}")
+        self._clock.saw(response.getheader("Date"))
+        return response, origin
+
+    def put(self, bucket: str, key: str, data: bytes, args: dict) -> None:
+        """PutObject of data with put_object's Metadata and PUT_HEADERS parameters."""
+        unknown = set(args) - {"Metadata", *PUT_HEADERS}
+        if unknown:
+            raise DirectFailed(f"no direct PUT with {sorted(unknown)}", attempted=False)
+        headers = {
+            PUT_HEADERS[name]: args[name] for name in args if name in PUT_HEADERS
+        }
+        for name, value in args.get("Metadata", {}).items():
+            headers[f"x-amz-meta-{name}"] = value
+        self._send("PutObject", bucket, key, "PUT", data, headers)
+
+    def get(
+        self, bucket: str, key: str, chunk_size: int, version_id: str | None = None
+    ) -> FetchedObject:
+        """GetObject (of one version, if given): its metadata and its body in chunks."""
+        headers = {"x-amz-checksum-mode": "ENABLED"}
+        response, origin = self._send(
+            "GetObject", bucket, key, "GET", b"", headers, version_query(version_id)
+        )
+        metadata = {
+            name.lower()[len("x-amz-meta-") :]: value
+            for name, value in response.getheaders()
+            if name.lower().startswith("x-amz-meta-")
+        }
+        try:
+            last_modified = parse_timestamp(response.getheader("Last-Modified", ""))
+        except (TypeError, ValueError) as exc:
+            self._drop(origin)
+            raise DirectFailed(f"Last-Modified: {exc}") from exc
+        chunks = self._chunks(response, origin, chunk_size)
+        return FetchedObject(metadata, last_modified.timestamp(), chunks)
+
+    def _chunks(
+        self, response: http.client.HTTPResponse, origin, chunk_size: int
+    ) -> Iterator[bytes]:
+        """The body, checked against its Content-Length and any whole-object CRC32,
+        else the MD5 its ETag or md5chksum states."""
+        expected_crc = response.getheader("x-amz-checksum-crc32")
+        if expected_crc and "-" in expected_crc:
+            expected_crc = None  # a multipart object's checksum of part checksums
+        # Servers without S3's additional checksums (Ceph RGW before 18) send none.
+        expected_md5 = None if expected_crc else response_md5(response)
+        md5 = hashlib.md5(usedforsecurity=False) if expected_md5 else None
+        length = response.getheader("Content-Length")
+        crc = received = 0
+        complete = False
+        try:
+            while chunk := response.read(chunk_size):
+                crc = zlib.crc32(chunk, crc)
+                if md5:
+                    md5.update(chunk)
+                received += len(chunk)
+                yield chunk
+            complete = True
+        except (OSError, http.client.HTTPException) as exc:
+            raise DirectFailed(f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            if not complete:
+                self._drop(origin)
+        if length is None or received != int(length):
+            raise DirectFailed(f"got {received} bytes of {length}")
+        if expected_crc and crc32_header(crc) != expected_crc:
+            raise DirectFailed("the body does not match its CRC32 checksum")
+        if md5 and md5.hexdigest() != expected_md5:
+            raise DirectFailed("the body does not match its MD5 (ETag or md5chksum)")
 
 
-def compare_contents(
-    client, bucket: str, candidates: dict[str, tuple[str, RemoteObject]], workers: int
-) -> Contents:
-    """Hash each candidate (key: (file path, its object)) and find its object's MD5
-    (both_md5s), on `workers` threads."""
-
-    keys = sorted(candidates)
-    md5s = map_failing_fast(
-        lambda key: both_md5s(client, bucket, key, *candidates[key]), keys, workers
+def response_md5(response: http.client.HTTPResponse) -> str | None:
+    """The MD5 a GetObject answer states for its body, as object_md5 reads a HEAD's:
+    the ETag where that is the MD5, else the md5chksum metadata, else None."""
+    return object_md5(
+        {
+            "ETag": response.getheader("ETag", ""),
+            "ServerSideEncryption": response.getheader(
+                "x-amz-server-side-encryption", ""
+            ),
+            "SSECustomerAlgorithm": response.getheader(
+                "x-amz-server-side-encryption-customer-algorithm"
+            ),
+            "Metadata": {
+                MD5_METADATA: response.getheader(f"x-amz-meta-{MD5_METADATA}")
+            },
+        }
     )
-    contents = Contents()
-    for key in keys:
-        local, remote = next(md5s)
-        if isinstance(local, OSError):
-            contents.failures.append(Failure(key, local))
-        else:
-            contents.local[key], contents.remote[key] = local, remote
-    return contents

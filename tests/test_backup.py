@@ -315,11 +315,12 @@ def count_listings(client) -> list[dict]:
 )
 def test_listing_in_ranges_finds_every_key_once(s3, monkeypatch, remote):
     monkeypatch.setattr(s3common, "LIST_PAGE", 3)
+    monkeypatch.setattr(backup, "LIST_PAGE", 3)
     s3.create_bucket(Bucket="ranges")
     for key in remote:
         s3.put_object(Bucket="ranges", Key=key, Body=key.encode())
     expected = [f"p/k{n:02d}" for n in range(10)]
-    boundaries = s3common.listing_boundaries(expected)
+    boundaries = backup.listing_boundaries(expected)
     assert boundaries == ["p/k02", "p/k05", "p/k08"]
 
     listing = s3common.list_objects(s3, "ranges", "p/", boundaries, workers=2)
@@ -330,12 +331,13 @@ def test_listing_in_ranges_finds_every_key_once(s3, monkeypatch, remote):
 
 def test_listing_in_ranges_sends_no_more_requests_than_paging(s3, monkeypatch):
     monkeypatch.setattr(s3common, "LIST_PAGE", 3)
+    monkeypatch.setattr(backup, "LIST_PAGE", 3)
     s3.create_bucket(Bucket="ranges")
     expected = [f"p/k{n:02d}" for n in range(12)]
     for key in expected:
         s3.put_object(Bucket="ranges", Key=key, Body=b"")
     sent = count_listings(s3)
-    boundaries = s3common.listing_boundaries(expected)
+    boundaries = backup.listing_boundaries(expected)
     list(s3common.list_objects(s3, "ranges", "p/", boundaries, workers=4))
     # Four pages of three: each range is one page that ends on its boundary.
     assert len(sent) == 4
@@ -351,6 +353,7 @@ def test_no_change_run_and_delete_with_the_listing_in_ranges(
     s3, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setattr(s3common, "LIST_PAGE", 2)
+    monkeypatch.setattr(backup, "LIST_PAGE", 2)
     tree = make_tree(tmp_path / "src", {f"d{n}/f{n}.txt": b"x" * n for n in range(7)})
     assert backup.main([str(tree), "bk18::p"]) == 0
     s3.put_object(Bucket="bk18", Key="p/d3/gone.txt", Body=b"")
@@ -404,6 +407,7 @@ def test_directory_buckets_are_listed_in_one_range(monkeypatch):
 def test_a_failed_range_stops_the_listing(monkeypatch):
     # A bucket that backup is about to create: one refusal is enough, not one per range.
     monkeypatch.setattr(s3common, "LIST_PAGE", 1)
+    monkeypatch.setattr(backup, "LIST_PAGE", 1)
     sent = []
 
     def refuse(self, name, params):
@@ -418,7 +422,7 @@ def test_a_failed_range_stops_the_listing(monkeypatch):
 
     monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", refuse)
     client = boto3.client("s3", region_name="us-east-1")
-    boundaries = s3common.listing_boundaries(f"p/k{n:02d}" for n in range(20))
+    boundaries = backup.listing_boundaries(f"p/k{n:02d}" for n in range(20))
     with pytest.raises(botocore.exceptions.ClientError):
         list(s3common.list_objects(client, "not-yet", "p/", boundaries, workers=2))
     assert 1 <= len(sent) <= 2

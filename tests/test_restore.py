@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 
 import pytest
 from conftest import make_tree, stub_error
@@ -142,6 +143,23 @@ def test_symlink_in_local_pointing_outside_is_not_followed(
     assert "leads outside the destination" in capsys.readouterr().err
 
 
+def test_a_folder_under_a_file_system_root_is_inside_it(tmp_path):
+    # LOCAL at / (or C:\\): every folder is inside it, as path_for_key decides.
+    folder = tmp_path / "a" / "b"
+    restore.Folders(tmp_path.anchor).ensure(str(folder))
+    assert folder.is_dir()
+
+
+def test_a_link_to_a_neighbour_whose_name_extends_local_is_outside(tmp_path):
+    target = tmp_path / "out"
+    (tmp_path / "out2").mkdir()
+    target.mkdir()
+    os.symlink(tmp_path / "out2", target / "link")
+    with pytest.raises(restore.CliError, match="leads outside the destination"):
+        restore.Folders(str(target)).ensure(str(target / "link" / "sub"))
+    assert list((tmp_path / "out2").iterdir()) == []
+
+
 def test_file_and_folder_of_one_name_is_a_conflict(s3, bucket, tmp_path, capsys):
     put(s3, "p/a", b"file a")
     put(s3, "p/a/b", b"file b")
@@ -231,6 +249,32 @@ def test_dry_run_writes_nothing(s3, bucket, tmp_path, capsys):
         in capsys.readouterr().out
     )
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("platform", ["linux", "darwin", "win32"])
+@pytest.mark.parametrize("local_exists", [False, True], ids=["new LOCAL", "LOCAL"])
+def test_dry_run_reports_the_conflicts_the_real_run_meets(
+    s3, bucket, tmp_path, capsys, monkeypatch, platform, local_exists
+):
+    # Whatever the platform says, both probe the file system that LOCAL is (or would be) on.
+    monkeypatch.setattr(sys, "platform", platform)
+    for key in ("p/Notes.txt", "p/notes.txt", "p/d", "p/d/x.txt"):
+        put(s3, key, key.encode())
+    target = tmp_path / "out"
+    if local_exists:
+        target.mkdir()
+
+    def conflicts(*options) -> list[str]:
+        restore.main(["vault::p", str(target), *options])
+        return [
+            line for line in capsys.readouterr().err.splitlines() if "conflict" in line
+        ]
+
+    before = sorted(tmp_path.rglob("*"))
+    dry = conflicts("--dry-run")
+    assert sorted(tmp_path.rglob("*")) == before  # the probe is gone, LOCAL not made
+    assert dry == conflicts()
+    assert dry  # p/d beside p/d/x.txt, on any file system
 
 
 def test_filters_choose_what_is_restored(s3, bucket, tmp_path):

@@ -8,7 +8,7 @@ import botocore.exceptions
 import pytest
 from plans import plan_of
 
-import s3common
+import backup
 from backup import LocalFile, upload_args, upload_reason
 from restore import plan_restore
 from s3common import (
@@ -22,6 +22,7 @@ from s3common import (
     bucket_name_problem,
     describe_error,
     format_mtime,
+    is_within,
     key_for,
     parse_location,
     parse_mode,
@@ -329,6 +330,24 @@ def test_path_for_keys_windows_refuses(relative):
     assert ROOT in path_for_key(relative, ROOT).parents
 
 
+@pytest.mark.parametrize(
+    ("path", "root", "inside"),
+    [
+        (PurePosixPath("/data/a/b"), PurePosixPath("/data"), True),
+        (PurePosixPath("/data"), PurePosixPath("/data"), True),
+        (PurePosixPath("/data2/a"), PurePosixPath("/data"), False),
+        (PurePosixPath("/"), PurePosixPath("/data"), False),
+        (PurePosixPath("/data/a"), PurePosixPath("/"), True),
+        (PureWindowsPath("C:/restore/a"), PureWindowsPath("C:/restore"), True),
+        (PureWindowsPath("C:/restore2"), PureWindowsPath("C:/restore"), False),
+        (PureWindowsPath("C:/a"), PureWindowsPath("C:/"), True),
+        (PureWindowsPath("D:/restore/a"), PureWindowsPath("C:/restore"), False),
+    ],
+)
+def test_is_within_compares_part_by_part(path, root, inside):
+    assert is_within(path, root) is inside
+
+
 def test_path_for_key_windows_lands_under_root():
     assert path_for_key("a/b.txt", WINDOWS_ROOT) == PureWindowsPath(
         "C:/restore/a/b.txt"
@@ -497,6 +516,6 @@ def test_parse_timestamp_reads_what_s3_sends(text):
     ],
 )
 def test_listing_boundaries_cut_every_page(monkeypatch, count, boundaries):
-    monkeypatch.setattr(s3common, "LIST_PAGE", 3)
+    monkeypatch.setattr(backup, "LIST_PAGE", 3)
     keys = [f"k{n}" for n in range(count)]
-    assert s3common.listing_boundaries(keys) == boundaries
+    assert backup.listing_boundaries(keys) == boundaries
