@@ -18,7 +18,6 @@ import signal
 # quietly, until run_cli takes over; os._exit, since nothing is written yet.
 signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
-import collections
 import hashlib
 import io
 import itertools
@@ -1327,16 +1326,6 @@ def uploads_of(
     console.totals_known()
 
 
-def read_ahead(items: Iterable[T], count: int) -> Iterator[T]:
-    """The items, each drawn `count` items before it is given out."""
-    held: collections.deque[T] = collections.deque()
-    for item in items:
-        held.append(item)
-        if len(held) > count:
-            yield held.popleft()
-    yield from held
-
-
 def execute(
     uploads: Iterable[Upload],
     uploader,
@@ -1347,7 +1336,7 @@ def execute(
     """The uploads on `workers` threads, the plan drawn PLAN_AHEAD uploads ahead of
     them; what became of them counted into `outcome`."""
     failures, skipped = run_collecting_failures(
-        read_ahead(uploads, PLAN_AHEAD), uploader, engine, workers
+        uploads, uploader, engine, workers, ahead=PLAN_AHEAD
     )
     outcome.failed = failures
     outcome.skipped += len(skipped)

@@ -1144,45 +1144,34 @@ def run_collecting_failures(
     work: Callable[[T, threading.Event], bool | None],
     engine: TransferEngine,
     workers: int,
+    ahead: int = 0,
 ) -> tuple[list[Failure[T]], list[T]]:
-    """Call work(item, cancel) for every item on `workers` threads, taking the
-    items from their iterator as threads come free.
+    """Call work(item, cancel) for every item on up to `workers` threads, the
+    items drawn in this thread up to `ahead` (at least `workers`) before a
+    thread takes them.
 
     Returns the failures and the items work() skipped (by returning False).
 
     On failure of one item, it is collected and the rest go on (as
-    shutil.copytree does); a failure of the iterator itself (the plan) stops the
-    run as Ctrl-C does and is raised. On Ctrl-C no new item starts, the engine
-    cancels (and so aborts) its transfers, running items see `cancel` set, and
-    the KeyboardInterrupt is raised again once every thread has stopped.
+    shutil.copytree does). On Ctrl-C, or a failure to draw the items (the
+    plan's), no new item starts, the engine cancels (and so aborts) its
+    transfers, running items see `cancel` set, and the exception is raised
+    again once every thread has stopped.
     """
     failures: list[Failure[T]] = []
     skipped: list[T] = []
-    stopped_by: list[BaseException] = []
     cancel = threading.Event()
-    pending = iter(items)
-    # Guards `pending` and the thread counts. The main thread waits on the
-    # counts, never in Thread.join: a join that Ctrl-C interrupts marks its
-    # thread as ended while it still runs (CPython gh-90882, Python 3.12 and older).
+    jobs: queue.Queue = queue.Queue(maxsize=max(ahead, workers))
+    # The main thread waits on the count of threads alive, never in
+    # Thread.join: a join that Ctrl-C interrupts marks its thread as ended while
+    # it still runs (CPython gh-90882, Python 3.12 and older).
     changed = threading.Condition()
-    running = ended = 0
+    started = alive = 0
 
     def worker():
-        nonlocal running, ended
-        with changed:
-            running += 1
+        nonlocal alive
         try:
-            while not cancel.is_set():
-                with changed:
-                    try:
-                        item = next(pending, _END)
-                    # The items' own failure ends the run, as in the main thread.
-                    except Exception as exc:  # noqa: BLE001
-                        stopped_by.append(exc)
-                        cancel.set()
-                        return
-                if item is _END:
-                    return
+            while (item := jobs.get()) is not _END and not cancel.is_set():
                 try:
                     if work(item, cancel) is False:
                         skipped.append(item)
@@ -1191,27 +1180,32 @@ def run_collecting_failures(
                     failures.append(Failure(item, exc))
         finally:
             with changed:
-                running -= 1
-                ended += 1
+                alive -= 1
                 changed.notify_all()
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(workers)]
-    try:
-        # Ctrl-C may come while threads are still being started.
-        for thread in threads:
-            thread.start()
+    def stop_threads() -> None:
+        for _ in range(started):
+            jobs.put(_END)
         with changed:
-            changed.wait_for(lambda: ended == len(threads))
-    except KeyboardInterrupt:
+            changed.wait_for(lambda: alive == 0)
+
+    try:
+        for item in items:
+            jobs.put(item)
+            if started < workers:
+                with changed:
+                    started += 1
+                    alive += 1
+                threading.Thread(target=worker, daemon=True).start()
+        stop_threads()
+    except BaseException:
         cancel.set()
         engine.cancel()
-        # A thread that starts after this sees `cancel` and takes no item.
-        with changed:
-            changed.wait_for(lambda: running == 0)
+        # Threads waiting for an item find none but the end.
+        while not jobs.empty():
+            jobs.get_nowait()
+        stop_threads()
         raise
-    if stopped_by:
-        engine.cancel()
-        raise stopped_by[0]
     engine.close()
     return failures, skipped
 
