@@ -28,7 +28,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from pathlib import PurePath
+from pathlib import PurePath, PureWindowsPath
 from typing import BinaryIO, TypeVar, Union
 
 import botocore.exceptions
@@ -53,7 +53,6 @@ from s3common import (
     RemoteObject,
     Summary,
     TransferEngine,
-    UnsafeKey,
     add_shared_options,
     both_md5s,
     bucket_name_problem,
@@ -69,12 +68,12 @@ from s3common import (
     key_error,
     key_for,
     key_length_problem,
+    key_problem,
     list_objects,
     map_failing_fast,
     md5chksum,
     parse_location,
     parse_mtime,
-    path_for_key,
     positive_int,
     printable,
     relative_key,
@@ -412,17 +411,17 @@ def refuse_keys(
 ) -> Iterator[tuple[str, LocalFile]]:
     """The files less those whose keys S3 refuses (errors of the scan), with a
     warning for those that restore.py refuses on this kind of system (root's flavour)."""
+    windows = isinstance(root, PureWindowsPath)
     for key, file in files:
         problem = key_length_problem(key)
         if problem:
             scan.error("upload", file.path, CliError(problem))
             continue
-        try:
-            path_for_key(relative_key(prefix, key), root)
-        except UnsafeKey as exc:
+        problem = key_problem(relative_key(prefix, key), windows)
+        if problem:
             scan.warning(
                 f"{printable(file.path)}: backed up, but restore.py on this kind of "
-                f"system refuses it: the key {exc}"
+                f"system refuses it: the key {problem}"
             )
         yield key, file
 

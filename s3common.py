@@ -523,35 +523,42 @@ def is_within(path: PurePath, root: PurePath) -> bool:
     return path.parts[: len(root.parts)] == root.parts
 
 
-def path_for_key(relative: str, root: PurePath) -> PurePath:
-    """Where the key part `relative` lands under root; UnsafeKey if anywhere else.
-
-    A POSIX root (PurePosixPath) takes a backslash as an ordinary name
-    character; a Windows root (PureWindowsPath) reads it as a separator and
-    refuses it, with names that Windows reads as devices, streams or something else.
-    """
+def key_problem(relative: str, windows: bool = False) -> str | None:
+    """Why the key part `relative` cannot be restored as the file it names, or
+    None: read as a POSIX path, where a backslash is an ordinary name character,
+    or (windows) as a Windows path, which reads it as a separator and refuses it,
+    with names that Windows reads as devices, streams or something else."""
     if not relative:
-        raise UnsafeKey("names no file")
+        return "names no file"
     if "\x00" in relative:
-        raise UnsafeKey("holds a NUL character")
+        return "holds a NUL character"
     if relative.startswith("/"):
-        raise UnsafeKey("is an absolute path")
+        return "is an absolute path"
     if _DRIVE_LETTER.match(relative):
-        raise UnsafeKey("starts with a drive letter")
+        return "starts with a drive letter"
     parts = relative.split("/")
     if any(part in ("", ".", "..") for part in parts):
-        raise UnsafeKey("has an empty, '.' or '..' segment")
-    if isinstance(root, PureWindowsPath):
+        return "has an empty, '.' or '..' segment"
+    if windows:
         if "\\" in relative:
-            raise UnsafeKey("holds a backslash, a folder separator on Windows")
+            return "holds a backslash, a folder separator on Windows"
         for part in parts:
             if _WINDOWS_FORBIDDEN.intersection(part):
-                raise UnsafeKey(f"segment {part!r} holds a character Windows forbids")
+                return f"segment {part!r} holds a character Windows forbids"
             if part[-1] in ". ":
-                raise UnsafeKey(f"segment {part!r} ends with a dot or space")
+                return f"segment {part!r} ends with a dot or space"
             if part.split(".")[0].rstrip(" ").upper() in _WINDOWS_DEVICE_NAMES:
-                raise UnsafeKey(f"segment {part!r} is a Windows device name")
-    target = root.joinpath(*parts)
+                return f"segment {part!r} is a Windows device name"
+    return None
+
+
+def path_for_key(relative: str, root: PurePath) -> PurePath:
+    """Where the key part `relative` lands under root; UnsafeKey if anywhere else
+    (key_problem, for root's flavour of path)."""
+    problem = key_problem(relative, isinstance(root, PureWindowsPath))
+    if problem:
+        raise UnsafeKey(problem)
+    target = root.joinpath(*relative.split("/"))
     if not is_within(target, root):
         raise UnsafeKey("lands outside the destination")
     return target
