@@ -1121,6 +1121,8 @@ def extra_args_from(args) -> dict:
 
 
 def run(args, console: Console) -> int:
+    """gather (walk and list) -> plan -> execute (or show, with --dry-run; or
+    compare, with --check) -> report."""
     started = time.monotonic()
     location = parse_location(args.location)
     extra = extra_args_from(args)
@@ -1135,44 +1137,27 @@ def run(args, console: Console) -> int:
         )
     if args.check and args.delete:
         raise usage_error("--check changes nothing: it does not go with --delete")
-
     connection = connect(args, pool_size=args.workers + PART_WORKERS)
     client = connection.client
+
     scan = Scan(console)
     found, files, listing = gather(args, local, location, client, scan)
-    remote: Iterable[RemoteObject] = ()
-    if found.result():
-        remote = listing
-    elif args.check:
+    if not found.result() and args.check:
         raise CliError(
             f"the bucket {location.bucket} does not exist: nothing is backed up at {location.url()}"
         )
     steps = plan_backup(
         files,
-        remote,
+        listing if found.result() else (),
         location.prefix,
         filters,
         delete=args.delete or args.check,
         by_content=args.checksum or args.check,
         single_file=not is_folder,
     )
-    # The plan's first step comes before anything changes: a --delete that
-    # would empty the prefix is refused by then.
-    try:
-        first = next(steps, None)
-    except EmptySource:
-        raise usage_error(
-            f"refusing --delete: {args.local!r} has no files to back up, "
-            "so every object under the prefix would be deleted"
-        ) from None
-    steps = itertools.chain(() if first is None else (first,), steps)
+    steps = refused_or_started(steps, args.local)
     if found.result():
-        if args.keep_days is not None and not args.check:
-            history = describe_history(args.keep_days)
-            if args.dry_run:
-                console.info(f"(dry run) set up s3://{location.bucket} {history}")
-            elif set_up_history(client, location.bucket, args.keep_days, new=False):
-                console.info(f"set up s3://{location.bucket} {history}")
+        update_history(args, client, location, console)
     else:
         keep_days = None if args.no_versioning else args.keep_days or DEFAULT_KEEP_DAYS
         create_bucket(
@@ -1182,83 +1167,154 @@ def run(args, console: Console) -> int:
     if args.checksum or args.check:
         steps = content_decided(steps, client, location.bucket, args.workers, unread)
     if args.check:
-        plan = BackupPlan.of(steps)
-        return report_check(plan, unread, scan, location, console, started)
+        return report_check(
+            BackupPlan.of(steps), unread, scan, location, console, started
+        )
 
-    now = time.time()
-    outcome = Outcome()
-    uploads = uploads_of(steps, outcome, location, console)
     if args.dry_run:
-        for upload in uploads:
-            if future_dated(upload, now):
-                recorded = recorded_mtime(client, location.bucket, upload.key)
-                if isinstance(after_recheck(upload, recorded), Keep):
-                    outcome.skipped += 1
-                    continue
-            outcome.transferred += 1
-            outcome.nbytes += upload.file.size
-            console.info(
-                f"(dry run) upload: {printable(upload.file.path)} -> "
-                f"{printable(location.url(upload.key))}"
-            )
-        if outcome.deletes and args.keep_days is None:
-            warn_if_unversioned(client, location.bucket, console)
-        for key in outcome.deletes:
-            console.info(f"(dry run) delete: {printable(location.url(key))}")
-        summary = Summary(
-            "uploaded",
-            transferred=outcome.transferred,
-            skipped=outcome.skipped,
-            deleted=len(outcome.deletes),
-            nbytes=outcome.nbytes,
-            seconds=time.monotonic() - started,
+        outcome = show_plan(steps, client, location, args.keep_days, console)
+    else:
+        outcome = execute_backup(
+            steps, connection, location, extra, args, console, scan.errors
         )
-        console.summarize(
-            summary,
-            f"(dry run) would upload {outcome.transferred} ({outcome.nbytes} bytes), "
-            f"skip {outcome.skipped}, delete {len(outcome.deletes)}",
-        )
-        return ExitCode.OK
 
-    console.start(known=False)
-    engine = TransferEngine(client, open_file=PartFile)
-    uploader = make_uploader(connection, location.bucket, extra, console, engine, now)
-    execute(uploads, uploader, engine, args.workers, outcome)
-    console.finish()
-    for failure in outcome.failed:
-        path = failure.item.file.path
-        error = key_error(failure.error, failure.item.key, ": rename the file")
-        console.error(failure_line("upload", path, error), path=path)
-
-    if outcome.deletes:
-        if not may_delete(outcome, scan.errors):
-            console.warning(
-                "not deleting anything: some files could not be read or uploaded"
-            )
-        else:
-            if args.keep_days is None:
-                warn_if_unversioned(client, location.bucket, console)
-            delete_objects(client, location.bucket, outcome, console)
-            for failure in outcome.delete_failures:
-                console.error(
-                    failure_line("delete", location.url(failure.item), failure.error),
-                    key=failure.item,
-                )
-
-    if not (outcome.planned or outcome.deletes or scan.errors):
-        console.info(f"nothing to upload: {printable(location.url())} is up to date")
+    failed = len(outcome.failed) + len(outcome.delete_failures)
+    point = None
+    if not args.dry_run:  # a dry run says what it could not read, and fails nothing
+        failed += scan.errors
+        point = restore_point(connection.clock.latest, time.time())
     summary = Summary(
         "uploaded",
         transferred=outcome.transferred,
         skipped=outcome.skipped,
-        failed=len(outcome.failed) + len(outcome.delete_failures) + scan.errors,
+        failed=failed,
         deleted=outcome.deleted,
         nbytes=outcome.nbytes,
         seconds=time.monotonic() - started,
-        restore_point=restore_point(connection.clock.latest, time.time()),
+        restore_point=point,
     )
+    if args.dry_run:
+        console.summarize(
+            summary,
+            f"(dry run) would upload {outcome.transferred} ({outcome.nbytes} bytes), "
+            f"skip {outcome.skipped}, delete {outcome.deleted}",
+        )
+        return ExitCode.OK
+    if not (outcome.planned or outcome.deletes or scan.errors):
+        console.info(f"nothing to upload: {printable(location.url())} is up to date")
     console.summarize(summary)
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
+
+
+def refused_or_started(steps: Iterator[Step], local: str) -> Iterator[Step]:
+    """The plan with its first step drawn, before anything changes: a --delete
+    that would empty the prefix is refused by then (exit 2)."""
+    try:
+        first = next(steps, None)
+    except EmptySource:
+        raise usage_error(
+            f"refusing --delete: {local!r} has no files to back up, "
+            "so every object under the prefix would be deleted"
+        ) from None
+    return itertools.chain(() if first is None else (first,), steps)
+
+
+def update_history(args, client, location: Location, console: Console) -> None:
+    """--keep-days given for an existing bucket: set up its history (said, or shown)."""
+    if args.keep_days is None or args.check:
+        return
+    history = describe_history(args.keep_days)
+    if args.dry_run:
+        console.info(f"(dry run) set up s3://{location.bucket} {history}")
+    elif set_up_history(client, location.bucket, args.keep_days, new=False):
+        console.info(f"set up s3://{location.bucket} {history}")
+
+
+def show_plan(
+    steps: Iterable[Step],
+    client,
+    location: Location,
+    keep_days: int | None,
+    console: Console,
+) -> Outcome:
+    """--dry-run: each upload in key order, then each delete, one line each; a
+    future-dated file asks its object's recorded mtime, as the real run does."""
+    now = time.time()
+    outcome = Outcome()
+    for upload in uploads_of(steps, outcome, location, console):
+        if future_dated(upload, now):
+            recorded = recorded_mtime(client, location.bucket, upload.key)
+            if isinstance(after_recheck(upload, recorded), Keep):
+                outcome.skipped += 1
+                continue
+        outcome.transferred += 1
+        outcome.nbytes += upload.file.size
+        console.info(
+            f"(dry run) upload: {printable(upload.file.path)} -> "
+            f"{printable(location.url(upload.key))}"
+        )
+    if outcome.deletes and keep_days is None:
+        warn_if_unversioned(client, location.bucket, console)
+    for key in outcome.deletes:
+        console.info(f"(dry run) delete: {printable(location.url(key))}")
+    outcome.deleted = len(outcome.deletes)  # would be
+    return outcome
+
+
+def execute_backup(
+    steps: Iterable[Step],
+    connection: Connection,
+    location: Location,
+    extra: dict,
+    args,
+    console: Console,
+    unread: int,
+) -> Outcome:
+    """Upload the plan's files on --workers threads, the plan drawn PLAN_AHEAD
+    uploads ahead of them, then its deletes unless a file could not be read
+    (`unread`) or uploaded; one error line for each that fails."""
+    client = connection.client
+    outcome = Outcome()
+    console.start(known=False)
+    engine = TransferEngine(client, open_file=PartFile)
+    uploader = make_uploader(
+        connection, location.bucket, extra, console, engine, time.time()
+    )
+    failures, skipped = run_collecting_failures(
+        uploads_of(steps, outcome, location, console),
+        uploader,
+        engine,
+        args.workers,
+        ahead=PLAN_AHEAD,
+    )
+    console.finish()
+    outcome.failed = failures
+    outcome.skipped += len(skipped)
+    outcome.transferred = outcome.planned - len(failures) - len(skipped)
+    outcome.nbytes = (
+        outcome.planned_bytes
+        - sum(failure.item.file.size for failure in failures)
+        - sum(upload.file.size for upload in skipped)
+    )
+    for failure in failures:
+        path = failure.item.file.path
+        error = key_error(failure.error, failure.item.key, ": rename the file")
+        console.error(failure_line("upload", path, error), path=path)
+
+    if outcome.deletes and not may_delete(outcome, unread):
+        console.warning(
+            "not deleting anything: some files could not be read or uploaded"
+        )
+    elif outcome.deletes:
+        if args.keep_days is None:
+            warn_if_unversioned(client, location.bucket, console)
+        delete_objects(client, location.bucket, outcome, console)
+        for failure in outcome.delete_failures:
+            console.error(
+                failure_line("delete", location.url(failure.item), failure.error),
+                key=failure.item,
+            )
+    return outcome
 
 
 def gather(
@@ -1323,29 +1379,6 @@ def uploads_of(
                 "of the file; backup.py --delete removes them"
             )
     console.totals_known()
-
-
-def execute(
-    uploads: Iterable[Upload],
-    uploader,
-    engine: TransferEngine,
-    workers: int,
-    outcome: Outcome,
-) -> Outcome:
-    """The uploads on `workers` threads, the plan drawn PLAN_AHEAD uploads ahead of
-    them; what became of them counted into `outcome`."""
-    failures, skipped = run_collecting_failures(
-        uploads, uploader, engine, workers, ahead=PLAN_AHEAD
-    )
-    outcome.failed = failures
-    outcome.skipped += len(skipped)
-    outcome.transferred = outcome.planned - len(failures) - len(skipped)
-    outcome.nbytes = (
-        outcome.planned_bytes
-        - sum(failure.item.file.size for failure in failures)
-        - sum(upload.file.size for upload in skipped)
-    )
-    return outcome
 
 
 def report_check(
