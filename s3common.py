@@ -83,6 +83,9 @@ DEFAULT_WORKERS = 32
 PART_WORKERS = 10
 # The most keys one ListObjectsV2 page holds, and the size of a listing range.
 LIST_PAGE = 1000
+# Listing ranges read at once (and held until the plan reaches them), however
+# many workers: each holds a page being parsed (some MiB at its peak).
+LIST_RANGES_AT_ONCE = 8
 # A --bwlimit bucket that has stood idle lets this many seconds' worth of bytes
 # through at once; less would lose rate in the gaps between one worker's reads.
 BURST_SECONDS = 0.1
@@ -867,9 +870,10 @@ def list_objects(
     ListObjectsV2 requests that start at once.
 
     Sorted `boundaries` cut the keys into ranges that are listed side by side on
-    up to `workers` threads, at most `workers` ranges ahead of the one read: the
-    first range ends with boundaries[0], the next starts after it, and the last
-    is everything after boundaries[-1]. A range is held whole until it is read.
+    up to `workers` threads (LIST_RANGES_AT_ONCE at most), as many ranges ahead
+    of the one read: the first range ends with boundaries[0], the next starts
+    after it, and the last is everything after boundaries[-1]. A range is held
+    whole until it is read.
     """
     if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
         # Directory buckets list in no particular order and take no StartAfter:
@@ -877,11 +881,12 @@ def list_objects(
         whole = call_failing_fast(lambda: list(list_range(client, bucket, prefix)))
         return iter(sorted(whole.result(), key=lambda obj: obj.key))
     ranges = zip(("", *boundaries), (*boundaries, None))
+    at_once = min(workers, LIST_RANGES_AT_ONCE)
     listings = map_failing_fast(
         lambda bounds: list(list_range(client, bucket, prefix, *bounds)),
         ranges,
-        workers,
-        ahead=workers,
+        at_once,
+        ahead=at_once,
     )
     return (obj for listing in listings for obj in listing)
 
