@@ -171,7 +171,8 @@ class Delete:
 
 @dataclass(frozen=True)
 class StaleFolder:
-    """A file where the backup holds a folder: `objects` under key/ that --delete would remove."""
+    """A file where the backup holds a folder: the `objects` under key/ that
+    --delete would remove."""
 
     key: str
     file: LocalFile
