@@ -171,18 +171,23 @@ def bucket_name() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture
-def server_client(request):
-    """A plain boto3 client to arrange and inspect state on the server the test
-    runs the scripts against (server_of)."""
+def client_for(endpoint_url: str):
+    """A plain boto3 client of a server on 127.0.0.1 (or a proxy in front of one)."""
     return boto3.client(
         "s3",
         region_name="us-east-1",
-        endpoint_url=server_of(request),
+        endpoint_url=endpoint_url,
         aws_access_key_id="testing",
         aws_secret_access_key=FAKE_SECRET,
         config=botocore.client.Config(s3={"addressing_style": "path"}),
     )
+
+
+@pytest.fixture
+def server_client(request):
+    """A plain boto3 client to arrange and inspect state on the server the test
+    runs the scripts against (server_of)."""
+    return client_for(server_of(request))
 
 
 def run_script(
@@ -214,19 +219,48 @@ def make_tree(root, files: dict[str, bytes]):
     return root
 
 
-def stub_error(monkeypatch, operation: str, code: str, status: int):
-    """Make S3 answer `operation` with an error, below our code, in botocore itself."""
-    make_api_call = botocore.client.BaseClient._make_api_call
+@pytest.fixture
+def failing_proxy(start_proxy, monkeypatch):
+    """failing_proxy({"HeadBucket": ("403", 403)}): a FaultProxy in front of the
+    test's server (server_of) that answers every request of those S3 operations
+    with that error, as S3 would, and passes the others; its `errors` may change.
 
-    def answer(self, name, params):
-        if name == operation:
-            raise botocore.exceptions.ClientError(
-                {
-                    "Error": {"Code": code, "Message": "stubbed"},
-                    "ResponseMetadata": {"HTTPStatusCode": status},
-                },
-                name,
-            )
-        return make_api_call(self, name, params)
+    One attempt per request (AWS_MAX_ATTEMPTS=1), as S3 answering for good: an
+    error that botocore retries (500) fails the request at once."""
 
-    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", answer)
+    def start(errors: dict[str, tuple[str, int]]) -> FaultProxy:
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        return start_proxy(errors=errors)
+
+    return start
+
+
+def remove_bucket(client, name: str) -> None:
+    """Delete a bucket of the test server with every version in it, if it is there."""
+    try:
+        pages = client.get_paginator("list_object_versions").paginate(Bucket=name)
+        for page in pages:
+            for item in page.get("Versions", []) + page.get("DeleteMarkers", []):
+                client.delete_object(
+                    Bucket=name, Key=item["Key"], VersionId=item["VersionId"]
+                )
+        client.delete_bucket(Bucket=name)
+    except botocore.exceptions.ClientError as exc:
+        if exc.response["Error"]["Code"] != "NoSuchBucket":
+            raise
+
+
+@pytest.fixture
+def named_buckets(server_client):
+    """named_buckets("theirs", ...): buckets of these names on the test server are
+    removed now and after the test, for a test whose lines name its bucket."""
+    names = []
+
+    def remove(*more: str) -> None:
+        names.extend(more)
+        for name in more:
+            remove_bucket(server_client, name)
+
+    yield remove
+    for name in names:
+        remove_bucket(server_client, name)
