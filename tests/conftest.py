@@ -220,19 +220,33 @@ def make_tree(root, files: dict[str, bytes]):
 
 
 @pytest.fixture
-def failing_proxy(start_proxy, monkeypatch):
+def failing_proxy(start_proxy, server_client, monkeypatch):
     """failing_proxy({"HeadBucket": ("403", 403)}): a FaultProxy in front of the
     test's server (server_of) that answers every request of those S3 operations
     with that error, as S3 would, and passes the others; its `errors` may change.
 
     One attempt per request (AWS_MAX_ATTEMPTS=1), as S3 answering for good: an
-    error that botocore retries (500) fails the request at once."""
+    error that botocore retries (500) fails the request at once. The `buckets`
+    named (in a test's lines) are removed from the server now and after the test,
+    and with `create` made again, empty."""
+    removed = []
 
-    def start(errors: dict[str, tuple[str, int]]) -> FaultProxy:
+    def start(
+        errors: dict[str, tuple[str, int]],
+        buckets: tuple[str, ...] = (),
+        create: bool = False,
+    ) -> FaultProxy:
         monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        for name in buckets:
+            removed.append(name)
+            remove_bucket(server_client, name)
+            if create:
+                server_client.create_bucket(Bucket=name)
         return start_proxy(errors=errors)
 
-    return start
+    yield start
+    for name in removed:
+        remove_bucket(server_client, name)
 
 
 def remove_bucket(client, name: str) -> None:
@@ -248,19 +262,3 @@ def remove_bucket(client, name: str) -> None:
     except botocore.exceptions.ClientError as exc:
         if exc.response["Error"]["Code"] != "NoSuchBucket":
             raise
-
-
-@pytest.fixture
-def named_buckets(server_client):
-    """named_buckets("theirs", ...): buckets of these names on the test server are
-    removed now and after the test, for a test whose lines name its bucket."""
-    names = []
-
-    def remove(*more: str) -> None:
-        names.extend(more)
-        for name in more:
-            remove_bucket(server_client, name)
-
-    yield remove
-    for name in names:
-        remove_bucket(server_client, name)

@@ -254,32 +254,29 @@ def test_missing_credentials_is_one_clear_line(s3, tree, monkeypatch, capsys):
 
 
 def test_forbidden_bucket_stops_before_any_upload(
-    tree, server_client, named_buckets, failing_proxy, capsys
+    tree, server_client, failing_proxy, capsys
 ):
-    named_buckets("theirs")
-    server_client.create_bucket(Bucket="theirs")
-    proxy = failing_proxy({"HeadBucket": ("403", 403)})
+    proxy = failing_proxy(
+        {"HeadBucket": ("403", 403)}, buckets=("theirs",), create=True
+    )
     assert backup.main([str(tree), "theirs", "--endpoint-url", proxy.url]) == 1
     assert "bucket theirs: access denied" in capsys.readouterr().err
     assert keys(server_client, "theirs") == []
 
 
-def test_name_taken_by_another_account(tree, named_buckets, failing_proxy, capsys):
+def test_name_taken_by_another_account(tree, failing_proxy, capsys):
     # S3's answers when another account owns the name: HeadBucket 404 (it is not
     # ours to see), then BucketAlreadyExists.
-    named_buckets("taken")
     proxy = failing_proxy(
-        {"HeadBucket": ("404", 404), "CreateBucket": ("BucketAlreadyExists", 409)}
+        {"HeadBucket": ("404", 404), "CreateBucket": ("BucketAlreadyExists", 409)},
+        buckets=("taken",),
     )
     assert backup.main([str(tree), "taken", "--endpoint-url", proxy.url]) == 1
     assert "taken by another account" in capsys.readouterr().err
 
 
-def test_access_denied_on_upload_is_a_failed_file(
-    tree, named_buckets, failing_proxy, capsys
-):
-    named_buckets("bk16")
-    proxy = failing_proxy({"PutObject": ("AccessDenied", 403)})
+def test_access_denied_on_upload_is_a_failed_file(tree, failing_proxy, capsys):
+    proxy = failing_proxy({"PutObject": ("AccessDenied", 403)}, buckets=("bk16",))
     assert backup.main([str(tree), "bk16", "--endpoint-url", proxy.url]) == 1
     captured = capsys.readouterr()
     assert "upload failed:" in captured.err and "access denied" in captured.err
@@ -287,10 +284,9 @@ def test_access_denied_on_upload_is_a_failed_file(
 
 
 def test_delete_is_skipped_when_an_upload_failed(
-    tree, server_client, named_buckets, failing_proxy, capsys
+    tree, server_client, failing_proxy, capsys
 ):
-    named_buckets("bk17")
-    proxy = failing_proxy({})
+    proxy = failing_proxy({}, buckets=("bk17",))
     assert backup.main([str(tree), "bk17::p", "--endpoint-url", proxy.url]) == 0
     (tree / "a.txt").unlink()
     (tree / "sub" / "b.json").write_bytes(b'{"changed": true}')
@@ -379,11 +375,11 @@ def test_no_change_run_and_delete_with_the_listing_in_ranges(
 
 
 def test_listing_denied_stops_before_any_upload(
-    tree, server_client, named_buckets, failing_proxy, capsys
+    tree, server_client, failing_proxy, capsys
 ):
-    named_buckets("bk19")
-    server_client.create_bucket(Bucket="bk19")
-    proxy = failing_proxy({"ListObjectsV2": ("AccessDenied", 403)})
+    proxy = failing_proxy(
+        {"ListObjectsV2": ("AccessDenied", 403)}, buckets=("bk19",), create=True
+    )
     assert backup.main([str(tree), "bk19::p", "--endpoint-url", proxy.url]) == 1
     err = capsys.readouterr().err
     assert "cannot list s3://bk19/p" in err and "access denied" in err

@@ -423,11 +423,11 @@ def test_dry_run_changes_no_bucket(s3, source, capsys):
     "operation", ["PutBucketLifecycleConfiguration", "PutBucketVersioning"]
 )
 def test_refused_history_set_up_is_one_line_exit_1_nothing_uploaded(
-    source, server_client, named_buckets, failing_proxy, capsys, operation
+    source, server_client, failing_proxy, capsys, operation
 ):
-    named_buckets("locked")
-    server_client.create_bucket(Bucket="locked")
-    proxy = failing_proxy({operation: ("AccessDenied", 403)})
+    proxy = failing_proxy(
+        {operation: ("AccessDenied", 403)}, buckets=("locked",), create=True
+    )
     assert (
         backup.main(
             [str(source), "locked::p", "--keep-days", "5", "--endpoint-url", proxy.url]
@@ -449,10 +449,11 @@ def test_refused_history_set_up_is_one_line_exit_1_nothing_uploaded(
     "operation", ["PutBucketVersioning", "PutBucketLifecycleConfiguration"]
 )
 def test_a_new_bucket_on_a_server_without_history_is_backed_up_with_a_warning(
-    source, server_client, named_buckets, failing_proxy, capsys, operation
+    source, server_client, failing_proxy, capsys, operation
 ):
-    named_buckets("plain-server")
-    proxy = failing_proxy({operation: ("NotImplemented", 501)})
+    proxy = failing_proxy(
+        {operation: ("NotImplemented", 501)}, buckets=("plain-server",)
+    )
     assert (
         backup.main([str(source), "plain-server::p", "--endpoint-url", proxy.url]) == 0
     )
@@ -472,11 +473,11 @@ def test_a_new_bucket_on_a_server_without_history_is_backed_up_with_a_warning(
     "operation", ["PutBucketVersioning", "PutBucketLifecycleConfiguration"]
 )
 def test_keep_days_on_a_server_without_history_is_a_failure(
-    source, server_client, named_buckets, failing_proxy, capsys, operation
+    source, server_client, failing_proxy, capsys, operation
 ):
-    named_buckets("plain-server")
-    server_client.create_bucket(Bucket="plain-server")
-    proxy = failing_proxy({operation: ("NotImplemented", 501)})
+    proxy = failing_proxy(
+        {operation: ("NotImplemented", 501)}, buckets=("plain-server",), create=True
+    )
     options = ["--keep-days", "5", "--endpoint-url", proxy.url]
     assert backup.main([str(source), "plain-server::p", *options]) == 1
     assert "cannot turn on history" in capsys.readouterr().err

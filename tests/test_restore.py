@@ -175,12 +175,10 @@ def test_missing_bucket_is_one_line_and_writes_nothing(s3, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_forbidden_bucket(
-    server_client, named_buckets, failing_proxy, tmp_path, capsys
-):
-    named_buckets("vault")
-    server_client.create_bucket(Bucket="vault")
-    proxy = failing_proxy({"ListObjectsV2": ("AccessDenied", 403)})
+def test_forbidden_bucket(failing_proxy, tmp_path, capsys):
+    proxy = failing_proxy(
+        {"ListObjectsV2": ("AccessDenied", 403)}, buckets=("vault",), create=True
+    )
     assert (
         restore.main(["vault::p", str(tmp_path / "out"), "--endpoint-url", proxy.url])
         == 1
@@ -211,13 +209,12 @@ def test_archived_objects_are_reported_as_such(s3, bucket, tmp_path, capsys):
 
 
 def test_failed_download_keeps_the_old_file_and_no_temporary(
-    server_client, named_buckets, failing_proxy, tmp_path, capsys
+    server_client, failing_proxy, tmp_path, capsys
 ):
-    named_buckets("vault")
-    server_client.create_bucket(Bucket="vault")
+    proxy = failing_proxy({}, buckets=("vault",), create=True)
     put(server_client, "p/a.txt", b"new content")
     target = make_tree(tmp_path / "out", {"a.txt": b"old content"})
-    proxy = failing_proxy({"GetObject": ("InternalError", 500)})
+    proxy.errors["GetObject"] = ("InternalError", 500)
     assert restore.main(["vault::p", str(target), "--endpoint-url", proxy.url]) == 1
     assert tree_files(target) == {"a.txt": b"old content"}
     assert leftovers(target) == []

@@ -331,10 +331,9 @@ def test_compare_contents_a_plain_etag_that_differs_is_the_md5(s3, src):
 
 
 def test_compare_contents_an_sse_c_object_has_no_md5_and_a_denied_head_stops(
-    src, named_buckets, failing_proxy
+    src, failing_proxy
 ):
-    named_buckets("vbk13")
-    proxy = failing_proxy({})
+    proxy = failing_proxy({}, buckets=("vbk13",))
     assert backup.main([str(src), "vbk13::p", "--endpoint-url", proxy.url]) == 0
     listed = RemoteObject("p/a.txt", 5, 0.0, etag=OTHER_MD5)
     candidates = {"p/a.txt": (str(src / "a.txt"), listed)}
