@@ -117,6 +117,17 @@ class RestorePlan:
     conflicts: tuple[tuple[str, str], ...]  # (key, why), keys that collide locally
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What running (or, with --dry-run, showing) a plan did, for the closing summary."""
+
+    transferred: int
+    skipped: int  # already restored, or the same content (--checksum)
+    failed: int  # downloads that failed; refused keys and conflicts are the plan's
+    nbytes: int
+    archived: int  # objects in an archive storage class, not restored
+
+
 # --- Deciding: pure functions --------------------------------------------------
 
 _AGE = re.compile(r"(\d+)([smhdw])")
@@ -399,6 +410,25 @@ def find_objects_at(
     return single, parent_prefix(prefix)
 
 
+def objects_to_restore(
+    client, location: Location, when: float | None
+) -> tuple[dict[str, RemoteObject], str]:
+    """The objects under the location (as at `when`, if given) and their base prefix;
+    CliError when there are none."""
+    if when is None:
+        objects, base_prefix = find_objects(client, location.bucket, location.prefix)
+    else:
+        objects, base_prefix = find_objects_at(
+            client, location.bucket, location.prefix, when
+        )
+    if not any(not key.endswith("/") for key in objects):
+        at = "" if when is None else f" at {format_when(when)}"
+        raise CliError(
+            f"nothing to restore: no objects under {printable(location.url())}{at}"
+        )
+    return objects, base_prefix
+
+
 def same_size_files(
     downloads: tuple[Download, ...], objects: dict[str, RemoteObject]
 ) -> dict[str, tuple[str, RemoteObject]]:
@@ -412,6 +442,14 @@ def same_size_files(
         if stat.S_ISREG(info.st_mode) and info.st_size == item.size:
             candidates[item.key] = (str(item.path), objects[item.key])
     return candidates
+
+
+def nearest_existing(path: str) -> str:
+    """path, if it exists, else the nearest of its parents that does."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return path
 
 
 def probe_case_insensitive(folder: str) -> bool:
@@ -686,44 +724,6 @@ def when_argument(text: str) -> datetime:
         return parse_when(text, datetime.now().astimezone())
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What running (or, with --dry-run, showing) a plan did, for the closing summary."""
-
-    transferred: int
-    skipped: int  # already restored, or the same content (--checksum)
-    failed: int  # downloads that failed; refused keys and conflicts are the plan's
-    nbytes: int
-    archived: int  # objects in an archive storage class, not restored
-
-
-def objects_to_restore(
-    client, location: Location, when: float | None
-) -> tuple[dict[str, RemoteObject], str]:
-    """The objects under the location (as at `when`, if given) and their base prefix;
-    CliError when there are none."""
-    if when is None:
-        objects, base_prefix = find_objects(client, location.bucket, location.prefix)
-    else:
-        objects, base_prefix = find_objects_at(
-            client, location.bucket, location.prefix, when
-        )
-    if not any(not key.endswith("/") for key in objects):
-        at = "" if when is None else f" at {format_when(when)}"
-        raise CliError(
-            f"nothing to restore: no objects under {printable(location.url())}{at}"
-        )
-    return objects, base_prefix
-
-
-def nearest_existing(path: str) -> str:
-    """path, if it exists, else the nearest of its parents that does."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return path
 
 
 def show_plan(plan: RestorePlan, location: Location, console: Console) -> Outcome:

@@ -171,18 +171,23 @@ def bucket_name() -> str:
     return f"test-{uuid.uuid4().hex[:12]}"
 
 
-@pytest.fixture
-def server_client(request):
-    """A plain boto3 client to arrange and inspect state on the server the test
-    runs the scripts against (server_of)."""
+def client_for(endpoint_url: str):
+    """A plain boto3 client of a server on 127.0.0.1 (or a proxy in front of one)."""
     return boto3.client(
         "s3",
         region_name="us-east-1",
-        endpoint_url=server_of(request),
+        endpoint_url=endpoint_url,
         aws_access_key_id="testing",
         aws_secret_access_key=FAKE_SECRET,
         config=botocore.client.Config(s3={"addressing_style": "path"}),
     )
+
+
+@pytest.fixture
+def server_client(request):
+    """A plain boto3 client to arrange and inspect state on the server the test
+    runs the scripts against (server_of)."""
+    return client_for(server_of(request))
 
 
 def run_script(
@@ -214,19 +219,46 @@ def make_tree(root, files: dict[str, bytes]):
     return root
 
 
-def stub_error(monkeypatch, operation: str, code: str, status: int):
-    """Make S3 answer `operation` with an error, below our code, in botocore itself."""
-    make_api_call = botocore.client.BaseClient._make_api_call
+@pytest.fixture
+def failing_proxy(start_proxy, server_client, monkeypatch):
+    """failing_proxy({"HeadBucket": ("403", 403)}): a FaultProxy in front of the
+    test's server (server_of) that answers every request of those S3 operations
+    with that error, as S3 would, and passes the others; its `errors` may change.
 
-    def answer(self, name, params):
-        if name == operation:
-            raise botocore.exceptions.ClientError(
-                {
-                    "Error": {"Code": code, "Message": "stubbed"},
-                    "ResponseMetadata": {"HTTPStatusCode": status},
-                },
-                name,
-            )
-        return make_api_call(self, name, params)
+    One attempt per request (AWS_MAX_ATTEMPTS=1), as S3 answering for good: an
+    error that botocore retries (500) fails the request at once. The `buckets`
+    named (in a test's lines) are removed from the server now and after the test,
+    and with `create` made again, empty."""
+    removed = []
 
-    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", answer)
+    def start(
+        errors: dict[str, tuple[str, int]],
+        buckets: tuple[str, ...] = (),
+        create: bool = False,
+    ) -> FaultProxy:
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+        for name in buckets:
+            removed.append(name)
+            remove_bucket(server_client, name)
+            if create:
+                server_client.create_bucket(Bucket=name)
+        return start_proxy(errors=errors)
+
+    yield start
+    for name in removed:
+        remove_bucket(server_client, name)
+
+
+def remove_bucket(client, name: str) -> None:
+    """Delete a bucket of the test server with every version in it, if it is there."""
+    try:
+        pages = client.get_paginator("list_object_versions").paginate(Bucket=name)
+        for page in pages:
+            for item in page.get("Versions", []) + page.get("DeleteMarkers", []):
+                client.delete_object(
+                    Bucket=name, Key=item["Key"], VersionId=item["VersionId"]
+                )
+        client.delete_bucket(Bucket=name)
+    except botocore.exceptions.ClientError as exc:
+        if exc.response["Error"]["Code"] != "NoSuchBucket":
+            raise

@@ -6,6 +6,9 @@
     assert proxy.faults["SlowDown"] > 0
     proxy.close()
 
+With `errors`, every request of an S3 operation gets one error, as S3 answers it:
+FaultProxy(upstream, errors={"HeadBucket": ("403", 403)}).
+
 It reads each request whole (HTTP/1.1 keep-alive, Content-Length or chunked
 bodies, `Expect: 100-continue`), then either answers it with a fault, without
 forwarding it, or forwards it to the server and relays the answer.
@@ -23,11 +26,12 @@ import ssl
 import struct
 import threading
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from http import HTTPStatus
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 # Headers that describe one connection, not the message: never relayed as they are.
 HOP_BY_HOP_HEADERS = {
@@ -80,6 +84,33 @@ class Request:
     @property
     def is_upload_part(self) -> bool:
         return "partNumber=" in urlsplit(self.target).query
+
+    @property
+    def operation(self) -> str:
+        """The S3 operation of a path-style request (those the tests fail on purpose,
+        and the rest by method and level)."""
+        parts = urlsplit(self.target)
+        query = parse_qs(parts.query, keep_blank_values=True)
+        level = "Bucket" if "/" not in parts.path.strip("/") else "Object"
+        subresources = {
+            ("GET", "Bucket"): [
+                ("versions", "ListObjectVersions"),
+                ("list-type", "ListObjectsV2"),
+                ("versioning", "GetBucketVersioning"),
+                ("lifecycle", "GetBucketLifecycleConfiguration"),
+            ],
+            ("PUT", "Bucket"): [
+                ("versioning", "PutBucketVersioning"),
+                ("lifecycle", "PutBucketLifecycleConfiguration"),
+                ("", "CreateBucket"),
+            ],
+            ("PUT", "Object"): [("partNumber", "UploadPart"), ("", "PutObject")],
+            ("GET", "Object"): [("", "GetObject")],
+        }
+        for name, operation in subresources.get((self.method, level), []):
+            if not name or name in query:
+                return operation
+        return f"{self.method.capitalize()}{level}"  # HeadBucket, HeadObject, ...
 
     @property
     def keep_alive(self) -> bool:
@@ -155,9 +186,16 @@ def response_bytes(
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
-def s3_error_response(code: str, request: Request, request_id: str) -> bytes:
-    """A response as S3 writes it for an error: XML body, except for HEAD."""
-    status, reason, message = ERROR_MESSAGES[code]
+def s3_error_response(
+    code: str, request: Request, request_id: str, status: int | None = None
+) -> bytes:
+    """A response as S3 writes it for an error: XML body, except for HEAD.
+
+    `status` for a code that ERROR_MESSAGES does not hold."""
+    if status is None:
+        status, reason, message = ERROR_MESSAGES[code]
+    else:
+        reason = message = HTTPStatus(status).phrase
     body = (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f"<Error><Code>{code}</Code><Message>{message}</Message>"
@@ -180,7 +218,9 @@ class FaultProxy:
     requests answered 503 SlowDown, answered 500 InternalError, and cut off
     (connection reset, no answer). Requests for `throttled_keys` (paths that
     end in "/<key>"), and the UploadPart requests for `throttled_part_keys`,
-    are answered 503 SlowDown every time. With refuse_direct, requests sent by the
+    are answered 503 SlowDown every time. `errors` maps an S3 operation
+    (Request.operation) to the (code, HTTP status) every request of it is answered
+    with; it may change while the proxy runs. With refuse_direct, requests sent by the
     scripts' direct path are answered 403 AccessDenied; with corrupt_direct, one
     byte of the body of their successful GETs is changed. `faults` counts what was
     injected, `throttled_attempts` the requests refused per throttled key, and
@@ -199,6 +239,7 @@ class FaultProxy:
         throttled_part_keys: Collection[str] = (),
         refuse_direct: bool = False,
         corrupt_direct: bool = False,
+        errors: Mapping[str, tuple[str, int]] | None = None,
     ):
         parts = urlsplit(upstream)
         self.upstream_host = parts.hostname
@@ -210,6 +251,7 @@ class FaultProxy:
         self.throttled_part_keys = set(throttled_part_keys)
         self.refuse_direct = refuse_direct
         self.corrupt_direct = corrupt_direct
+        self.errors = dict(errors or {})
         self.faults: Counter[str] = Counter()
         self.requests: list[tuple[str, str, bool]] = []
         self.throttled_attempts: Counter[str] = Counter()
@@ -242,9 +284,13 @@ class FaultProxy:
 
     def fault_for(self, request: Request) -> str | None:
         """The fault to inject for this request: "SlowDown", "InternalError",
-        "AccessDenied", "reset" or None."""
+        "AccessDenied", "reset", the code of an error of `errors`, or None."""
         with self._lock:
             self.requests.append((request.method, request.path, request.is_direct))
+            if request.operation in self.errors:
+                code = self.errors[request.operation][0]
+                self.faults[code] += 1
+                return code
             if self.refuse_direct and request.is_direct:
                 self.faults["AccessDenied"] += 1
                 return "AccessDenied"
@@ -269,6 +315,14 @@ class FaultProxy:
             else:
                 self.forwarded += 1
             return fault
+
+    def error_status(self, code: str) -> int | None:
+        """The HTTP status of an error of `errors` with this code; None for the others."""
+        with self._lock:
+            statuses = [
+                status for known, status in self.errors.values() if known == code
+            ]
+        return statuses[0] if statuses else None
 
     def request_id(self) -> str:
         with self._lock:
@@ -348,7 +402,9 @@ class _Handler(socketserver.BaseRequestHandler):
                     connection.close()
                     return
                 if fault:
-                    answer = s3_error_response(fault, request, proxy.request_id())
+                    answer = s3_error_response(
+                        fault, request, proxy.request_id(), proxy.error_status(fault)
+                    )
                 else:
                     answer = proxy.forward(request)
                 connection.sendall(answer)

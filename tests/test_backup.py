@@ -13,7 +13,7 @@ import botocore.client
 import botocore.exceptions
 import pytest
 from botocore.stub import Stubber
-from conftest import make_tree, stub_error
+from conftest import make_tree
 
 import backup
 import s3common
@@ -253,39 +253,50 @@ def test_missing_credentials_is_one_clear_line(s3, tree, monkeypatch, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
-def test_forbidden_bucket_stops_before_any_upload(s3, tree, monkeypatch, capsys):
-    s3.create_bucket(Bucket="theirs")
-    stub_error(monkeypatch, "HeadBucket", "403", 403)
-    assert backup.main([str(tree), "theirs"]) == 1
+def test_forbidden_bucket_stops_before_any_upload(
+    tree, server_client, failing_proxy, capsys
+):
+    proxy = failing_proxy(
+        {"HeadBucket": ("403", 403)}, buckets=("theirs",), create=True
+    )
+    assert backup.main([str(tree), "theirs", "--endpoint-url", proxy.url]) == 1
     assert "bucket theirs: access denied" in capsys.readouterr().err
-    assert keys(s3, "theirs") == []
+    assert keys(server_client, "theirs") == []
 
 
-def test_name_taken_by_another_account(s3, tree, monkeypatch, capsys):
-    monkeypatch.setenv("MOTO_ACCOUNT_ID", "111111111111")
-    s3.create_bucket(Bucket="taken")
-    monkeypatch.delenv("MOTO_ACCOUNT_ID")
-    stub_error(monkeypatch, "HeadBucket", "404", 404)
-    assert backup.main([str(tree), "taken"]) == 1
+def test_name_taken_by_another_account(tree, failing_proxy, capsys):
+    # S3's answers when another account owns the name: HeadBucket 404 (it is not
+    # ours to see), then BucketAlreadyExists.
+    proxy = failing_proxy(
+        {"HeadBucket": ("404", 404), "CreateBucket": ("BucketAlreadyExists", 409)},
+        buckets=("taken",),
+    )
+    assert backup.main([str(tree), "taken", "--endpoint-url", proxy.url]) == 1
     assert "taken by another account" in capsys.readouterr().err
 
 
-def test_access_denied_on_upload_is_a_failed_file(s3, tree, monkeypatch, capsys):
-    stub_error(monkeypatch, "PutObject", "AccessDenied", 403)
-    assert backup.main([str(tree), "bk16"]) == 1
+def test_access_denied_on_upload_is_a_failed_file(tree, failing_proxy, capsys):
+    proxy = failing_proxy({"PutObject": ("AccessDenied", 403)}, buckets=("bk16",))
+    assert backup.main([str(tree), "bk16", "--endpoint-url", proxy.url]) == 1
     captured = capsys.readouterr()
     assert "upload failed:" in captured.err and "access denied" in captured.err
     assert "failed 4" in captured.out
 
 
-def test_delete_is_skipped_when_an_upload_failed(s3, tree, monkeypatch, capsys):
-    assert backup.main([str(tree), "bk17::p"]) == 0
+def test_delete_is_skipped_when_an_upload_failed(
+    tree, server_client, failing_proxy, capsys
+):
+    proxy = failing_proxy({}, buckets=("bk17",))
+    assert backup.main([str(tree), "bk17::p", "--endpoint-url", proxy.url]) == 0
     (tree / "a.txt").unlink()
     (tree / "sub" / "b.json").write_bytes(b'{"changed": true}')
-    stub_error(monkeypatch, "PutObject", "InternalError", 500)
-    assert backup.main([str(tree), "bk17::p", "--delete"]) == 1
+    proxy.errors["PutObject"] = ("InternalError", 500)
+    assert (
+        backup.main([str(tree), "bk17::p", "--delete", "--endpoint-url", proxy.url])
+        == 1
+    )
     assert "not deleting anything" in capsys.readouterr().err
-    assert "p/a.txt" in keys(s3, "bk17")
+    assert "p/a.txt" in keys(server_client, "bk17")
 
 
 # --- The listing in ranges ----------------------------------------------------
@@ -364,15 +375,17 @@ def test_no_change_run_and_delete_with_the_listing_in_ranges(
     assert keys(s3, "bk18") == [f"p/d{n}/f{n}.txt" for n in range(7)]
 
 
-def test_listing_denied_stops_before_any_upload(s3, tree, monkeypatch, capsys):
-    s3.create_bucket(Bucket="bk19")
-    stub_error(monkeypatch, "ListObjectsV2", "AccessDenied", 403)
-    assert backup.main([str(tree), "bk19::p"]) == 1
+def test_listing_denied_stops_before_any_upload(
+    tree, server_client, failing_proxy, capsys
+):
+    proxy = failing_proxy(
+        {"ListObjectsV2": ("AccessDenied", 403)}, buckets=("bk19",), create=True
+    )
+    assert backup.main([str(tree), "bk19::p", "--endpoint-url", proxy.url]) == 1
     err = capsys.readouterr().err
     assert "cannot list s3://bk19/p" in err and "access denied" in err
     assert len(err.strip().splitlines()) == 1
-    monkeypatch.undo()
-    assert keys(s3, "bk19") == []
+    assert keys(server_client, "bk19") == []
 
 
 def test_directory_buckets_are_listed_in_one_range(monkeypatch):
@@ -409,20 +422,16 @@ def test_a_failed_range_stops_the_listing(monkeypatch):
     monkeypatch.setattr(s3common, "LIST_PAGE", 1)
     monkeypatch.setattr(backup, "LIST_PAGE", 1)
     sent = []
-
-    def refuse(self, name, params):
-        sent.append(params.get("StartAfter"))
-        raise botocore.exceptions.ClientError(
-            {
-                "Error": {"Code": "NoSuchBucket", "Message": "stubbed"},
-                "ResponseMetadata": {"HTTPStatusCode": 404},
-            },
-            name,
-        )
-
-    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", refuse)
     client = boto3.client("s3", region_name="us-east-1")
+    client.meta.events.register(
+        "before-parameter-build.s3.ListObjectsV2",
+        lambda params, **_: sent.append(params.get("StartAfter")),
+    )
     boundaries = backup.listing_boundaries(f"p/k{n:02d}" for n in range(20))
-    with pytest.raises(botocore.exceptions.ClientError):
-        list(s3common.list_objects(client, "not-yet", "p/", boundaries, workers=2))
+    with Stubber(client) as stubber:
+        # Two workers: at most two requests before the first refusal stops them.
+        for _ in range(2):
+            stubber.add_client_error("list_objects_v2", "NoSuchBucket", "stubbed", 404)
+        with pytest.raises(botocore.exceptions.ClientError):
+            list(s3common.list_objects(client, "not-yet", "p/", boundaries, workers=2))
     assert 1 <= len(sent) <= 2

@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 import boto3
 import pytest
 from botocore.stub import Stubber
-from conftest import make_tree, run_script, stub_error
+from conftest import make_tree, run_script
 from test_e2e import snapshot
 
 import backup
@@ -423,11 +423,17 @@ def test_dry_run_changes_no_bucket(s3, source, capsys):
     "operation", ["PutBucketLifecycleConfiguration", "PutBucketVersioning"]
 )
 def test_refused_history_set_up_is_one_line_exit_1_nothing_uploaded(
-    s3, source, monkeypatch, capsys, operation
+    source, server_client, failing_proxy, capsys, operation
 ):
-    s3.create_bucket(Bucket="locked")
-    stub_error(monkeypatch, operation, "AccessDenied", 403)
-    assert backup.main([str(source), "locked::p", "--keep-days", "5"]) == 1
+    proxy = failing_proxy(
+        {operation: ("AccessDenied", 403)}, buckets=("locked",), create=True
+    )
+    assert (
+        backup.main(
+            [str(source), "locked::p", "--keep-days", "5", "--endpoint-url", proxy.url]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         (
@@ -436,17 +442,21 @@ def test_refused_history_set_up_is_one_line_exit_1_nothing_uploaded(
             "the bucket"
         )
     ]
-    assert "Contents" not in s3.list_objects_v2(Bucket="locked")
+    assert "Contents" not in server_client.list_objects_v2(Bucket="locked")
 
 
 @pytest.mark.parametrize(
     "operation", ["PutBucketVersioning", "PutBucketLifecycleConfiguration"]
 )
 def test_a_new_bucket_on_a_server_without_history_is_backed_up_with_a_warning(
-    s3, source, monkeypatch, capsys, operation
+    source, server_client, failing_proxy, capsys, operation
 ):
-    stub_error(monkeypatch, operation, "NotImplemented", 501)
-    assert backup.main([str(source), "plain-server::p"]) == 0
+    proxy = failing_proxy(
+        {operation: ("NotImplemented", 501)}, buckets=("plain-server",)
+    )
+    assert (
+        backup.main([str(source), "plain-server::p", "--endpoint-url", proxy.url]) == 0
+    )
     out, err = capsys.readouterr()
     assert err.splitlines() == [
         (
@@ -456,20 +466,22 @@ def test_a_new_bucket_on_a_server_without_history_is_backed_up_with_a_warning(
         )
     ]
     assert "created bucket s3://plain-server in us-east-1 without history" in out
-    assert s3.list_objects_v2(Bucket="plain-server")["KeyCount"] > 0
+    assert server_client.list_objects_v2(Bucket="plain-server")["KeyCount"] > 0
 
 
 @pytest.mark.parametrize(
     "operation", ["PutBucketVersioning", "PutBucketLifecycleConfiguration"]
 )
 def test_keep_days_on_a_server_without_history_is_a_failure(
-    s3, source, monkeypatch, capsys, operation
+    source, server_client, failing_proxy, capsys, operation
 ):
-    s3.create_bucket(Bucket="plain-server")
-    stub_error(monkeypatch, operation, "NotImplemented", 501)
-    assert backup.main([str(source), "plain-server::p", "--keep-days", "5"]) == 1
+    proxy = failing_proxy(
+        {operation: ("NotImplemented", 501)}, buckets=("plain-server",), create=True
+    )
+    options = ["--keep-days", "5", "--endpoint-url", proxy.url]
+    assert backup.main([str(source), "plain-server::p", *options]) == 1
     assert "cannot turn on history" in capsys.readouterr().err
-    assert "Contents" not in s3.list_objects_v2(Bucket="plain-server")
+    assert "Contents" not in server_client.list_objects_v2(Bucket="plain-server")
 
 
 def test_keep_days_and_no_versioning_together_is_a_usage_error(s3, source, capsys):
@@ -525,14 +537,16 @@ def test_the_summary_names_a_restore_point_that_at_reads(s3, source, capsys):
 
 @pytest.mark.parametrize("when", ["yesterday", "7y", "2026-02-30", ""])
 def test_a_bad_when_is_exit_2_before_any_request_or_write(
-    s3, tmp_path, monkeypatch, capsys, when
+    tmp_path, failing_proxy, capsys, when
 ):
-    stub_error(monkeypatch, "ListObjectVersions", "ShouldNotBeCalled", 500)
+    proxy = failing_proxy({"ListObjectVersions": ("ShouldNotBeCalled", 500)})
     target = tmp_path / "never"
-    assert restore.main(["any-bucket::p", str(target), "--at", when]) == 2
+    options = ["--at", when, "--endpoint-url", proxy.url]
+    assert restore.main(["any-bucket::p", str(target), *options]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--at" in err[0] and "neither a date" in err[0]
     assert not target.exists()
+    assert proxy.requests == []
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import stat
 import sys
 
 import pytest
-from conftest import make_tree, stub_error
+from conftest import make_tree
 
 import backup
 import restore
@@ -175,9 +175,14 @@ def test_missing_bucket_is_one_line_and_writes_nothing(s3, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_forbidden_bucket(s3, bucket, tmp_path, monkeypatch, capsys):
-    stub_error(monkeypatch, "ListObjectsV2", "AccessDenied", 403)
-    assert restore.main(["vault::p", str(tmp_path / "out")]) == 1
+def test_forbidden_bucket(failing_proxy, tmp_path, capsys):
+    proxy = failing_proxy(
+        {"ListObjectsV2": ("AccessDenied", 403)}, buckets=("vault",), create=True
+    )
+    assert (
+        restore.main(["vault::p", str(tmp_path / "out"), "--endpoint-url", proxy.url])
+        == 1
+    )
     assert "access denied" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 
@@ -204,12 +209,13 @@ def test_archived_objects_are_reported_as_such(s3, bucket, tmp_path, capsys):
 
 
 def test_failed_download_keeps_the_old_file_and_no_temporary(
-    s3, bucket, tmp_path, monkeypatch, capsys
+    server_client, failing_proxy, tmp_path, capsys
 ):
-    put(s3, "p/a.txt", b"new content")
+    proxy = failing_proxy({}, buckets=("vault",), create=True)
+    put(server_client, "p/a.txt", b"new content")
     target = make_tree(tmp_path / "out", {"a.txt": b"old content"})
-    stub_error(monkeypatch, "GetObject", "InternalError", 500)
-    assert restore.main(["vault::p", str(target)]) == 1
+    proxy.errors["GetObject"] = ("InternalError", 500)
+    assert restore.main(["vault::p", str(target), "--endpoint-url", proxy.url]) == 1
     assert tree_files(target) == {"a.txt": b"old content"}
     assert leftovers(target) == []
     assert "failed 1" in capsys.readouterr().out

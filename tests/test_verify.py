@@ -10,7 +10,7 @@ from pathlib import Path
 
 import boto3
 import pytest
-from conftest import make_tree, stub_error
+from conftest import client_for, make_tree
 from plans import plan_of, steps_of
 
 import backup
@@ -337,20 +337,22 @@ def test_compare_contents_a_plain_etag_that_differs_is_the_md5(s3, src):
 
 
 def test_compare_contents_an_sse_c_object_has_no_md5_and_a_denied_head_stops(
-    s3, src, monkeypatch
+    src, failing_proxy
 ):
-    assert backup.main([str(src), "vbk13::p"]) == 0
+    proxy = failing_proxy({}, buckets=("vbk13",))
+    assert backup.main([str(src), "vbk13::p", "--endpoint-url", proxy.url]) == 0
     listed = RemoteObject("p/a.txt", 5, 0.0, etag=OTHER_MD5)
     candidates = {"p/a.txt": (str(src / "a.txt"), listed)}
+    client = client_for(proxy.url)
     # S3 answers a HEAD of an SSE-C object without its key with a bare 400.
-    stub_error(monkeypatch, "HeadObject", "400", 400)
-    contents = compare_contents(s3, "vbk13", candidates, workers=1)
+    proxy.errors["HeadObject"] = ("400", 400)
+    contents = compare_contents(client, "vbk13", candidates, workers=1)
     assert contents.remote == {"p/a.txt": None}
-    stub_error(monkeypatch, "HeadObject", "403", 403)
+    proxy.errors["HeadObject"] = ("403", 403)
     with pytest.raises(
         CliError, match="cannot read the metadata of s3://vbk13/p/a.txt"
     ):
-        compare_contents(s3, "vbk13", candidates, workers=1)
+        compare_contents(client, "vbk13", candidates, workers=1)
 
 
 def test_multipart_object_without_md5chksum_counts_as_changed(s3, src, capsys):
