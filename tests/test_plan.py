@@ -3,6 +3,7 @@ and the rules that the plan decides (pure, literals), then the same order agains
 
 from __future__ import annotations
 
+import io
 import threading
 
 import pytest
@@ -28,6 +29,7 @@ from backup import (
     walk_folder,
 )
 from s3common import (
+    Console,
     Failure,
     Filters,
     RemoteObject,
@@ -209,6 +211,28 @@ def test_nothing_is_deleted_after_a_failed_upload_or_read(failed, unread, allowe
 
 
 # --- The helpers that run it ------------------------------------------------------
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_progress_line_says_when_its_totals_are_still_growing():
+    growing, known = Terminal(), Terminal()
+    console = Console(quiet=False, verbose=False, out=io.StringIO(), err=growing)
+    console.start(known=False)
+    console.planned(2, 2048)
+    console.advance(nbytes=1024, files=1)
+    assert "1/2+ files, 1.0 KiB/2.0 KiB+," in growing.getvalue()
+    assert growing.getvalue().endswith("ETA ?")
+    console = Console(quiet=False, verbose=False, out=io.StringIO(), err=known)
+    console.start(known=False)
+    console.planned(2, 2048)
+    console.totals_known()
+    console.advance(nbytes=1024, files=1)
+    assert "1/2 files, 1.0 KiB/2.0 KiB," in known.getvalue()
+    assert "ETA ?" not in known.getvalue() and known.getvalue().endswith(" s")
 
 
 def test_map_failing_fast_keeps_order_and_starts_nothing_after_a_failure():
