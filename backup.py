@@ -324,6 +324,7 @@ def plan_backup(
     delete: bool,
     by_content: bool = False,
     single_file: bool = False,
+    refuse_empty: bool = True,
 ) -> Iterator[Step]:
     """What to do with each key, from the local files and the listing, both in key
     order (S3's: UTF-8 bytes, a folder sorting as its name plus "/"); the steps
@@ -333,11 +334,13 @@ def plan_backup(
     (folder markers), are left alone. By content, files of their object's size
     are to be compared (Compare). A single file's listing holds the keys that
     start with its own: only its own counts. --delete's deletes come once a file
-    to back up has been seen, and EmptySource ends a plan that has none.
+    to back up has been seen, and EmptySource ends a plan that has none (unless
+    not `refuse_empty`: --check, whose deletes are the objects in excess).
     Without --delete, a file standing where the backup holds a folder is a
     StaleFolder once the keys have passed that folder.
     """
-    held: list[Delete] | None = [] if delete else None  # until a file is seen
+    # --delete's deletes, held until a file to back up has been seen.
+    held: list[Delete] | None = [] if delete and refuse_empty else None
     # Files whose key plus "/" may still begin a coming key, each a prefix of the next.
     folders: list[list] = []  # [key, file, objects under key/]
     for key, file, obj in pair_by_key(local, remote):
@@ -352,7 +355,7 @@ def plan_backup(
                 continue
             if held is not None:
                 held.append(Delete(key))
-            elif held is None and delete:
+            elif delete:
                 yield Delete(key)
             elif folders and key.startswith(folders[-1][0] + "/"):
                 folders[-1][2] += 1
@@ -1155,6 +1158,7 @@ def run(args, console: Console) -> int:
         delete=args.delete or args.check,
         by_content=args.checksum or args.check,
         single_file=not is_folder,
+        refuse_empty=not args.check,
     )
     steps = refused_or_started(steps, args.local)
     if found.result():

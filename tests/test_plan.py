@@ -169,8 +169,13 @@ def test_delete_with_no_file_to_back_up_is_refused_before_any_step():
     excluded = Filters(((False, "*.log"),))
     with pytest.raises(EmptySource):
         list(plan_backup(only_logs, [objects["p/a"]], "p", excluded, True))
-    # Without --delete, an empty folder is simply nothing to do.
+    # Without --delete, an empty folder is simply nothing to do; --check's
+    # deletes are the objects in excess.
     assert list(plan_backup([], [objects["p/a"]], "p", Filters(), False)) == []
+    checked = plan_backup(
+        [], [objects["p/a"]], "p", Filters(), True, refuse_empty=False
+    )
+    assert list(checked) == [Delete("p/a")]
 
 
 def test_deletes_before_the_first_file_come_out_in_key_order():
