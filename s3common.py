@@ -46,7 +46,7 @@ import time
 import urllib.request
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
@@ -1069,6 +1069,9 @@ def throttled(
         yield chunk
 
 
+_END = object()  # the end of the items, in a worker's queue
+
+
 def map_failing_fast(
     function: Callable[[T], R], items: Iterable[T], workers: int, ahead: int = 0
 ) -> Iterator[R]:
@@ -1119,10 +1122,12 @@ def map_failing_fast(
     def results() -> Iterator[R]:
         try:
             while window:
-                future = window.popleft()
-                if future.cancelled():
-                    raise failures[0]
-                yield future.result()
+                try:
+                    result = window.popleft().result()
+                # Cancelled after another item's failure: that failure is the answer.
+                except CancelledError:
+                    raise failures[0] from None
+                yield result
                 if not failures:
                     submit()
         finally:
@@ -1130,9 +1135,6 @@ def map_failing_fast(
                 jobs.put(None)
 
     return results()
-
-
-_END = object()
 
 
 def call_failing_fast(call: Callable[[], R]) -> Future:
