@@ -873,51 +873,64 @@ def list_objects(
     up to `workers` threads (LIST_RANGES_AT_ONCE at most), as many ranges ahead
     of the one read: the first range ends with boundaries[0], the next starts
     after it, and the last is everything after boundaries[-1]. A range is held
-    whole until it is read.
+    whole until it is read; one that reaches the end of the prefix ends the
+    listing, without asking for the ranges after it (all empty).
     """
     if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
         # Directory buckets list in no particular order and take no StartAfter:
         # the only listing held whole, to be put in order.
-        whole = call_failing_fast(lambda: list(list_range(client, bucket, prefix)))
+        whole = call_failing_fast(lambda: list_range(client, bucket, prefix)[0])
         return iter(sorted(whole.result(), key=lambda obj: obj.key))
     ranges = zip(("", *boundaries), (*boundaries, None))
     at_once = min(workers, LIST_RANGES_AT_ONCE)
     listings = map_failing_fast(
-        lambda bounds: list(list_range(client, bucket, prefix, *bounds)),
+        lambda bounds: list_range(client, bucket, prefix, *bounds),
         ranges,
         at_once,
         ahead=at_once,
     )
-    return (obj for listing in listings for obj in listing)
+
+    def objects() -> Iterator[RemoteObject]:
+        for listed, at_end in listings:
+            yield from listed
+            if at_end:
+                return
+
+    return objects()
 
 
 def list_range(
     client, bucket: str, prefix: str, after: str = "", through: str | None = None
-) -> Iterator[RemoteObject]:
+) -> tuple[list[RemoteObject], bool]:
     """The objects under `prefix` whose keys sort after `after` and up to `through`
-    (None: no end), page by page as they are read."""
+    (None: no end), and whether the listing met the end of the prefix (no key
+    under it sorts after them)."""
     params = {"Bucket": bucket, "Prefix": prefix}
     if after:
         params["StartAfter"] = after
     pages = client.get_paginator("list_objects_v2").paginate(
         **params, PaginationConfig={"PageSize": LIST_PAGE}
     )
+    objects = []
     for page in pages:
         contents = page.get("Contents", [])
         for item in contents:
             # S3 lists keys in UTF-8 byte order, which is the order of str.
             if through is not None and item["Key"] > through:
-                return
-            yield RemoteObject(
-                item["Key"],
-                item["Size"],
-                item["LastModified"].timestamp(),
-                item.get("StorageClass", "STANDARD"),
-                item.get("ETag", "").strip('"'),
+                return objects, False
+            objects.append(
+                RemoteObject(
+                    item["Key"],
+                    item["Size"],
+                    item["LastModified"].timestamp(),
+                    item.get("StorageClass", "STANDARD"),
+                    item.get("ETag", "").strip('"'),
+                )
             )
         # A page that ends on `through` ends the range, without asking for another.
         if through is not None and contents and contents[-1]["Key"] == through:
-            return
+            return objects, not page.get("IsTruncated")
+    return objects, True
 
 
 def file_md5(path: str) -> str:

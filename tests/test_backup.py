@@ -360,6 +360,22 @@ def test_listing_in_ranges_sends_no_more_requests_than_paging(s3, monkeypatch):
     ]
 
 
+def test_listing_in_ranges_stops_where_the_prefix_ends(s3, monkeypatch):
+    # A first backup into an empty prefix: one range finds the end, and the
+    # ranges after it are not asked for.
+    monkeypatch.setattr(s3common, "LIST_PAGE", 3)
+    monkeypatch.setattr(backup, "LIST_PAGE", 3)
+    s3.create_bucket(Bucket="ranges")
+    for key in ("p/k00", "p/k01", "q/other"):
+        s3.put_object(Bucket="ranges", Key=key, Body=b"")
+    sent = count_listings(s3)
+    boundaries = backup.listing_boundaries(f"p/k{n:02d}" for n in range(30))
+    assert len(boundaries) == 9
+    listing = s3common.list_objects(s3, "ranges", "p/", boundaries, workers=2)
+    assert [obj.key for obj in listing] == ["p/k00", "p/k01"]
+    assert 1 <= len(sent) <= 2
+
+
 def test_no_change_run_and_delete_with_the_listing_in_ranges(
     s3, tmp_path, monkeypatch, capsys
 ):
