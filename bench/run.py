@@ -2,8 +2,9 @@
 
 usage: python bench/run.py [--server s3rver|moto|rgw ...] [--workloads W1,W4,...] [--runs N]
                            [--tools ours,aws,rclone,s5cmd] [--quick] [--scaling]
-                           [--memory] [--scripts DIR] [--tool-args ARGS]
-                           [--output FILE] [--workdir DIR]
+                           [--memory] [--w4-rounds N] [--scripts DIR]
+                           [--before DIR] [--tool-args ARGS] [--output FILE]
+                           [--workdir DIR]
 
 One run starts the server on 127.0.0.1 on a free port, builds the workloads in a
 temporary folder (in memory, under /dev/shm, where there is one; the server keeps
@@ -29,6 +30,9 @@ backup.py rows for W1-shaped trees of 1k, 10k and 50k files (full and no-change)
 --memory adds backup.py's memory rows: a no-change run over a W1-shaped tree of
 200,000 files ("M200k no-change"), and --dry-run over trees of 100k to 1M empty
 files into an empty prefix ("D100k dry-run" ...), where time should grow linearly.
+--w4-rounds N uploads W1 once and runs every tool's no-change run on that one bucket
+in turn, N rounds ("W4 in turn"): on a busy machine a fairer W4 than 3 runs each.
+--before DIR adds "backup.py (before)" from DIR (the scripts before a change).
 --scripts points at a copy of backup.py/restore.py/s3common.py (to try a change);
 --tool-args adds options to backup.py and restore.py (e.g. "--workers 32").
 """
@@ -50,7 +54,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import boto3
@@ -471,8 +475,8 @@ def s5cmd_sync(s5cmd: Path, env: dict) -> Tool:
 
 
 def display_name(tool: Tool, direction: str) -> str:
-    if tool.name == "backup.py" and direction == "down":
-        return "restore.py"
+    if tool.name.startswith("backup.py") and direction == "down":
+        return tool.name.replace("backup.py", "restore.py")
     return tool.name
 
 
@@ -816,6 +820,29 @@ def scaling_rows(ctx: Context, sizes: Sequence[int], runs: int) -> list[Row]:
     return rows
 
 
+def w4_rounds_rows(ctx: Context, rounds: int) -> list[Row]:
+    """W1 uploaded once by backup.py; then every tool's no-change run of it on that
+    bucket, the tools in turn, `rounds` times."""
+    source = ctx.tree("W1")
+    ours_tool = next(tool for tool in ctx.tools if tool.name == "backup.py")
+    bucket = ctx.bucket("w4-rounds")
+    measure(ours_tool.upload(source, bucket, "backup", ctx.url), ours_tool.env)
+    files = len(tree_listing(source))
+    rows = {
+        tool.name: Row(ctx.server, "W4 in turn", tool.name, [], files, 0)
+        for tool in ctx.tools
+    }
+    for run in range(rounds):
+        for tool in in_turn(ctx.tools, run):
+            argv = tool.upload(source, bucket, "backup", ctx.url)
+            rows[tool.name].measurements.append(
+                measure(argv, tool.env, ctx.server_pids)
+            )
+        log(f"W4 in turn, round {run + 1} of {rounds}")
+    drop_bucket(ctx.client, bucket)
+    return list(rows.values())
+
+
 def memory_rows(ctx: Context, quick: bool) -> list[Row]:
     """backup.py's peak RSS where memory would grow with the tree: a no-change run
     over MEMORY_NO_CHANGE small files, and --dry-run over growing trees of empty
@@ -1018,6 +1045,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="add backup.py's memory rows (200k no-change, 100k-1M --dry-run)",
     )
     parser.add_argument(
+        "--w4-rounds",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add W4 of every tool in turn on one bucket, N rounds",
+    )
+    parser.add_argument(
+        "--before",
+        type=Path,
+        metavar="DIR",
+        help='also run the scripts in DIR, as "backup.py (before)"',
+    )
+    parser.add_argument(
         "--scripts",
         type=Path,
         default=REPO,
@@ -1059,6 +1099,9 @@ def default_workdir() -> Path | None:
 def make_tools(names: Sequence[str], args, home: Path) -> list[Tool]:
     env = base_env(home)
     tools = [ours(args.scripts.resolve(), shlex.split(args.tool_args), env)]
+    if args.before:
+        before = ours(args.before.resolve(), shlex.split(args.tool_args), env)
+        tools.append(replace(before, name="backup.py (before)"))
     if "aws" in names:
         tools.append(aws_sync(ensure_awscli(), env))
     rclone = shutil.which("rclone")
@@ -1113,6 +1156,8 @@ def run_server(kind: str, args, workloads: Sequence[str], home: Path) -> list[Ro
                 rows += history_rows(ctx)
         if args.scaling or args.scaling_only:
             rows += scaling_rows(ctx, SCALING_SIZES, args.scaling_runs)
+        if args.w4_rounds:
+            rows += w4_rounds_rows(ctx, args.w4_rounds)
         if args.memory:
             rows += memory_rows(ctx, args.quick)
     order = {
