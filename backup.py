@@ -343,7 +343,16 @@ def plan_backup(
     held: list[Delete] | None = [] if delete and refuse_empty else None
     # Files whose key plus "/" may still begin a coming key, each a prefix of the next.
     folders: list[list] = []  # [key, file, objects under key/]
-    for key, file, obj in pair_by_key(local, remote):
+    files_left = True
+
+    def files() -> Iterator[tuple[str, LocalFile]]:
+        nonlocal files_left
+        yield from local
+        files_left = False
+
+    for key, file, obj in pair_by_key(files(), remote):
+        if held is not None and not files_left:
+            break  # no file to back up: the rest of the listing changes nothing
         while folders and not (
             key < folders[-1][0] + "/" or key.startswith(folders[-1][0] + "/")
         ):

@@ -169,6 +169,14 @@ def test_delete_with_no_file_to_back_up_is_refused_before_any_step():
     excluded = Filters(((False, "*.log"),))
     with pytest.raises(EmptySource):
         list(plan_backup(only_logs, [objects["p/a"]], "p", excluded, True))
+
+    # The refusal comes once the files have ended, without the rest of the listing.
+    def listing():
+        yield objects["p/a"]
+        raise AssertionError("listed further than needed")
+
+    with pytest.raises(EmptySource):
+        list(plan_backup([], listing(), "p", Filters(), True))
     # Without --delete, an empty folder is simply nothing to do; --check's
     # deletes are the objects in excess.
     assert list(plan_backup([], [objects["p/a"]], "p", Filters(), False)) == []
