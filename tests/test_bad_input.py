@@ -534,6 +534,19 @@ ROWS = [
         id="restore-local-read-only",
     ),
     pytest.param(
+        # The dry run tries the folder's case as the real run does: it cannot either.
+        Row(
+            "restore.py",
+            ("{bucket}::p", "{dest}", "--dry-run", *AT_MOTO),
+            FAILURE,
+            ("{dest}", "Permission denied"),
+            arrange=make_read_only_dest,
+            check=dest_still_empty,
+            unprivileged=True,
+        ),
+        id="restore-dry-run-local-read-only",
+    ),
+    pytest.param(
         Row(
             "restore.py",
             ("{bucket}::p", "{dest}", *AT_MOTO),
