@@ -87,6 +87,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Download:
+    """One object to write to one file."""
+
     key: str
     path: PurePath
     size: int
@@ -112,6 +114,8 @@ class ObjectVersion:
 
 @dataclass(frozen=True)
 class RestorePlan:
+    """What a restore does: the downloads, and the keys it refuses or cannot place."""
+
     downloads: tuple[Download, ...]
     refused: tuple[tuple[str, str], ...]  # (key, why), keys that would escape LOCAL
     conflicts: tuple[tuple[str, str], ...]  # (key, why), keys that collide locally
@@ -671,6 +675,7 @@ def make_restorer(
 
 
 def current_umask() -> int:
+    """The process's umask (reading it means setting it: set back at once)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
@@ -692,6 +697,7 @@ EXAMPLES = """
 
 
 def build_parser() -> ArgumentParser:
+    """restore.py's command line."""
     parser = ArgumentParser(
         prog="restore.py",
         description="Restore a prefix (or one object) from S3 into a folder.",
@@ -851,6 +857,7 @@ def run(args, console: Console) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run restore.py with argv (default: the command line); the exit code."""
     return run_cli(build_parser(), run, argv)
 
 

@@ -98,6 +98,8 @@ RETRY_ATTEMPTS = 10
 
 
 class ExitCode(IntEnum):
+    """The exit codes of both scripts, as the README's table gives them."""
+
     OK = 0
     FAILURE = 1
     USAGE = 2
@@ -113,10 +115,12 @@ class CliError(Exception):
 
 
 def usage_error(message: str) -> CliError:
+    """A bad command line or input: exit 2."""
     return CliError(message, ExitCode.USAGE)
 
 
 def client_error_code(exc: BaseException) -> str:
+    """S3's error code of a ClientError (e.g. "NoSuchBucket", "403"); "" for anything else."""
     if isinstance(exc, botocore.exceptions.ClientError):
         return str(exc.response.get("Error", {}).get("Code", ""))
     return ""
@@ -303,6 +307,7 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def positive_int(text: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
     try:
         value = int(text)
     except ValueError:
@@ -332,6 +337,7 @@ def parse_rate(text: str) -> int:
 # Every option's help says what it does and shows it in use (tests/test_unattended.py
 # checks for the "e.g."), as `rclone copy --help` does.
 def add_shared_options(parser: argparse.ArgumentParser) -> None:
+    """The options both scripts take."""
     parser.add_argument(
         "--profile",
         metavar="NAME",
@@ -419,6 +425,8 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class Location:
+    """A bucket and a prefix in it, as parse_location reads BUCKET::PREFIX or s3://BUCKET/PREFIX."""
+
     bucket: str
     prefix: str  # normalised: no leading, trailing or doubled "/"; "" is the root
 
@@ -784,6 +792,8 @@ class ServerClock:
 
 @dataclass(frozen=True)
 class Connection:
+    """The run's S3 client and what goes with it."""
+
     client: object  # a botocore S3 client, shared by every thread
     region: str
     direct: DirectRequests  # the same client's small-object requests, sent directly
@@ -855,6 +865,8 @@ def connect(args: argparse.Namespace, pool_size: int) -> Connection:
 
 @dataclass(frozen=True)
 class RemoteObject:
+    """One object of a listing (or, for restore.py --at, one version)."""
+
     key: str
     size: int
     last_modified: float  # seconds since the epoch
@@ -1241,6 +1253,7 @@ def run_collecting_failures(
 
 
 def format_bytes(size: float) -> str:
+    """A size for people: 512 B, 1.5 KiB, 3.2 MiB, 1.1 GiB."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if size < 1024 or unit == "GiB":
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"

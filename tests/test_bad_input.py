@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -572,6 +572,13 @@ ROWS = [
         ),
         id="restore-unknown-option",
     ),
+]
+# A dry run tries LOCAL's case as the real run does: into a read-only LOCAL it fails alike.
+ROWS += [
+    pytest.param(replace(row, args=(*row.args, "--dry-run")), id=f"{param.id}-dry-run")
+    for param in ROWS
+    if param.id == "restore-local-read-only"
+    for row in param.values
 ]
 
 
