@@ -139,6 +139,8 @@ class LocalFile:
 
 @dataclass(frozen=True)
 class Upload:
+    """A file to upload, and why."""
+
     key: str
     file: LocalFile
     # "new", "size changed", "newer", "content changed" or "no MD5 to compare"
@@ -388,6 +390,7 @@ def plan_backup(
 
 
 def stale_step(key: str, file: LocalFile, objects: int) -> Iterator[StaleFolder]:
+    """The StaleFolder of a file that stood where `objects` objects are (none if 0)."""
     if objects:
         yield StaleFolder(key, file, objects)
 

@@ -1331,11 +1331,13 @@ class Console:
         self._started = time.monotonic()
 
     def planned(self, files: int, nbytes: int) -> None:
+        """Add to the totals while they are not known whole (start(known=False))."""
         with self._lock:
             self._total_files += files
             self._total_bytes += nbytes
 
     def totals_known(self) -> None:
+        """The totals are whole now: the ETA can be shown."""
         self._totals_known = True
 
     def advance(self, nbytes: int = 0, files: int = 0) -> None:
@@ -1598,12 +1600,14 @@ class TransferEngine:
         self._lock = threading.Lock()
 
     def manager(self):
+        """boto3's transfer manager, made on the first call."""
         with self._lock:
             if self._manager is None:
                 self._manager = create_transfer_manager(self._client, self._open_file)
             return self._manager
 
     def cancel(self) -> None:
+        """Cancel (and so abort) the transfers under way (Ctrl-C)."""
         if self._manager is not None:
             # TransferManager.shutdown(cancel=True) passes its arguments on in the
             # wrong order and raises TypeError (boto/s3transfer#143); leaving it as
@@ -1611,6 +1615,7 @@ class TransferEngine:
             self._manager.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
 
     def close(self) -> None:
+        """Wait for the transfers under way, and end."""
         if self._manager is not None:
             self._manager.shutdown()
 
