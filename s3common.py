@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 import urllib.request
+import weakref
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
@@ -1145,21 +1146,24 @@ def map_failing_fast(
         pass
 
     def results() -> Iterator[R]:
-        try:
-            while window:
-                try:
-                    result = window.popleft().result()
-                # Cancelled after another item's failure: that failure is the answer.
-                except CancelledError:
-                    raise failures[0] from None
-                yield result
-                if not failures:
-                    submit()
-        finally:
-            for _ in range(threads):
-                jobs.put(None)
+        while window:
+            try:
+                result = window.popleft().result()
+            # Cancelled after another item's failure: that failure is the answer.
+            except CancelledError:
+                raise failures[0] from None
+            yield result
+            if not failures:
+                submit()
 
-    return results()
+    def stop_threads() -> None:
+        for _ in range(threads):
+            jobs.put(None)
+
+    given = results()
+    # The threads end with the results, read to the end or dropped unread.
+    weakref.finalize(given, stop_threads)
+    return given
 
 
 def call_failing_fast(call: Callable[[], R]) -> Future:
