@@ -101,6 +101,7 @@ READ_ATTEMPTS = 3
 # they were (a rewrite in place within one tick).
 CLOCK_SLACK_NS = 20_000_000
 
+# --storage-class takes the storage classes S3 names.
 STORAGE_CLASSES = (
     "STANDARD",
     "REDUCED_REDUNDANCY",
