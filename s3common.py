@@ -1191,7 +1191,8 @@ def run_collecting_failures(
 ) -> tuple[list[Failure[T]], list[T]]:
     """Call work(item, cancel) for every item on up to `workers` threads, the
     items drawn in this thread up to `ahead` (at least `workers`) before a
-    thread takes them.
+    thread takes them: the first item starts once `ahead` items are drawn, or
+    all of them.
 
     Returns the failures and the items work() skipped (by returning False).
 
@@ -1226,6 +1227,14 @@ def run_collecting_failures(
                 alive -= 1
                 changed.notify_all()
 
+    def start_threads(count: int) -> None:
+        nonlocal started, alive
+        for _ in range(count):
+            with changed:
+                started += 1
+                alive += 1
+            threading.Thread(target=worker, daemon=True).start()
+
     def stop_threads() -> None:
         for _ in range(started):
             jobs.put(_END)
@@ -1234,12 +1243,11 @@ def run_collecting_failures(
 
     try:
         for item in items:
+            if not started and jobs.full():
+                start_threads(workers)
             jobs.put(item)
-            if started < workers:
-                with changed:
-                    started += 1
-                    alive += 1
-                threading.Thread(target=worker, daemon=True).start()
+        if not started:
+            start_threads(min(workers, jobs.qsize()))
         stop_threads()
     except BaseException:
         cancel.set()
