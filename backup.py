@@ -17,6 +17,10 @@ import signal
 # Ctrl-C while botocore is imported (the first tenth of a second) exits 130,
 # quietly, until run_cli takes over; os._exit, since nothing is written yet.
 signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+# With awscrt installed (aws-cli v2, boto3[crt]) botocore signs with it instead of
+# its Python signer, whose failures are ours to report: the CRT's print a
+# traceback when a file changes or Ctrl-C stops an upload. Its own switch:
+os.environ.setdefault("BOTO_DISABLE_CRT", "true")
 
 import hashlib
 import io

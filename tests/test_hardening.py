@@ -733,3 +733,25 @@ def test_ctrl_c_while_importing_exits_130_quietly(tmp_path, cli_env, script):
     assert stdout == ""
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
     assert any("botocore" in line for line in seen)
+
+
+@pytest.mark.parametrize("script", ["backup", "restore"])
+def test_botocore_keeps_its_python_signer_when_awscrt_is_installed(script):
+    """With awscrt installed (aws-cli v2, boto3[crt]) botocore would sign with it;
+    the scripts turn that off with botocore's own switch before botocore loads."""
+    env = {k: v for k, v in os.environ.items() if k != "BOTO_DISABLE_CRT"}
+    check = (
+        f"import {script}, os, inspect, botocore.compat; "
+        "print(os.environ['BOTO_DISABLE_CRT'], "
+        "'BOTO_DISABLE_CRT' in inspect.getsource(botocore.compat))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", check],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["true", "True"]
