@@ -76,9 +76,10 @@ MULTIPART_THRESHOLD = 8 * MiB
 SMALL_OBJECT = MiB
 # 16 MiB parts: fewer requests, faster than 8 MiB (bench/RESULTS.md, measured choices).
 MULTIPART_CHUNKSIZE = 16 * MiB
-# Enough to hide a distant server's round trips without the client CPU of more
-# threads nearby (bench/RESULTS.md, measured choices).
-DEFAULT_WORKERS = 32
+# S3 seen from a laptop is tens of milliseconds away, where requests in flight
+# decide the speed; nearby, more threads cost a little client CPU
+# (bench/RESULTS.md, measured choices).
+DEFAULT_WORKERS = 64
 # Threads s3transfer may use for the parts of one large file: its own default,
 # faster than 8 (bench/RESULTS.md, measured choices).
 PART_WORKERS = 10
@@ -361,7 +362,7 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=DEFAULT_WORKERS,
         help=f"files transferred at once, default {DEFAULT_WORKERS} "
-        "(e.g. --workers 64 for a distant bucket)",
+        "(e.g. --workers 128 for a bucket far away, --workers 16 for one nearby)",
     )
     parser.add_argument(
         "--exclude",
