@@ -204,22 +204,33 @@ def test_after_botocores_first_request_small_objects_go_direct_and_round_trip(
     assert snapshot(target) == snapshot(small_tree)
 
 
+def round_trip_over_tls(
+    proxy: FaultProxy, cli_env, source, bucket: str, tmp_path, *options: str
+):
+    """Back source up to bucket and restore it, both over HTTPS (TLS in front of
+    the proxy, trusted through AWS_CA_BUNDLE); the folder it was restored into."""
+    tls = TlsPassThrough(proxy.url, tmp_path)
+    tls.start()
+    env = {**cli_env, "AWS_CA_BUNDLE": str(tls.cert_path)}
+    common = ["--endpoint-url", tls.url, *options]
+    target = tmp_path / "restored"
+    try:
+        result = run_script("backup.py", str(source), bucket, *common, env=env)
+        assert result.returncode == 0, result.stderr
+        result = run_script("restore.py", bucket, str(target), *common, env=env)
+        assert result.returncode == 0, result.stderr
+    finally:
+        tls.close()
+    return target
+
+
 def test_small_objects_go_direct_over_https_too(
     start_proxy, cli_env, small_tree, tmp_path, bucket_name
 ):
     proxy = start_proxy()
-    tls = TlsPassThrough(proxy.url, tmp_path)
-    tls.start()
-    env = {**cli_env, "AWS_CA_BUNDLE": str(tls.cert_path)}
-    common = ["--endpoint-url", tls.url, "--workers", "1"]
-    try:
-        result = run_script("backup.py", str(small_tree), bucket_name, *common, env=env)
-        assert result.returncode == 0, result.stderr
-        target = tmp_path / "restored"
-        result = run_script("restore.py", bucket_name, str(target), *common, env=env)
-        assert result.returncode == 0, result.stderr
-    finally:
-        tls.close()
+    target = round_trip_over_tls(
+        proxy, cli_env, small_tree, bucket_name, tmp_path, "--workers", "1"
+    )
     direct_count = len(AWKWARD_TREE) - 1
     assert object_requests(proxy, "PUT") == [False] + [True] * direct_count
     assert object_requests(proxy, "GET") == [False] + [True] * direct_count
@@ -234,18 +245,7 @@ def test_files_over_the_direct_size_go_up_and_down_over_https(
     rng = random.Random(3)
     files = {"two.bin": rng.randbytes(2 * MiB), "nine.bin": rng.randbytes(9 * MiB)}
     source = make_tree(tmp_path / "src", files)
-    tls = TlsPassThrough(start_proxy().url, tmp_path)
-    tls.start()
-    env = {**cli_env, "AWS_CA_BUNDLE": str(tls.cert_path)}
-    common = ["--endpoint-url", tls.url]
-    try:
-        result = run_script("backup.py", str(source), bucket_name, *common, env=env)
-        assert result.returncode == 0, result.stderr
-        target = tmp_path / "restored"
-        result = run_script("restore.py", bucket_name, str(target), *common, env=env)
-        assert result.returncode == 0, result.stderr
-    finally:
-        tls.close()
+    target = round_trip_over_tls(start_proxy(), cli_env, source, bucket_name, tmp_path)
     assert {path.name: path.read_bytes() for path in target.iterdir()} == files
 
 
