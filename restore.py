@@ -412,7 +412,7 @@ def find_objects_at(
         versions = list_versions(client, bucket, prefix, through=prefix)
     except botocore.exceptions.ClientError as exc:
         raise runtime_error(
-            f"cannot list the versions of s3://{bucket}/{prefix}", exc
+            f"cannot list the versions of {printable(f's3://{bucket}/{prefix}')}", exc
         ) from None
     single = objects_at((v for v in versions if v.key == prefix), when)
     return single, parent_prefix(prefix)
