@@ -265,7 +265,7 @@ class Scan:
 
 
 class DeleteKeys:
-    """--delete's keys in the order given, held until the uploads end: up to
+    """--delete's keys in the order given, held until the uploads end: fewer than
     DELETES_HELD in memory, the ones before them in a temporary file, one JSON
     string a line (a key may hold any character, a newline too). The file has
     no name on POSIX, and on Windows goes when it is closed: it ends with the
@@ -284,7 +284,7 @@ class DeleteKeys:
                 # Open across appends and reads, until close().
                 self._spilled = tempfile.TemporaryFile("w+", encoding="ascii")  # noqa: SIM115
             self._spilled.seek(0, os.SEEK_END)
-            self._spilled.writelines(json.dumps(key) + "\n" for key in self._held)
+            self._spilled.writelines(json.dumps(held) + "\n" for held in self._held)
             self._held.clear()
 
     def __len__(self) -> int:
