@@ -14,7 +14,7 @@ import weakref
 
 import pytest
 from conftest import make_tree, run_script
-from test_reliability import objects_in, under_prefix
+from test_reliability import interrupt, objects_in, start_script, under_prefix, wait_for
 
 import backup
 from backup import DeleteKeys
@@ -198,6 +198,46 @@ def test_small_files_of_many_sizes_on_many_workers_arrive_byte_identical(
     assert result.returncode == 0, result.stderr
     assert f"uploaded {len(files)}, skipped 0, failed 0" in result.stdout
     assert objects_in(server_client, bucket_name) == under_prefix(files, "many")
+
+
+def test_ctrl_c_stops_workers_waiting_for_the_budget(
+    s3_server, cli_env, tmp_path, bucket_name, server_client
+):
+    """Files of 7 MiB, one at a time within the 8 MiB budget, at 8 MiB/s: once
+    the first is up, the others are waiting for room when Ctrl-C comes, and
+    every one of them stops (none holds its place in line for ever)."""
+    rng = random.Random(130)
+    files = {f"f{n:02d}.bin": rng.randbytes(7 * MiB) for n in range(12)}
+    source = make_tree(tmp_path / "src", files)
+    process = start_script(
+        "backup.py",
+        str(source),
+        f"{bucket_name}::wait",
+        "--endpoint-url",
+        s3_server,
+        "--bwlimit",
+        "8M",
+        env=cli_env,
+    )
+
+    def one_uploaded() -> bool:
+        assert process.poll() is None, "the backup ended before it was interrupted"
+        try:
+            return "Contents" in server_client.list_objects_v2(Bucket=bucket_name)
+        except server_client.exceptions.NoSuchBucket:
+            return False
+
+    try:
+        wait_for(one_uploaded, "the first file to be uploaded")
+    finally:
+        returncode, stderr = interrupt(process)
+
+    assert returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr
+    stored = objects_in(server_client, bucket_name)
+    assert 1 <= len(stored) < len(files)
+    assert stored.items() <= under_prefix(files, "wait").items()
 
 
 # --- --delete's keys, spilled past DELETES_HELD -------------------------------------
