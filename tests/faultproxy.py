@@ -7,7 +7,7 @@
     proxy.close()
 
 With `errors`, every request of an S3 operation gets one error, as S3 answers it:
-FaultProxy(upstream, errors={"HeadBucket": ("403", 403)}).
+FaultProxy(upstream, errors={"ListObjectsV2": ("AccessDenied", 403)}).
 
 It reads each request whole (HTTP/1.1 keep-alive, Content-Length or chunked
 bodies, `Expect: 100-continue`), then either answers it with a fault, without
@@ -223,8 +223,9 @@ class FaultProxy:
     with; it may change while the proxy runs. With refuse_direct, requests sent by the
     scripts' direct path are answered 403 AccessDenied; with corrupt_direct, one
     byte of the body of their successful GETs is changed. `faults` counts what was
-    injected, `throttled_attempts` the requests refused per throttled key, and
-    `requests` lists (method, path, direct?) of every request, in order.
+    injected, `throttled_attempts` the requests refused per throttled key,
+    `requests` lists (method, path, direct?) of every request, in order, and
+    `operations` their S3 operations.
     """
 
     def __init__(
@@ -254,6 +255,7 @@ class FaultProxy:
         self.errors = dict(errors or {})
         self.faults: Counter[str] = Counter()
         self.requests: list[tuple[str, str, bool]] = []
+        self.operations: list[str] = []
         self.throttled_attempts: Counter[str] = Counter()
         self.forwarded = 0
         self._random = random.Random(seed)
@@ -287,6 +289,7 @@ class FaultProxy:
         "AccessDenied", "reset", the code of an error of `errors`, or None."""
         with self._lock:
             self.requests.append((request.method, request.path, request.is_direct))
+            self.operations.append(request.operation)
             if request.operation in self.errors:
                 code = self.errors[request.operation][0]
                 self.faults[code] += 1
