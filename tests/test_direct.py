@@ -303,6 +303,57 @@ def test_refused_direct_requests_fall_back_to_botocore_and_soon_stop(
     assert {path.name: path.read_bytes() for path in target.iterdir()} == files
 
 
+@pytest.fixture
+def first_small_then_large(server_client, bucket_name) -> dict[str, bytes]:
+    """A small object, which botocore fetches first, and one of two parts after it;
+    the bucket holds them under their names."""
+    files = {
+        "a-first.txt": b"fetched by botocore",
+        "big.bin": random.Random(8).randbytes(40 * MiB + 5),
+    }
+    server_client.create_bucket(Bucket=bucket_name)
+    for name, data in files.items():
+        server_client.put_object(Bucket=bucket_name, Key=name, Body=data)
+    return files
+
+
+def test_the_parts_of_a_large_object_go_direct(
+    start_proxy, cli_env, first_small_then_large, tmp_path, bucket_name
+):
+    proxy = start_proxy()
+    target = tmp_path / "restored"
+    result = run_script(
+        "restore.py", bucket_name, str(target), "--endpoint-url", proxy.url,
+        "--workers", "1", env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert object_requests(proxy, "GET") == [False, True, True]
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == (
+        first_small_then_large
+    )
+
+
+def test_a_refused_direct_part_is_fetched_through_botocore(
+    start_proxy, cli_env, first_small_then_large, tmp_path, bucket_name
+):
+    proxy = start_proxy(refuse_direct=True)
+    target = tmp_path / "restored"
+    result = run_script(
+        "restore.py", bucket_name, str(target), "--endpoint-url", proxy.url,
+        "--workers", "1", env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "error" not in result.stderr
+    gets = object_requests(proxy, "GET")
+    # A part refused direct came through botocore, as did the other part (which
+    # found the route forgotten if it started after that refusal).
+    assert gets.count(False) == 3
+    assert 1 <= gets.count(True) == proxy.faults["AccessDenied"] <= 2
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == (
+        first_small_then_large
+    )
+
+
 def test_a_corrupted_direct_download_is_caught_and_fetched_again(
     start_proxy, s3_server, cli_env, small_tree, tmp_path, bucket_name
 ):

@@ -247,6 +247,54 @@ def test_rerun_downloads_a_large_file_cut_short(s3, tmp_path, capsys):
     assert "restored 1, skipped 0" in capsys.readouterr().out
 
 
+def test_a_large_object_overwritten_during_its_restore_fails_that_file_only(
+    start_proxy, server_client, bucket_name, tmp_path, monkeypatch, capsys
+):
+    """Every part asks for the version the HEAD saw (If-Match): one overwritten
+    between the HEAD and its parts is never stitched from two versions."""
+    server_client.create_bucket(Bucket=bucket_name)
+    # The small file comes first, through botocore: the parts then go direct.
+    put_on = {"Bucket": bucket_name}
+    server_client.put_object(**put_on, Key="p/a-small.txt", Body=b"small")
+    server_client.put_object(**put_on, Key="p/big.bin", Body=os.urandom(20 * MiB))
+    target = make_tree(tmp_path / "out", {"big.bin": b"the old local file"})
+    checked = restore.is_restored
+
+    def overwritten_after_the_head(path, size, mtime_ns):
+        server_client.put_object(**put_on, Key="p/big.bin", Body=os.urandom(20 * MiB))
+        return checked(path, size, mtime_ns)
+
+    monkeypatch.setattr(restore, "is_restored", overwritten_after_the_head)
+    proxy = start_proxy()
+    location, common = (
+        f"{bucket_name}::p",
+        ["--endpoint-url", proxy.url, "--workers", "1"],
+    )
+    code = restore.main([location, str(target), *common])
+    out, err = capsys.readouterr()
+    assert code == 1
+    # The part was asked for direct, then through botocore: refused both times.
+    big_gets = [
+        direct
+        for method, path, direct in proxy.requests
+        if method == "GET" and path.endswith("/p/big.bin")
+    ]
+    assert big_gets == [True, False]
+    assert err.splitlines() == [
+        (
+            f"error: restore failed: s3://{bucket_name}/p/big.bin: the object was "
+            "overwritten while it was downloaded (its ETag changed): nothing was "
+            "written; run again to restore the new version"
+        )
+    ]
+    assert "restored 1, skipped 0, failed 1" in out
+    assert tree_files(target) == {
+        "a-small.txt": b"small",
+        "big.bin": b"the old local file",
+    }
+    assert leftovers(target) == []
+
+
 def test_dry_run_writes_nothing(s3, bucket, tmp_path, capsys):
     put(s3, "p/a.txt", b"a")
     assert restore.main(["vault::p", str(tmp_path / "out"), "--dry-run"]) == 0
