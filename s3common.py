@@ -11,11 +11,13 @@
   (--checksum, --check);
 - worker pools, named by what they do on a failure (and on Ctrl-C):
   map_failing_fast and call_failing_fast for reads, run_collecting_failures for
-  transfers; and the --bwlimit token bucket;
+  transfers, PartWorkers for the parts of large downloads; and the --bwlimit
+  token bucket;
 - console and summary: messages, the progress line, the closing summary, the JSON
   report, and run_cli, where each script's main begins and ends;
 - the fast transfer path: the TransferEngine (boto3's transfer manager) for
-  large files and direct signed requests for small objects.
+  multipart uploads, and direct signed requests for small objects and for the
+  parts of large downloads (read_range).
 """
 
 from __future__ import annotations
@@ -104,12 +106,6 @@ BURST_SECONDS = 0.1
 # Enough attempts to ride out throttling (503 SlowDown), 500s and dropped
 # connections; botocore's standard mode backs off exponentially between them.
 RETRY_ATTEMPTS = 10
-# What a GetObject body read through botocore raises when the connection fails.
-BODY_ERRORS = (
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ResponseStreamingError,
-    botocore.exceptions.IncompleteReadError,
-)
 
 
 # --- Errors and exit codes: describe_error, the one place --------------------
@@ -1284,8 +1280,8 @@ def run_collecting_failures(
 
 class PartWorkers:
     """A fixed number of threads that run the parts of every large transfer of a
-    run, so that the parts in flight (and the buffers they read into) stay as many
-    however many files are under way. A file's worker hands its parts over and
+    run, so that the parts in flight (and the buffers they read into) are at most
+    `count` however many files are under way. A file's worker hands its parts over and
     waits (run_all); parts never wait for other parts, so no number of waiting
     files can leave the threads stuck. The threads are daemons, started as needed."""
 
@@ -1655,14 +1651,14 @@ def run_cli(
     return code
 
 
-# --- Fast transfer path: s3transfer for large files, direct small requests ---
+# --- Fast transfer path: s3transfer for large uploads, direct requests -------
 
 
 def create_transfer_manager(
     client, open_file: Callable[[str, str], BinaryIO] | None = None
 ):
-    """boto3's transfer manager, for multipart uploads and ranged downloads;
-    open_file(name, mode), if given, opens the files it uploads by name."""
+    """boto3's transfer manager, for multipart uploads; open_file(name, mode), if
+    given, opens the files it uploads by name."""
     # Imported here, not at the top: boto3 and s3transfer take time to import,
     # and a backup with nothing to upload never needs them.
     from boto3.s3.transfer import TransferConfig
@@ -1684,10 +1680,10 @@ def create_transfer_manager(
 
 
 class TransferEngine:
-    """The transfer manager for multipart uploads and ranged downloads, created on
-    first use (a run with nothing large to move never imports it), and what
-    stopping it means: cancel() on Ctrl-C cancels (and so aborts) its transfers,
-    close() waits for them."""
+    """The transfer manager for multipart uploads, created on first use (a run
+    with nothing large to upload never imports it), and what stopping it means:
+    cancel() on Ctrl-C cancels (and so aborts) its transfers, close() waits for
+    them."""
 
     def __init__(self, client, open_file: Callable[[str, str], BinaryIO] | None = None):
         self._client = client
@@ -2126,6 +2122,14 @@ class DirectRequests:
             raise DirectFailed("the body does not match its CRC32 checksum")
         if md5 and md5.hexdigest() != expected_md5:
             raise DirectFailed("the body does not match its MD5 (ETag or md5chksum)")
+
+
+# What a GetObject body read through botocore raises when the connection fails.
+BODY_ERRORS = (
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+)
 
 
 def range_problem(
