@@ -555,10 +555,19 @@ def write_atomically(
         raise
 
 
+_SEEK_AND_WRITE = threading.Lock()
+
+
 def write_all(fd: int, data: memoryview, offset: int) -> None:
-    """os.pwrite all of data at offset (a write may take fewer bytes than given)."""
-    while data:
-        written = os.pwrite(fd, data, offset)
+    """Write all of data at offset in fd, from any thread: os.pwrite, or on Windows
+    (which has none) a seek and a write, one thread at a time."""
+    while data:  # a write may take fewer bytes than given
+        if hasattr(os, "pwrite"):
+            written = os.pwrite(fd, data, offset)
+        else:
+            with _SEEK_AND_WRITE:
+                os.lseek(fd, offset, os.SEEK_SET)
+                written = os.write(fd, data)
         data, offset = data[written:], offset + written
 
 

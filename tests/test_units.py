@@ -4,6 +4,7 @@ the parts of a large download (and the threads that fetch them)."""
 from __future__ import annotations
 
 import io
+import os
 import threading
 from pathlib import PurePosixPath, PureWindowsPath
 
@@ -13,7 +14,7 @@ from plans import plan_of
 
 import backup
 from backup import LocalFile, upload_args, upload_reason
-from restore import part_ranges, plan_restore
+from restore import part_ranges, plan_restore, write_all
 from s3common import (
     CliError,
     ExitCode,
@@ -593,6 +594,22 @@ def test_read_range_stops_where_a_short_body_ends():
         lambda data, offset: landed.append(bytes(data)),
     )
     assert (reached, landed) == (6, [b"abcd", b"ef"])
+
+
+@pytest.mark.parametrize("pwrite", [True, False], ids=["pwrite", "windows"])
+def test_write_all_writes_parts_at_their_offsets_in_any_order(
+    tmp_path, monkeypatch, pwrite
+):
+    if not pwrite:
+        monkeypatch.delattr(os, "pwrite", raising=False)
+    path = tmp_path / "parts"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        write_all(fd, memoryview(b"world"), 6)
+        write_all(fd, memoryview(b"hello "), 0)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"hello world"
 
 
 def test_part_workers_stop_a_files_parts_at_its_first_failure():
