@@ -718,7 +718,9 @@ def make_restorer(
         unless an earlier (interrupted) run already restored this very file whole."""
         head = client.head_object(Bucket=bucket, Key=item.key, **versioned(item))
         mtime_ns = restored_mtime_ns(head["Metadata"], head["LastModified"].timestamp())
-        if is_restored(path, item.size, mtime_ns):
+        # The size of the version the parts ask for, whatever the listing said.
+        size = head["ContentLength"]
+        if is_restored(path, size, mtime_ns):
             return False
 
         def fill(out: BinaryIO) -> None:
@@ -729,7 +731,7 @@ def make_restorer(
                     functools.partial(
                         fetch_part, item, head["ETag"], part, fd, cancel, stop
                     )
-                    for part in part_ranges(item.size, DOWNLOAD_PART)
+                    for part in part_ranges(size, DOWNLOAD_PART)
                 ],
                 stop,
             )

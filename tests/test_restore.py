@@ -295,6 +295,22 @@ def test_a_large_object_overwritten_during_its_restore_fails_that_file_only(
     assert leftovers(target) == []
 
 
+def test_a_large_object_replaced_after_the_listing_comes_down_whole(
+    s3, bucket, tmp_path, monkeypatch
+):
+    put(s3, "p/big.bin", os.urandom(9 * MiB))
+    newer = os.urandom(12 * MiB + 1)
+    planned = restore.plan_restore
+
+    def replaced_after_the_listing(*args, **kwargs):
+        put(s3, "p/big.bin", newer)
+        return planned(*args, **kwargs)
+
+    monkeypatch.setattr(restore, "plan_restore", replaced_after_the_listing)
+    assert restore.main(["vault::p", str(tmp_path / "out")]) == 0
+    assert tree_files(tmp_path / "out") == {"big.bin": newer}
+
+
 def test_dry_run_writes_nothing(s3, bucket, tmp_path, capsys):
     put(s3, "p/a.txt", b"a")
     assert restore.main(["vault::p", str(tmp_path / "out"), "--dry-run"]) == 0
