@@ -87,7 +87,8 @@ DEFAULT_WORKERS = 64
 PART_WORKERS = 10
 # Large downloads: parts of DOWNLOAD_PART bytes, fetched by DOWNLOAD_PART_WORKERS
 # threads shared by every file of a run, each reading into one buffer of
-# DOWNLOAD_BUFFER bytes: W6 as fast as with more, in a third of the memory
+# DOWNLOAD_BUFFER bytes. 4 threads of 32 MiB parts restore W6 as fast as more
+# threads or larger parts; 256 KiB buffers as fast as 1 MiB ones, in less memory
 # (bench/RESULTS.md, measured choices).
 DOWNLOAD_PART = 32 * MiB
 DOWNLOAD_PART_WORKERS = 4
