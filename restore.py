@@ -46,6 +46,7 @@ from s3common import (
     DOWNLOAD_PART_WORKERS,
     LIST_PAGE,
     MULTIPART_THRESHOLD,
+    OVERWRITTEN,
     SMALL_OBJECT,
     UTC,
     ArgumentParser,
@@ -697,6 +698,8 @@ def make_restorer(
             )
             if problem:
                 raise CliError(f"the server's answer to a ranged GET: {problem}")
+            if response.get("ETag") != etag:  # a server that ignores If-Match
+                raise CliError(OVERWRITTEN)
             try:
                 reached = read_range(
                     body_reader(response["Body"]), buffer(), part, land

@@ -145,6 +145,10 @@ _CHECKSUM_MISMATCH = (
     "the server received bytes that do not match their checksum; a file being "
     "written to while it is read does this: run again once it is left alone"
 )
+OVERWRITTEN = (
+    "the object was overwritten while it was downloaded (its ETag changed): nothing "
+    "was written; run again to restore the new version"
+)
 _CLIENT_ERROR_LINES = {
     "BadDigest": _CHECKSUM_MISMATCH,
     "XAmzContentSHA256Mismatch": _CHECKSUM_MISMATCH,
@@ -167,8 +171,7 @@ _CLIENT_ERROR_LINES = {
     "KMS.NotFoundException": "the KMS key was not found: check --sse-kms-key-id",
     "InvalidLocationConstraint": "the server does not take this region as a bucket location: "
     "check --region (on Ceph RGW it is the zonegroup's name, e.g. default)",
-    "PreconditionFailed": "the object was overwritten while it was downloaded (its ETag "
-    "changed): nothing was written; run again to restore the new version",
+    "PreconditionFailed": OVERWRITTEN,
 }
 
 
@@ -2082,6 +2085,8 @@ class DirectRequests:
             )
             if problem:
                 raise DirectFailed(problem)
+            if response.getheader("ETag") != etag:  # a server that ignores If-Match
+                raise DirectFailed(f"ETag {response.getheader('ETag')}, not {etag}")
             reached = read_range(read, buffer, part, land)
             if reached != end:
                 raise DirectFailed(f"got {reached - start} bytes of {end - start}")

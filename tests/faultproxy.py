@@ -222,7 +222,9 @@ class FaultProxy:
     (Request.operation) to the (code, HTTP status) every request of it is answered
     with; it may change while the proxy runs. With refuse_direct, requests sent by the
     scripts' direct path are answered 403 AccessDenied; with corrupt_direct, one
-    byte of the body of their successful GETs is changed. `faults` counts what was
+    byte of the body of their successful GETs is changed; with ignore_if_match, the
+    If-Match header is not passed on, as by a server that ignores it (on a server
+    that checks signatures, that breaks them). `faults` counts what was
     injected, `throttled_attempts` the requests refused per throttled key, and
     `requests` lists (method, path, direct?) of every request, in order.
     """
@@ -239,6 +241,7 @@ class FaultProxy:
         throttled_part_keys: Collection[str] = (),
         refuse_direct: bool = False,
         corrupt_direct: bool = False,
+        ignore_if_match: bool = False,
         errors: Mapping[str, tuple[str, int]] | None = None,
     ):
         parts = urlsplit(upstream)
@@ -251,6 +254,7 @@ class FaultProxy:
         self.throttled_part_keys = set(throttled_part_keys)
         self.refuse_direct = refuse_direct
         self.corrupt_direct = corrupt_direct
+        self.ignore_if_match = ignore_if_match
         self.errors = dict(errors or {})
         self.faults: Counter[str] = Counter()
         self.requests: list[tuple[str, str, bool]] = []
@@ -341,8 +345,11 @@ class FaultProxy:
                 skip_accept_encoding=True,
             )
             for name, value in request.headers:
-                if name.lower() not in HOP_BY_HOP_HEADERS:
-                    connection.putheader(name, value)
+                if name.lower() in HOP_BY_HOP_HEADERS:
+                    continue
+                if self.ignore_if_match and name.lower() == "if-match":
+                    continue
+                connection.putheader(name, value)
             if request.body or request.method in ("PUT", "POST"):
                 connection.putheader("Content-Length", str(len(request.body)))
             connection.endheaders(request.body or None)

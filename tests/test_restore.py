@@ -247,11 +247,12 @@ def test_rerun_downloads_a_large_file_cut_short(s3, tmp_path, capsys):
     assert "restored 1, skipped 0" in capsys.readouterr().out
 
 
-def test_a_large_object_overwritten_during_its_restore_fails_that_file_only(
-    start_proxy, server_client, bucket_name, tmp_path, monkeypatch, capsys
-):
-    """Every part asks for the version the HEAD saw (If-Match): one overwritten
-    between the HEAD and its parts is never stitched from two versions."""
+def overwrite_during_the_restore_fails_that_file_only(
+    proxy, server_client, bucket_name, tmp_path, monkeypatch, capsys
+) -> None:
+    """Restore a small object and a large one through `proxy`, the large one
+    overwritten between its HEAD and its parts: that file fails with one line, and
+    the local file it would have replaced stays as it was."""
     server_client.create_bucket(Bucket=bucket_name)
     # The small file comes first, through botocore: the parts then go direct.
     put_on = {"Bucket": bucket_name}
@@ -265,7 +266,6 @@ def test_a_large_object_overwritten_during_its_restore_fails_that_file_only(
         return checked(path, size, mtime_ns)
 
     monkeypatch.setattr(restore, "is_restored", overwritten_after_the_head)
-    proxy = start_proxy()
     location, common = (
         f"{bucket_name}::p",
         ["--endpoint-url", proxy.url, "--workers", "1"],
@@ -293,6 +293,27 @@ def test_a_large_object_overwritten_during_its_restore_fails_that_file_only(
         "big.bin": b"the old local file",
     }
     assert leftovers(target) == []
+
+
+def test_a_large_object_overwritten_during_its_restore_fails_that_file_only(
+    start_proxy, server_client, bucket_name, tmp_path, monkeypatch, capsys
+):
+    """Every part asks for the version the HEAD saw (If-Match): one overwritten
+    between the HEAD and its parts is never stitched from two versions."""
+    overwrite_during_the_restore_fails_that_file_only(
+        start_proxy(), server_client, bucket_name, tmp_path, monkeypatch, capsys
+    )
+
+
+def test_a_server_that_ignores_if_match_still_never_stitches_two_versions(
+    start_proxy, moto_server, server_client, bucket_name, tmp_path, monkeypatch, capsys
+):
+    """Each part's answer must carry the HEAD's ETag. On moto's server: a proxy that
+    drops If-Match breaks the request's signature, which Ceph RGW checks."""
+    proxy = start_proxy(moto_server, ignore_if_match=True)
+    overwrite_during_the_restore_fails_that_file_only(
+        proxy, server_client, bucket_name, tmp_path, monkeypatch, capsys
+    )
 
 
 def test_a_large_object_replaced_after_the_listing_comes_down_whole(
