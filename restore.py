@@ -573,7 +573,7 @@ def write_all(fd: int, data: memoryview, offset: int) -> None:
 
 
 def body_reader(body) -> Callable[[memoryview], int]:
-    """readinto of a GetObject's streamed body; botocore before 1.38 has none: read and copy."""
+    """readinto of a GetObject's streamed body; botocore before 1.38.20 has none: read and copy."""
     if hasattr(body, "readinto"):
         return body.readinto
 
