@@ -14,7 +14,7 @@ from plans import plan_of
 
 import backup
 from backup import LocalFile, upload_args, upload_reason
-from restore import part_ranges, plan_restore, write_all
+from restore import body_reader, part_ranges, plan_restore, write_all
 from s3common import (
     CliError,
     ExitCode,
@@ -610,6 +610,21 @@ def test_write_all_writes_parts_at_their_offsets_in_any_order(
     finally:
         os.close(fd)
     assert path.read_bytes() == b"hello world"
+
+
+def test_body_reader_reads_and_copies_where_botocore_has_no_readinto():
+    class BodyBefore13820:  # botocore's StreamingBody before 1.38.20: read only
+        def __init__(self, data: bytes):
+            self._data = io.BytesIO(data)
+
+        def read(self, amount: int) -> bytes:
+            return self._data.read(amount)
+
+    read = body_reader(BodyBefore13820(b"abcdef"))
+    view = memoryview(bytearray(4))
+    assert (read(view), bytes(view)) == (4, b"abcd")
+    assert (read(view), bytes(view[:2])) == (2, b"ef")
+    assert read(view) == 0
 
 
 def test_part_workers_stop_a_files_parts_at_its_first_failure():
