@@ -1091,9 +1091,9 @@ class TokenBucket:
 
 
 class BandwidthSubscriber:
-    """Holds each read (upload) or write (download) of one s3transfer transfer to the
-    run's TokenBucket; s3transfer calls on_progress by name, from the thread that
-    moves the bytes, and not for reads that only compute a checksum."""
+    """Holds each read of one s3transfer upload to the run's TokenBucket; s3transfer
+    calls on_progress by name, from the thread that moves the bytes, and not for
+    reads that only compute a checksum."""
 
     def __init__(self, bandwidth: TokenBucket, cancel: threading.Event):
         self._bandwidth = bandwidth
