@@ -317,15 +317,25 @@ def first_small_then_large(server_client, bucket_name) -> dict[str, bytes]:
     return files
 
 
+@pytest.mark.parametrize("over_tls", [False, True], ids=["http", "https"])
 def test_the_parts_of_a_large_object_go_direct(
-    start_proxy, cli_env, first_small_then_large, tmp_path, bucket_name
+    start_proxy, cli_env, first_small_then_large, tmp_path, bucket_name, over_tls
 ):
     proxy = start_proxy()
+    endpoint, env = proxy.url, cli_env
+    tls = TlsPassThrough(proxy.url, tmp_path) if over_tls else None
+    if tls:  # trusted through AWS_CA_BUNDLE
+        tls.start()
+        endpoint, env = tls.url, {**cli_env, "AWS_CA_BUNDLE": str(tls.cert_path)}
     target = tmp_path / "restored"
-    result = run_script(
-        "restore.py", bucket_name, str(target), "--endpoint-url", proxy.url,
-        "--workers", "1", env=cli_env,
-    )  # fmt: skip
+    try:
+        result = run_script(
+            "restore.py", bucket_name, str(target), "--endpoint-url", endpoint,
+            "--workers", "1", env=env,
+        )  # fmt: skip
+    finally:
+        if tls:
+            tls.close()
     assert result.returncode == 0, result.stderr
     assert object_requests(proxy, "GET") == [False, True, True]
     assert {path.name: path.read_bytes() for path in target.iterdir()} == (
