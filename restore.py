@@ -693,14 +693,14 @@ def make_restorer(
                 IfMatch=etag,
                 **versioned(item),
             )
-            problem = range_problem(
-                response.get("ContentRange"), response.get("ContentLength"), part
-            )
-            if problem:
-                raise CliError(f"the server's answer to a ranged GET: {problem}")
-            if response.get("ETag") != etag:  # a server that ignores If-Match
-                raise CliError(OVERWRITTEN)
             try:
+                problem = range_problem(
+                    response.get("ContentRange"), response.get("ContentLength"), part
+                )
+                if problem:
+                    raise CliError(f"the server's answer to a ranged GET: {problem}")
+                if response.get("ETag") != etag:  # a server that ignores If-Match
+                    raise CliError(OVERWRITTEN)
                 reached = read_range(
                     body_reader(response["Body"]), buffer(), part, land
                 )
