@@ -224,7 +224,9 @@ class FaultProxy:
     scripts' direct path are answered 403 AccessDenied; with corrupt_direct, one
     byte of the body of their successful GETs is changed; with ignore_if_match, the
     If-Match header is not passed on, as by a server that ignores it (on a server
-    that checks signatures, that breaks them). `faults` counts what was
+    that checks signatures, that breaks them). The answers to the first `cut_ranges`
+    GETs of a range (direct or not) break off before the end of their body. `faults`
+    counts what was
     injected, `throttled_attempts` the requests refused per throttled key, and
     `requests` lists (method, path, direct?) of every request, in order.
     """
@@ -242,6 +244,7 @@ class FaultProxy:
         refuse_direct: bool = False,
         corrupt_direct: bool = False,
         ignore_if_match: bool = False,
+        cut_ranges: int = 0,
         errors: Mapping[str, tuple[str, int]] | None = None,
     ):
         parts = urlsplit(upstream)
@@ -255,6 +258,7 @@ class FaultProxy:
         self.refuse_direct = refuse_direct
         self.corrupt_direct = corrupt_direct
         self.ignore_if_match = ignore_if_match
+        self.cut_ranges = cut_ranges
         self.errors = dict(errors or {})
         self.faults: Counter[str] = Counter()
         self.requests: list[tuple[str, str, bool]] = []
@@ -298,6 +302,10 @@ class FaultProxy:
             if self.refuse_direct and request.is_direct:
                 self.faults["AccessDenied"] += 1
                 return "AccessDenied"
+            if self.cut_ranges and request.method == "GET" and request.header("range"):
+                self.cut_ranges -= 1
+                self.faults["cut"] += 1
+                return "cut"
             throttled = set(self.throttled_keys)
             if request.is_upload_part:
                 throttled |= self.throttled_part_keys
@@ -407,6 +415,10 @@ class _Handler(socketserver.BaseRequestHandler):
                         socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
                     )
                     connection.close()
+                    return
+                if fault == "cut":
+                    # The answer starts, then the connection ends 1,000 bytes short.
+                    connection.sendall(proxy.forward(request)[:-1000])
                     return
                 if fault:
                     answer = s3_error_response(

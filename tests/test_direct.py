@@ -364,6 +364,26 @@ def test_a_refused_direct_part_is_fetched_through_botocore(
     )
 
 
+def test_parts_whose_bodies_break_off_are_fetched_again(
+    start_proxy, cli_env, first_small_then_large, tmp_path, bucket_name
+):
+    """Both parts break off direct, and one again through botocore, which retries
+    a request until its answer starts, not while its body comes: asked for again."""
+    proxy = start_proxy(cut_ranges=3)
+    target = tmp_path / "restored"
+    result = run_script(
+        "restore.py", bucket_name, str(target), "--endpoint-url", proxy.url,
+        "--workers", "1", env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "error" not in result.stderr
+    assert proxy.faults["cut"] == 3
+    assert object_requests(proxy, "GET").count(False) == 1 + 3
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == (
+        first_small_then_large
+    )
+
+
 def test_a_corrupted_direct_download_is_caught_and_fetched_again(
     start_proxy, s3_server, cli_env, small_tree, tmp_path, bucket_name
 ):
