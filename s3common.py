@@ -908,15 +908,20 @@ def list_objects(
     whole until it is read; one that reaches the end of the prefix ends the
     listing, without asking for the ranges after it (all empty).
     """
+    # One paginator for all ranges: each thread asking the client for its own would
+    # load botocore's paginator model again (it looks through the data folder of
+    # every AWS service) before the first request goes out (bench/RESULTS.md,
+    # W4 without HeadBucket).
+    paginator = client.get_paginator("list_objects_v2")
     if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
         # Directory buckets list in no particular order and take no StartAfter:
         # the only listing held whole, to be put in order.
-        whole = call_failing_fast(lambda: list_range(client, bucket, prefix)[0])
+        whole = call_failing_fast(lambda: list_range(paginator, bucket, prefix)[0])
         return iter(sorted(whole.result(), key=lambda obj: obj.key))
     ranges = zip(("", *boundaries), (*boundaries, None))
     at_once = min(workers, LIST_RANGES_AT_ONCE)
     listings = map_failing_fast(
-        lambda bounds: list_range(client, bucket, prefix, *bounds),
+        lambda bounds: list_range(paginator, bucket, prefix, *bounds),
         ranges,
         at_once,
         ahead=at_once,
@@ -932,17 +937,15 @@ def list_objects(
 
 
 def list_range(
-    client, bucket: str, prefix: str, after: str = "", through: str | None = None
+    paginator, bucket: str, prefix: str, after: str = "", through: str | None = None
 ) -> tuple[list[RemoteObject], bool]:
     """The objects under `prefix` whose keys sort after `after` and up to `through`
     (None: no end), and whether the listing met the end of the prefix (no key
-    under it sorts after them)."""
+    under it sorts after them), from a client's list_objects_v2 paginator."""
     params = {"Bucket": bucket, "Prefix": prefix}
     if after:
         params["StartAfter"] = after
-    pages = client.get_paginator("list_objects_v2").paginate(
-        **params, PaginationConfig={"PageSize": LIST_PAGE}
-    )
+    pages = paginator.paginate(**params, PaginationConfig={"PageSize": LIST_PAGE})
     objects = []
     for page in pages:
         contents = page.get("Contents", [])

@@ -931,6 +931,8 @@ BARS = (
     ("W6", "restore.py", "aws s3 sync", 1.0),
     ("W1", "backup.py", "rclone copy", 1.0),
     ("W5", "restore.py", "rclone copy", 1.15),
+    ("W4", "backup.py", "s5cmd sync", 1.0),
+    ("W4 in turn", "backup.py", "s5cmd sync", 1.0),
 )
 # restore.py --at among three versions a key (W7) against the plain restore (W5).
 HISTORY_BAR = 1.3

@@ -7,7 +7,7 @@
     proxy.close()
 
 With `errors`, every request of an S3 operation gets one error, as S3 answers it:
-FaultProxy(upstream, errors={"HeadBucket": ("403", 403)}).
+FaultProxy(upstream, errors={"ListObjectsV2": ("AccessDenied", 403)}).
 
 It reads each request whole (HTTP/1.1 keep-alive, Content-Length or chunked
 bodies, `Expect: 100-continue`), then either answers it with a fault, without
@@ -226,9 +226,9 @@ class FaultProxy:
     If-Match header is not passed on, as by a server that ignores it (on a server
     that checks signatures, that breaks them). The answers to the first `cut_ranges`
     GETs of a range (direct or not) break off before the end of their body. `faults`
-    counts what was
-    injected, `throttled_attempts` the requests refused per throttled key, and
-    `requests` lists (method, path, direct?) of every request, in order.
+    counts what was injected, `throttled_attempts` the requests refused per throttled
+    key, `requests` lists (method, path, direct?) of every request, in order, and
+    `operations` their S3 operations.
     """
 
     def __init__(
@@ -262,6 +262,7 @@ class FaultProxy:
         self.errors = dict(errors or {})
         self.faults: Counter[str] = Counter()
         self.requests: list[tuple[str, str, bool]] = []
+        self.operations: list[str] = []
         self.throttled_attempts: Counter[str] = Counter()
         self.forwarded = 0
         self._random = random.Random(seed)
@@ -295,6 +296,7 @@ class FaultProxy:
         "AccessDenied", "reset", the code of an error of `errors`, or None."""
         with self._lock:
             self.requests.append((request.method, request.path, request.is_direct))
+            self.operations.append(request.operation)
             if request.operation in self.errors:
                 code = self.errors[request.operation][0]
                 self.faults[code] += 1
