@@ -293,7 +293,7 @@ class FaultProxy:
 
     def fault_for(self, request: Request) -> str | None:
         """The fault to inject for this request: "SlowDown", "InternalError",
-        "AccessDenied", "reset", the code of an error of `errors`, or None."""
+        "AccessDenied", "reset", "cut", the code of an error of `errors`, or None."""
         with self._lock:
             self.requests.append((request.method, request.path, request.is_direct))
             self.operations.append(request.operation)
