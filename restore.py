@@ -13,6 +13,7 @@ bucket's object versions.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 
@@ -38,13 +39,17 @@ from typing import BinaryIO, TypeVar
 import botocore.exceptions
 
 from s3common import (
+    BODY_ATTEMPTS,
+    BODY_ERRORS,
+    DOWNLOAD_BUFFER,
+    DOWNLOAD_PART,
+    DOWNLOAD_PART_WORKERS,
     LIST_PAGE,
     MULTIPART_THRESHOLD,
-    PART_WORKERS,
+    OVERWRITTEN,
     SMALL_OBJECT,
     UTC,
     ArgumentParser,
-    BandwidthSubscriber,
     Cancelled,
     CliError,
     Connection,
@@ -55,10 +60,9 @@ from s3common import (
     FetchedObject,
     Filters,
     Location,
-    ProgressSubscriber,
+    PartWorkers,
     RemoteObject,
     Summary,
-    TransferEngine,
     UnsafeKey,
     add_shared_options,
     client_error_code,
@@ -76,6 +80,8 @@ from s3common import (
     parse_mtime,
     path_for_key,
     printable,
+    range_problem,
+    read_range,
     relative_key,
     run_cli,
     run_collecting_failures,
@@ -314,6 +320,14 @@ def restored_mtime_ns(metadata: dict, last_modified: float) -> int:
     return recorded if recorded is not None else int(last_modified * 1e9)
 
 
+def part_ranges(size: int, part_size: int) -> list[tuple[int, int]]:
+    """The byte ranges [start, end) that cut an object of `size` bytes into parts
+    of part_size (the last one shorter)."""
+    return [
+        (start, min(size, start + part_size)) for start in range(0, size, part_size)
+    ]
+
+
 def is_restored(path: PurePath, size: int, mtime_ns: int) -> bool:
     """Whether the file at path is already this object, restored whole (size and recorded mtime)."""
     try:
@@ -542,18 +556,48 @@ def write_atomically(
         raise
 
 
+_SEEK_AND_WRITE = threading.Lock()
+
+
+def write_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of data at offset in fd, from any thread: os.pwrite, or on Windows
+    (which has none) a seek and a write, one thread at a time."""
+    while data:  # a write may take fewer bytes than given
+        if hasattr(os, "pwrite"):
+            written = os.pwrite(fd, data, offset)
+        else:
+            with _SEEK_AND_WRITE:
+                os.lseek(fd, offset, os.SEEK_SET)
+                written = os.write(fd, data)
+        data, offset = data[written:], offset + written
+
+
+def body_reader(body) -> Callable[[memoryview], int]:
+    """readinto of a GetObject's streamed body; botocore before 1.38.20 has none: read and copy."""
+    if hasattr(body, "readinto"):
+        return body.readinto
+
+    def read_and_copy(view: memoryview) -> int:
+        data = body.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    return read_and_copy
+
+
 def make_restorer(
     connection: Connection,
     bucket: str,
     folders: Folders,
     default_mode: int,
     console: Console,
-    engine: TransferEngine,
+    part_workers: PartWorkers,
 ):
-    """The work function for run_collecting_failures: one object down (large ones
-    through `engine`); False when already restored."""
+    """The work function for run_collecting_failures: one object down (the parts
+    of large ones on `part_workers`); False when already restored."""
     client, direct = connection.client, connection.direct
     bandwidth = connection.bandwidth  # None without --bwlimit
+    buffers = threading.local()  # each part worker's, for every part it fetches
 
     def file_mode(metadata: dict) -> int:
         mode = parse_mode(metadata.get("mode"))
@@ -606,25 +650,94 @@ def make_restorer(
         write_atomically(path, fill, file_mode(fetched.metadata), mtime_ns)
         console.advance(nbytes=item.size)
 
+    def buffer() -> memoryview:
+        """This part worker's buffer."""
+        if not hasattr(buffers, "view"):
+            buffers.view = memoryview(bytearray(DOWNLOAD_BUFFER))
+        return buffers.view
+
+    def fetch_part(
+        item: Download, etag: str, part, fd: int, cancel, stop: threading.Event
+    ) -> None:
+        """Write the bytes `part` of the object at their offset in fd: a direct
+        ranged GET, else botocore's (with its retries), of the version whose ETag
+        the HEAD gave (If-Match), never of one written since; `stop` set means
+        another part of the file failed."""
+        landed = 0  # bytes of this part written (and shown) so far
+
+        def land(data: memoryview, offset: int) -> None:
+            nonlocal landed
+            if cancel.is_set() or stop.is_set():
+                raise Cancelled()
+            if bandwidth:
+                bandwidth.take(len(data), cancel)
+            write_all(fd, data, offset)
+            landed += len(data)
+            console.advance(nbytes=len(data))
+
+        try:
+            direct.get_range(
+                bucket, item.key, part, etag, item.version_id, buffer(), land
+            )
+            return
+        except DirectFailed as failure:
+            via = direct.fallback_client(failure)
+        for attempt in range(1, BODY_ATTEMPTS + 1):
+            console.advance(nbytes=-landed)  # those bytes come again
+            landed = 0
+            start, end = part
+            response = via.get_object(
+                Bucket=bucket,
+                Key=item.key,
+                Range=f"bytes={start}-{end - 1}",
+                IfMatch=etag,
+                **versioned(item),
+            )
+            try:
+                problem = range_problem(
+                    response.get("ContentRange"), response.get("ContentLength"), part
+                )
+                if problem:
+                    raise CliError(f"the server's answer to a ranged GET: {problem}")
+                if response.get("ETag") != etag:  # a server that ignores If-Match
+                    raise CliError(OVERWRITTEN)
+                reached = read_range(
+                    body_reader(response["Body"]), buffer(), part, land
+                )
+                if reached != end:
+                    raise botocore.exceptions.IncompleteReadError(
+                        actual_bytes=reached - start, expected_bytes=end - start
+                    )
+                return
+            except BODY_ERRORS:
+                # botocore retries until the answer starts, not while its body comes.
+                if attempt == BODY_ATTEMPTS:
+                    raise
+            finally:
+                response["Body"].close()
+
     def write_large(item: Download, path: str, cancel) -> bool:
-        """A HEAD for the metadata, then parallel ranged GETs, unless an earlier
-        (interrupted) run already restored this very file whole."""
+        """A HEAD for the metadata, then parallel ranged GETs written in place,
+        unless an earlier (interrupted) run already restored this very file whole."""
         head = client.head_object(Bucket=bucket, Key=item.key, **versioned(item))
         mtime_ns = restored_mtime_ns(head["Metadata"], head["LastModified"].timestamp())
-        if is_restored(path, item.size, mtime_ns):
+        # The size of the version the parts ask for, whatever the listing said.
+        size = head["ContentLength"]
+        if is_restored(path, size, mtime_ns):
             return False
 
         def fill(out: BinaryIO) -> None:
-            subscribers = [ProgressSubscriber(console, size=item.size)]
-            if bandwidth:
-                subscribers.append(BandwidthSubscriber(bandwidth, cancel))
-            engine.manager().download(
-                bucket,
-                item.key,
-                out,
-                extra_args=versioned(item),
-                subscribers=subscribers,
-            ).result()
+            stop = threading.Event()
+            fd = out.fileno()
+            part_workers.run_all(
+                [
+                    functools.partial(
+                        fetch_part, item, head["ETag"], part, fd, cancel, stop
+                    )
+                    for part in part_ranges(size, DOWNLOAD_PART)
+                ],
+                stop,
+            )
 
         write_atomically(path, fill, file_mode(head["Metadata"]), mtime_ns)
         return True
@@ -765,18 +878,21 @@ def execute_restore(
     """Download the plan's objects on `workers` threads; one error line for each that fails."""
     total_bytes = sum(item.size for item in plan.downloads)
     console.start(len(plan.downloads), total_bytes)
-    engine = TransferEngine(connection.client)
+    part_workers = PartWorkers(DOWNLOAD_PART_WORKERS)
     restorer = make_restorer(
         connection,
         location.bucket,
         Folders(local),
         0o666 & ~current_umask(),
         console,
-        engine,
+        part_workers,
     )
-    failures, skipped = run_collecting_failures(
-        plan.downloads, restorer, engine, workers
-    )
+    try:
+        failures, skipped = run_collecting_failures(
+            plan.downloads, restorer, None, workers
+        )
+    finally:
+        part_workers.close()
     console.finish()
     for failure in failures:
         where = location.url(failure.item.key)
@@ -808,7 +924,7 @@ def run(args, console: Console) -> int:
         raise usage_error(
             f"{args.local!r} is not a folder: give a folder to restore into"
         )
-    connection = connect(args, pool_size=args.workers + PART_WORKERS)
+    connection = connect(args, pool_size=args.workers + DOWNLOAD_PART_WORKERS)
     client = connection.client
     when = None if args.at is None else args.at.timestamp()
 

@@ -11,12 +11,13 @@
   (--checksum, --check);
 - worker pools, named by what they do on a failure (and on Ctrl-C):
   map_failing_fast and call_failing_fast for reads, run_collecting_failures for
-  transfers; the --bwlimit token bucket, and the byte budget of what workers
-  hold in memory;
+  transfers, PartWorkers for the parts of large downloads; the --bwlimit token
+  bucket, and the byte budget of what workers hold in memory;
 - console and summary: messages, the progress line, the closing summary, the JSON
   report, and run_cli, where each script's main begins and ends;
 - the fast transfer path: the TransferEngine (boto3's transfer manager) for
-  large files and direct signed requests for small objects.
+  multipart uploads, and direct signed requests for small objects and for the
+  parts of large downloads (read_range).
 """
 
 from __future__ import annotations
@@ -83,9 +84,20 @@ MULTIPART_CHUNKSIZE = 16 * MiB
 # decide the speed; nearby, more threads cost a little client CPU
 # (bench/RESULTS.md, measured choices).
 DEFAULT_WORKERS = 64
-# Threads s3transfer may use for the parts of one large file: its own default,
+# Threads s3transfer may use for the parts of one large upload: its own default,
 # faster than 8 (bench/RESULTS.md, measured choices).
 PART_WORKERS = 10
+# Large downloads: parts of DOWNLOAD_PART bytes, fetched by DOWNLOAD_PART_WORKERS
+# threads shared by every file of a run, each reading into one buffer of
+# DOWNLOAD_BUFFER bytes. 4 threads of 32 MiB parts restore W6 as fast as more
+# threads or larger parts; 256 KiB buffers as fast as 1 MiB ones, in less memory
+# (bench/RESULTS.md, measured choices).
+DOWNLOAD_PART = 32 * MiB
+DOWNLOAD_PART_WORKERS = 4
+DOWNLOAD_BUFFER = 256 * 1024
+# botocore retries a GET until its answer starts, not while the body comes:
+# a part whose body breaks off is asked for again, as often as s3transfer does.
+BODY_ATTEMPTS = 5
 # The most keys one ListObjectsV2 page holds, and the size of a listing range.
 LIST_PAGE = 1000
 # Listing ranges read at once (and held until the plan reaches them), however
@@ -135,6 +147,10 @@ _CHECKSUM_MISMATCH = (
     "the server received bytes that do not match their checksum; a file being "
     "written to while it is read does this: run again once it is left alone"
 )
+OVERWRITTEN = (
+    "the object was overwritten while it was downloaded (its ETag changed): nothing "
+    "was written; run again to restore the new version"
+)
 _CLIENT_ERROR_LINES = {
     "BadDigest": _CHECKSUM_MISMATCH,
     "XAmzContentSHA256Mismatch": _CHECKSUM_MISMATCH,
@@ -157,6 +173,7 @@ _CLIENT_ERROR_LINES = {
     "KMS.NotFoundException": "the KMS key was not found: check --sse-kms-key-id",
     "InvalidLocationConstraint": "the server does not take this region as a bucket location: "
     "check --region (on Ceph RGW it is the zonegroup's name, e.g. default)",
+    "PreconditionFailed": OVERWRITTEN,
 }
 
 
@@ -1079,9 +1096,9 @@ class TokenBucket:
 
 
 class BandwidthSubscriber:
-    """Holds each read (upload) or write (download) of one s3transfer transfer to the
-    run's TokenBucket; s3transfer calls on_progress by name, from the thread that
-    moves the bytes, and not for reads that only compute a checksum."""
+    """Holds each read of one s3transfer upload to the run's TokenBucket; s3transfer
+    calls on_progress by name, from the thread that moves the bytes, and not for
+    reads that only compute a checksum."""
 
     def __init__(self, bandwidth: TokenBucket, cancel: threading.Event):
         self._bandwidth = bandwidth
@@ -1290,7 +1307,7 @@ def call_failing_fast(call: Callable[[], R]) -> Future:
 def run_collecting_failures(
     items: Iterable[T],
     work: Callable[[T, threading.Event], bool | None],
-    engine: TransferEngine,
+    engine: TransferEngine | None,
     workers: int,
     ahead: int = 0,
 ) -> tuple[list[Failure[T]], list[T]]:
@@ -1303,8 +1320,8 @@ def run_collecting_failures(
 
     On failure of one item, it is collected and the rest go on (as
     shutil.copytree does). On Ctrl-C, or a failure to draw the items (the
-    plan's), no new item starts, the engine cancels (and so aborts) its
-    transfers, running items see `cancel` set, and the exception is raised
+    plan's), no new item starts, the engine (if any) cancels (and so aborts)
+    its transfers, running items see `cancel` set, and the exception is raised
     again once every thread has stopped.
     """
     failures: list[Failure[T]] = []
@@ -1356,14 +1373,79 @@ def run_collecting_failures(
         stop_threads()
     except BaseException:
         cancel.set()
-        engine.cancel()
+        if engine is not None:
+            engine.cancel()
         # Threads waiting for an item find none but the end.
         while not jobs.empty():
             jobs.get_nowait()
         stop_threads()
         raise
-    engine.close()
+    if engine is not None:
+        engine.close()
     return failures, skipped
+
+
+class PartWorkers:
+    """A fixed number of threads that run the parts of every large transfer of a
+    run, so that the parts in flight (and the buffers they read into) are at most
+    `count` however many files are under way. A file's worker hands its parts over and
+    waits (run_all); parts never wait for other parts, so no number of waiting
+    files can leave the threads stuck. The threads are daemons, started as needed."""
+
+    def __init__(self, count: int):
+        self._count = count
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = 0
+        self._lock = threading.Lock()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            job()
+
+    def run_all(
+        self, calls: Sequence[Callable[[], None]], stop: threading.Event
+    ) -> None:
+        """Run every call on the threads and wait until all have ended. Once one
+        fails, `stop` is set (the others should see it and end) and the calls not
+        started yet are skipped; the first failure is then raised here."""
+        failures: list[Exception] = []
+        ended = threading.Condition()
+        left = len(calls)
+
+        def job(call: Callable[[], None]) -> Callable[[], None]:
+            def run() -> None:
+                nonlocal left
+                try:
+                    if not stop.is_set():
+                        call()
+                # It belongs to the file's worker, which raises it.
+                except Exception as exc:  # noqa: BLE001
+                    failures.append(exc)
+                    stop.set()
+                finally:
+                    with ended:
+                        left -= 1
+                        ended.notify_all()
+
+            return run
+
+        with self._lock:
+            while self._threads < self._count:
+                self._threads += 1
+                threading.Thread(target=self._work, daemon=True).start()
+        for call in calls:
+            self._jobs.put(job(call))
+        with ended:
+            ended.wait_for(lambda: left == 0)
+        if failures:
+            raise failures[0]
+
+    def close(self) -> None:
+        """End the threads once the parts handed over have run."""
+        with self._lock:
+            for _ in range(self._threads):
+                self._jobs.put(None)
+            self._threads = 0
 
 
 # --- Console and summary: messages, progress, the JSON report, run_cli -------
@@ -1676,14 +1758,14 @@ def run_cli(
     return code
 
 
-# --- Fast transfer path: s3transfer for large files, direct small requests ---
+# --- Fast transfer path: s3transfer for large uploads, direct requests -------
 
 
 def create_transfer_manager(
     client, open_file: Callable[[str, str], BinaryIO] | None = None
 ):
-    """boto3's transfer manager, for multipart uploads and ranged downloads;
-    open_file(name, mode), if given, opens the files it uploads by name."""
+    """boto3's transfer manager, for multipart uploads; open_file(name, mode), if
+    given, opens the files it uploads by name."""
     # Imported here, not at the top: boto3 and s3transfer take time to import,
     # and a backup with nothing to upload never needs them.
     from boto3.s3.transfer import TransferConfig
@@ -1705,10 +1787,10 @@ def create_transfer_manager(
 
 
 class TransferEngine:
-    """The transfer manager for multipart uploads and ranged downloads, created on
-    first use (a run with nothing large to move never imports it), and what
-    stopping it means: cancel() on Ctrl-C cancels (and so aborts) its transfers,
-    close() waits for them."""
+    """The transfer manager for multipart uploads, created on first use (a run
+    with nothing large to upload never imports it), and what stopping it means:
+    cancel() on Ctrl-C cancels (and so aborts) its transfers, close() waits for
+    them."""
 
     def __init__(self, client, open_file: Callable[[str, str], BinaryIO] | None = None):
         self._client = client
@@ -1881,8 +1963,9 @@ def crc32_header(crc: int) -> str:
 
 
 class DirectRequests:
-    """Whole-object GET and PUT of small objects, signed as botocore signs them and
-    sent on one kept-alive connection per thread.
+    """Whole-object GET and PUT of small objects, and ranged GETs of the parts of
+    large ones, signed as botocore signs them and sent on one kept-alive
+    connection per thread.
 
     botocore spends several times more CPU on each request (endpoint rules, event
     hooks, response parsing) than the same signed request sent with http.client,
@@ -1892,7 +1975,8 @@ class DirectRequests:
     It only repeats what botocore has done: until botocore has completed a GetObject
     (PutObject) over the network, not one a mock answered in-process, get() (put())
     raises DirectFailed; after that it sends to the URL botocore used, signed (SigV4)
-    for the region botocore signed for. It takes only a plain 200 answer:
+    for the region botocore signed for. It takes only a plain 200 answer (206 with
+    exactly the bytes asked for, for a range):
     anything else raises DirectFailed, and the caller sends the request again through
     botocore, which retries, follows redirects and explains errors.
     """
@@ -1932,7 +2016,7 @@ class DirectRequests:
         key, (url, _, query) = params.get("Key") or "", http_response.url.partition("?")
         quoted = key_path(key)
         if (
-            http_response.status_code == 200
+            http_response.status_code in (200, 206)  # a whole object or a range
             and isinstance(http_response.raw, urllib3.response.HTTPResponse)
             and context.get("auth_type") == "v4"
             and signing.get("signing_name") == "s3"
@@ -1995,8 +2079,10 @@ class DirectRequests:
         body: bytes,
         headers,
         query: str = "",
+        status: int = 200,
     ) -> tuple[http.client.HTTPResponse, tuple[str, str]]:
-        """One signed request; its 200 response (a GET's body unread) and its origin."""
+        """One signed request; its response of that status (a GET's body unread)
+        and its origin."""
         route = self._routes.get((operation, bucket))
         if route is None:
             raise DirectFailed(
@@ -2015,12 +2101,12 @@ class DirectRequests:
                 method, f"{path}?{query}" if query else path, body, headers
             )
             response = connection.getresponse()
-            if response.status != 200 or method != "GET":
+            if response.status != status or method != "GET":
                 response.read()
         except (OSError, http.client.HTTPException, ValueError) as exc:
             self._drop(origin)
             raise DirectFailed(f"{type(exc).__name__}: {exc}") from exc
-        if response.status != 200:
+        if response.status != status:
             stale = response.status in STALE_ROUTE_STATUSES
             if stale and self._routes.pop((operation, bucket), None) is not None:
                 self._route_changes += 1
@@ -2061,6 +2147,57 @@ class DirectRequests:
         chunks = self._chunks(response, origin, chunk_size)
         return FetchedObject(metadata, last_modified.timestamp(), chunks)
 
+    def get_range(
+        self,
+        bucket: str,
+        key: str,
+        part: tuple[int, int],
+        etag: str,
+        version_id: str | None,
+        buffer: memoryview,
+        land: Callable[[memoryview, int], None],
+    ) -> None:
+        """GetObject of the bytes [start, end) of the object (of one version, if
+        given) while its ETag is `etag`, read into `buffer` and handed to
+        land(data, offset) read by read; what land raises ends it as it is."""
+        start, end = part
+        headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": etag}
+        response, origin = self._send(
+            "GetObject",
+            bucket,
+            key,
+            "GET",
+            b"",
+            headers,
+            version_query(version_id),
+            206,
+        )
+
+        def read(view: memoryview) -> int:
+            try:
+                return response.readinto(view)
+            except (OSError, http.client.HTTPException) as exc:
+                raise DirectFailed(f"{type(exc).__name__}: {exc}") from exc
+
+        complete = False
+        try:
+            problem = range_problem(
+                response.getheader("Content-Range"),
+                response.getheader("Content-Length"),
+                part,
+            )
+            if problem:
+                raise DirectFailed(problem)
+            if response.getheader("ETag") != etag:  # a server that ignores If-Match
+                raise DirectFailed(f"ETag {response.getheader('ETag')}, not {etag}")
+            reached = read_range(read, buffer, part, land)
+            if reached != end:
+                raise DirectFailed(f"got {reached - start} bytes of {end - start}")
+            complete = True
+        finally:
+            if not complete:
+                self._drop(origin)
+
     def _chunks(
         self, response: http.client.HTTPResponse, origin, chunk_size: int
     ) -> Iterator[bytes]:
@@ -2094,6 +2231,46 @@ class DirectRequests:
             raise DirectFailed("the body does not match its CRC32 checksum")
         if md5 and md5.hexdigest() != expected_md5:
             raise DirectFailed("the body does not match its MD5 (ETag or md5chksum)")
+
+
+# What a GetObject body read through botocore raises when the connection fails.
+BODY_ERRORS = (
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+)
+
+
+def range_problem(
+    content_range: str | None, content_length: object, part: tuple[int, int]
+) -> str | None:
+    """What is wrong with the answer to a GET of the bytes [start, end), from its
+    Content-Range and Content-Length; None when it holds exactly those bytes."""
+    start, end = part
+    if not (content_range or "").startswith(f"bytes {start}-{end - 1}/"):
+        return f"asked for bytes {start}-{end - 1}, got {content_range or 'the whole object'}"
+    if str(content_length) != str(end - start):
+        return f"asked for {end - start} bytes, the answer holds {content_length}"
+    return None
+
+
+def read_range(
+    read: Callable[[memoryview], int],
+    buffer: memoryview,
+    part: tuple[int, int],
+    land: Callable[[memoryview, int], None],
+) -> int:
+    """Read the body of a GET of the bytes [start, end) with read(view) -> count into
+    buffer, handing each read to land(data, offset); the offset it reached (end,
+    unless the body ended early)."""
+    offset, end = part
+    while offset < end:
+        count = read(buffer[: min(len(buffer), end - offset)])
+        if not count:
+            break
+        land(buffer[:count], offset)
+        offset += count
+    return offset
 
 
 def response_md5(response: http.client.HTTPResponse) -> str | None:

@@ -222,9 +222,12 @@ class FaultProxy:
     (Request.operation) to the (code, HTTP status) every request of it is answered
     with; it may change while the proxy runs. With refuse_direct, requests sent by the
     scripts' direct path are answered 403 AccessDenied; with corrupt_direct, one
-    byte of the body of their successful GETs is changed. `faults` counts what was
-    injected, `throttled_attempts` the requests refused per throttled key,
-    `requests` lists (method, path, direct?) of every request, in order, and
+    byte of the body of their successful GETs is changed; with ignore_if_match, the
+    If-Match header is not passed on, as by a server that ignores it (on a server
+    that checks signatures, that breaks them). The answers to the first `cut_ranges`
+    GETs of a range (direct or not) break off before the end of their body. `faults`
+    counts what was injected, `throttled_attempts` the requests refused per throttled
+    key, `requests` lists (method, path, direct?) of every request, in order, and
     `operations` their S3 operations.
     """
 
@@ -240,6 +243,8 @@ class FaultProxy:
         throttled_part_keys: Collection[str] = (),
         refuse_direct: bool = False,
         corrupt_direct: bool = False,
+        ignore_if_match: bool = False,
+        cut_ranges: int = 0,
         errors: Mapping[str, tuple[str, int]] | None = None,
     ):
         parts = urlsplit(upstream)
@@ -252,6 +257,8 @@ class FaultProxy:
         self.throttled_part_keys = set(throttled_part_keys)
         self.refuse_direct = refuse_direct
         self.corrupt_direct = corrupt_direct
+        self.ignore_if_match = ignore_if_match
+        self.cut_ranges = cut_ranges
         self.errors = dict(errors or {})
         self.faults: Counter[str] = Counter()
         self.requests: list[tuple[str, str, bool]] = []
@@ -286,7 +293,7 @@ class FaultProxy:
 
     def fault_for(self, request: Request) -> str | None:
         """The fault to inject for this request: "SlowDown", "InternalError",
-        "AccessDenied", "reset", the code of an error of `errors`, or None."""
+        "AccessDenied", "reset", "cut", the code of an error of `errors`, or None."""
         with self._lock:
             self.requests.append((request.method, request.path, request.is_direct))
             self.operations.append(request.operation)
@@ -297,6 +304,10 @@ class FaultProxy:
             if self.refuse_direct and request.is_direct:
                 self.faults["AccessDenied"] += 1
                 return "AccessDenied"
+            if self.cut_ranges and request.method == "GET" and request.header("range"):
+                self.cut_ranges -= 1
+                self.faults["cut"] += 1
+                return "cut"
             throttled = set(self.throttled_keys)
             if request.is_upload_part:
                 throttled |= self.throttled_part_keys
@@ -344,8 +355,11 @@ class FaultProxy:
                 skip_accept_encoding=True,
             )
             for name, value in request.headers:
-                if name.lower() not in HOP_BY_HOP_HEADERS:
-                    connection.putheader(name, value)
+                if name.lower() in HOP_BY_HOP_HEADERS:
+                    continue
+                if self.ignore_if_match and name.lower() == "if-match":
+                    continue
+                connection.putheader(name, value)
             if request.body or request.method in ("PUT", "POST"):
                 connection.putheader("Content-Length", str(len(request.body)))
             connection.endheaders(request.body or None)
@@ -403,6 +417,10 @@ class _Handler(socketserver.BaseRequestHandler):
                         socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
                     )
                     connection.close()
+                    return
+                if fault == "cut":
+                    # The answer starts, then the connection ends 1,000 bytes short.
+                    connection.sendall(proxy.forward(request)[:-1000])
                     return
                 if fault:
                     answer = s3_error_response(

@@ -303,6 +303,87 @@ def test_refused_direct_requests_fall_back_to_botocore_and_soon_stop(
     assert {path.name: path.read_bytes() for path in target.iterdir()} == files
 
 
+@pytest.fixture
+def first_small_then_large(server_client, bucket_name) -> dict[str, bytes]:
+    """A small object, which botocore fetches first, and one of two parts after it;
+    the bucket holds them under their names."""
+    files = {
+        "a-first.txt": b"fetched by botocore",
+        "big.bin": random.Random(8).randbytes(40 * MiB + 5),
+    }
+    server_client.create_bucket(Bucket=bucket_name)
+    for name, data in files.items():
+        server_client.put_object(Bucket=bucket_name, Key=name, Body=data)
+    return files
+
+
+@pytest.mark.parametrize("over_tls", [False, True], ids=["http", "https"])
+def test_the_parts_of_a_large_object_go_direct(
+    start_proxy, cli_env, first_small_then_large, tmp_path, bucket_name, over_tls
+):
+    proxy = start_proxy()
+    endpoint, env = proxy.url, cli_env
+    tls = TlsPassThrough(proxy.url, tmp_path) if over_tls else None
+    if tls:  # trusted through AWS_CA_BUNDLE
+        tls.start()
+        endpoint, env = tls.url, {**cli_env, "AWS_CA_BUNDLE": str(tls.cert_path)}
+    target = tmp_path / "restored"
+    try:
+        result = run_script(
+            "restore.py", bucket_name, str(target), "--endpoint-url", endpoint,
+            "--workers", "1", env=env,
+        )  # fmt: skip
+    finally:
+        if tls:
+            tls.close()
+    assert result.returncode == 0, result.stderr
+    assert object_requests(proxy, "GET") == [False, True, True]
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == (
+        first_small_then_large
+    )
+
+
+def test_a_refused_direct_part_is_fetched_through_botocore(
+    start_proxy, cli_env, first_small_then_large, tmp_path, bucket_name
+):
+    proxy = start_proxy(refuse_direct=True)
+    target = tmp_path / "restored"
+    result = run_script(
+        "restore.py", bucket_name, str(target), "--endpoint-url", proxy.url,
+        "--workers", "1", env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "error" not in result.stderr
+    gets = object_requests(proxy, "GET")
+    # A part refused direct came through botocore, as did the other part (which
+    # found the route forgotten if it started after that refusal).
+    assert gets.count(False) == 3
+    assert 1 <= gets.count(True) == proxy.faults["AccessDenied"] <= 2
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == (
+        first_small_then_large
+    )
+
+
+def test_parts_whose_bodies_break_off_are_fetched_again(
+    start_proxy, cli_env, first_small_then_large, tmp_path, bucket_name
+):
+    """Both parts break off direct, and one again through botocore, which retries
+    a request until its answer starts, not while its body comes: asked for again."""
+    proxy = start_proxy(cut_ranges=3)
+    target = tmp_path / "restored"
+    result = run_script(
+        "restore.py", bucket_name, str(target), "--endpoint-url", proxy.url,
+        "--workers", "1", env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "error" not in result.stderr
+    assert proxy.faults["cut"] == 3
+    assert object_requests(proxy, "GET").count(False) == 1 + 3
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == (
+        first_small_then_large
+    )
+
+
 def test_a_corrupted_direct_download_is_caught_and_fetched_again(
     start_proxy, s3_server, cli_env, small_tree, tmp_path, bucket_name
 ):

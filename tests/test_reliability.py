@@ -273,6 +273,42 @@ def test_ctrl_c_during_restore_leaves_no_temporary_file_and_no_half_written_file
             assert data == (large_files / name).read_bytes(), f"{name} is cut short"
 
 
+def test_ctrl_c_in_the_middle_of_a_large_files_parts_ends_within_seconds(
+    s3_server, cli_env, large_files, tmp_path, bucket_name, server_client
+):
+    """At 2 MiB/s the 40 MiB file takes 20 s: Ctrl-C lands while its parts are
+    read and while they wait for --bwlimit."""
+    server_client.create_bucket(Bucket=bucket_name)
+    server_client.upload_file(
+        str(large_files / "large0.bin"), bucket_name, "big/large0.bin"
+    )
+    target = tmp_path / "restored"
+    process = start_script(
+        "restore.py",
+        f"{bucket_name}::big",
+        str(target),
+        "--endpoint-url",
+        s3_server,
+        "--bwlimit",
+        "2M",
+        env=cli_env,
+    )
+
+    def bytes_landed() -> bool:
+        assert process.poll() is None, "the restore ended before it was interrupted"
+        return any(path.stat().st_size for path in target.glob(".s3restore-*.part"))
+
+    try:
+        wait_for(bytes_landed, "the first bytes of a part")
+    finally:
+        returncode, stderr = interrupt(process)
+
+    assert returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr
+    assert list(target.iterdir()) == []
+
+
 # --- Nothing is lost --------------------------------------------------------------
 
 

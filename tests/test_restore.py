@@ -247,6 +247,91 @@ def test_rerun_downloads_a_large_file_cut_short(s3, tmp_path, capsys):
     assert "restored 1, skipped 0" in capsys.readouterr().out
 
 
+def overwrite_during_the_restore_fails_that_file_only(
+    proxy, server_client, bucket_name, tmp_path, monkeypatch, capsys
+) -> None:
+    """Restore a small object and a large one through `proxy`, the large one
+    overwritten between its HEAD and its parts: that file fails with one line, and
+    the local file it would have replaced stays as it was."""
+    server_client.create_bucket(Bucket=bucket_name)
+    # The small file comes first, through botocore: the parts then go direct.
+    put_on = {"Bucket": bucket_name}
+    server_client.put_object(**put_on, Key="p/a-small.txt", Body=b"small")
+    server_client.put_object(**put_on, Key="p/big.bin", Body=os.urandom(20 * MiB))
+    target = make_tree(tmp_path / "out", {"big.bin": b"the old local file"})
+    checked = restore.is_restored
+
+    def overwritten_after_the_head(path, size, mtime_ns):
+        server_client.put_object(**put_on, Key="p/big.bin", Body=os.urandom(20 * MiB))
+        return checked(path, size, mtime_ns)
+
+    monkeypatch.setattr(restore, "is_restored", overwritten_after_the_head)
+    location, common = (
+        f"{bucket_name}::p",
+        ["--endpoint-url", proxy.url, "--workers", "1"],
+    )
+    code = restore.main([location, str(target), *common])
+    out, err = capsys.readouterr()
+    assert code == 1
+    # The part was asked for direct, then through botocore: refused both times.
+    big_gets = [
+        direct
+        for method, path, direct in proxy.requests
+        if method == "GET" and path.endswith("/p/big.bin")
+    ]
+    assert big_gets == [True, False]
+    assert err.splitlines() == [
+        (
+            f"error: restore failed: s3://{bucket_name}/p/big.bin: the object was "
+            "overwritten while it was downloaded (its ETag changed): nothing was "
+            "written; run again to restore the new version"
+        )
+    ]
+    assert "restored 1, skipped 0, failed 1" in out
+    assert tree_files(target) == {
+        "a-small.txt": b"small",
+        "big.bin": b"the old local file",
+    }
+    assert leftovers(target) == []
+
+
+def test_a_large_object_overwritten_during_its_restore_fails_that_file_only(
+    start_proxy, server_client, bucket_name, tmp_path, monkeypatch, capsys
+):
+    """Every part asks for the version the HEAD saw (If-Match): one overwritten
+    between the HEAD and its parts is never stitched from two versions."""
+    overwrite_during_the_restore_fails_that_file_only(
+        start_proxy(), server_client, bucket_name, tmp_path, monkeypatch, capsys
+    )
+
+
+def test_a_server_that_ignores_if_match_still_never_stitches_two_versions(
+    start_proxy, moto_server, server_client, bucket_name, tmp_path, monkeypatch, capsys
+):
+    """Each part's answer must carry the HEAD's ETag. On moto's server: a proxy that
+    drops If-Match breaks the request's signature, which Ceph RGW checks."""
+    proxy = start_proxy(moto_server, ignore_if_match=True)
+    overwrite_during_the_restore_fails_that_file_only(
+        proxy, server_client, bucket_name, tmp_path, monkeypatch, capsys
+    )
+
+
+def test_a_large_object_replaced_after_the_listing_comes_down_whole(
+    s3, bucket, tmp_path, monkeypatch
+):
+    put(s3, "p/big.bin", os.urandom(9 * MiB))
+    newer = os.urandom(12 * MiB + 1)
+    planned = restore.plan_restore
+
+    def replaced_after_the_listing(*args, **kwargs):
+        put(s3, "p/big.bin", newer)
+        return planned(*args, **kwargs)
+
+    monkeypatch.setattr(restore, "plan_restore", replaced_after_the_listing)
+    assert restore.main(["vault::p", str(tmp_path / "out")]) == 0
+    assert tree_files(tmp_path / "out") == {"big.bin": newer}
+
+
 def test_dry_run_writes_nothing(s3, bucket, tmp_path, capsys):
     put(s3, "p/a.txt", b"a")
     assert restore.main(["vault::p", str(tmp_path / "out"), "--dry-run"]) == 0

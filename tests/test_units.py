@@ -1,7 +1,11 @@
-"""The pure parts: locations, keys, bucket names, filters, plans, key-to-path mapping."""
+"""The pure parts: locations, keys, bucket names, filters, plans, key-to-path mapping,
+the parts of a large download (and the threads that fetch them)."""
 
 from __future__ import annotations
 
+import io
+import os
+import threading
 from pathlib import PurePosixPath, PureWindowsPath
 
 import botocore.exceptions
@@ -10,12 +14,13 @@ from plans import plan_of
 
 import backup
 from backup import LocalFile, upload_args, upload_reason
-from restore import plan_restore
+from restore import body_reader, part_ranges, plan_restore, write_all
 from s3common import (
     CliError,
     ExitCode,
     Filters,
     Location,
+    PartWorkers,
     RemoteObject,
     Summary,
     UnsafeKey,
@@ -29,6 +34,8 @@ from s3common import (
     parse_mtime,
     parse_timestamp,
     path_for_key,
+    range_problem,
+    read_range,
     relative_key,
 )
 
@@ -450,6 +457,11 @@ def client_error(code, status=400, message="m"):
             ExitCode.FAILURE,
         ),
         (client_error("Weird"), "Weird: m", ExitCode.FAILURE),
+        (
+            client_error("PreconditionFailed", 412),
+            "the object was overwritten while it was downloaded",
+            ExitCode.FAILURE,
+        ),
         # Ceph RGW sends most errors without a message.
         (
             client_error("InvalidArgument", 400, None),
@@ -519,3 +531,150 @@ def test_listing_boundaries_cut_every_page(monkeypatch, count, boundaries):
     monkeypatch.setattr(backup, "LIST_PAGE", 3)
     keys = [f"k{n}" for n in range(count)]
     assert backup.listing_boundaries(keys) == boundaries
+
+
+# --- The parts of a large download ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "part_size", "ranges"),
+    [
+        (10, 4, [(0, 4), (4, 8), (8, 10)]),
+        (8, 4, [(0, 4), (4, 8)]),  # no empty last part
+        (3, 4, [(0, 3)]),
+        (1, 1, [(0, 1)]),
+        (0, 4, []),
+        (
+            300 * 1024 * 1024,
+            128 * 1024 * 1024,
+            [(0, 128 << 20), (128 << 20, 256 << 20), (256 << 20, 300 << 20)],
+        ),
+    ],
+)
+def test_part_ranges_cut_the_object_without_gap_or_overlap(size, part_size, ranges):
+    assert part_ranges(size, part_size) == ranges
+
+
+@pytest.mark.parametrize(
+    ("content_range", "content_length", "part", "problem"),
+    [
+        ("bytes 0-9/100", "10", (0, 10), None),
+        ("bytes 90-99/100", 10, (90, 100), None),  # botocore gives an int
+        (None, "100", (0, 10), "asked for bytes 0-9, got the whole object"),
+        ("bytes 10-19/100", "10", (0, 10), "asked for bytes 0-9, got bytes 10-19/100"),
+        ("bytes 0-99/100", "100", (0, 10), "asked for bytes 0-9, got bytes 0-99/100"),
+        ("bytes 0-9/100", "9", (0, 10), "asked for 10 bytes, the answer holds 9"),
+    ],
+)
+def test_range_problem_takes_exactly_the_bytes_asked_for(
+    content_range, content_length, part, problem
+):
+    assert range_problem(content_range, content_length, part) == problem
+
+
+def test_read_range_hands_each_read_on_at_its_offset():
+    body = io.BytesIO(b"abcdefghijk")
+    landed = []
+    reached = read_range(
+        body.readinto,
+        memoryview(bytearray(4)),
+        (100, 111),
+        lambda data, offset: landed.append((bytes(data), offset)),
+    )
+    assert reached == 111
+    assert landed == [(b"abcd", 100), (b"efgh", 104), (b"ijk", 108)]
+
+
+def test_read_range_stops_where_a_short_body_ends():
+    landed = []
+    reached = read_range(
+        io.BytesIO(b"abcdef").readinto,
+        memoryview(bytearray(4)),
+        (0, 10),
+        lambda data, offset: landed.append(bytes(data)),
+    )
+    assert (reached, landed) == (6, [b"abcd", b"ef"])
+
+
+@pytest.mark.parametrize("pwrite", [True, False], ids=["pwrite", "windows"])
+def test_write_all_writes_parts_at_their_offsets_in_any_order(
+    tmp_path, monkeypatch, pwrite
+):
+    if not pwrite:
+        monkeypatch.delattr(os, "pwrite", raising=False)
+    path = tmp_path / "parts"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        write_all(fd, memoryview(b"world"), 6)
+        write_all(fd, memoryview(b"hello "), 0)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"hello world"
+
+
+def test_body_reader_reads_and_copies_where_botocore_has_no_readinto():
+    class BodyBefore13820:  # botocore's StreamingBody before 1.38.20: read only
+        def __init__(self, data: bytes):
+            self._data = io.BytesIO(data)
+
+        def read(self, amount: int) -> bytes:
+            return self._data.read(amount)
+
+    read = body_reader(BodyBefore13820(b"abcdef"))
+    view = memoryview(bytearray(4))
+    assert (read(view), bytes(view)) == (4, b"abcd")
+    assert (read(view), bytes(view[:2])) == (2, b"ef")
+    assert read(view) == 0
+
+
+def test_part_workers_stop_a_files_parts_at_its_first_failure():
+    workers = PartWorkers(1)
+    ran = []
+
+    def fail():
+        raise OSError("disk full")
+
+    stop = threading.Event()
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            workers.run_all([fail, lambda: ran.append(1), lambda: ran.append(2)], stop)
+        assert stop.is_set()
+        assert ran == []  # one thread: the others had not started
+        # Another file's parts still run.
+        workers.run_all([lambda: ran.append(3)], threading.Event())
+        assert ran == [3]
+    finally:
+        workers.close()
+
+
+def test_part_workers_bound_the_parts_in_flight_however_many_files_wait():
+    workers = PartWorkers(2)
+    lock = threading.Lock()
+    running = most = done = 0
+
+    def part():
+        nonlocal running, most, done
+        with lock:
+            running += 1
+            most = max(most, running)
+        threading.Event().wait(0.001)
+        with lock:
+            running -= 1
+            done += 1
+
+    files = [
+        threading.Thread(
+            target=workers.run_all, args=([part] * 3, threading.Event()), daemon=True
+        )
+        for _ in range(64)
+    ]
+    try:
+        for thread in files:
+            thread.start()
+        for thread in files:
+            thread.join(timeout=30)
+        assert not any(thread.is_alive() for thread in files), "parts stuck"
+        assert done == 64 * 3
+        assert most <= 2
+    finally:
+        workers.close()
