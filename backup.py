@@ -25,15 +25,17 @@ os.environ.setdefault("BOTO_DISABLE_CRT", "true")
 import hashlib
 import io
 import itertools
+import json
 import mimetypes
 import stat
+import tempfile
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import PurePath, PureWindowsPath
-from typing import BinaryIO, TypeVar, Union
+from typing import BinaryIO, TextIO, TypeVar, Union
 
 import botocore.exceptions
 
@@ -45,6 +47,7 @@ from s3common import (
     SMALL_OBJECT,
     ArgumentParser,
     BandwidthSubscriber,
+    ByteBudget,
     CliError,
     Connection,
     Console,
@@ -73,6 +76,7 @@ from s3common import (
     key_for,
     key_length_problem,
     key_problem,
+    limit_malloc_arenas,
     list_objects,
     map_failing_fast,
     md5chksum,
@@ -90,9 +94,17 @@ from s3common import (
 
 T = TypeVar("T")
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
+# --delete's keys held in memory until the uploads end; past this many they go to
+# a temporary file: some MiB at most, however many objects go (bench/RESULTS.md,
+# measured choices).
+DELETES_HELD = 10_000
 # Uploads the plan runs ahead of the executor: their count and bytes are in the
 # progress line's totals, which are final once the plan ends.
 PLAN_AHEAD = 10_000
+# The bytes of small files read whole for their upload that the workers hold at
+# once: without a bound, 64 workers held 64 MiB of 1 MiB files
+# (bench/RESULTS.md, measured choices).
+BODY_BYTES_AT_ONCE = 8 * 1024 * 1024
 # The one lifecycle rule of our own in a bucket: found and updated by this ID.
 HISTORY_RULE_ID = "s3backup-retention"
 DEFAULT_KEEP_DAYS = 30
@@ -252,6 +264,45 @@ class Scan:
             self.console.error(failure_line(action, path, error), path=path)
 
 
+class DeleteKeys:
+    """--delete's keys in the order given, held until the uploads end: fewer than
+    DELETES_HELD in memory, the ones before them in a temporary file, one JSON
+    string a line (a key may hold any character, a newline too). The file has
+    no name on POSIX, and on Windows goes when it is closed: it ends with the
+    run, however the run ends."""
+
+    def __init__(self):
+        self._held: list[str] = []
+        self._spilled: TextIO | None = None
+        self._count = 0
+
+    def append(self, key: str) -> None:
+        self._held.append(key)
+        self._count += 1
+        if len(self._held) >= DELETES_HELD:
+            if self._spilled is None:
+                # Open across appends and reads, until close().
+                self._spilled = tempfile.TemporaryFile("w+", encoding="ascii")  # noqa: SIM115
+            self._spilled.seek(0, os.SEEK_END)
+            self._spilled.writelines(json.dumps(held) + "\n" for held in self._held)
+            self._held.clear()
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[str]:
+        if self._spilled is not None:
+            self._spilled.seek(0)
+            for line in self._spilled:
+                yield json.loads(line)
+        yield from self._held
+
+    def close(self) -> None:
+        """Remove the temporary file, if there is one."""
+        if self._spilled is not None:
+            self._spilled.close()
+
+
 @dataclass
 class Outcome:
     """What the executor did, counted as it went: the report is made of this."""
@@ -262,7 +313,8 @@ class Outcome:
     planned: int = 0  # uploads, as the plan gives them out
     planned_bytes: int = 0
     failed: list[Failure[Upload]] = field(default_factory=list)
-    deletes: list[str] = field(default_factory=list)  # the plan's, held to the end
+    # The plan's, held to the end.
+    deletes: DeleteKeys = field(default_factory=DeleteKeys)
     deleted: int = 0
     delete_failures: list[Failure[str]] = field(default_factory=list)
 
@@ -847,7 +899,8 @@ class ReadStart:
 
 def read_whole(source: BinaryIO, start: ReadStart) -> bytes:
     """The bytes of the open file, from one read during which it did not change."""
-    data = source.read()
+    # One byte more than its size at most: a file that grew is not read whole.
+    data = source.read(start.before.st_size + 1)
     if len(data) != start.before.st_size:
         raise FileChanged()
     # The open file's own stat: one system call less than by name (each one lets
@@ -898,6 +951,7 @@ def make_uploader(
     future-dated (at `now`) and its object records its very mtime."""
     client, direct = connection.client, connection.direct
     bandwidth = connection.bandwidth  # None without --bwlimit
+    bodies = ByteBudget(BODY_BYTES_AT_ONCE)
     # The read of each multipart upload under way, by key, checked before its parts are joined.
     multipart_reads: dict[str, ReadStart] = {}
     before_complete_multipart(
@@ -964,9 +1018,12 @@ def make_uploader(
             start = ReadStart.of(path, source)
             # One PutObject is the cheapest request for a small file; the transfer
             # manager's futures and callbacks cost more than the upload itself.
-            # Its bytes are read once, so that its checksum and body are the same read.
-            if start.before.st_size < MULTIPART_THRESHOLD:
-                put_whole(item.key, start.file(), read_whole(source, start), cancel)
+            # Its bytes are read once, so that its checksum and body are the same read,
+            # and held within the budget from the read to the end of the PUT.
+            size = start.before.st_size
+            if size < MULTIPART_THRESHOLD:
+                with bodies.held(size, cancel):
+                    put_whole(item.key, start.file(), read_whole(source, start), cancel)
                 return start
         md5 = item.md5 if start.file() == item.file else None
         put_multipart(item.key, start, md5, cancel)
@@ -1009,9 +1066,8 @@ def make_uploader(
 
 def delete_objects(client, bucket: str, outcome: Outcome, console: Console) -> None:
     """Delete the outcome's deletes in batches; counted into it, failures key by key."""
-    keys, failures = outcome.deletes, outcome.delete_failures
-    for start in range(0, len(keys), DELETE_BATCH):
-        batch = keys[start : start + DELETE_BATCH]
+    keys, failures = iter(outcome.deletes), outcome.delete_failures
+    while batch := list(itertools.islice(keys, DELETE_BATCH)):
         try:
             response = client.delete_objects(
                 Bucket=bucket,
@@ -1158,6 +1214,7 @@ def run(args, console: Console) -> int:
         )
     if args.check and args.delete:
         raise usage_error("--check changes nothing: it does not go with --delete")
+    limit_malloc_arenas()  # before any thread allocates
     connection = connect(args, pool_size=args.workers + PART_WORKERS)
     client = connection.client
 
@@ -1279,6 +1336,7 @@ def show_plan(
         warn_if_unversioned(client, location.bucket, console)
     for key in outcome.deletes:
         console.info(f"(dry run) delete: {printable(location.url(key))}")
+    outcome.deletes.close()
     outcome.deleted = len(outcome.deletes)  # would be
     return outcome
 
@@ -1336,6 +1394,7 @@ def execute_backup(
                 failure_line("delete", location.url(failure.item), failure.error),
                 key=failure.item,
             )
+    outcome.deletes.close()
     return outcome
 
 

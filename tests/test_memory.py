@@ -1,0 +1,330 @@
+"""Memory bounds: the byte budget of file bodies in flight, failures kept without
+their bodies, malloc arenas, and --delete's keys spilled to a temporary file."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import random
+import sys
+import tempfile
+import threading
+import weakref
+
+import pytest
+from conftest import make_tree, run_script
+from test_reliability import interrupt, objects_in, start_script, under_prefix, wait_for
+
+import backup
+from backup import DeleteKeys
+from s3common import (
+    ByteBudget,
+    Cancelled,
+    TransferEngine,
+    limit_malloc_arenas,
+    run_collecting_failures,
+)
+
+MiB = 1024 * 1024
+# Long enough for a thread that should go on to have gone on: a thread still
+# waiting after it is one that waits, and one that should wait and does not
+# fails the test on a slow machine as well (no test of speed).
+LOOK_SECONDS = 0.2
+ENDED_SECONDS = 10
+
+
+class Taker:
+    """budget.take(nbytes) on a thread of its own, which keeps what it got (or raised)."""
+
+    def __init__(self, budget: ByteBudget, nbytes: int, cancel=None):
+        self.cancel = cancel or threading.Event()
+        self.taken: int | None = None
+        self.error: BaseException | None = None
+
+        def take() -> None:
+            try:
+                self.taken = budget.take(nbytes, self.cancel)
+            except Cancelled as exc:
+                self.error = exc
+
+        self.thread = threading.Thread(target=take, daemon=True)
+        self.thread.start()
+
+    def waits(self) -> bool:
+        self.thread.join(LOOK_SECONDS)
+        return self.thread.is_alive()
+
+    def ended(self) -> bool:
+        self.thread.join(ENDED_SECONDS)
+        return not self.thread.is_alive()
+
+
+# --- The byte budget ----------------------------------------------------------------
+
+
+def test_takers_wait_until_what_they_take_fits_and_get_it_when_it_is_given_back():
+    budget = ByteBudget(8)
+    never = threading.Event()
+    assert budget.take(3, never) == 3
+    assert budget.take(5, never) == 5
+    third = Taker(budget, 2)
+    assert third.waits()
+    budget.give(3)
+    assert third.ended() and third.taken == 2
+    budget.give(5)
+    budget.give(2)
+    assert budget.take(8, never) == 8  # everything came back
+
+
+def test_a_taker_of_more_than_the_budget_takes_all_of_it_once_nothing_is_held():
+    budget = ByteBudget(8)
+    never = threading.Event()
+    small = budget.take(1, never)
+    large = Taker(budget, 100)
+    assert large.waits()
+    budget.give(small)
+    assert large.ended() and large.taken == 8
+    behind = Taker(budget, 1)
+    assert behind.waits()
+    budget.give(large.taken)
+    assert behind.ended() and behind.taken == 1
+
+
+def test_takers_are_served_in_the_order_they_came():
+    budget = ByteBudget(8)
+    never = threading.Event()
+    budget.take(6, never)
+    large = Taker(budget, 8)
+    assert large.waits()
+    small = Taker(budget, 1)  # fits beside the 6, but comes after the large one
+    assert small.waits()
+    budget.give(6)
+    assert large.ended() and large.taken == 8
+    assert small.waits()
+    budget.give(8)
+    assert small.ended() and small.taken == 1
+
+
+def test_a_taker_waiting_for_room_stops_on_cancel_and_takes_nothing():
+    budget = ByteBudget(8)
+    never = threading.Event()
+    budget.take(8, never)
+    cancelled = Taker(budget, 4)
+    after = Taker(budget, 4)
+    assert cancelled.waits() and after.waits()
+    cancelled.cancel.set()
+    assert cancelled.ended()
+    assert isinstance(cancelled.error, Cancelled) and cancelled.taken is None
+    budget.give(8)
+    # The cancelled taker left its place in line and took nothing with it.
+    assert after.ended() and after.taken == 4
+    assert budget.take(4, never) == 4
+
+
+def test_held_gives_back_however_the_block_ends():
+    budget = ByteBudget(8)
+    never = threading.Event()
+    with pytest.raises(OSError), budget.held(8, never):
+        raise OSError("the read failed")
+    with budget.held(8, never):
+        pass
+    assert budget.take(8, never) == 8
+
+
+# --- Failures are kept without their bodies -----------------------------------------
+
+
+class Body:
+    """Stands for a file's bytes: one that can be watched for being freed."""
+
+
+def test_a_failed_item_keeps_no_local_variable_of_its_work():
+    bodies = []
+
+    def work(item: int, cancel) -> None:
+        body = Body()
+        bodies.append(weakref.ref(body))
+        try:
+            raise ConnectionError("the first attempt failed")
+        except ConnectionError:
+            raise OSError(f"item {item} failed") from None
+
+    failures, skipped = run_collecting_failures(
+        range(3), work, TransferEngine(None), workers=2
+    )
+    assert sorted(str(failure.error) for failure in failures) == [
+        "item 0 failed",
+        "item 1 failed",
+        "item 2 failed",
+    ]
+    assert skipped == []
+    gc.collect()
+    assert len(bodies) == 3
+    assert all(body() is None for body in bodies)
+
+
+def test_malloc_arenas_are_limited_where_the_c_library_is_glibc():
+    try:
+        glibc = bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (AttributeError, ValueError, OSError):
+        glibc = False
+    assert limit_malloc_arenas() is (sys.platform == "linux" and glibc)
+
+
+# --- Small files, many workers: every byte arrives ---------------------------------
+
+
+def test_small_files_of_many_sizes_on_many_workers_arrive_byte_identical(
+    s3_server, cli_env, tmp_path, bucket_name, server_client
+):
+    """More bytes than the budget holds at once, in files of 1-8 MiB (one PUT
+    each), so that workers queue for it; and small ones beside them."""
+    rng = random.Random(17)
+    sizes = [MiB - 1, MiB, MiB + 1, 3 * MiB + 7, 5 * MiB, 7 * MiB, 8 * MiB - 1]
+    files = {f"big/{n}.bin": rng.randbytes(size) for n, size in enumerate(sizes)}
+    files.update({f"small/{n}.txt": rng.randbytes(n * 100) for n in range(20)})
+    source = make_tree(tmp_path / "src", files)
+    result = run_script(
+        "backup.py",
+        str(source),
+        f"{bucket_name}::many",
+        "--endpoint-url",
+        s3_server,
+        "--workers",
+        "64",
+        env=cli_env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"uploaded {len(files)}, skipped 0, failed 0" in result.stdout
+    assert objects_in(server_client, bucket_name) == under_prefix(files, "many")
+
+
+def test_ctrl_c_stops_workers_waiting_for_the_budget(
+    s3_server, cli_env, tmp_path, bucket_name, server_client
+):
+    """Files of 7 MiB, one at a time within the 8 MiB budget, at 8 MiB/s: once
+    the first is up, the others are waiting for room when Ctrl-C comes, and
+    every one of them stops (none holds its place in line for ever)."""
+    rng = random.Random(130)
+    files = {f"f{n:02d}.bin": rng.randbytes(7 * MiB) for n in range(12)}
+    source = make_tree(tmp_path / "src", files)
+    process = start_script(
+        "backup.py",
+        str(source),
+        f"{bucket_name}::wait",
+        "--endpoint-url",
+        s3_server,
+        "--bwlimit",
+        "8M",
+        env=cli_env,
+    )
+
+    def one_uploaded() -> bool:
+        assert process.poll() is None, "the backup ended before it was interrupted"
+        try:
+            return "Contents" in server_client.list_objects_v2(Bucket=bucket_name)
+        except server_client.exceptions.NoSuchBucket:
+            return False
+
+    try:
+        wait_for(one_uploaded, "the first file to be uploaded")
+    finally:
+        returncode, stderr = interrupt(process)
+
+    assert returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert "interrupted" in stderr
+    stored = objects_in(server_client, bucket_name)
+    assert 1 <= len(stored) < len(files)
+    assert stored.items() <= under_prefix(files, "wait").items()
+
+
+# --- --delete's keys, spilled past DELETES_HELD -------------------------------------
+
+
+AWKWARD_KEYS = [
+    "p/a line\nbreak",
+    "p/ünïcödé/日本語.txt",
+    "p/" + "long" * 250,
+    'p/"quoted" \\ back\tslash',
+    "p/{}[],:",
+    "p/ ",
+]
+
+
+@pytest.fixture
+def temporary_files(tmp_path, monkeypatch) -> list:
+    """The temporary files made (into a folder of the test's own), as they are made."""
+    made = []
+    make = tempfile.TemporaryFile
+    folder = tmp_path / "tmp"
+    folder.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(folder))
+
+    def recording(*args, **kwargs):
+        made.append(make(*args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", recording)
+    yield made
+    assert list(folder.iterdir()) == []
+
+
+def test_delete_keys_past_the_bound_go_to_a_file_and_come_back_in_order(
+    monkeypatch, temporary_files
+):
+    monkeypatch.setattr(backup, "DELETES_HELD", 4)
+    keys = [*AWKWARD_KEYS, "p/last"] * 2
+    deletes = DeleteKeys()
+    for key in keys[:5]:
+        deletes.append(key)
+    assert list(deletes) == keys[:5]
+    for key in keys[5:]:  # appended after a read, to the end
+        deletes.append(key)
+    assert len(deletes) == len(keys)
+    assert list(deletes) == keys
+    assert list(deletes) == keys  # as often as asked
+    assert len(temporary_files) == 1
+    deletes.close()
+    assert temporary_files[0].closed
+
+
+def test_delete_keys_under_the_bound_need_no_file(temporary_files):
+    deletes = DeleteKeys()
+    for key in AWKWARD_KEYS:
+        deletes.append(key)
+    assert list(deletes) == AWKWARD_KEYS
+    deletes.close()
+    assert temporary_files == []
+
+
+def test_delete_past_the_bound_removes_exactly_the_objects_without_files(
+    s3, tmp_path, monkeypatch, capsys, temporary_files
+):
+    """In process, with room for 2 keys and batches of 3: the keys go through the
+    file, in more than one DeleteObjects; --dry-run lists the same keys."""
+    monkeypatch.setattr(backup, "DELETES_HELD", 2)
+    monkeypatch.setattr(backup, "DELETE_BATCH", 3)
+    source = make_tree(tmp_path / "src", {"kept.txt": b"kept"})
+    assert backup.main([str(source), "bk-spill::p", "-q"]) == 0
+    gone = [*AWKWARD_KEYS, "p/x1", "p/x2"]
+    for key in gone:
+        s3.put_object(Bucket="bk-spill", Key=key, Body=b"gone")
+    s3.put_object(Bucket="bk-spill", Key="p2/beside", Body=b"beside")
+    capsys.readouterr()
+
+    assert backup.main([str(source), "bk-spill::p", "--delete", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    listed = [line for line in out.splitlines() if line.startswith("(dry run) delete")]
+    shown = [backup.printable(f"s3://bk-spill/{key}") for key in sorted(gone)]
+    assert listed == [f"(dry run) delete: {url}" for url in shown]
+    assert f"delete {len(gone)}" in out
+
+    assert backup.main([str(source), "bk-spill::p", "--delete", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["deleted"] == len(gone) and report["exit_code"] == 0
+    listing = s3.list_objects_v2(Bucket="bk-spill")["Contents"]
+    assert sorted(item["Key"] for item in listing) == ["p/kept.txt", "p2/beside"]
+    assert len(temporary_files) == 2  # one for each run that had keys to delete
+    assert all(file.closed for file in temporary_files)
