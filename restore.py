@@ -74,6 +74,7 @@ from s3common import (
     format_when,
     is_within,
     key_error,
+    limit_malloc_arenas,
     list_objects,
     parse_location,
     parse_mode,
@@ -90,7 +91,9 @@ from s3common import (
     usage_error,
 )
 
-CHUNK = 1024 * 1024
+# Each worker holds one chunk of the body it streams to disk: 64 workers with 1 MiB
+# chunks doubled the peak memory (bench/RESULTS.md, measured choices).
+CHUNK = 64 * 1024
 ARCHIVE_STORAGE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 T = TypeVar("T")
 
@@ -924,6 +927,7 @@ def run(args, console: Console) -> int:
         raise usage_error(
             f"{args.local!r} is not a folder: give a folder to restore into"
         )
+    limit_malloc_arenas()  # before any thread allocates
     connection = connect(args, pool_size=args.workers + DOWNLOAD_PART_WORKERS)
     client = connection.client
     when = None if args.at is None else args.at.timestamp()
