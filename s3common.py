@@ -84,9 +84,9 @@ MULTIPART_CHUNKSIZE = 16 * MiB
 # decide the speed; nearby, more threads cost a little client CPU
 # (bench/RESULTS.md, measured choices).
 DEFAULT_WORKERS = 64
-# Threads s3transfer may use for the parts of one large upload: its own default,
-# faster than 8 (bench/RESULTS.md, measured choices).
-PART_WORKERS = 10
+# Threads s3transfer may use for the parts of one large upload: 4 keep W3 under
+# 64 MiB for a few percent of its time (bench/RESULTS.md, measured choices).
+PART_WORKERS = 4
 # Large downloads: parts of DOWNLOAD_PART bytes, fetched by DOWNLOAD_PART_WORKERS
 # threads shared by every file of a run, each reading into one buffer of
 # DOWNLOAD_BUFFER bytes. 4 threads of 32 MiB parts restore W6 as fast as more
