@@ -203,6 +203,18 @@ def interrupt(process: subprocess.Popen) -> tuple[int, str]:
     return process.returncode, stderr
 
 
+def interrupted_when(process: subprocess.Popen, ready, what: str) -> str:
+    """Ctrl-C once ready() holds; the stderr of a run that then stopped with exit
+    130 and no traceback."""
+    try:
+        wait_for(ready, what)
+    finally:
+        returncode, stderr = interrupt(process)
+    assert returncode == 130, stderr
+    assert "Traceback" not in stderr
+    return stderr
+
+
 def test_ctrl_c_during_backup_stops_cleanly_and_leaves_no_incomplete_upload(
     s3_server, cli_env, large_files, bucket_name, server_client
 ):
@@ -222,13 +234,7 @@ def test_ctrl_c_during_backup_stops_cleanly_and_leaves_no_incomplete_upload(
         except server_client.exceptions.NoSuchBucket:
             return False
 
-    try:
-        wait_for(upload_in_flight, "a multipart upload to start")
-    finally:
-        returncode, stderr = interrupt(process)
-
-    assert returncode == 130, stderr
-    assert "Traceback" not in stderr
+    stderr = interrupted_when(process, upload_in_flight, "a multipart upload to start")
     assert "interrupted" in stderr
     assert incomplete_uploads(server_client, bucket_name) == []
 
@@ -255,13 +261,7 @@ def test_ctrl_c_during_restore_leaves_no_temporary_file_and_no_half_written_file
         assert process.poll() is None, "the restore ended before it was interrupted"
         return any(target.glob(".s3restore-*.part"))
 
-    try:
-        wait_for(download_in_flight, "a download to start")
-    finally:
-        returncode, stderr = interrupt(process)
-
-    assert returncode == 130, stderr
-    assert "Traceback" not in stderr
+    stderr = interrupted_when(process, download_in_flight, "a download to start")
     assert list(target.rglob(".s3restore-*")) == [], stderr
     restored = files_under(target)
     assert restored["large0.bin"] in (
@@ -298,13 +298,7 @@ def test_ctrl_c_in_the_middle_of_a_large_files_parts_ends_within_seconds(
         assert process.poll() is None, "the restore ended before it was interrupted"
         return any(path.stat().st_size for path in target.glob(".s3restore-*.part"))
 
-    try:
-        wait_for(bytes_landed, "the first bytes of a part")
-    finally:
-        returncode, stderr = interrupt(process)
-
-    assert returncode == 130, stderr
-    assert "Traceback" not in stderr
+    stderr = interrupted_when(process, bytes_landed, "the first bytes of a part")
     assert "interrupted" in stderr
     assert list(target.iterdir()) == []
 
