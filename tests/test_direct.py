@@ -343,17 +343,22 @@ def test_the_parts_of_a_large_object_go_direct(
     )
 
 
-def test_a_refused_direct_part_is_fetched_through_botocore(
-    start_proxy, cli_env, first_small_then_large, tmp_path, bucket_name
-):
-    proxy = start_proxy(refuse_direct=True)
-    target = tmp_path / "restored"
+def restore_through(proxy, bucket_name: str, target, cli_env) -> None:
+    """restore.py of the whole bucket through the proxy, one worker: it succeeds with no error line."""
     result = run_script(
         "restore.py", bucket_name, str(target), "--endpoint-url", proxy.url,
         "--workers", "1", env=cli_env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "error" not in result.stderr
+
+
+def test_a_refused_direct_part_is_fetched_through_botocore(
+    start_proxy, cli_env, first_small_then_large, tmp_path, bucket_name
+):
+    proxy = start_proxy(refuse_direct=True)
+    target = tmp_path / "restored"
+    restore_through(proxy, bucket_name, target, cli_env)
     gets = object_requests(proxy, "GET")
     # A part refused direct came through botocore, as did the other part (which
     # found the route forgotten if it started after that refusal).
@@ -371,12 +376,7 @@ def test_parts_whose_bodies_break_off_are_fetched_again(
     a request until its answer starts, not while its body comes: asked for again."""
     proxy = start_proxy(cut_ranges=3)
     target = tmp_path / "restored"
-    result = run_script(
-        "restore.py", bucket_name, str(target), "--endpoint-url", proxy.url,
-        "--workers", "1", env=cli_env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert "error" not in result.stderr
+    restore_through(proxy, bucket_name, target, cli_env)
     assert proxy.faults["cut"] == 3
     assert object_requests(proxy, "GET").count(False) == 1 + 3
     assert {path.name: path.read_bytes() for path in target.iterdir()} == (
