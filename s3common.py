@@ -1761,11 +1761,9 @@ def run_cli(
 # --- Fast transfer path: s3transfer for large uploads, direct requests -------
 
 
-def create_transfer_manager(
-    client, open_file: Callable[[str, str], BinaryIO] | None = None
-):
-    """boto3's transfer manager, for multipart uploads; open_file(name, mode), if
-    given, opens the files it uploads by name."""
+def create_transfer_manager(client, open_file: Callable[[str, str], BinaryIO]):
+    """boto3's transfer manager, for multipart uploads; open_file(name, mode) opens
+    the files it uploads by name."""
     # Imported here, not at the top: boto3 and s3transfer take time to import,
     # and a backup with nothing to upload never needs them.
     from boto3.s3.transfer import TransferConfig
@@ -1783,7 +1781,7 @@ def create_transfer_manager(
         max_concurrency=PART_WORKERS,
         preferred_transfer_client="classic",
     )
-    return create(client, config, osutil=None if open_file is None else Opener())
+    return create(client, config, osutil=Opener())
 
 
 class TransferEngine:
@@ -1792,7 +1790,7 @@ class TransferEngine:
     cancel() on Ctrl-C cancels (and so aborts) its transfers, close() waits for
     them."""
 
-    def __init__(self, client, open_file: Callable[[str, str], BinaryIO] | None = None):
+    def __init__(self, client, open_file: Callable[[str, str], BinaryIO]):
         self._client = client
         self._open_file = open_file
         self._manager = None

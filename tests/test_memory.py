@@ -156,7 +156,7 @@ def test_a_failed_item_keeps_no_local_variable_of_its_work():
             raise OSError(f"item {item} failed") from None
 
     failures, skipped = run_collecting_failures(
-        range(3), work, TransferEngine(None), workers=2
+        range(3), work, TransferEngine(None, open), workers=2
     )
     assert sorted(str(failure.error) for failure in failures) == [
         "item 0 failed",

@@ -289,7 +289,7 @@ def test_run_collecting_failures_goes_on_after_an_item_and_stops_on_the_plan():
             done.append(item)
         return item != "skip"
 
-    engine = TransferEngine(client=None)
+    engine = TransferEngine(client=None, open_file=open)
     failures, skipped = run_collecting_failures(
         ["a", "bad", "skip", "b"], work, engine, workers=2
     )
