@@ -32,6 +32,7 @@ import json
 import mimetypes
 import stat
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -70,6 +71,7 @@ from s3common import (
     client_error_code,
     connect,
     crc32_header,
+    describe_error,
     exit_script,
     failure_line,
     file_md5,
@@ -1133,6 +1135,54 @@ def make_uploader(
     return upload
 
 
+class StaleUploads:
+    """The incomplete multipart uploads under the prefix that began before this
+    run (`before`, the server's time), as a kill -9 or a power cut leaves them:
+    listed once, when the run's first upload is done, and aborted for each key
+    the run uploads. A failure to list or abort them is a warning: our lifecycle
+    rule aborts them after ABORT_INCOMPLETE_DAYS days anyway."""
+
+    def __init__(self, client, bucket: str, prefix: str, before: float, console):
+        self._client, self._bucket, self._prefix = client, bucket, prefix
+        self._before, self._console = before, console
+        self._lock = threading.Lock()
+        self._by_key: Optional[dict[str, list[str]]] = None
+
+    def uploaded(self, key: str) -> None:
+        with self._lock:
+            if self._by_key is None:
+                self._by_key = self._listed()
+            upload_ids = self._by_key.pop(key, ())
+        for upload_id in upload_ids:
+            try:
+                self._client.abort_multipart_upload(
+                    Bucket=self._bucket, Key=key, UploadId=upload_id
+                )
+            except botocore.exceptions.ClientError as exc:
+                self._warn(f"an incomplete upload of {printable(key)}", exc)
+
+    def _listed(self) -> dict[str, list[str]]:
+        by_key: dict[str, list[str]] = {}
+        pages = self._client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self._bucket, Prefix=self._prefix
+        )
+        try:
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"].timestamp() < self._before:
+                        by_key.setdefault(upload["Key"], []).append(upload["UploadId"])
+        except botocore.exceptions.ClientError as exc:
+            self._warn("the incomplete uploads of earlier runs", exc)
+        return by_key
+
+    def _warn(self, what: str, error: BaseException) -> None:
+        message, _ = describe_error(error)
+        self._console.warning(
+            f"could not abort {what}: {message} (the lifecycle rule aborts it "
+            f"after {ABORT_INCOMPLETE_DAYS} days)"
+        )
+
+
 def delete_objects(client, bucket: str, outcome: Outcome, console: Console) -> None:
     """Delete the outcome's deletes in batches; counted into it, failures key by key."""
     keys, failures = iter(outcome.deletes), outcome.delete_failures
@@ -1441,9 +1491,18 @@ def execute_backup(
     uploader = make_uploader(
         connection, location.bucket, extra, console, engine, time.time()
     )
+    before = connection.clock.latest or time.time()
+    stale = StaleUploads(client, location.bucket, location.prefix, before, console)
+
+    def upload(item: Upload, cancel: threading.Event) -> bool:
+        done = uploader(item, cancel)
+        if done:
+            stale.uploaded(item.key)
+        return done
+
     failures, skipped = run_collecting_failures(
         uploads_of(steps, outcome, location, console),
-        uploader,
+        upload,
         engine,
         args.workers,
         ahead=PLAN_AHEAD,

@@ -4,6 +4,7 @@ wrong secret key, and the counters of a run that did not get every file in."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 from conftest import ROOT, TEST_SERVER, make_tree, run_script
 from faultproxy import FaultProxy
 from rgwserver import free_port
-from test_reliability import start_script, wait_for
+from test_reliability import MiB, incomplete_uploads, start_script, wait_for
 
 from backup import HISTORY_RULE_ID
 
@@ -243,3 +244,29 @@ def test_a_bare_403_of_head_bucket_is_explained_by_a_listing(
         )
     ]
     assert "PutObject" not in proxy.operations
+
+
+# --- A kill -9 in the middle of a multipart upload ------------------------------
+
+
+def test_the_next_run_aborts_the_incomplete_upload_a_killed_run_left(
+    tmp_path, bucket_name, s3_server, server_client, start_proxy, cli_env
+):
+    large = os.urandom(12 * MiB)  # multipart, above the 8 MiB threshold
+    source = make_tree(tmp_path / "src", {"large.bin": large, "small.txt": b"s"})
+    server_client.create_bucket(Bucket=bucket_name)
+    proxy = start_proxy(hold={"UploadPart"})
+    args = (str(source), f"{bucket_name}::p", "--no-versioning")
+    process = start_script("backup.py", *args, "--endpoint-url", proxy.url, env=cli_env)
+    wait_for(proxy.holding.is_set, "the first part of large.bin")
+    process.kill()
+    process.communicate()
+    proxy.release(forward=False)
+    [left] = incomplete_uploads(server_client, bucket_name)
+    assert left["Key"] == "p/large.bin"
+
+    result = run_script("backup.py", *args, "--endpoint-url", s3_server, env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert incomplete_uploads(server_client, bucket_name) == []
+    body = server_client.get_object(Bucket=bucket_name, Key="p/large.bin")["Body"]
+    assert body.read() == large
