@@ -22,6 +22,7 @@ signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 # traceback when a file changes or Ctrl-C stops an upload. Its own switch:
 os.environ.setdefault("BOTO_DISABLE_CRT", "true")
 
+import errno
 import hashlib
 import io
 import itertools
@@ -667,7 +668,13 @@ def folder_entries(
                 )
             continue
         except OSError as exc:
-            scan.error("read", entry.path, exc)
+            if exc.errno == errno.ELOOP and entry.is_symlink():
+                # A link that leads to itself (self -> self, a -> b -> a): no file.
+                scan.warning(
+                    f"symbolic link loop not followed: {printable(entry.path)}"
+                )
+            else:
+                scan.error("read", entry.path, exc)
             continue
         if stat.S_ISDIR(info.st_mode):
             identity = (info.st_dev, info.st_ino)
