@@ -144,6 +144,15 @@ class FileChanged(CliError):
         )
 
 
+class Vanished(Exception):
+    """The file is gone since the walk found it (deleted, or its folder renamed)."""
+
+
+def vanished_line(path: str) -> str:
+    """The warning for a file gone since the walk found it."""
+    return f"vanished during the backup, not uploaded: {printable(path)}"
+
+
 @dataclass(frozen=True)
 class LocalFile:
     path: str
@@ -250,14 +259,20 @@ class OutOfOrder(CliError):
 
 @dataclass
 class Scan:
-    """What the walk meets besides files: warnings said at once, errors counted."""
+    """What the walk meets besides files: warnings said at once, errors and
+    vanished files counted."""
 
     console: Console | None  # None: a walk that only looks (listing_boundaries)
     errors: int = 0
+    vanished: int = 0
 
     def warning(self, text: str) -> None:
         if self.console:
             self.console.warning(text)
+
+    def vanish(self, path: str) -> None:
+        self.vanished += 1
+        self.warning(vanished_line(path))
 
     def error(self, action: str, path: str, error: BaseException) -> None:
         self.errors += 1
@@ -310,7 +325,8 @@ class Outcome:
 
     transferred: int = 0
     nbytes: int = 0
-    skipped: int = 0  # files their objects hold, or that vanished since the walk
+    skipped: int = 0  # files their objects hold
+    vanished: int = 0  # files gone since the walk found them
     planned: int = 0  # uploads, as the plan gives them out
     planned_bytes: int = 0
     failed: list[Failure[Upload]] = field(default_factory=list)
@@ -646,6 +662,12 @@ def folder_entries(
     try:
         with os.scandir(folder) as listing:
             entries = list(listing)
+    except FileNotFoundError:
+        # Its files are not known: warned of, not counted.
+        scan.warning(
+            f"folder vanished during the backup, not backed up: {printable(folder)}"
+        )
+        return []
     except OSError as exc:
         scan.error("read", folder, exc)
         return []
@@ -663,9 +685,7 @@ def folder_entries(
             if entry.is_symlink():
                 scan.warning(f"broken symbolic link skipped: {printable(entry.path)}")
             else:
-                scan.warning(
-                    f"vanished during the backup, not uploaded: {printable(entry.path)}"
-                )
+                scan.vanish(entry.path)
             continue
         except OSError as exc:
             if exc.errno == errno.ELOOP and entry.is_symlink():
@@ -954,8 +974,8 @@ def make_uploader(
 ):
     """The work function for run_collecting_failures: one file up, as one PUT or a
     parallel multipart (through `engine`), from one read of it during which it
-    did not change; False when it vanished since the walk, or when it is
-    future-dated (at `now`) and its object records its very mtime."""
+    did not change; False when it is future-dated (at `now`) and its object
+    records its very mtime; Vanished when it is gone since the walk."""
     client, direct = connection.client, connection.direct
     bandwidth = connection.bandwidth  # None without --bwlimit
     bodies = ByteBudget(BODY_BYTES_AT_ONCE)
@@ -1053,10 +1073,8 @@ def make_uploader(
             except FileNotFoundError as exc:
                 if exc.filename != path:
                     raise
-                console.warning(
-                    f"vanished during the backup, not uploaded: {printable(path)}"
-                )
-                return False
+                console.warning(vanished_line(path))
+                raise Vanished() from None
         else:
             raise FileChanged()
         file = start.file()
@@ -1275,6 +1293,7 @@ def run(args, console: Console) -> int:
         skipped=outcome.skipped,
         failed=failed,
         deleted=outcome.deleted,
+        vanished=outcome.vanished + scan.vanished,
         nbytes=outcome.nbytes,
         seconds=time.monotonic() - started,
         restore_point=point,
@@ -1375,13 +1394,17 @@ def execute_backup(
         ahead=PLAN_AHEAD,
     )
     console.finish()
+    vanished = [f.item for f in failures if isinstance(f.error, Vanished)]
+    failures = [f for f in failures if not isinstance(f.error, Vanished)]
     outcome.failed = failures
     outcome.skipped += len(skipped)
-    outcome.transferred = outcome.planned - len(failures) - len(skipped)
-    outcome.nbytes = (
-        outcome.planned_bytes
-        - sum(failure.item.file.size for failure in failures)
-        - sum(upload.file.size for upload in skipped)
+    outcome.vanished = len(vanished)
+    outcome.transferred = outcome.planned - len(failures) - len(skipped) - len(vanished)
+    outcome.nbytes = outcome.planned_bytes - sum(
+        upload.file.size
+        for upload in itertools.chain(
+            (failure.item for failure in failures), skipped, vanished
+        )
     )
     for failure in failures:
         path = failure.item.file.path

@@ -1608,6 +1608,7 @@ class Summary:
     skipped: int = 0
     failed: int = 0
     deleted: int | None = None  # backup
+    vanished: int | None = None  # backup: files gone since the walk found them
     nbytes: int = 0
     seconds: float = 0.0
     restore_point: str | None = None  # backup: restore.py --at this brings the run back
@@ -1628,11 +1629,12 @@ class Summary:
                 f"failed {self.failed}, in {self.seconds:.1f} s"
             )
         deleted = f", deleted {self.deleted}" if self.deleted else ""
+        vanished = f", vanished {self.vanished}" if self.vanished else ""
         at = f", as at {self.at}" if self.at else ""
         point = f", restore point {self.restore_point}" if self.restore_point else ""
         return (
             f"{self.verb} {self.transferred}{at}, skipped {self.skipped}, failed {self.failed}"
-            f"{deleted}, {format_bytes(self.nbytes)} in {self.seconds:.1f} s{point}"
+            f"{vanished}{deleted}, {format_bytes(self.nbytes)} in {self.seconds:.1f} s{point}"
         )
 
 

@@ -7,9 +7,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
-from conftest import make_tree, run_script
+import pytest
+from conftest import ROOT, make_tree, run_script
 
 
 def keys(client, bucket: str) -> list[str]:
@@ -21,6 +25,22 @@ def backup(source: Path, location: str, server: str, env: dict, *options: str):
     return run_script(
         "backup.py", str(source), location, "--endpoint-url", server, *options, env=env
     )
+
+
+def start_backup(source: Path, location: str, server: str, env: dict, *options: str):
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "backup.py"), str(source), location,
+         "--endpoint-url", server, *options],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
 
 
 # --- Links that lead to themselves or nowhere -------------------------------------
@@ -91,4 +111,60 @@ def test_no_follow_symlinks_skips_loops_and_dangling_links_silently(
     )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
+    assert keys(server_client, bucket_name) == ["p/a.txt"]
+
+
+# --- Files and folders that vanish during the run ---------------------------------
+
+
+@pytest.mark.parametrize("report", ["summary", "json"])
+def test_a_folder_renamed_during_the_uploads_counts_its_files_as_vanished(
+    s3_server, start_proxy, server_client, cli_env, tmp_path, bucket_name, report
+):
+    files = {"a.txt": b"first"} | {f"d/f{n:03d}.txt": b"x" * n for n in range(150)}
+    source = make_tree(tmp_path / "src", files)
+    # The first upload is throttled until the folder is renamed: its files are
+    # planned under their old names, and gone when their turn comes (one worker).
+    proxy = start_proxy(throttled_keys={"p/a.txt"})
+    options = ["--workers", "1"] + (["--json"] if report == "json" else [])
+    process = start_backup(source, f"{bucket_name}::p", proxy.url, cli_env, *options)
+    wait_for(lambda: proxy.throttled_attempts["p/a.txt"], "the first upload")
+    os.rename(source / "d", source / "e")
+    proxy.stop_faults()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert stderr.splitlines() == [
+        f"warning: vanished during the backup, not uploaded: {source}/d/f{n:03d}.txt"
+        for n in range(150)
+    ]
+    if report == "json":
+        summary = json.loads(stdout)
+        assert (summary["transferred"], summary["skipped"]) == (1, 0)
+        assert (summary["failed"], summary["vanished"]) == (0, 150)
+        assert summary["bytes"] == len(b"first")
+    else:
+        assert "uploaded 1, skipped 0, failed 0, vanished 150," in stdout
+    assert keys(server_client, bucket_name) == ["p/a.txt"]
+
+
+def test_a_folder_renamed_before_it_is_walked_is_a_warning_and_delete_goes_on(
+    s3_server, start_proxy, server_client, cli_env, tmp_path, bucket_name
+):
+    source = make_tree(tmp_path / "src", {"a.txt": b"a", "d/b.txt": b"b"})
+    first = backup(source, f"{bucket_name}::p", s3_server, cli_env)
+    assert first.returncode == 0, first.stderr
+    server_client.put_object(Bucket=bucket_name, Key="p/gone.txt", Body=b"gone")
+    # The plan waits for the listing, throttled until the folder is renamed: the
+    # walk has read the top folder, and d's own listing comes after.
+    proxy = start_proxy(errors={"ListObjectsV2": ("SlowDown", 503)})
+    process = start_backup(source, f"{bucket_name}::p", proxy.url, cli_env, "--delete")
+    wait_for(lambda: proxy.faults["SlowDown"], "the listing")
+    os.rename(source / "d", tmp_path / "elsewhere")
+    proxy.errors.clear()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    assert stderr.splitlines() == [
+        f"warning: folder vanished during the backup, not backed up: {source}/d"
+    ]
+    assert "failed 0, deleted 2," in stdout
     assert keys(server_client, bucket_name) == ["p/a.txt"]
