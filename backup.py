@@ -49,6 +49,7 @@ from s3common import (
     MULTIPART_THRESHOLD,
     PART_WORKERS,
     SMALL_OBJECT,
+    TEMPORARY_NAME,
     ArgumentParser,
     BandwidthSubscriber,
     ByteBudget,
@@ -272,9 +273,19 @@ class Scan:
         if self.console:
             self.console.warning(text)
 
+    def detail(self, text: str) -> None:
+        if self.console:
+            self.console.detail(text)
+
     def vanish(self, path: str) -> None:
         self.vanished += 1
         self.warning(vanished_line(path))
+
+    def vanish_folder(self, path: str) -> None:
+        # Its files are not known: said, not counted.
+        self.warning(
+            f"folder vanished during the backup, not backed up: {printable(path)}"
+        )
 
     def error(self, action: str, path: str, error: BaseException) -> None:
         self.errors += 1
@@ -667,10 +678,7 @@ def folder_entries(
         with os.scandir(folder) as listing:
             entries = list(listing)
     except FileNotFoundError:
-        # Its files are not known: warned of, not counted.
-        scan.warning(
-            f"folder vanished during the backup, not backed up: {printable(folder)}"
-        )
+        scan.vanish_folder(folder)
         return []
     except OSError as exc:
         scan.error("read", folder, exc)
@@ -688,6 +696,8 @@ def folder_entries(
         except FileNotFoundError:
             if entry.is_symlink():
                 scan.warning(f"broken symbolic link skipped: {printable(entry.path)}")
+            elif entry.is_dir(follow_symlinks=False):  # as the listing said
+                scan.vanish_folder(entry.path)
             else:
                 scan.vanish(entry.path)
             continue
@@ -709,6 +719,8 @@ def folder_entries(
             else:
                 inside = ancestors | {identity}
                 found.append((relative + "/", entry.path, None, inside))
+        elif stat.S_ISREG(info.st_mode) and TEMPORARY_NAME.fullmatch(entry.name):
+            scan.detail(f"skipped, restore's temporary file: {printable(entry.path)}")
         elif stat.S_ISREG(info.st_mode):
             file = LocalFile(entry.path, info.st_size, info.st_mtime_ns, info.st_mode)
             found.append((relative, entry.path, file, None))

@@ -27,6 +27,7 @@ _signal.signal(_signal.SIGINT, lambda signum, frame: os._exit(130))
 os.environ.setdefault("BOTO_DISABLE_CRT", "true")
 
 import argparse
+import contextlib
 import functools
 import re
 import stat
@@ -51,6 +52,7 @@ from s3common import (
     MULTIPART_THRESHOLD,
     OVERWRITTEN,
     SMALL_OBJECT,
+    TEMPORARY_NAME,
     UTC,
     ArgumentParser,
     Cancelled,
@@ -498,28 +500,40 @@ def probe_case_insensitive(folder: str) -> bool:
 
 
 class Folders:
-    """Creates the folders files land in, once each, and never outside the root."""
+    """Creates the folders files land in, once each, and never outside the root;
+    removes the temporary files a killed restore left in each, before the first
+    file lands there."""
 
     def __init__(self, root: str):
         self._root = PurePath(os.path.realpath(root))
         self._made: set[str] = set()
+        self._cleaned: set[tuple[int, int]] = set()  # (st_dev, st_ino)
+        # Held from a folder's creation to its clean-up: a worker that cleaned up
+        # a folder in the middle of another's first write there would remove it.
         self._lock = threading.Lock()
 
     def ensure(self, folder: str) -> None:
         if folder in self._made:
             return
-        # A symbolic link already inside LOCAL may point elsewhere: follow it and
-        # check before creating anything through it, and after, for one made meanwhile.
-        self._refuse_outside(folder)
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except (FileExistsError, NotADirectoryError):
-            raise CliError(
-                f"a file stands where the backup has a folder: {printable(blocking_file(folder))}: "
-                "move it away and run again"
-            ) from None
-        self._refuse_outside(folder)
         with self._lock:
+            if folder in self._made:
+                return
+            # A symbolic link already inside LOCAL may point elsewhere: follow it and
+            # check before creating anything through it, and after, for one made meanwhile.
+            self._refuse_outside(folder)
+            try:
+                os.makedirs(folder, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):
+                raise CliError(
+                    f"a file stands where the backup has a folder: {printable(blocking_file(folder))}: "
+                    "move it away and run again"
+                ) from None
+            self._refuse_outside(folder)
+            # Another name may lead to the same folder (a link inside LOCAL).
+            info = os.stat(folder)
+            if (info.st_dev, info.st_ino) not in self._cleaned:
+                remove_temporary_files(folder)
+                self._cleaned.add((info.st_dev, info.st_ino))
             self._made.add(folder)
 
     def _refuse_outside(self, folder: str) -> None:
@@ -527,6 +541,17 @@ class Folders:
             raise CliError(
                 f"refused: {printable(folder)} leads outside the destination (through a symbolic link)"
             )
+
+
+def remove_temporary_files(folder: str) -> None:
+    """Remove the files named as restore's temporary files in folder (a killed run's)."""
+    with os.scandir(folder) as listing:
+        for entry in listing:
+            if TEMPORARY_NAME.fullmatch(entry.name) and entry.is_file(
+                follow_symlinks=False
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 def blocking_file(folder: str) -> str:
@@ -887,10 +912,12 @@ def execute_restore(
     total_bytes = sum(item.size for item in plan.downloads)
     console.start(len(plan.downloads), total_bytes)
     part_workers = PartWorkers(DOWNLOAD_PART_WORKERS)
+    folders = Folders(local)
+    folders.ensure(local)  # where the case probe was
     restorer = make_restorer(
         connection,
         location.bucket,
-        Folders(local),
+        folders,
         0o666 & ~current_umask(),
         console,
         part_workers,

@@ -519,6 +519,11 @@ def folder_prefix(prefix: str) -> str:
 # S3 refuses longer keys (in UTF-8 bytes).
 MAX_KEY_BYTES = 1024
 
+# The names of restore.py's temporary files, which a killed run leaves: its
+# downloads' and its case probe's, tempfile.mkstemp's 8 characters of
+# [a-z0-9_] in the middle. A restore removes them; a backup never uploads them.
+TEMPORARY_NAME = re.compile(r"\.s3restore-(?:[a-z0-9_]{8}\.part|case-[a-z0-9_]{8})")
+
 
 def key_length_problem(key: str) -> str | None:
     """Why S3 would refuse `key` for its length, or None."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, make_tree, run_script
+
+MiB = 1024 * 1024
 
 
 def keys(client, bucket: str) -> list[str]:
@@ -27,12 +30,17 @@ def backup(source: Path, location: str, server: str, env: dict, *options: str):
     )
 
 
-def start_backup(source: Path, location: str, server: str, env: dict, *options: str):
+def start_script(script: str, *args: str, env: dict) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, str(ROOT / "backup.py"), str(source), location,
-         "--endpoint-url", server, *options],
+        [sys.executable, str(ROOT / script), *args],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def start_backup(source: Path, location: str, server: str, env: dict, *options: str):
+    return start_script(
+        "backup.py", str(source), location, "--endpoint-url", server, *options, env=env
+    )
 
 
 def wait_for(condition, what: str, timeout: float = 60) -> None:
@@ -158,7 +166,10 @@ def test_a_folder_renamed_before_it_is_walked_is_a_warning_and_delete_goes_on(
     # walk has read the top folder, and d's own listing comes after.
     proxy = start_proxy(errors={"ListObjectsV2": ("SlowDown", 503)})
     process = start_backup(source, f"{bucket_name}::p", proxy.url, cli_env, "--delete")
-    wait_for(lambda: proxy.faults["SlowDown"], "the listing")
+    # Its first answer comes beside HeadBucket's, and the walk begins after
+    # HeadBucket's: once the listing is asked again the walk is under way.
+    wait_for(lambda: proxy.faults["SlowDown"] >= 2, "the listing asked again")
+    time.sleep(0.5)
     os.rename(source / "d", tmp_path / "elsewhere")
     proxy.errors.clear()
     stdout, stderr = process.communicate(timeout=120)
@@ -168,3 +179,68 @@ def test_a_folder_renamed_before_it_is_walked_is_a_warning_and_delete_goes_on(
     ]
     assert "failed 0, deleted 2," in stdout
     assert keys(server_client, bucket_name) == ["p/a.txt"]
+
+
+# --- What a killed restore leaves behind -------------------------------------------
+
+
+def test_a_restore_after_a_killed_one_removes_its_temporary_files_and_backup_never_uploads_them(
+    s3_server, server_client, cli_env, tmp_path, bucket_name
+):
+    large = random.Random(7).randbytes(24 * MiB)
+    source = make_tree(tmp_path / "src", {"sub/large.bin": large, "small.txt": b"s"})
+    first = backup(source, f"{bucket_name}::p", s3_server, cli_env)
+    assert first.returncode == 0, first.stderr
+    target = tmp_path / "restored"
+    # Names close to restore's own, which are the user's: never removed.
+    lookalikes = {
+        "sub/.s3restore-notes.txt": b"1",
+        "sub/.s3restore-abcdefgh.part.old": b"2",
+        "sub/.s3restore-abcdefghi.part": b"3",
+        "sub/s3restore-abcdefgh.part": b"4",
+    }
+    make_tree(target, lookalikes)
+    # At 2 MiB/s the large file takes 12 s: killed once its first bytes landed.
+    process = start_script(
+        "restore.py", f"{bucket_name}::p", str(target), "--endpoint-url", s3_server,
+        "--bwlimit", "2M", env=cli_env,
+    )  # fmt: skip
+
+    def bytes_landed() -> bool:
+        assert process.poll() is None, "the restore ended before it was killed"
+        return any(
+            p.stat().st_size for p in target.glob("sub/.s3restore-????????.part")
+        )
+
+    try:
+        wait_for(bytes_landed, "the first bytes of the large file")
+    finally:
+        process.kill()
+        process.communicate()
+    [left] = target.glob("sub/.s3restore-????????.part")
+    # A case probe as a kill between its creation and removal leaves it.
+    (target / ".s3restore-case-k1ll3d_x").write_bytes(b"")
+
+    again = backup(target, f"{bucket_name}::again", s3_server, cli_env, "-v")
+    assert again.returncode == 0, again.stderr
+    users = sorted(
+        path.relative_to(target).as_posix()
+        for path in target.rglob("*")
+        if path.is_file() and path != left and not path.name.startswith(".s3restore-c")
+    )
+    assert keys(server_client, bucket_name) == sorted(
+        ["p/small.txt", "p/sub/large.bin"] + [f"again/{name}" for name in users]
+    )
+    assert f"skipped, restore's temporary file: {left}" in again.stdout
+
+    restored = run_script(
+        "restore.py", f"{bucket_name}::p", str(target), "--endpoint-url", s3_server,
+        env=cli_env,
+    )  # fmt: skip
+    assert restored.returncode == 0, restored.stderr
+    assert sorted(target.rglob(".s3restore-*")) == sorted(
+        target / name for name in lookalikes if "/.s3restore-" in name
+    )
+    assert (target / "sub" / "large.bin").read_bytes() == large
+    for name, data in lookalikes.items():
+        assert (target / name).read_bytes() == data
