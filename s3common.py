@@ -28,6 +28,7 @@ import collections
 import contextlib
 import dataclasses
 import email.utils
+import errno
 import fnmatch
 import functools
 import gc
@@ -975,10 +976,77 @@ def list_range(
     return objects, True
 
 
+# --- Local paths of any length ----------------------------------------------------
+# A path longer than the system takes whole (PATH_MAX: 4,096 bytes on Linux,
+# 1,024 on macOS) fails with ENAMETOOLONG. Such paths go through directory file
+# descriptors instead, a stretch of at most LONG_PATH bytes at a time; every
+# shorter path goes as it is, at no cost.
+LONG_PATH = 1024
+FOLDER_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def is_long(path: str) -> bool:
+    """Whether path, made absolute, is LONG_PATH bytes or longer."""
+    return len(os.fsencode(os.path.abspath(path))) >= LONG_PATH
+
+
+def first_stretch(path: str) -> tuple[str, str]:
+    """path cut at a "/" into a first part under LONG_PATH bytes (at least one
+    name) and the rest, relative to it."""
+    names = path.split("/")
+    size = count = 0
+    for name in names[:-1]:
+        size += len(os.fsencode(name)) + 1
+        if size > LONG_PATH and count:
+            break
+        count += 1
+    return "/".join(names[:count]) or "/", "/".join(names[count:]).lstrip("/")
+
+
+def open_folder(path: str, dir_fd: int | None = None) -> int:
+    """A file descriptor of the folder at path (relative to dir_fd), of any length."""
+    try:
+        return os.open(path, FOLDER_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    head, rest = first_stretch(path)
+    fd = os.open(head, FOLDER_FLAGS, dir_fd=dir_fd)
+    try:
+        return open_folder(rest, fd)
+    finally:
+        os.close(fd)
+
+
+def at_any_length(function: Callable[..., T], path: str, *args, **kwargs) -> T:
+    """function(path, *args, **kwargs) of os (stat, open, chmod, ...) for a path
+    of any length: one the system refuses whole goes as its name, with dir_fd
+    its folder's file descriptor."""
+    try:
+        return function(path, *args, **kwargs)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    folder, name = os.path.split(path)
+    fd = open_folder(folder)
+    try:
+        return function(name, *args, dir_fd=fd, **kwargs)
+    except OSError as exc:
+        exc.filename = path  # the user's name for it, not ours
+        raise
+    finally:
+        os.close(fd)
+
+
+def open_any(path: str, flags: int) -> int:
+    """The opener (of open() and io.FileIO) of a file of any path length."""
+    return at_any_length(os.open, path, flags, 0o666)
+
+
 def file_md5(path: str) -> str:
     """The hex MD5 of a file's bytes, read once in chunks."""
     digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as file:
+    with open(path, "rb", opener=open_any) as file:
         while chunk := file.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -1780,6 +1848,9 @@ def create_transfer_manager(client, open_file: Callable[[str, str], BinaryIO]):
     class Opener(OSUtils):
         def open(self, filename, mode):
             return open_file(filename, mode)
+
+        def get_file_size(self, filename):
+            return at_any_length(os.stat, filename).st_size
 
     # The CRT transfer client ignores endpoint_url (boto3 issue 4839): pin classic.
     config = TransferConfig(

@@ -4,6 +4,7 @@ temporary files a killed restore leaves, and trees deeper than the path limit.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -244,3 +245,108 @@ def test_a_restore_after_a_killed_one_removes_its_temporary_files_and_backup_nev
     assert (target / "sub" / "large.bin").read_bytes() == large
     for name, data in lookalikes.items():
         assert (target / name).read_bytes() == data
+
+
+# --- Trees deeper than the system's path limit -------------------------------------
+
+PATH_MAX = 4096  # Linux's: a longer path fails whole, with ENAMETOOLONG
+
+
+def open_folder_by_parts(path: str, create: bool = False) -> int:
+    """The fd of the folder at `path`, of any length, opened (or made) one name
+    at a time: what the test sees, independent of the scripts' own way."""
+    fd = os.open("/" if path.startswith("/") else ".", os.O_RDONLY)
+    for name in filter(None, path.split("/")):
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, dir_fd=fd)
+        inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+        os.close(fd)
+        fd = inner
+    return fd
+
+
+def write_deep_tree(root: str, files: dict[str, bytes]) -> None:
+    for relative, data in files.items():
+        folder, name = os.path.split(f"{root}/{relative}")
+        fd = open_folder_by_parts(folder, create=True)
+        try:
+            out = os.open(name, os.O_WRONLY | os.O_CREAT, 0o640, dir_fd=fd)
+            with os.fdopen(out, "wb") as stream:
+                stream.write(data)
+        finally:
+            os.close(fd)
+
+
+def read_deep_tree(root: str) -> dict[str, tuple[bytes, int, int]]:
+    """Every file under root: (bytes, mode bits, mtime in ns) by relative path."""
+    found = {}
+
+    def read(fd: int, relative: str) -> None:
+        for entry in sorted(os.scandir(fd), key=lambda entry: entry.name):
+            if entry.is_dir(follow_symlinks=False):
+                inner = os.open(entry.name, os.O_RDONLY, dir_fd=fd)
+                try:
+                    read(inner, f"{relative}{entry.name}/")
+                finally:
+                    os.close(inner)
+                continue
+            info = entry.stat(follow_symlinks=False)
+            source = os.open(entry.name, os.O_RDONLY, dir_fd=fd)
+            with os.fdopen(source, "rb") as stream:
+                data = stream.read()
+            found[relative + entry.name] = (
+                data,
+                info.st_mode & 0o777,
+                info.st_mtime_ns,
+            )
+
+    fd = open_folder_by_parts(root)
+    try:
+        read(fd, "")
+    finally:
+        os.close(fd)
+    return found
+
+
+def deep_path(base: Path, depth: int) -> str:
+    """A path `depth` folders of 27 characters under base (not made)."""
+    return "/".join([str(base)] + [f"{n:03d}{'d' * 24}" for n in range(depth)])
+
+
+def deep_files() -> dict[str, bytes]:
+    """Files whose keys are some 700 bytes long: below a LOCAL of 3,400 bytes
+    they go past the 4,096 of the system."""
+    inner = "/".join(f"inner{n:02d}{'i' * 20}" for n in range(25))
+    return {
+        "top.txt": b"top",
+        f"{inner}/small.txt": b"deep down",
+        f"{inner}/large.bin": random.Random(8).randbytes(9 * MiB),  # multipart
+        f"{inner}/x/empty": b"",
+    }
+
+
+def test_a_tree_deeper_than_the_path_limit_backs_up_like_any_other(
+    s3_server, server_client, cli_env, tmp_path, bucket_name
+):
+    files = deep_files()
+    source = deep_path(tmp_path / "s", 120)
+    write_deep_tree(source, files)
+    assert max(len(f"{source}/{name}".encode()) for name in files) > PATH_MAX
+    assert all(len(f"p/{name}".encode()) < 1024 for name in files)
+
+    result = backup(Path(source), f"{bucket_name}::p", s3_server, cli_env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert keys(server_client, bucket_name) == sorted(f"p/{name}" for name in files)
+    for name, data in files.items():
+        body = server_client.get_object(Bucket=bucket_name, Key=f"p/{name}")["Body"]
+        assert body.read() == data, name
+    unchanged = backup(Path(source), f"{bucket_name}::p", s3_server, cli_env)
+    assert "uploaded 0, skipped 4, failed 0" in unchanged.stdout
+    # LOCAL itself past the limit.
+    deeper = deep_path(Path(source), 25)
+    write_deep_tree(deeper, {"a.txt": b"a"})
+    result = backup(Path(deeper), f"{bucket_name}::q", s3_server, cli_env)
+    assert result.returncode == 0, result.stderr
+    assert keys(server_client, bucket_name)[-1] == "q/a.txt"
