@@ -521,8 +521,11 @@ def folder_prefix(prefix: str) -> str:
 MAX_KEY_BYTES = 1024
 
 # The names of restore.py's temporary files, which a killed run leaves: its
-# downloads' and its case probe's, tempfile.mkstemp's 8 characters of
-# [a-z0-9_] in the middle. A restore removes them; a backup never uploads them.
+# downloads' and its case probe's, 8 characters of [a-z0-9_] in the middle
+# (tempfile.mkstemp's, which earlier versions used; now 8 hex digits). A
+# restore removes them; a backup never uploads them.
+TEMPORARY_FILE = ".s3restore-{}.part"
+CASE_PROBE = ".s3restore-case-{}"
 TEMPORARY_NAME = re.compile(r"\.s3restore-(?:[a-z0-9_]{8}\.part|case-[a-z0-9_]{8})")
 
 
@@ -985,9 +988,14 @@ LONG_PATH = 1024
 FOLDER_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
+# Where os takes no dir_fd (Windows) every path goes as it is.
+BY_FOLDER_FD = {os.open, os.stat, os.mkdir, os.rename, os.unlink} <= os.supports_dir_fd
+
+
 def is_long(path: str) -> bool:
-    """Whether path, made absolute, is LONG_PATH bytes or longer."""
-    return len(os.fsencode(os.path.abspath(path))) >= LONG_PATH
+    """Whether path, made absolute, is LONG_PATH bytes or longer (and is to go
+    through directory file descriptors)."""
+    return BY_FOLDER_FD and len(os.fsencode(os.path.abspath(path))) >= LONG_PATH
 
 
 def first_stretch(path: str) -> tuple[str, str]:

@@ -284,6 +284,8 @@ def read_deep_tree(root: str) -> dict[str, tuple[bytes, int, int]]:
 
     def read(fd: int, relative: str) -> None:
         for entry in sorted(os.scandir(fd), key=lambda entry: entry.name):
+            if entry.is_symlink():
+                continue
             if entry.is_dir(follow_symlinks=False):
                 inner = os.open(entry.name, os.O_RDONLY, dir_fd=fd)
                 try:
@@ -350,3 +352,60 @@ def test_a_tree_deeper_than_the_path_limit_backs_up_like_any_other(
     result = backup(Path(deeper), f"{bucket_name}::q", s3_server, cli_env)
     assert result.returncode == 0, result.stderr
     assert keys(server_client, bucket_name)[-1] == "q/a.txt"
+
+
+def test_a_restore_deeper_than_the_path_limit_is_like_any_other(
+    s3_server, server_client, cli_env, tmp_path, bucket_name
+):
+    files = deep_files()
+    source = make_tree(tmp_path / "s", files)
+    result = backup(source, f"{bucket_name}::p", s3_server, cli_env)
+    assert result.returncode == 0, result.stderr
+    stored = read_deep_tree(str(source))
+
+    # Into a folder that does not exist yet, itself past the limit.
+    target = deep_path(tmp_path / "t", 150)
+    assert len(target.encode()) > PATH_MAX
+    restored = run_script(
+        "restore.py", f"{bucket_name}::p", target, "--endpoint-url", s3_server,
+        env=cli_env,
+    )  # fmt: skip
+    assert restored.returncode == 0, restored.stderr
+    assert restored.stderr == ""
+    found = read_deep_tree(target)
+    assert found.keys() == stored.keys()
+    for name, (data, mode, mtime_ns) in stored.items():
+        assert found[name][:2] == (data, mode), name
+        assert abs(found[name][2] - mtime_ns) < 1000, name
+    again = run_script(
+        "restore.py", f"{bucket_name}::p", target, "--endpoint-url", s3_server,
+        "--checksum", env=cli_env,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr
+    assert "restored 0, skipped 4, failed 0" in again.stdout
+
+
+def test_a_link_out_of_a_deep_restore_is_refused_as_any_other(
+    s3_server, server_client, cli_env, tmp_path, bucket_name
+):
+    files = deep_files()
+    source = make_tree(tmp_path / "s", files)
+    result = backup(source, f"{bucket_name}::p", s3_server, cli_env)
+    assert result.returncode == 0, result.stderr
+    target = deep_path(tmp_path / "t", 150)
+    write_deep_tree(target, {"keep.txt": b"mine"})
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    fd = open_folder_by_parts(target)
+    try:
+        os.symlink(outside, "inner00" + "i" * 20, dir_fd=fd)
+    finally:
+        os.close(fd)
+    restored = run_script(
+        "restore.py", f"{bucket_name}::p", target, "--endpoint-url", s3_server,
+        env=cli_env,
+    )  # fmt: skip
+    assert restored.returncode == 1
+    assert "leads outside the destination (through a symbolic link)" in restored.stderr
+    assert list(outside.iterdir()) == []
+    assert read_deep_tree(target)["top.txt"][0] == b"top"
