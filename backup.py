@@ -9,14 +9,17 @@ versioning on and a lifecycle rule that keeps replaced and deleted versions for
 --keep-days days (restore.py --at brings them back).
 """
 
-from __future__ import annotations
-
+# ruff: noqa: UP007, UP045
+# (Optional and Union, not X | Y: Python 3.9 evaluates annotations here, since
+# `from __future__ import annotations` would have to come before the lines below.)
+# Ctrl-C from the first instant exits 130, quietly, until run_cli takes over:
+# the script's first statements, on os and _signal, which the interpreter has
+# loaded before any script (signal, their wrapper, would be an import to
+# interrupt); os._exit, since nothing is written yet.
+import _signal
 import os
-import signal
 
-# Ctrl-C while botocore is imported (the first tenth of a second) exits 130,
-# quietly, until run_cli takes over; os._exit, since nothing is written yet.
-signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+_signal.signal(_signal.SIGINT, lambda signum, frame: os._exit(130))
 # With awscrt installed (aws-cli v2, boto3[crt]) botocore signs with it instead of
 # its Python signer, whose failures are ours to report: the CRT's print a
 # traceback when a file changes or Ctrl-C stops an upload. Its own switch:
@@ -35,7 +38,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import PurePath, PureWindowsPath
-from typing import BinaryIO, TextIO, TypeVar, Union
+from typing import BinaryIO, Optional, TextIO, TypeVar, Union
 
 import botocore.exceptions
 
@@ -162,7 +165,7 @@ class Upload:
     file: LocalFile
     # "new", "size changed", "newer", "content changed" or "no MD5 to compare"
     reason: str
-    md5: str | None = None  # the file's, when --checksum has hashed it already
+    md5: Optional[str] = None  # the file's, when --checksum has hashed it already
 
 
 @dataclass(frozen=True)
@@ -198,8 +201,7 @@ class StaleFolder:
     objects: int
 
 
-# A runtime alias: X | Y of classes is Python 3.10 and newer.
-Step = Union[Upload, Keep, Compare, Delete, StaleFolder]  # noqa: UP007
+Step = Union[Upload, Keep, Compare, Delete, StaleFolder]
 
 
 @dataclass(frozen=True)
@@ -211,7 +213,7 @@ class BackupPlan:
     skipped: int
 
     @classmethod
-    def of(cls, steps: Iterable[Step]) -> BackupPlan:
+    def of(cls, steps: Iterable[Step]) -> "BackupPlan":
         uploads, deletes, skipped = [], [], 0
         for step in steps:
             if isinstance(step, Upload):
@@ -251,7 +253,7 @@ class OutOfOrder(CliError):
 class Scan:
     """What the walk meets besides files: warnings said at once, errors counted."""
 
-    console: Console | None  # None: a walk that only looks (listing_boundaries)
+    console: Optional[Console]  # None: a walk that only looks (listing_boundaries)
     errors: int = 0
 
     def warning(self, text: str) -> None:
@@ -273,7 +275,7 @@ class DeleteKeys:
 
     def __init__(self):
         self._held: list[str] = []
-        self._spilled: TextIO | None = None
+        self._spilled: Optional[TextIO] = None
         self._count = 0
 
     def append(self, key: str) -> None:
@@ -324,11 +326,11 @@ class Outcome:
 
 def upload_reason(
     local: LocalFile,
-    remote: RemoteObject | None,
-    local_md5: str | None = None,
-    remote_md5: str | None = None,
+    remote: Optional[RemoteObject],
+    local_md5: Optional[str] = None,
+    remote_md5: Optional[str] = None,
     by_content: bool = False,
-) -> str | None:
+) -> Optional[str]:
     """Why a file must go up, or None when the object already matches it.
 
     By content, a file of the object's size matches when both MD5s are known and
@@ -351,7 +353,7 @@ def upload_reason(
 
 def pair_by_key(
     local: Iterable[tuple[str, LocalFile]], remote: Iterable[RemoteObject]
-) -> Iterator[tuple[str, LocalFile | None, RemoteObject | None]]:
+) -> Iterator[tuple[str, Optional[LocalFile], Optional[RemoteObject]]]:
     """(key, file, object) for every key of either stream, both in key order (the
     order of str, which is S3's UTF-8 byte order), merged; OutOfOrder if one is not."""
     files, objects = iter(local), iter(remote)
@@ -399,7 +401,7 @@ def plan_backup(
     StaleFolder once the keys have passed that folder.
     """
     # --delete's deletes, held until a file to back up has been seen.
-    held: list[Delete] | None = [] if delete and refuse_empty else None
+    held: Optional[list[Delete]] = [] if delete and refuse_empty else None
     # Files whose key plus "/" may still begin a coming key, each a prefix of the next.
     folders: list[list] = []  # [key, file, objects under key/]
     files_left = True
@@ -452,7 +454,9 @@ def stale_step(key: str, file: LocalFile, objects: int) -> Iterator[StaleFolder]
         yield StaleFolder(key, file, objects)
 
 
-def by_content(step: Compare, local_md5: str | None, remote_md5: str | None) -> Step:
+def by_content(
+    step: Compare, local_md5: Optional[str], remote_md5: Optional[str]
+) -> Step:
     """A Compare step decided by the two MD5s (None: not known)."""
     reason = upload_reason(step.file, step.remote, local_md5, remote_md5, True)
     return Upload(step.key, step.file, reason, local_md5) if reason else Keep(step.key)
@@ -467,7 +471,7 @@ def future_dated(upload: Upload, now: float) -> bool:
     return upload.reason == "newer" and upload.file.mtime_ns > now * 1e9
 
 
-def after_recheck(upload: Upload, recorded: int | None) -> Step:
+def after_recheck(upload: Upload, recorded: Optional[int]) -> Step:
     """A future-dated upload, kept when its object records the file's very mtime
     (`recorded`: its mtime metadata, None where there is none)."""
     return Keep(upload.key) if recorded == upload.file.mtime_ns else upload
@@ -530,7 +534,7 @@ def listing_boundaries(keys_in_order: Iterable[str]) -> list[str]:
     return boundaries
 
 
-def history_rule(keep_days: int | None) -> dict:
+def history_rule(keep_days: Optional[int]) -> dict:
     """Our lifecycle rule: old versions expire after keep_days (None: no versioning,
     only the abort), delete markers left with no version go, incomplete multipart
     uploads are aborted."""
@@ -584,7 +588,7 @@ def needs_md5chksum(size: int, extra: dict) -> bool:
     ).startswith("aws:kms")
 
 
-def upload_args(file: LocalFile, extra: dict, md5: str | None = None) -> dict:
+def upload_args(file: LocalFile, extra: dict, md5: Optional[str] = None) -> dict:
     """Metadata (mtime and mode as rclone writes them, and md5chksum when given),
     Content-Type and the pass-through options."""
     args = {
@@ -607,7 +611,7 @@ def upload_args(file: LocalFile, extra: dict, md5: str | None = None) -> dict:
 
 def walk_folder(
     root: str, prefix: str, follow_symlinks: bool, scan: Scan, look_only: bool = False
-) -> Iterator[tuple[str, LocalFile | None]]:
+) -> Iterator[tuple[str, Optional[LocalFile]]]:
     """Every regular file under root with its S3 key, in key order: the order of
     str (S3's UTF-8 byte order), a folder sorting as its name plus "/". One
     folder's entries are held at a time, for each folder on the way down.
@@ -638,7 +642,7 @@ def folder_entries(
     follow_symlinks: bool,
     scan: Scan,
     look_only: bool,
-) -> list[tuple[str, str, LocalFile | None, frozenset | None]]:
+) -> list[tuple[str, str, Optional[LocalFile], Optional[frozenset]]]:
     """The files and sub-folders of one folder as (relative path, path, LocalFile,
     None) and (relative path, path, None, the sub-folder's ancestors), in key
     order; a sub-folder's relative path ends in "/"."""
@@ -711,7 +715,7 @@ def local_files(
     return iter([(key_for(prefix, name), file)])
 
 
-def recorded_mtime(client, bucket: str, key: str) -> int | None:
+def recorded_mtime(client, bucket: str, key: str) -> Optional[int]:
     """The mtime recorded on the object (HeadObject), None where there is none."""
     try:
         head = client.head_object(Bucket=bucket, Key=key)
@@ -754,7 +758,7 @@ def bucket_exists(client, bucket: str) -> bool:
     return False
 
 
-def describe_history(keep_days: int | None) -> str:
+def describe_history(keep_days: Optional[int]) -> str:
     if keep_days is None:
         return (
             f"without versioning (lifecycle rule {HISTORY_RULE_ID}: incomplete "
@@ -776,7 +780,7 @@ class HistoryUnsupported(Exception):
     S3-compatible servers do not."""
 
 
-def set_up_history(client, bucket: str, keep_days: int | None, new: bool) -> bool:
+def set_up_history(client, bucket: str, keep_days: Optional[int], new: bool) -> bool:
     """Put our lifecycle rule beside the bucket's own, then turn versioning on
     (unless keep_days is None): the rule first, so that no version is kept
     with nothing to expire it. Whether anything had to change."""
@@ -828,7 +832,7 @@ def create_bucket(
     client,
     bucket: str,
     region: str,
-    keep_days: int | None,
+    keep_days: Optional[int],
     dry_run: bool,
     console: Console,
 ) -> None:
@@ -878,7 +882,7 @@ class ReadStart:
     started_ns: int  # time.time_ns() before the stat
 
     @classmethod
-    def of(cls, path: str, source: BinaryIO | None = None) -> ReadStart:
+    def of(cls, path: str, source: Optional[BinaryIO] = None) -> "ReadStart":
         """Now, for the open file `source`, or else for the file at `path`."""
         started = time.time_ns()
         info = os.stat(path) if source is None else os.fstat(source.fileno())
@@ -889,7 +893,7 @@ class ReadStart:
         info = self.before
         return LocalFile(self.path, info.st_size, info.st_mtime_ns, info.st_mode)
 
-    def check(self, after: os.stat_result | None = None) -> None:
+    def check(self, after: Optional[os.stat_result] = None) -> None:
         """FileChanged unless the file has been left as it was since the read began
         (`after`: its stat now, if there is one at hand)."""
         after = os.stat(self.path) if after is None else after
@@ -987,7 +991,7 @@ def make_uploader(
                 Bucket=bucket, Key=key, Body=data, **args
             )
 
-    def put_multipart(key: str, start: ReadStart, md5: str | None, cancel) -> None:
+    def put_multipart(key: str, start: ReadStart, md5: Optional[str], cancel) -> None:
         """Parallel parts read from the file by name, as s3transfer does: each
         part's checksum is over the bytes read for it, and the parts are joined
         only if the file was left alone from before the first read to after the
@@ -1313,7 +1317,7 @@ def show_plan(
     steps: Iterable[Step],
     client,
     location: Location,
-    keep_days: int | None,
+    keep_days: Optional[int],
     console: Console,
 ) -> Outcome:
     """--dry-run: each upload in key order, then each delete, one line each; a
@@ -1498,7 +1502,7 @@ def report_check(
     return ExitCode.OK if holds_all else ExitCode.FAILURE
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     return run_cli(build_parser(), run, argv)
 
 

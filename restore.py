@@ -10,21 +10,24 @@ or an age such as 7d), each key comes back as it was at WHEN, from the
 bucket's object versions.
 """
 
-from __future__ import annotations
-
-import argparse
-import functools
+# ruff: noqa: UP045
+# (Optional and Union, not X | Y: Python 3.9 evaluates annotations here, since
+# `from __future__ import annotations` would have to come before the lines below.)
+# Ctrl-C from the first instant exits 130, quietly, until run_cli takes over:
+# the script's first statements, on os and _signal, which the interpreter has
+# loaded before any script (signal, their wrapper, would be an import to
+# interrupt); os._exit, since nothing is written yet.
+import _signal
 import os
-import signal
 
-# Ctrl-C while botocore is imported (the first tenth of a second) exits 130,
-# quietly, until run_cli takes over; os._exit, since nothing is written yet.
-signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+_signal.signal(_signal.SIGINT, lambda signum, frame: os._exit(130))
 # With awscrt installed (aws-cli v2, boto3[crt]) botocore signs with it instead of
 # its Python signer, whose failures are ours to report: the CRT's print a
 # traceback when a file changes or Ctrl-C stops an upload. Its own switch:
 os.environ.setdefault("BOTO_DISABLE_CRT", "true")
 
+import argparse
+import functools
 import re
 import stat
 import tempfile
@@ -34,7 +37,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path, PurePath, PurePosixPath
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Optional, TypeVar
 
 import botocore.exceptions
 
@@ -107,7 +110,7 @@ class Download:
     size: int
     last_modified: float
     storage_class: str
-    version_id: str | None = None  # with --at: the version to fetch
+    version_id: Optional[str] = None  # with --at: the version to fetch
     # --checksum: the local file already holds these bytes; only mtime and mode are set.
     same_content: bool = False
 
@@ -120,7 +123,7 @@ class ObjectVersion:
     version_id: str
     last_modified: float  # seconds since the epoch
     is_latest: bool
-    size: int | None  # None for a delete marker
+    size: Optional[int]  # None for a delete marker
     storage_class: str = "STANDARD"
     etag: str = ""  # as listed, without its quotes
 
@@ -156,7 +159,9 @@ _ISO_WHEN = re.compile(
 )
 
 
-def parse_when(text: str, now: datetime, local_zone: tzinfo | None = None) -> datetime:
+def parse_when(
+    text: str, now: datetime, local_zone: Optional[tzinfo] = None
+) -> datetime:
     """The moment --at names, in UTC: an ISO 8601 date or date-time
     (with no zone, in `local_zone`, else the system's), or an age (36h, 7d) before `now`."""
     age = _AGE.fullmatch(text)
@@ -384,7 +389,7 @@ def find_objects(
 
 
 def list_versions(
-    client, bucket: str, prefix: str, through: str | None = None
+    client, bucket: str, prefix: str, through: Optional[str] = None
 ) -> list[ObjectVersion]:
     """Every version and delete marker under `prefix` (up to the key `through`, if
     given), from ListObjectVersions pages.
@@ -436,7 +441,7 @@ def find_objects_at(
 
 
 def objects_to_restore(
-    client, location: Location, when: float | None
+    client, location: Location, when: Optional[float]
 ) -> tuple[dict[str, RemoteObject], str]:
     """The objects under the location (as at `when`, if given) and their base prefix;
     CliError when there are none."""
@@ -980,7 +985,7 @@ def run(args, console: Console) -> int:
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     """Run restore.py with argv (default: the command line); the exit code."""
     return run_cli(build_parser(), run, argv)
 
