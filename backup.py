@@ -32,6 +32,7 @@ import json
 import mimetypes
 import stat
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -70,11 +71,13 @@ from s3common import (
     client_error_code,
     connect,
     crc32_header,
+    describe_error,
     exit_script,
     failure_line,
     file_md5,
     folder_prefix,
     format_mtime,
+    interrupt_after,
     key_error,
     key_for,
     key_length_problem,
@@ -747,15 +750,55 @@ def content_decided(
     return map_failing_fast(decide, steps, workers)
 
 
+@dataclass(frozen=True)
+class BucketState:
+    exists: bool
+    # "Enabled", "Suspended", "" (never turned on), "unknown (<code>)", or None
+    # when the run did not ask (--no-versioning, --check).
+    versioning: Optional[str]
+
+
+def bucket_state(client, bucket: str, ask_versioning: bool) -> BucketState:
+    """HeadBucket and, beside it, GetBucketVersioning: whether the bucket is there,
+    and whether it keeps history; any other answer than yes or no is an error."""
+    versioning = None
+    if ask_versioning:
+        versioning = call_failing_fast(lambda: versioning_status(client, bucket))
+    exists = bucket_exists(client, bucket)
+    return BucketState(exists, versioning.result() if versioning else None)
+
+
 def bucket_exists(client, bucket: str) -> bool:
-    """HeadBucket: whether the bucket is there; any other answer than yes or no is an error."""
     try:
         client.head_bucket(Bucket=bucket)
         return True
     except botocore.exceptions.ClientError as exc:
-        if client_error_code(exc) not in ("404", "NoSuchBucket"):
-            raise runtime_error(f"bucket {bucket}", exc) from None
-    return False
+        code = client_error_code(exc)
+        if code in ("404", "NoSuchBucket"):
+            return False
+        if code == "403":
+            exc = reason_for_forbidden(client, bucket, exc)
+        raise runtime_error(f"bucket {bucket}", exc) from None
+
+
+def reason_for_forbidden(client, bucket: str, forbidden: BaseException):
+    """HeadBucket's 403 has no body, so it cannot tell a wrong secret key from
+    another account's bucket; a listing of no keys answers with an error code."""
+    try:
+        client.list_objects_v2(Bucket=bucket, MaxKeys=0)
+    except botocore.exceptions.ClientError as exc:
+        return exc
+    return forbidden
+
+
+def versioning_status(client, bucket: str) -> str:
+    """bucket_versioning, or "unknown (<code>)" where it cannot be read ("" for a
+    missing bucket: HeadBucket says that)."""
+    try:
+        return bucket_versioning(client, bucket)
+    except botocore.exceptions.ClientError as exc:
+        code = client_error_code(exc)
+        return "" if code in ("404", "NoSuchBucket") else f"unknown ({code})"
 
 
 def describe_history(keep_days: Optional[int]) -> str:
@@ -812,6 +855,29 @@ def set_up_history(client, bucket: str, keep_days: Optional[int], new: bool) -> 
     return changed
 
 
+def own_keep_days(rules: list[dict]) -> Optional[int]:
+    """The days our own rule keeps old versions for, None without one (or with the
+    rule of --no-versioning, which keeps none)."""
+    for rule in rules:
+        if rule.get("ID") == HISTORY_RULE_ID:
+            return rule.get("NoncurrentVersionExpiration", {}).get("NoncurrentDays")
+    return None
+
+
+def unversioned_warning(bucket: str, status: str, deleting: bool = False) -> str:
+    state = {"": "off", "Suspended": "suspended"}.get(status, status)
+    if deleting:
+        return (
+            f"versioning of s3://{bucket} is {state}: the objects --delete removes "
+            "cannot be recovered (backup.py --keep-days N turns it on)"
+        )
+    return (
+        f"versioning of s3://{bucket} is {state}: overwritten and deleted files "
+        "cannot be recovered (backup.py --keep-days N turns it on; --no-versioning "
+        "says that a mirror without history is meant)"
+    )
+
+
 def lifecycle_configuration(client, bucket: str) -> tuple[list[dict], dict]:
     """The bucket's lifecycle rules, and the other settings to send back with them."""
     try:
@@ -852,15 +918,16 @@ def create_bucket(
         else {"CreateBucketConfiguration": {"LocationConstraint": region}}
     )
     try:
-        client.create_bucket(Bucket=bucket, **location)
-    except botocore.exceptions.ClientError as exc:
-        if client_error_code(exc) != "BucketAlreadyOwnedByYou":
-            raise runtime_error(f"cannot create bucket {bucket}", exc) from None
-    client.get_waiter("bucket_exists").wait(
-        Bucket=bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
-    )
-    try:
-        set_up_history(client, bucket, keep_days, new=True)
+        with interrupt_after():  # a bucket is not left without its history
+            try:
+                client.create_bucket(Bucket=bucket, **location)
+            except botocore.exceptions.ClientError as exc:
+                if client_error_code(exc) != "BucketAlreadyOwnedByYou":
+                    raise runtime_error(f"cannot create bucket {bucket}", exc) from None
+            client.get_waiter("bucket_exists").wait(
+                Bucket=bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
+            )
+            set_up_history(client, bucket, keep_days, new=True)
     except HistoryUnsupported:
         # The bucket exists now, and a later run would find it and go on without
         # history anyway: say so once, and back up.
@@ -1068,6 +1135,54 @@ def make_uploader(
     return upload
 
 
+class StaleUploads:
+    """The incomplete multipart uploads under the prefix that began before this
+    run (`before`, the server's time), as a kill -9 or a power cut leaves them:
+    listed once, when the run's first upload is done, and aborted for each key
+    the run uploads. A failure to list or abort them is a warning: our lifecycle
+    rule aborts them after ABORT_INCOMPLETE_DAYS days anyway."""
+
+    def __init__(self, client, bucket: str, prefix: str, before: float, console):
+        self._client, self._bucket, self._prefix = client, bucket, prefix
+        self._before, self._console = before, console
+        self._lock = threading.Lock()
+        self._by_key: Optional[dict[str, list[str]]] = None
+
+    def uploaded(self, key: str) -> None:
+        with self._lock:
+            if self._by_key is None:
+                self._by_key = self._listed()
+            upload_ids = self._by_key.pop(key, ())
+        for upload_id in upload_ids:
+            try:
+                self._client.abort_multipart_upload(
+                    Bucket=self._bucket, Key=key, UploadId=upload_id
+                )
+            except botocore.exceptions.ClientError as exc:
+                self._warn(f"an incomplete upload of {printable(key)}", exc)
+
+    def _listed(self) -> dict[str, list[str]]:
+        by_key: dict[str, list[str]] = {}
+        pages = self._client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self._bucket, Prefix=self._prefix
+        )
+        try:
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"].timestamp() < self._before:
+                        by_key.setdefault(upload["Key"], []).append(upload["UploadId"])
+        except botocore.exceptions.ClientError as exc:
+            self._warn("the incomplete uploads of earlier runs", exc)
+        return by_key
+
+    def _warn(self, what: str, error: BaseException) -> None:
+        message, _ = describe_error(error)
+        self._console.warning(
+            f"could not abort {what}: {message} (the lifecycle rule aborts it "
+            f"after {ABORT_INCOMPLETE_DAYS} days)"
+        )
+
+
 def delete_objects(client, bucket: str, outcome: Outcome, console: Console) -> None:
     """Delete the outcome's deletes in batches; counted into it, failures key by key."""
     keys, failures = iter(outcome.deletes), outcome.delete_failures
@@ -1095,16 +1210,11 @@ def delete_objects(client, bucket: str, outcome: Outcome, console: Console) -> N
 
 
 def warn_if_unversioned(client, bucket: str, console: Console) -> None:
-    """Before --delete deletes anything: say so once if the bucket keeps no old versions."""
-    try:
-        status = bucket_versioning(client, bucket)
-    except botocore.exceptions.ClientError as exc:
-        status = f"unknown ({client_error_code(exc)})"
+    """Before --delete deletes anything with --no-versioning (without it, the run
+    has said so already): say so once if the bucket keeps no old versions."""
+    status = versioning_status(client, bucket)
     if status != "Enabled":
-        console.warning(
-            f"versioning of s3://{bucket} is {status or 'off'}: the objects --delete "
-            "removes cannot be recovered (backup.py --keep-days N turns it on)"
-        )
+        console.warning(unversioned_warning(bucket, status, deleting=True))
 
 
 # --- The command ----------------------------------------------------------------
@@ -1224,13 +1334,13 @@ def run(args, console: Console) -> int:
 
     scan = Scan(console)
     found, files, listing = gather(args, local, location, client, scan)
-    if not found.result() and args.check:
+    if not found.result().exists and args.check:
         raise CliError(
             f"the bucket {location.bucket} does not exist: nothing is backed up at {location.url()}"
         )
     steps = plan_backup(
         files,
-        listing if found.result() else (),
+        listing if found.result().exists else (),
         location.prefix,
         filters,
         delete=args.delete or args.check,
@@ -1239,9 +1349,10 @@ def run(args, console: Console) -> int:
         refuse_empty=not args.check,
     )
     steps = refused_or_started(steps, args.local)
-    if found.result():
-        update_history(args, client, location, console)
-    else:
+    if found.result().exists and not args.check:
+        versioning = found.result().versioning
+        update_history(args, client, location.bucket, versioning, console)
+    elif not found.result().exists:
         keep_days = None if args.no_versioning else args.keep_days or DEFAULT_KEEP_DAYS
         create_bucket(
             client, location.bucket, connection.region, keep_days, args.dry_run, console
@@ -1255,7 +1366,7 @@ def run(args, console: Console) -> int:
         )
 
     if args.dry_run:
-        outcome = show_plan(steps, client, location, args.keep_days, console)
+        outcome = show_plan(steps, client, location, args.no_versioning, console)
     else:
         outcome = execute_backup(
             steps, connection, location, extra, args, console, scan.errors
@@ -1302,22 +1413,38 @@ def refused_or_started(steps: Iterator[Step], local: str) -> Iterator[Step]:
     return itertools.chain(() if first is None else (first,), steps)
 
 
-def update_history(args, client, location: Location, console: Console) -> None:
-    """--keep-days given for an existing bucket: set up its history (said, or shown)."""
-    if args.keep_days is None or args.check:
+def update_history(
+    args, client, bucket: str, versioning: Optional[str], console: Console
+) -> None:
+    """An existing bucket's history: set up as --keep-days asks; finished where a
+    first run was stopped between our lifecycle rule and versioning (the rule
+    goes first, and versioning was never turned on); else, where it keeps none,
+    said in one warning."""
+    keep_days, finishing = args.keep_days, False
+    if keep_days is None and versioning == "":
+        rules, _ = lifecycle_configuration(client, bucket)
+        keep_days = own_keep_days(rules)
+        finishing = keep_days is not None
+    if keep_days is None:
+        if versioning not in (None, "Enabled"):
+            console.warning(unversioned_warning(bucket, versioning))
         return
-    history = describe_history(args.keep_days)
+    history = describe_history(keep_days)
+    done = "finished setting up" if finishing else "set up"
     if args.dry_run:
-        console.info(f"(dry run) set up s3://{location.bucket} {history}")
-    elif set_up_history(client, location.bucket, args.keep_days, new=False):
-        console.info(f"set up s3://{location.bucket} {history}")
+        console.info(f"(dry run) {done} s3://{bucket} {history}")
+        return
+    with interrupt_after():
+        changed = set_up_history(client, bucket, keep_days, new=False)
+    if changed:
+        console.info(f"{done} s3://{bucket} {history}")
 
 
 def show_plan(
     steps: Iterable[Step],
     client,
     location: Location,
-    keep_days: Optional[int],
+    no_versioning: bool,
     console: Console,
 ) -> Outcome:
     """--dry-run: each upload in key order, then each delete, one line each; a
@@ -1336,7 +1463,7 @@ def show_plan(
             f"(dry run) upload: {printable(upload.file.path)} -> "
             f"{printable(location.url(upload.key))}"
         )
-    if outcome.deletes and keep_days is None:
+    if outcome.deletes and no_versioning:
         warn_if_unversioned(client, location.bucket, console)
     for key in outcome.deletes:
         console.info(f"(dry run) delete: {printable(location.url(key))}")
@@ -1364,9 +1491,18 @@ def execute_backup(
     uploader = make_uploader(
         connection, location.bucket, extra, console, engine, time.time()
     )
+    before = connection.clock.latest or time.time()
+    stale = StaleUploads(client, location.bucket, location.prefix, before, console)
+
+    def upload(item: Upload, cancel: threading.Event) -> bool:
+        done = uploader(item, cancel)
+        if done:
+            stale.uploaded(item.key)
+        return done
+
     failures, skipped = run_collecting_failures(
         uploads_of(steps, outcome, location, console),
-        uploader,
+        upload,
         engine,
         args.workers,
         ahead=PLAN_AHEAD,
@@ -1390,7 +1526,7 @@ def execute_backup(
             "not deleting anything: some files could not be read or uploaded"
         )
     elif outcome.deletes:
-        if args.keep_days is None:
+        if args.no_versioning:
             warn_if_unversioned(client, location.bucket, console)
         delete_objects(client, location.bucket, outcome, console)
         for failure in outcome.delete_failures:
@@ -1414,7 +1550,10 @@ def gather(
     and listed side by side; a single file by its own key.
     """
     prefix = location.prefix
-    found = call_failing_fast(lambda: bucket_exists(client, location.bucket))
+    ask_versioning = not (args.no_versioning or args.check)
+    found = call_failing_fast(
+        lambda: bucket_state(client, location.bucket, ask_versioning)
+    )
     files = local_files(args.local, local, prefix, args.follow_symlinks, scan)
     if stat.S_ISDIR(local.st_mode):
         walk = walk_folder(args.local, prefix, args.follow_symlinks, Scan(None), True)

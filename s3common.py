@@ -1636,6 +1636,21 @@ class Summary:
         )
 
 
+@contextlib.contextmanager
+def interrupt_after() -> Iterator[None]:
+    """Ctrl-C within the block is held until the block is done, then raised: for
+    the few requests that must not be left half done (a bucket's setup), and
+    only on the main thread, where signals arrive."""
+    came = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if came:
+        raise KeyboardInterrupt
+
+
 def exit_script(code: int) -> NoReturn:
     """Leave the script with `code`, without the interpreter's collections at exit.
 
