@@ -1099,8 +1099,9 @@ def make_uploader(
 ):
     """The work function for run_collecting_failures: one file up, as one PUT or a
     parallel multipart (through `engine`), from one read of it during which it
-    did not change; False when it is future-dated (at `now`) and its object
-    records its very mtime; Vanished when it is gone since the walk."""
+    did not change. The file as stored (its size is what the object holds);
+    None when it is future-dated (at `now`) and its object records its very
+    mtime; Vanished when it is gone since the walk."""
     client, direct = connection.client, connection.direct
     bandwidth = connection.bandwidth  # None without --bwlimit
     bodies = ByteBudget(BODY_BYTES_AT_ONCE)
@@ -1181,12 +1182,12 @@ def make_uploader(
         put_multipart(item.key, start, md5, cancel)
         return start
 
-    def upload(item: Upload, cancel) -> bool:
+    def upload(item: Upload, cancel) -> Optional[LocalFile]:
         path = item.file.path
         if future_dated(item, now):
             recheck = after_recheck(item, recorded_mtime(client, bucket, item.key))
             if isinstance(recheck, Keep):
-                return False
+                return None
         for attempt in range(READ_ATTEMPTS):
             if attempt:
                 time.sleep(CLOCK_SLACK_NS / 1e9)
@@ -1209,7 +1210,7 @@ def make_uploader(
         console.detail(
             f"upload: {printable(path)} -> {printable(f's3://{bucket}/{item.key}')}"
         )
-        return True
+        return file
 
     return upload
 
@@ -1455,6 +1456,7 @@ def run(args, console: Console) -> int:
     point = None
     if not args.dry_run:  # a dry run says what it could not read, and fails nothing
         failed += scan.errors
+    if not (args.dry_run or failed):  # else not every file is in place
         point = restore_point(connection.clock.latest, time.time())
     summary = Summary(
         "uploaded",
@@ -1571,14 +1573,21 @@ def execute_backup(
     uploader = make_uploader(
         connection, location.bucket, extra, console, engine, time.time()
     )
-    before = connection.clock.latest or time.time()
+    # The server's time when the run began is within the second its first
+    # answers' Date header names: uploads initiated before its end are taken
+    # for a killed run's (by then, this run has none of its own on the key).
+    before = connection.clock.latest + 1 if connection.clock.latest else time.time()
     stale = StaleUploads(client, location.bucket, location.prefix, before, console)
+    counting = threading.Lock()
 
     def upload(item: Upload, cancel: threading.Event) -> bool:
-        done = uploader(item, cancel)
-        if done:
-            stale.uploaded(item.key)
-        return done
+        file = uploader(item, cancel)
+        if file is None:
+            return False
+        with counting:  # the size as stored: the file may have shrunk since the walk
+            outcome.nbytes += file.size
+        stale.uploaded(item.key)
+        return True
 
     failures, skipped = run_collecting_failures(
         uploads_of(steps, outcome, location, console),
@@ -1594,12 +1603,6 @@ def execute_backup(
     outcome.skipped += len(skipped)
     outcome.vanished = len(vanished)
     outcome.transferred = outcome.planned - len(failures) - len(skipped) - len(vanished)
-    outcome.nbytes = outcome.planned_bytes - sum(
-        upload.file.size
-        for upload in itertools.chain(
-            (failure.item for failure in failures), skipped, vanished
-        )
-    )
     for failure in failures:
         path = failure.item.file.path
         error = key_error(failure.error, failure.item.key, ": rename the file")

@@ -1792,6 +1792,8 @@ def run_report(
         value = getattr(summary, item.name)
         if item.name not in ("verb", "seconds", "nbytes") and value is not None:
             report.setdefault(item.name, value)
+    if summary.verb == "uploaded":  # null: the run did not get every file in place
+        report.setdefault("restore_point", None)
     report["errors"] = console.errors if console else []
     if error is not None:
         report["error"] = error

@@ -4,6 +4,7 @@ wrong secret key, and the counters of a run that did not get every file in."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -270,3 +271,47 @@ def test_the_next_run_aborts_the_incomplete_upload_a_killed_run_left(
     assert incomplete_uploads(server_client, bucket_name) == []
     body = server_client.get_object(Bucket=bucket_name, Key="p/large.bin")["Body"]
     assert body.read() == large
+
+
+# --- The counters of a run that did not get every file in as the walk saw it ----
+
+
+def test_bytes_count_what_is_stored_when_a_file_shrinks_during_its_upload(
+    tmp_path, bucket_name, s3_server, server_client, start_proxy, cli_env
+):
+    source = make_tree(tmp_path / "src", {"large.bin": os.urandom(12 * MiB)})
+    proxy = start_proxy(hold={"UploadPart"})
+    process = start_script(
+        "backup.py", str(source), f"{bucket_name}::p", "--json",
+        "--endpoint-url", proxy.url, env=cli_env,
+    )  # fmt: skip
+    wait_for(proxy.holding.is_set, "the first part of large.bin")
+    os.truncate(source / "large.bin", 0)
+    proxy.release()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    report = json.loads(stdout)
+    assert (report["transferred"], report["bytes"]) == (1, 0)
+    head = server_client.head_object(Bucket=bucket_name, Key="p/large.bin")
+    assert head["ContentLength"] == 0
+
+
+def test_a_backup_that_failed_a_file_names_no_restore_point(
+    tmp_path, bucket_name, s3_server, start_proxy, cli_env
+):
+    source = make_tree(tmp_path / "src", {"bad.txt": b"b", "good.txt": b"g"})
+    proxy = start_proxy(throttled_keys={"bad.txt"})
+    env = {**cli_env, "AWS_MAX_ATTEMPTS": "1"}
+    args = (str(source), f"{bucket_name}::p", "--endpoint-url", proxy.url)
+    result = run_script("backup.py", *args, "--json", env=env)
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert (report["transferred"], report["failed"]) == (1, 1)
+    assert report["restore_point"] is None
+    plain = run_script("backup.py", *args, env=env)
+    assert plain.returncode == 1
+    assert "restore point" not in plain.stdout
+    proxy.stop_faults()
+    done = run_script("backup.py", *args, "--json", env=env)
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["restore_point"].endswith("Z")
