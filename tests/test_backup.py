@@ -13,7 +13,7 @@ import botocore.client
 import botocore.exceptions
 import pytest
 from botocore.stub import Stubber
-from conftest import make_tree
+from conftest import TEST_SERVER, make_tree
 
 import backup
 import s3common
@@ -275,6 +275,11 @@ def test_name_taken_by_another_account(tree, failing_proxy, capsys):
     assert "taken by another account" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(
+    TEST_SERVER == "seaweedfs",
+    reason="SeaweedFS lists out of S3's key order, so backup.py lists it whole "
+    "instead of in ranges of a page (test_a_server_listing_out_of_order_...)",
+)
 def test_a_no_change_run_sends_head_bucket_and_its_listing_and_nothing_else(
     tmp_path, failing_proxy, capsys, monkeypatch
 ):
