@@ -4,6 +4,8 @@ wrong secret key, and the counters of a run that did not get every file in."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import pytest
 from conftest import ROOT, TEST_SERVER, make_tree, run_script
 from faultproxy import FaultProxy
 from rgwserver import free_port
-from test_reliability import start_script, wait_for
+from test_reliability import MiB, incomplete_uploads, start_script, wait_for
 
 from backup import HISTORY_RULE_ID
 
@@ -83,16 +85,22 @@ def history_of(client, bucket: str) -> tuple[str, list[str]]:
 
 
 def backup_held_at(
-    operation: str, source, bucket: str, start_proxy, cli_env
+    operation: str, args: tuple[str, ...], start_proxy, cli_env
 ) -> tuple[subprocess.Popen, FaultProxy]:
-    """A first backup into `bucket`, held at its first request of `operation`."""
+    """backup.py with `args`, held at its first request of `operation`."""
     proxy = start_proxy(hold={operation})
-    process = start_script(
-        "backup.py", str(source), f"{bucket}::p", "--endpoint-url", proxy.url,
-        env=cli_env,
-    )  # fmt: skip
+    process = start_script("backup.py", *args, "--endpoint-url", proxy.url, env=cli_env)
     wait_for(proxy.holding.is_set, f"backup's {operation}")
     return process, proxy
+
+
+def backup_killed_at(operation: str, args: tuple[str, ...], start_proxy, cli_env):
+    """backup.py with `args`, killed (kill -9) at its first request of
+    `operation`, which never reaches the server."""
+    process, proxy = backup_held_at(operation, args, start_proxy, cli_env)
+    process.kill()
+    process.communicate()
+    proxy.release(forward=False)
 
 
 @pytest.fixture
@@ -107,9 +115,8 @@ def source(tmp_path):
 def test_ctrl_c_while_backup_sets_up_its_bucket_finishes_the_setup_first(
     source, bucket_name, s3_server, server_client, start_proxy, cli_env, operation
 ):
-    process, proxy = backup_held_at(
-        operation, source, bucket_name, start_proxy, cli_env
-    )
+    args = (str(source), f"{bucket_name}::p")
+    process, proxy = backup_held_at(operation, args, start_proxy, cli_env)
     process.send_signal(signal.SIGINT)
     time.sleep(0.2)  # the signal has arrived before the held request is answered
     proxy.release()
@@ -123,14 +130,10 @@ def test_ctrl_c_while_backup_sets_up_its_bucket_finishes_the_setup_first(
 def test_a_first_run_killed_before_versioning_is_finished_by_the_next(
     source, bucket_name, s3_server, server_client, start_proxy, cli_env
 ):
-    process, proxy = backup_held_at(
-        "PutBucketVersioning", source, bucket_name, start_proxy, cli_env
-    )
-    process.kill()
-    process.communicate()
-    proxy.release(forward=False)
+    args = (str(source), f"{bucket_name}::p")
+    backup_killed_at("PutBucketVersioning", args, start_proxy, cli_env)
     assert history_of(server_client, bucket_name) == ("", [HISTORY_RULE_ID])
-    args = (str(source), f"{bucket_name}::p", "--endpoint-url", s3_server)
+    args += ("--endpoint-url", s3_server)
     result = run_script("backup.py", *args, env=cli_env)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -157,13 +160,9 @@ def test_a_first_run_killed_before_its_rule_is_warned_of_on_every_run(
 ):
     # Before our rule is in place the bucket cannot be told from an empty one
     # of the user's: it is not reconfigured, and every run says so.
-    process, proxy = backup_held_at(
-        "PutBucketLifecycleConfiguration", source, bucket_name, start_proxy, cli_env
-    )
-    process.kill()
-    process.communicate()
-    proxy.release(forward=False)
-    args = (str(source), f"{bucket_name}::p", "--endpoint-url", s3_server)
+    args = (str(source), f"{bucket_name}::p")
+    backup_killed_at("PutBucketLifecycleConfiguration", args, start_proxy, cli_env)
+    args += ("--endpoint-url", s3_server)
     for _ in range(2):
         result = run_script("backup.py", *args, env=cli_env)
         assert result.returncode == 0, result.stderr
@@ -243,3 +242,64 @@ def test_a_bare_403_of_head_bucket_is_explained_by_a_listing(
         )
     ]
     assert "PutObject" not in proxy.operations
+
+
+# --- A kill -9 in the middle of a multipart upload ------------------------------
+
+
+def test_the_next_run_aborts_the_incomplete_upload_a_killed_run_left(
+    tmp_path, bucket_name, s3_server, server_client, start_proxy, cli_env
+):
+    large = os.urandom(12 * MiB)  # multipart, above the 8 MiB threshold
+    source = make_tree(tmp_path / "src", {"large.bin": large, "small.txt": b"s"})
+    server_client.create_bucket(Bucket=bucket_name)
+    args = (str(source), f"{bucket_name}::p", "--no-versioning")
+    backup_killed_at("UploadPart", args, start_proxy, cli_env)
+    [left] = incomplete_uploads(server_client, bucket_name)
+    assert left["Key"] == "p/large.bin"
+
+    result = run_script("backup.py", *args, "--endpoint-url", s3_server, env=cli_env)
+    assert result.returncode == 0, result.stderr
+    assert incomplete_uploads(server_client, bucket_name) == []
+    body = server_client.get_object(Bucket=bucket_name, Key="p/large.bin")["Body"]
+    assert body.read() == large
+
+
+# --- The counters of a run that did not get every file in as the walk saw it ----
+
+
+def test_bytes_count_what_is_stored_when_a_file_shrinks_during_its_upload(
+    tmp_path, bucket_name, s3_server, server_client, start_proxy, cli_env
+):
+    source = make_tree(tmp_path / "src", {"large.bin": os.urandom(12 * MiB)})
+    args = (str(source), f"{bucket_name}::p", "--json")
+    process, proxy = backup_held_at("UploadPart", args, start_proxy, cli_env)
+    os.truncate(source / "large.bin", 0)
+    proxy.release()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    report = json.loads(stdout)
+    assert (report["transferred"], report["bytes"]) == (1, 0)
+    head = server_client.head_object(Bucket=bucket_name, Key="p/large.bin")
+    assert head["ContentLength"] == 0
+
+
+def test_a_backup_that_failed_a_file_names_no_restore_point(
+    tmp_path, bucket_name, s3_server, start_proxy, cli_env
+):
+    source = make_tree(tmp_path / "src", {"bad.txt": b"b", "good.txt": b"g"})
+    proxy = start_proxy(throttled_keys={"bad.txt"})
+    env = {**cli_env, "AWS_MAX_ATTEMPTS": "1"}
+    args = (str(source), f"{bucket_name}::p", "--endpoint-url", proxy.url)
+    result = run_script("backup.py", *args, "--json", env=env)
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert (report["transferred"], report["failed"]) == (1, 1)
+    assert report["restore_point"] is None
+    plain = run_script("backup.py", *args, env=env)
+    assert plain.returncode == 1
+    assert "restore point" not in plain.stdout
+    proxy.stop_faults()
+    done = run_script("backup.py", *args, "--json", env=env)
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["restore_point"].endswith("Z")
