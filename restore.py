@@ -25,6 +25,7 @@ signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 # traceback when a file changes or Ctrl-C stops an upload. Its own switch:
 os.environ.setdefault("BOTO_DISABLE_CRT", "true")
 
+import math
 import re
 import stat
 import tempfile
@@ -187,14 +188,17 @@ def objects_at(
 ) -> dict[str, RemoteObject]:
     """Each key's newest version whose LastModified is at or before `when`, keyed by
     S3 key; a key whose newest entry by then is a delete marker is left out.
+    Times compare to the whole second: servers keep milliseconds, users type
+    seconds, so all of the second that `when` names counts as at or before it.
 
     `versions` come as ListObjectVersions lists them: within the versions, and
     within the delete markers, a key's newest first. Entries of one key may sit
     on different pages, versions and markers apart: they are merged here by key.
     """
     newest: dict[str, tuple[tuple, ObjectVersion]] = {}
+    before = math.floor(when) + 1
     for order, version in enumerate(versions):
-        if version.last_modified > when:
+        if version.last_modified >= before:
             continue
         # Newest by LastModified; in the same second (S3 keeps whole seconds) the
         # latest one, then a version before a delete marker (the listing does not

@@ -197,6 +197,34 @@ def test_objects_at_in_one_second(entries, expected):
     assert (picked and picked.version_id) == expected
 
 
+@pytest.mark.parametrize(
+    "when, expected",
+    [
+        # The whole second that WHEN names holds the versions written in it.
+        (1000, "v1000.999"),
+        (1000.5, "v1000.999"),  # an age lands mid-second: still that second
+        (999, "v999.016"),
+        (1001, "v1001.000"),
+        (998, None),
+    ],
+)
+def test_at_takes_the_whole_second_it_names(when, expected):
+    entries = [
+        version("k", "v1001.000", 1001.0, latest=True),
+        version("k", "v1000.999", 1000.999),
+        version("k", "v999.016", 999.016),
+    ]
+    picked = objects_at(entries, when).get("k")
+    assert (picked and picked.version_id) == expected
+
+
+def test_a_delete_marker_late_in_the_second_named_counts():
+    entries = [version("k", "v", 500.1), marker("k", "m", 501.9, latest=True)]
+    assert objects_at(entries, 499.99) == {}  # 499 names its second: v not yet
+    assert objects_at(entries, 500)["k"].version_id == "v"
+    assert objects_at(entries, 501) == {}
+
+
 # --- Listing versions ---------------------------------------------------------------
 
 
