@@ -278,7 +278,7 @@ def test_list_versions_follows_both_markers_through_pages_of_markers_only(aws_en
     with Stubber(client) as stubber:
         for response, params in pages:
             stubber.add_response("list_object_versions", response, params)
-        versions = list_versions(client, "bkt", "p/")
+        versions = list(list_versions(client, "bkt", "p/"))
         stubber.assert_no_pending_responses()
     assert [(v.key, v.version_id, v.size) for v in versions] == [
         ("p/a", "m1", None),
@@ -308,7 +308,7 @@ def test_list_versions_of_one_key_stops_once_past_it(aws_env):
             },
             {"Bucket": "bkt", "Prefix": "p", "MaxKeys": 1000},
         )
-        versions = list_versions(client, "bkt", "p", through="p")
+        versions = list(list_versions(client, "bkt", "p", through="p"))
         stubber.assert_no_pending_responses()
     assert [v.key for v in versions] == ["p", "p.txt"]
 
