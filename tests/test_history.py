@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import io
 import os
 import random
 import re
@@ -23,7 +24,17 @@ from backup import (
     history_rule,
     merge_lifecycle_rules,
 )
-from restore import ObjectVersion, list_versions, objects_at, parse_when
+from restore import (
+    ObjectVersion,
+    add_time,
+    by_key_newest_first,
+    count_moments,
+    list_versions,
+    objects_at,
+    parse_when,
+    spill_changes,
+    spilled_changes,
+)
 from s3common import RemoteObject, format_when
 from s3common import restore_point as restore_point_of
 
@@ -223,6 +234,93 @@ def test_a_delete_marker_late_in_the_second_named_counts():
     assert objects_at(entries, 499.99) == {}  # 499 names its second: v not yet
     assert objects_at(entries, 500)["k"].version_id == "v"
     assert objects_at(entries, 501) == {}
+
+
+# --- Moments of --history ------------------------------------------------------------
+
+
+def moments_of(*pages):
+    """--history's moments of ListObjectVersions pages, as (end, added, changed, deleted)."""
+    spill = io.BytesIO()
+    starts, ends = spill_changes(by_key_newest_first(pages), spill)
+    moments = count_moments(spilled_changes(spill), starts, ends)
+    return [(m.last, m.added, m.changed, m.deleted) for m in moments]
+
+
+@pytest.mark.parametrize(
+    "gap, expected",
+    [
+        (59.9, [(1059.9, 2, 0, 0)]),
+        (60, [(1060, 2, 0, 0)]),
+        (60.1, [(1060.1, 1, 0, 0), (1000, 1, 0, 0)]),
+    ],
+)
+def test_a_moment_ends_where_the_gap_is_over_60_seconds(gap, expected):
+    page = [version("a", "a1", 1000, latest=True), version("b", "b1", 1000 + gap)]
+    assert moments_of(page) == expected
+
+
+def test_the_times_make_the_same_moments_in_any_order():
+    times = [
+        0,
+        100,
+        50,
+        300,
+        200,
+        250,
+        1000,
+    ]  # 50 joins 0 and 100; 250 joins 200 and 300
+    for order in (times, sorted(times), sorted(times, reverse=True)):
+        starts, ends = [], []
+        for seconds in order:
+            add_time(starts, ends, seconds)
+        assert (starts, ends) == ([0, 200, 1000], [100, 300, 1000])
+
+
+def test_each_moment_counts_a_file_once_by_how_it_began_and_ended():
+    page = [
+        # a: added, then changed twice in the second moment: changed once.
+        version("a", "a3", 1010, latest=True),
+        version("a", "a2", 1000),
+        version("a", "a1", 0),
+        # b: added and changed within the second moment: added.
+        version("b", "b2", 1020, latest=True),
+        version("b", "b1", 1005),
+        # c: added and deleted within the second moment: nothing.
+        version("c", "c1", 1001),
+        # d: only deleted in the second moment.
+        version("d", "d1", 10),
+        # Each page lists its versions, then its delete markers.
+        marker("c", "cx", 1002, latest=True),
+        marker("d", "dx", 1030, latest=True),
+    ]
+    assert moments_of(page) == [(1030, 1, 1, 1), (10, 2, 0, 0)]
+
+
+def test_pages_that_hold_only_delete_markers_split_no_key():
+    # A page is a slice of the listing (each key's entries newest first): this
+    # one's slice holds only the delete markers of a, the next a's older versions.
+    pages = (
+        [marker("a", "ax2", 3000, latest=True), marker("a", "ax1", 2500)],
+        [version("a", "a2", 2000), version("a", "a1", 0)],
+        [marker("b", "bx", 3010, latest=True)],  # no version of b was ever listed
+        [version("c", "c1", 3020, latest=True)],
+    )
+    assert moments_of(*pages) == [
+        (3020, 1, 0, 0),  # c added; a deleted again and b: nothing to delete
+        (2500, 0, 0, 1),
+        (2000, 0, 1, 0),
+        (0, 1, 0, 0),
+    ]
+
+
+def test_a_version_and_a_marker_in_one_second_end_the_moment_as_at_does():
+    # The one marked latest is the newer, whatever its kind, as objects_at says.
+    page = [version("k", "v", 100), marker("k", "m", 100, latest=True)]
+    assert moments_of(page) == [(100, 0, 0, 0)]
+    page = [version("k", "v", 100, latest=True), marker("k", "m", 100)]
+    assert moments_of(page) == [(100, 1, 0, 0)]
+    assert moments_of([]) == []
 
 
 # --- Listing versions ---------------------------------------------------------------
