@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import calendar
 import io
+import json
 import os
 import random
 import re
+import subprocess
 import time
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -977,3 +979,188 @@ def test_restore_point_with_an_age(history_env, tmp_path, bucket_name):
     at = re.search(r"at (\S+)$", result.stderr.strip())[1]
     expected = datetime.now(UTC) - timedelta(hours=1)
     assert abs(seconds_of(at) - expected.timestamp()) < 60
+
+
+# --- --history, end to end ------------------------------------------------------------
+
+HISTORY_LINE = re.compile(r"(\S+)  added (\d+), changed (\d+), deleted (\d+)")
+
+
+def an_hour_earlier_before(point: str):
+    """The proxy's version_times: what was written before `point` as if an hour earlier."""
+    return lambda t: t - timedelta(hours=1) if t.timestamp() < seconds_of(point) else t
+
+
+@pytest.fixture
+def via_proxy(start_proxy, cli_env):
+    """via_proxy(options of FaultProxy) -> run(script, *args) through a new proxy."""
+
+    def start(**options):
+        proxy = start_proxy(**options)
+        return lambda script, *args: run_script(
+            script, *args, "--endpoint-url", proxy.url, env=cli_env
+        )
+
+    return start
+
+
+def test_history_lists_two_moments_and_their_at_values_restore_each(
+    history_env, via_proxy, tmp_path, bucket_name
+):
+    src = tmp_path / "src"
+    location = f"{bucket_name}::home"
+    write(src, "a.txt", b"a one", 1_700_000_000)
+    write(src, "b.txt", b"b one", 1_700_000_100)
+    write(src, "docs/c.txt", b"c one", 1_700_000_200, 0o600)
+    assert history_env("backup.py", str(src), location).returncode == 0
+    first = snapshot(src)
+    between = moment_now()
+    wait_after(between)
+    # Three runs within seconds: one moment. a changed twice, d added and changed.
+    write(src, "a.txt", b"a two!", 1_700_000_300)
+    os.remove(src / "b.txt")
+    write(src, "docs/d.txt", b"d one", 1_700_000_400)
+    assert history_env("backup.py", str(src), location, "--delete").returncode == 0
+    wait_after(moment_now())  # whole-second servers: a's next version is newer
+    write(src, "a.txt", b"a three", 1_700_000_500)
+    write(src, "docs/d.txt", b"d two!", 1_700_000_600)
+    write(src, "e.txt", b"e one", 1_700_000_700)
+    for _ in range(2):  # the second run finds nothing to do
+        assert history_env("backup.py", str(src), location).returncode == 0
+    second = snapshot(src)
+
+    # The first run an hour earlier, as the listing shows it: a real gap of over 60 s.
+    run = via_proxy(version_times=an_hour_earlier_before(between))
+    result = run("restore.py", location, "--history")
+    assert result.returncode == 0, result.stderr
+    *lines, total = result.stdout.splitlines()
+    moments = [HISTORY_LINE.fullmatch(line).groups() for line in lines]
+    assert [counts for _, *counts in moments] == [["2", "1", "1"], ["3", "0", "0"]]
+    assert total == f"2 moments of s3://{bucket_name}/home"
+    newest, oldest = (at for at, *_ in moments)
+    assert seconds_of(newest) - seconds_of(oldest) > 3600
+    assert seconds_of(newest) >= seconds_of(between)
+
+    result = run(
+        "restore.py", location, str(tmp_path / "dry"), "--at", oldest, "--dry-run"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "would restore 3" in result.stdout
+    for at, state in ((oldest, first), (newest, second)):
+        target = tmp_path / f"at-{at}"
+        result = run("restore.py", location, str(target), "--at", at)
+        assert result.returncode == 0, result.stderr
+        assert snapshot(target) == state, at
+    diff = subprocess.run(["diff", "-r", str(src), str(target)], check=False)
+    assert diff.returncode == 0
+
+    result = run("restore.py", location, "--history", "--exclude", "b.txt", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["moments"] == [
+        {"at": newest, "added": 2, "changed": 1, "deleted": 0},
+        {"at": oldest, "added": 2, "changed": 0, "deleted": 0},
+    ]
+    assert (report["command"], report["source"], report["destination"]) == (
+        "restore",
+        location,
+        None,
+    )
+    assert report["exit_code"] == 0 and report["errors"] == []
+
+
+def test_history_of_one_object_lists_its_versions_and_markers(
+    history_env, via_proxy, tmp_path, bucket_name
+):
+    src = tmp_path / "src"
+    location = f"{bucket_name}::p"
+    write(src, "f.txt", b"one", 1_700_000_000)
+    write(src, "g.txt", b"gone soon", 1_700_000_000)
+    assert history_env("backup.py", str(src), location).returncode == 0
+    wait_after(moment_now())
+    write(src, "f.txt", b"two!", 1_700_000_100)
+    os.remove(src / "g.txt")
+    assert history_env("backup.py", str(src), location, "--delete").returncode == 0
+
+    run = via_proxy()
+    result = run("restore.py", f"{location}/f.txt", "--history")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split("  ", 1)[1] for line in lines[:2]] == [
+        "4 bytes, current",
+        "3 bytes",
+    ]
+    assert lines[2] == f"2 versions of s3://{bucket_name}/p/f.txt"
+    result = run("restore.py", f"{location}/g.txt", "--history", "--json")
+    assert result.returncode == 0, result.stderr
+    versions = json.loads(result.stdout)["versions"]
+    assert [(v["size"], v["delete_marker"], v["current"]) for v in versions] == [
+        (None, True, True),
+        (9, False, False),
+    ]
+    assert set(versions[0]) == {"at", "size", "delete_marker", "current", "version_id"}
+    # Its older version's --at restores it.
+    target = tmp_path / "back"
+    result = run(
+        "restore.py", f"{location}/g.txt", str(target), "--at", versions[1]["at"]
+    )
+    assert result.returncode == 0, result.stderr
+    assert (target / "g.txt").read_bytes() == b"gone soon"
+
+
+def test_at_names_a_whole_second_on_a_server_with_milliseconds(
+    history_env, server_client, via_proxy, tmp_path, bucket_name
+):
+    files = {f"f{n}.txt": b"file %d" % n for n in range(20)}
+    src = make_tree(tmp_path / "src", files)
+    location = f"{bucket_name}::ms"
+    assert history_env("backup.py", str(src), location).returncode == 0
+    listed = server_client.list_objects_v2(Bucket=bucket_name, Prefix="ms/")
+    # What `date` printed right after the last file went in: its whole second.
+    when = format_when(max(o["LastModified"].timestamp() for o in listed["Contents"]))
+    # Late in each second, as a server that keeps milliseconds may write them.
+    run = via_proxy(version_times=lambda t: t.replace(microsecond=999_000))
+
+    result = run("restore.py", location, "--history", "--json")
+    assert [m["at"] for m in json.loads(result.stdout)["moments"]] == [when]
+    target = tmp_path / "t"
+    result = run("restore.py", location, str(target), "--at", when)
+    assert result.returncode == 0, result.stderr
+    assert snapshot(target) == snapshot(src)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("{location}", "{target}", "--history"),
+            (
+                "restore.py: error: --history lists and writes nothing: give no LOCAL "
+                "({target}), e.g. restore.py BUCKET::PREFIX --history"
+            ),
+        ),
+        (
+            ("{location}",),
+            "restore.py: error: the following arguments are required: LOCAL (see --help)",
+        ),
+        (
+            ("{location}", "--history", "--at", "1d"),
+            (
+                "restore.py: error: --history lists every moment and takes no --at: "
+                "restore one with restore.py BUCKET::PREFIX LOCAL --at WHEN"
+            ),
+        ),
+    ],
+)
+def test_history_usage_errors_are_one_line_exit_2(
+    via_proxy, tmp_path, bucket_name, args, message
+):
+    target = tmp_path / "t"
+    fill = {"location": f"{bucket_name}::p", "target": str(target)}
+    run = via_proxy()
+    result = run("restore.py", *(a.format(**fill) for a in args))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == message.format(**fill) + "\n"
+    assert not target.exists()
+    result = run("restore.py", *(a.format(**fill) for a in args), "--json")
+    assert json.loads(result.stdout)["exit_code"] == 2
