@@ -9,19 +9,23 @@ versioning on and a lifecycle rule that keeps replaced and deleted versions for
 --keep-days days (restore.py --at brings them back).
 """
 
-from __future__ import annotations
-
+# ruff: noqa: UP007, UP045
+# (Optional and Union, not X | Y: Python 3.9 evaluates annotations here, since
+# `from __future__ import annotations` would have to come before the lines below.)
+# Ctrl-C from the first instant exits 130, quietly, until run_cli takes over:
+# the script's first statements, on os and _signal, which the interpreter has
+# loaded before any script (signal, their wrapper, would be an import to
+# interrupt); os._exit, since nothing is written yet.
+import _signal
 import os
-import signal
 
-# Ctrl-C while botocore is imported (the first tenth of a second) exits 130,
-# quietly, until run_cli takes over; os._exit, since nothing is written yet.
-signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
+_signal.signal(_signal.SIGINT, lambda signum, frame: os._exit(130))
 # With awscrt installed (aws-cli v2, boto3[crt]) botocore signs with it instead of
 # its Python signer, whose failures are ours to report: the CRT's print a
 # traceback when a file changes or Ctrl-C stops an upload. Its own switch:
 os.environ.setdefault("BOTO_DISABLE_CRT", "true")
 
+import errno
 import hashlib
 import io
 import itertools
@@ -29,13 +33,14 @@ import json
 import mimetypes
 import stat
 import tempfile
+import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import PurePath, PureWindowsPath
-from typing import BinaryIO, TextIO, TypeVar, Union
+from typing import BinaryIO, Optional, TextIO, TypeVar, Union
 
 import botocore.exceptions
 
@@ -45,6 +50,7 @@ from s3common import (
     MULTIPART_THRESHOLD,
     PART_WORKERS,
     SMALL_OBJECT,
+    TEMPORARY_NAME,
     ArgumentParser,
     BandwidthSubscriber,
     ByteBudget,
@@ -61,17 +67,21 @@ from s3common import (
     Summary,
     TransferEngine,
     add_shared_options,
+    at_any_length,
     both_md5s,
     bucket_name_problem,
     call_failing_fast,
     client_error_code,
     connect,
     crc32_header,
+    describe_error,
     exit_script,
     failure_line,
     file_md5,
     folder_prefix,
     format_mtime,
+    interrupt_after,
+    is_long,
     key_error,
     key_for,
     key_length_problem,
@@ -80,6 +90,8 @@ from s3common import (
     list_objects,
     map_failing_fast,
     md5chksum,
+    open_any,
+    open_folder,
     parse_location,
     parse_mtime,
     positive_int,
@@ -143,6 +155,15 @@ class FileChanged(CliError):
         )
 
 
+class Vanished(Exception):
+    """The file is gone since the walk found it (deleted, or its folder renamed)."""
+
+
+def vanished_line(path: str) -> str:
+    """The warning for a file gone since the walk found it."""
+    return f"vanished during the backup, not uploaded: {printable(path)}"
+
+
 @dataclass(frozen=True)
 class LocalFile:
     path: str
@@ -162,7 +183,7 @@ class Upload:
     file: LocalFile
     # "new", "size changed", "newer", "content changed" or "no MD5 to compare"
     reason: str
-    md5: str | None = None  # the file's, when --checksum has hashed it already
+    md5: Optional[str] = None  # the file's, when --checksum has hashed it already
 
 
 @dataclass(frozen=True)
@@ -198,8 +219,7 @@ class StaleFolder:
     objects: int
 
 
-# A runtime alias: X | Y of classes is Python 3.10 and newer.
-Step = Union[Upload, Keep, Compare, Delete, StaleFolder]  # noqa: UP007
+Step = Union[Upload, Keep, Compare, Delete, StaleFolder]
 
 
 @dataclass(frozen=True)
@@ -211,7 +231,7 @@ class BackupPlan:
     skipped: int
 
     @classmethod
-    def of(cls, steps: Iterable[Step]) -> BackupPlan:
+    def of(cls, steps: Iterable[Step]) -> "BackupPlan":
         uploads, deletes, skipped = [], [], 0
         for step in steps:
             if isinstance(step, Upload):
@@ -249,14 +269,30 @@ class OutOfOrder(CliError):
 
 @dataclass
 class Scan:
-    """What the walk meets besides files: warnings said at once, errors counted."""
+    """What the walk meets besides files: warnings said at once, errors and
+    vanished files counted."""
 
-    console: Console | None  # None: a walk that only looks (listing_boundaries)
+    console: Optional[Console]  # None: a walk that only looks (listing_boundaries)
     errors: int = 0
+    vanished: int = 0
 
     def warning(self, text: str) -> None:
         if self.console:
             self.console.warning(text)
+
+    def detail(self, text: str) -> None:
+        if self.console:
+            self.console.detail(text)
+
+    def vanish(self, path: str) -> None:
+        self.vanished += 1
+        self.warning(vanished_line(path))
+
+    def vanish_folder(self, path: str) -> None:
+        # Its files are not known: said, not counted.
+        self.warning(
+            f"folder vanished during the backup, not backed up: {printable(path)}"
+        )
 
     def error(self, action: str, path: str, error: BaseException) -> None:
         self.errors += 1
@@ -273,7 +309,7 @@ class DeleteKeys:
 
     def __init__(self):
         self._held: list[str] = []
-        self._spilled: TextIO | None = None
+        self._spilled: Optional[TextIO] = None
         self._count = 0
 
     def append(self, key: str) -> None:
@@ -309,9 +345,9 @@ class Outcome:
 
     transferred: int = 0
     nbytes: int = 0
-    skipped: int = 0  # files their objects hold, or that vanished since the walk
+    skipped: int = 0  # files their objects hold
+    vanished: int = 0  # files gone since the walk found them
     planned: int = 0  # uploads, as the plan gives them out
-    planned_bytes: int = 0
     failed: list[Failure[Upload]] = field(default_factory=list)
     # The plan's, held to the end.
     deletes: DeleteKeys = field(default_factory=DeleteKeys)
@@ -324,11 +360,11 @@ class Outcome:
 
 def upload_reason(
     local: LocalFile,
-    remote: RemoteObject | None,
-    local_md5: str | None = None,
-    remote_md5: str | None = None,
+    remote: Optional[RemoteObject],
+    local_md5: Optional[str] = None,
+    remote_md5: Optional[str] = None,
     by_content: bool = False,
-) -> str | None:
+) -> Optional[str]:
     """Why a file must go up, or None when the object already matches it.
 
     By content, a file of the object's size matches when both MD5s are known and
@@ -351,7 +387,7 @@ def upload_reason(
 
 def pair_by_key(
     local: Iterable[tuple[str, LocalFile]], remote: Iterable[RemoteObject]
-) -> Iterator[tuple[str, LocalFile | None, RemoteObject | None]]:
+) -> Iterator[tuple[str, Optional[LocalFile], Optional[RemoteObject]]]:
     """(key, file, object) for every key of either stream, both in key order (the
     order of str, which is S3's UTF-8 byte order), merged; OutOfOrder if one is not."""
     files, objects = iter(local), iter(remote)
@@ -399,7 +435,7 @@ def plan_backup(
     StaleFolder once the keys have passed that folder.
     """
     # --delete's deletes, held until a file to back up has been seen.
-    held: list[Delete] | None = [] if delete and refuse_empty else None
+    held: Optional[list[Delete]] = [] if delete and refuse_empty else None
     # Files whose key plus "/" may still begin a coming key, each a prefix of the next.
     folders: list[list] = []  # [key, file, objects under key/]
     files_left = True
@@ -452,7 +488,9 @@ def stale_step(key: str, file: LocalFile, objects: int) -> Iterator[StaleFolder]
         yield StaleFolder(key, file, objects)
 
 
-def by_content(step: Compare, local_md5: str | None, remote_md5: str | None) -> Step:
+def by_content(
+    step: Compare, local_md5: Optional[str], remote_md5: Optional[str]
+) -> Step:
     """A Compare step decided by the two MD5s (None: not known)."""
     reason = upload_reason(step.file, step.remote, local_md5, remote_md5, True)
     return Upload(step.key, step.file, reason, local_md5) if reason else Keep(step.key)
@@ -467,7 +505,7 @@ def future_dated(upload: Upload, now: float) -> bool:
     return upload.reason == "newer" and upload.file.mtime_ns > now * 1e9
 
 
-def after_recheck(upload: Upload, recorded: int | None) -> Step:
+def after_recheck(upload: Upload, recorded: Optional[int]) -> Step:
     """A future-dated upload, kept when its object records the file's very mtime
     (`recorded`: its mtime metadata, None where there is none)."""
     return Keep(upload.key) if recorded == upload.file.mtime_ns else upload
@@ -530,7 +568,7 @@ def listing_boundaries(keys_in_order: Iterable[str]) -> list[str]:
     return boundaries
 
 
-def history_rule(keep_days: int | None) -> dict:
+def history_rule(keep_days: Optional[int]) -> dict:
     """Our lifecycle rule: old versions expire after keep_days (None: no versioning,
     only the abort), delete markers left with no version go, incomplete multipart
     uploads are aborted."""
@@ -584,7 +622,7 @@ def needs_md5chksum(size: int, extra: dict) -> bool:
     ).startswith("aws:kms")
 
 
-def upload_args(file: LocalFile, extra: dict, md5: str | None = None) -> dict:
+def upload_args(file: LocalFile, extra: dict, md5: Optional[str] = None) -> dict:
     """Metadata (mtime and mode as rclone writes them, and md5chksum when given),
     Content-Type and the pass-through options."""
     args = {
@@ -607,7 +645,7 @@ def upload_args(file: LocalFile, extra: dict, md5: str | None = None) -> dict:
 
 def walk_folder(
     root: str, prefix: str, follow_symlinks: bool, scan: Scan, look_only: bool = False
-) -> Iterator[tuple[str, LocalFile | None]]:
+) -> Iterator[tuple[str, Optional[LocalFile]]]:
     """Every regular file under root with its S3 key, in key order: the order of
     str (S3's UTF-8 byte order), a folder sorting as its name plus "/". One
     folder's entries are held at a time, for each folder on the way down.
@@ -616,7 +654,7 @@ def walk_folder(
     on the way down is a loop, reported and not followed. `look_only` takes
     the file system's word for what is a file, with no stat (and no LocalFile).
     """
-    root_stat = os.stat(root)
+    root_stat = at_any_length(os.stat, root)
     ancestors = frozenset({(root_stat.st_dev, root_stat.st_ino)})
     walk = (follow_symlinks, scan, look_only)
     stack = [iter(folder_entries(root, "", ancestors, *walk))]
@@ -638,59 +676,100 @@ def folder_entries(
     follow_symlinks: bool,
     scan: Scan,
     look_only: bool,
-) -> list[tuple[str, str, LocalFile | None, frozenset | None]]:
+) -> list[tuple[str, str, Optional[LocalFile], Optional[frozenset]]]:
     """The files and sub-folders of one folder as (relative path, path, LocalFile,
     None) and (relative path, path, None, the sub-folder's ancestors), in key
     order; a sub-folder's relative path ends in "/"."""
     try:
-        with os.scandir(folder) as listing:
-            entries = list(listing)
+        entries, fd = list_folder(folder)
+    except FileNotFoundError:
+        scan.vanish_folder(folder)
+        return []
     except OSError as exc:
         scan.error("read", folder, exc)
         return []
-    found = []
-    for entry in entries:
-        relative = relative_folder + entry.name
-        try:
-            if not follow_symlinks and entry.is_symlink():
-                continue
-            if look_only and entry.is_file():
-                found.append((relative, entry.path, None, None))
-                continue
-            info = entry.stat()
-        except FileNotFoundError:
-            if entry.is_symlink():
-                scan.warning(f"broken symbolic link skipped: {printable(entry.path)}")
-            else:
-                scan.warning(
-                    f"vanished during the backup, not uploaded: {printable(entry.path)}"
-                )
-            continue
-        except OSError as exc:
-            scan.error("read", entry.path, exc)
-            continue
-        if stat.S_ISDIR(info.st_mode):
-            identity = (info.st_dev, info.st_ino)
-            if identity in ancestors:
-                scan.warning(
-                    f"symbolic link loop not followed: {printable(entry.path)}"
-                )
-            else:
-                inside = ancestors | {identity}
-                found.append((relative + "/", entry.path, None, inside))
-        elif stat.S_ISREG(info.st_mode):
-            file = LocalFile(entry.path, info.st_size, info.st_mtime_ns, info.st_mode)
-            found.append((relative, entry.path, file, None))
-        else:
-            scan.warning(f"not a regular file, skipped: {printable(entry.path)}")
+    walk = (ancestors, follow_symlinks, scan, look_only)
+    try:
+        found = [
+            item
+            for entry in entries
+            if (item := folder_entry(entry, folder, relative_folder, *walk))
+        ]
+    finally:
+        if fd is not None:
+            os.close(fd)
     found.sort(key=lambda item: item[0])
     return found
+
+
+def list_folder(folder: str) -> tuple[list[os.DirEntry], Optional[int]]:
+    """A folder's entries, and the file descriptor they were listed through
+    where its path is long (to close once their stat() is done): their own
+    paths may be too long for the system."""
+    if not is_long(folder):
+        with os.scandir(folder) as listing:
+            return list(listing), None
+    fd = open_folder(folder)
+    try:
+        with os.scandir(fd) as listing:
+            return list(listing), fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def folder_entry(
+    entry: os.DirEntry,
+    folder: str,
+    relative_folder: str,
+    ancestors: frozenset,
+    follow_symlinks: bool,
+    scan: Scan,
+    look_only: bool,
+) -> Optional[tuple[str, str, Optional[LocalFile], Optional[frozenset]]]:
+    """One entry of folder_entries, or None for one not backed up (said why)."""
+    relative = relative_folder + entry.name
+    path = os.path.join(folder, entry.name)  # entry.path is its name alone by fd
+    try:
+        if not follow_symlinks and entry.is_symlink():
+            return None
+        if look_only and entry.is_file():
+            return (relative, path, None, None)
+        info = entry.stat()
+    except FileNotFoundError:
+        if entry.is_symlink():
+            scan.warning(f"broken symbolic link skipped: {printable(path)}")
+        elif entry.is_dir(follow_symlinks=False):  # as the listing said
+            scan.vanish_folder(path)
+        else:
+            scan.vanish(path)
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and entry.is_symlink():
+            # A link that leads to itself (self -> self, a -> b -> a): no file.
+            scan.warning(f"symbolic link loop not followed: {printable(path)}")
+        else:
+            scan.error("read", path, exc)
+        return None
+    if stat.S_ISDIR(info.st_mode):
+        identity = (info.st_dev, info.st_ino)
+        if identity not in ancestors:
+            return (relative + "/", path, None, ancestors | {identity})
+        scan.warning(f"symbolic link loop not followed: {printable(path)}")
+    elif stat.S_ISREG(info.st_mode) and TEMPORARY_NAME.fullmatch(entry.name):
+        scan.detail(f"skipped, restore's temporary file: {printable(path)}")
+    elif stat.S_ISREG(info.st_mode):
+        file = LocalFile(path, info.st_size, info.st_mtime_ns, info.st_mode)
+        return (relative, path, file, None)
+    else:
+        scan.warning(f"not a regular file, skipped: {printable(path)}")
+    return None
 
 
 def stat_local(local: str) -> os.stat_result:
     """LOCAL's stat, once it is known to be a folder or a regular file."""
     try:
-        info = os.stat(local)
+        info = at_any_length(os.stat, local)
     except FileNotFoundError:
         raise usage_error(
             f"{local!r} does not exist: give the folder or file to back up"
@@ -711,7 +790,7 @@ def local_files(
     return iter([(key_for(prefix, name), file)])
 
 
-def recorded_mtime(client, bucket: str, key: str) -> int | None:
+def recorded_mtime(client, bucket: str, key: str) -> Optional[int]:
     """The mtime recorded on the object (HeadObject), None where there is none."""
     try:
         head = client.head_object(Bucket=bucket, Key=key)
@@ -743,18 +822,58 @@ def content_decided(
     return map_failing_fast(decide, steps, workers)
 
 
+@dataclass(frozen=True)
+class BucketState:
+    exists: bool
+    # "Enabled", "Suspended", "" (never turned on), "unknown (<code>)", or None
+    # when the run did not ask (--no-versioning, --check).
+    versioning: Optional[str]
+
+
+def bucket_state(client, bucket: str, ask_versioning: bool) -> BucketState:
+    """HeadBucket and, beside it, GetBucketVersioning: whether the bucket is there,
+    and whether it keeps history; any other answer than yes or no is an error."""
+    versioning = None
+    if ask_versioning:
+        versioning = call_failing_fast(lambda: versioning_status(client, bucket))
+    exists = bucket_exists(client, bucket)
+    return BucketState(exists, versioning.result() if versioning else None)
+
+
 def bucket_exists(client, bucket: str) -> bool:
-    """HeadBucket: whether the bucket is there; any other answer than yes or no is an error."""
     try:
         client.head_bucket(Bucket=bucket)
         return True
     except botocore.exceptions.ClientError as exc:
-        if client_error_code(exc) not in ("404", "NoSuchBucket"):
-            raise runtime_error(f"bucket {bucket}", exc) from None
-    return False
+        code = client_error_code(exc)
+        if code in ("404", "NoSuchBucket"):
+            return False
+        if code == "403":
+            exc = reason_for_forbidden(client, bucket, exc)
+        raise runtime_error(f"bucket {bucket}", exc) from None
 
 
-def describe_history(keep_days: int | None) -> str:
+def reason_for_forbidden(client, bucket: str, forbidden: BaseException):
+    """HeadBucket's 403 has no body, so it cannot tell a wrong secret key from
+    another account's bucket; a listing of no keys answers with an error code."""
+    try:
+        client.list_objects_v2(Bucket=bucket, MaxKeys=0)
+    except botocore.exceptions.ClientError as exc:
+        return exc
+    return forbidden
+
+
+def versioning_status(client, bucket: str) -> str:
+    """bucket_versioning, or "unknown (<code>)" where it cannot be read ("" for a
+    missing bucket: HeadBucket says that)."""
+    try:
+        return bucket_versioning(client, bucket)
+    except botocore.exceptions.ClientError as exc:
+        code = client_error_code(exc)
+        return "" if code in ("404", "NoSuchBucket") else f"unknown ({code})"
+
+
+def describe_history(keep_days: Optional[int]) -> str:
     if keep_days is None:
         return (
             f"without versioning (lifecycle rule {HISTORY_RULE_ID}: incomplete "
@@ -776,7 +895,7 @@ class HistoryUnsupported(Exception):
     S3-compatible servers do not."""
 
 
-def set_up_history(client, bucket: str, keep_days: int | None, new: bool) -> bool:
+def set_up_history(client, bucket: str, keep_days: Optional[int], new: bool) -> bool:
     """Put our lifecycle rule beside the bucket's own, then turn versioning on
     (unless keep_days is None): the rule first, so that no version is kept
     with nothing to expire it. Whether anything had to change."""
@@ -808,6 +927,29 @@ def set_up_history(client, bucket: str, keep_days: int | None, new: bool) -> boo
     return changed
 
 
+def own_keep_days(rules: list[dict]) -> Optional[int]:
+    """The days our own rule keeps old versions for, None without one (or with the
+    rule of --no-versioning, which keeps none)."""
+    for rule in rules:
+        if rule.get("ID") == HISTORY_RULE_ID:
+            return rule.get("NoncurrentVersionExpiration", {}).get("NoncurrentDays")
+    return None
+
+
+def unversioned_warning(bucket: str, status: str, deleting: bool = False) -> str:
+    state = {"": "off", "Suspended": "suspended"}.get(status, status)
+    if deleting:
+        return (
+            f"versioning of s3://{bucket} is {state}: the objects --delete removes "
+            "cannot be recovered (backup.py --keep-days N turns it on)"
+        )
+    return (
+        f"versioning of s3://{bucket} is {state}: overwritten and deleted files "
+        "cannot be recovered (backup.py --keep-days N turns it on; --no-versioning "
+        "says that a mirror without history is meant)"
+    )
+
+
 def lifecycle_configuration(client, bucket: str) -> tuple[list[dict], dict]:
     """The bucket's lifecycle rules, and the other settings to send back with them."""
     try:
@@ -828,7 +970,7 @@ def create_bucket(
     client,
     bucket: str,
     region: str,
-    keep_days: int | None,
+    keep_days: Optional[int],
     dry_run: bool,
     console: Console,
 ) -> None:
@@ -848,15 +990,16 @@ def create_bucket(
         else {"CreateBucketConfiguration": {"LocationConstraint": region}}
     )
     try:
-        client.create_bucket(Bucket=bucket, **location)
-    except botocore.exceptions.ClientError as exc:
-        if client_error_code(exc) != "BucketAlreadyOwnedByYou":
-            raise runtime_error(f"cannot create bucket {bucket}", exc) from None
-    client.get_waiter("bucket_exists").wait(
-        Bucket=bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
-    )
-    try:
-        set_up_history(client, bucket, keep_days, new=True)
+        with interrupt_after():  # a bucket is not left without its history
+            try:
+                client.create_bucket(Bucket=bucket, **location)
+            except botocore.exceptions.ClientError as exc:
+                if client_error_code(exc) != "BucketAlreadyOwnedByYou":
+                    raise runtime_error(f"cannot create bucket {bucket}", exc) from None
+            client.get_waiter("bucket_exists").wait(
+                Bucket=bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
+            )
+            set_up_history(client, bucket, keep_days, new=True)
     except HistoryUnsupported:
         # The bucket exists now, and a later run would find it and go on without
         # history anyway: say so once, and back up.
@@ -878,10 +1021,14 @@ class ReadStart:
     started_ns: int  # time.time_ns() before the stat
 
     @classmethod
-    def of(cls, path: str, source: BinaryIO | None = None) -> ReadStart:
+    def of(cls, path: str, source: Optional[BinaryIO] = None) -> "ReadStart":
         """Now, for the open file `source`, or else for the file at `path`."""
         started = time.time_ns()
-        info = os.stat(path) if source is None else os.fstat(source.fileno())
+        info = (
+            at_any_length(os.stat, path)
+            if source is None
+            else os.fstat(source.fileno())
+        )
         return cls(path, info, started)
 
     def file(self) -> LocalFile:
@@ -889,10 +1036,10 @@ class ReadStart:
         info = self.before
         return LocalFile(self.path, info.st_size, info.st_mtime_ns, info.st_mode)
 
-    def check(self, after: os.stat_result | None = None) -> None:
+    def check(self, after: Optional[os.stat_result] = None) -> None:
         """FileChanged unless the file has been left as it was since the read began
         (`after`: its stat now, if there is one at hand)."""
-        after = os.stat(self.path) if after is None else after
+        after = at_any_length(os.stat, self.path) if after is None else after
         if not read_unchanged(self.before, after, self.started_ns):
             raise FileChanged()
 
@@ -913,7 +1060,11 @@ class PartFile(io.FileIO):
     """A file that s3transfer opens by name to read one part of it, and that
     raises FileChanged when it holds fewer bytes than asked for: the file was
     cut short since the upload began. A short body would otherwise go out under
-    the part's Content-Length, and the server would wait for the rest (60 s)."""
+    the part's Content-Length, and the server would wait for the rest (60 s).
+    Its path may be of any length."""
+
+    def __init__(self, name: str, mode: str = "r", closefd: bool = True):
+        super().__init__(name, mode, closefd, opener=open_any)
 
     def read(self, size: int = -1) -> bytes:
         data = super().read(size)
@@ -947,8 +1098,9 @@ def make_uploader(
 ):
     """The work function for run_collecting_failures: one file up, as one PUT or a
     parallel multipart (through `engine`), from one read of it during which it
-    did not change; False when it vanished since the walk, or when it is
-    future-dated (at `now`) and its object records its very mtime."""
+    did not change. The file as stored (its size is what the object holds);
+    None when it is future-dated (at `now`) and its object records its very
+    mtime; Vanished (raised) when it is gone since the walk."""
     client, direct = connection.client, connection.direct
     bandwidth = connection.bandwidth  # None without --bwlimit
     bodies = ByteBudget(BODY_BYTES_AT_ONCE)
@@ -987,7 +1139,7 @@ def make_uploader(
                 Bucket=bucket, Key=key, Body=data, **args
             )
 
-    def put_multipart(key: str, start: ReadStart, md5: str | None, cancel) -> None:
+    def put_multipart(key: str, start: ReadStart, md5: Optional[str], cancel) -> None:
         """Parallel parts read from the file by name, as s3transfer does: each
         part's checksum is over the bytes read for it, and the parts are joined
         only if the file was left alone from before the first read to after the
@@ -1014,7 +1166,7 @@ def make_uploader(
     def put_once(item: Upload, cancel) -> ReadStart:
         """The file up from one read; FileChanged if it changed during the read."""
         path = item.file.path
-        with open(path, "rb") as source:
+        with open(path, "rb", opener=open_any) as source:
             start = ReadStart.of(path, source)
             # One PutObject is the cheapest request for a small file; the transfer
             # manager's futures and callbacks cost more than the upload itself.
@@ -1029,12 +1181,12 @@ def make_uploader(
         put_multipart(item.key, start, md5, cancel)
         return start
 
-    def upload(item: Upload, cancel) -> bool:
+    def upload(item: Upload, cancel) -> Optional[LocalFile]:
         path = item.file.path
         if future_dated(item, now):
             recheck = after_recheck(item, recorded_mtime(client, bucket, item.key))
             if isinstance(recheck, Keep):
-                return False
+                return None
         for attempt in range(READ_ATTEMPTS):
             if attempt:
                 time.sleep(CLOCK_SLACK_NS / 1e9)
@@ -1046,10 +1198,8 @@ def make_uploader(
             except FileNotFoundError as exc:
                 if exc.filename != path:
                     raise
-                console.warning(
-                    f"vanished during the backup, not uploaded: {printable(path)}"
-                )
-                return False
+                console.warning(vanished_line(path))
+                raise Vanished() from None
         else:
             raise FileChanged()
         file = start.file()
@@ -1059,9 +1209,57 @@ def make_uploader(
         console.detail(
             f"upload: {printable(path)} -> {printable(f's3://{bucket}/{item.key}')}"
         )
-        return True
+        return file
 
     return upload
+
+
+class StaleUploads:
+    """The incomplete multipart uploads under the prefix that began before this
+    run (`before`, the server's time), as a kill -9 or a power cut leaves them:
+    listed once, when the run's first upload is done, and aborted for each key
+    the run uploads. A failure to list or abort them is a warning: our lifecycle
+    rule aborts them after ABORT_INCOMPLETE_DAYS days anyway."""
+
+    def __init__(self, client, bucket: str, prefix: str, before: float, console):
+        self._client, self._bucket, self._prefix = client, bucket, prefix
+        self._before, self._console = before, console
+        self._lock = threading.Lock()
+        self._by_key: Optional[dict[str, list[str]]] = None
+
+    def uploaded(self, key: str) -> None:
+        with self._lock:
+            if self._by_key is None:
+                self._by_key = self._listed()
+            upload_ids = self._by_key.pop(key, ())
+        for upload_id in upload_ids:
+            try:
+                self._client.abort_multipart_upload(
+                    Bucket=self._bucket, Key=key, UploadId=upload_id
+                )
+            except botocore.exceptions.ClientError as exc:
+                self._warn(f"an incomplete upload of {printable(key)}", exc)
+
+    def _listed(self) -> dict[str, list[str]]:
+        by_key: dict[str, list[str]] = {}
+        pages = self._client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self._bucket, Prefix=self._prefix
+        )
+        try:
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"].timestamp() < self._before:
+                        by_key.setdefault(upload["Key"], []).append(upload["UploadId"])
+        except botocore.exceptions.ClientError as exc:
+            self._warn("the incomplete uploads of earlier runs", exc)
+        return by_key
+
+    def _warn(self, what: str, error: BaseException) -> None:
+        message, _ = describe_error(error)
+        self._console.warning(
+            f"could not abort {what}: {message} (the lifecycle rule aborts it "
+            f"after {ABORT_INCOMPLETE_DAYS} days)"
+        )
 
 
 def delete_objects(client, bucket: str, outcome: Outcome, console: Console) -> None:
@@ -1091,16 +1289,11 @@ def delete_objects(client, bucket: str, outcome: Outcome, console: Console) -> N
 
 
 def warn_if_unversioned(client, bucket: str, console: Console) -> None:
-    """Before --delete deletes anything: say so once if the bucket keeps no old versions."""
-    try:
-        status = bucket_versioning(client, bucket)
-    except botocore.exceptions.ClientError as exc:
-        status = f"unknown ({client_error_code(exc)})"
+    """Before --delete deletes anything with --no-versioning (without it, the run
+    has said so already): say so once if the bucket keeps no old versions."""
+    status = versioning_status(client, bucket)
     if status != "Enabled":
-        console.warning(
-            f"versioning of s3://{bucket} is {status or 'off'}: the objects --delete "
-            "removes cannot be recovered (backup.py --keep-days N turns it on)"
-        )
+        console.warning(unversioned_warning(bucket, status, deleting=True))
 
 
 # --- The command ----------------------------------------------------------------
@@ -1220,13 +1413,13 @@ def run(args, console: Console) -> int:
 
     scan = Scan(console)
     found, files, listing = gather(args, local, location, client, scan)
-    if not found.result() and args.check:
+    if not found.result().exists and args.check:
         raise CliError(
             f"the bucket {location.bucket} does not exist: nothing is backed up at {location.url()}"
         )
     steps = plan_backup(
         files,
-        listing if found.result() else (),
+        listing if found.result().exists else (),
         location.prefix,
         filters,
         delete=args.delete or args.check,
@@ -1235,9 +1428,10 @@ def run(args, console: Console) -> int:
         refuse_empty=not args.check,
     )
     steps = refused_or_started(steps, args.local)
-    if found.result():
-        update_history(args, client, location, console)
-    else:
+    if found.result().exists and not args.check:
+        versioning = found.result().versioning
+        update_history(args, client, location.bucket, versioning, console)
+    elif not found.result().exists:
         keep_days = None if args.no_versioning else args.keep_days or DEFAULT_KEEP_DAYS
         create_bucket(
             client, location.bucket, connection.region, keep_days, args.dry_run, console
@@ -1251,7 +1445,7 @@ def run(args, console: Console) -> int:
         )
 
     if args.dry_run:
-        outcome = show_plan(steps, client, location, args.keep_days, console)
+        outcome = show_plan(steps, client, location, args.no_versioning, console)
     else:
         outcome = execute_backup(
             steps, connection, location, extra, args, console, scan.errors
@@ -1261,6 +1455,7 @@ def run(args, console: Console) -> int:
     point = None
     if not args.dry_run:  # a dry run says what it could not read, and fails nothing
         failed += scan.errors
+    if not (args.dry_run or failed):  # else not every file is in place
         point = restore_point(connection.clock.latest, time.time())
     summary = Summary(
         "uploaded",
@@ -1268,6 +1463,7 @@ def run(args, console: Console) -> int:
         skipped=outcome.skipped,
         failed=failed,
         deleted=outcome.deleted,
+        vanished=outcome.vanished + scan.vanished,
         nbytes=outcome.nbytes,
         seconds=time.monotonic() - started,
         restore_point=point,
@@ -1298,22 +1494,38 @@ def refused_or_started(steps: Iterator[Step], local: str) -> Iterator[Step]:
     return itertools.chain(() if first is None else (first,), steps)
 
 
-def update_history(args, client, location: Location, console: Console) -> None:
-    """--keep-days given for an existing bucket: set up its history (said, or shown)."""
-    if args.keep_days is None or args.check:
+def update_history(
+    args, client, bucket: str, versioning: Optional[str], console: Console
+) -> None:
+    """An existing bucket's history: set up as --keep-days asks; finished where a
+    first run was stopped between our lifecycle rule and versioning (the rule
+    goes first, and versioning was never turned on); else, where it keeps none,
+    said in one warning."""
+    keep_days, finishing = args.keep_days, False
+    if keep_days is None and versioning == "":
+        rules, _ = lifecycle_configuration(client, bucket)
+        keep_days = own_keep_days(rules)
+        finishing = keep_days is not None
+    if keep_days is None:
+        if versioning not in (None, "Enabled"):
+            console.warning(unversioned_warning(bucket, versioning))
         return
-    history = describe_history(args.keep_days)
+    history = describe_history(keep_days)
+    done = "finished setting up" if finishing else "set up"
     if args.dry_run:
-        console.info(f"(dry run) set up s3://{location.bucket} {history}")
-    elif set_up_history(client, location.bucket, args.keep_days, new=False):
-        console.info(f"set up s3://{location.bucket} {history}")
+        console.info(f"(dry run) {done} s3://{bucket} {history}")
+        return
+    with interrupt_after():
+        changed = set_up_history(client, bucket, keep_days, new=False)
+    if changed:
+        console.info(f"{done} s3://{bucket} {history}")
 
 
 def show_plan(
     steps: Iterable[Step],
     client,
     location: Location,
-    keep_days: int | None,
+    no_versioning: bool,
     console: Console,
 ) -> Outcome:
     """--dry-run: each upload in key order, then each delete, one line each; a
@@ -1332,7 +1544,7 @@ def show_plan(
             f"(dry run) upload: {printable(upload.file.path)} -> "
             f"{printable(location.url(upload.key))}"
         )
-    if outcome.deletes and keep_days is None:
+    if outcome.deletes and no_versioning:
         warn_if_unversioned(client, location.bucket, console)
     for key in outcome.deletes:
         console.info(f"(dry run) delete: {printable(location.url(key))}")
@@ -1360,22 +1572,36 @@ def execute_backup(
     uploader = make_uploader(
         connection, location.bucket, extra, console, engine, time.time()
     )
+    # The server's time when the run began is within the second its first
+    # answers' Date header names: uploads initiated before its end are taken
+    # for a killed run's (by then, this run has none of its own on the key).
+    before = connection.clock.latest + 1 if connection.clock.latest else time.time()
+    stale = StaleUploads(client, location.bucket, location.prefix, before, console)
+    counting = threading.Lock()
+
+    def upload(item: Upload, cancel: threading.Event) -> bool:
+        file = uploader(item, cancel)
+        if file is None:
+            return False
+        with counting:  # the size as stored: the file may have shrunk since the walk
+            outcome.nbytes += file.size
+        stale.uploaded(item.key)
+        return True
+
     failures, skipped = run_collecting_failures(
         uploads_of(steps, outcome, location, console),
-        uploader,
+        upload,
         engine,
         args.workers,
         ahead=PLAN_AHEAD,
     )
     console.finish()
+    vanished = [f.item for f in failures if isinstance(f.error, Vanished)]
+    failures = [f for f in failures if not isinstance(f.error, Vanished)]
     outcome.failed = failures
     outcome.skipped += len(skipped)
-    outcome.transferred = outcome.planned - len(failures) - len(skipped)
-    outcome.nbytes = (
-        outcome.planned_bytes
-        - sum(failure.item.file.size for failure in failures)
-        - sum(upload.file.size for upload in skipped)
-    )
+    outcome.vanished = len(vanished)
+    outcome.transferred = outcome.planned - len(failures) - len(skipped) - len(vanished)
     for failure in failures:
         path = failure.item.file.path
         error = key_error(failure.error, failure.item.key, ": rename the file")
@@ -1386,7 +1612,7 @@ def execute_backup(
             "not deleting anything: some files could not be read or uploaded"
         )
     elif outcome.deletes:
-        if args.keep_days is None:
+        if args.no_versioning:
             warn_if_unversioned(client, location.bucket, console)
         delete_objects(client, location.bucket, outcome, console)
         for failure in outcome.delete_failures:
@@ -1410,7 +1636,10 @@ def gather(
     and listed side by side; a single file by its own key.
     """
     prefix = location.prefix
-    found = call_failing_fast(lambda: bucket_exists(client, location.bucket))
+    ask_versioning = not (args.no_versioning or args.check)
+    found = call_failing_fast(
+        lambda: bucket_state(client, location.bucket, ask_versioning)
+    )
     files = local_files(args.local, local, prefix, args.follow_symlinks, scan)
     if stat.S_ISDIR(local.st_mode):
         walk = walk_folder(args.local, prefix, args.follow_symlinks, Scan(None), True)
@@ -1445,7 +1674,6 @@ def uploads_of(
     for step in steps:
         if isinstance(step, Upload):
             outcome.planned += 1
-            outcome.planned_bytes += step.file.size
             console.planned(1, step.file.size)
             yield step
         elif isinstance(step, Keep):
@@ -1498,7 +1726,7 @@ def report_check(
     return ExitCode.OK if holds_all else ExitCode.FAILURE
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     return run_cli(build_parser(), run, argv)
 
 

@@ -224,8 +224,9 @@ class FaultProxy:
     (Request.operation) to the (code, HTTP status) every request of it is answered
     with; it may change while the proxy runs. With refuse_direct, requests sent by the
     scripts' direct path are answered 403 AccessDenied; with corrupt_direct, one
-    byte of the body of their successful GETs is changed; with ignore_if_match, the
-    If-Match header is not passed on, as by a server that ignores it (on a server
+    byte of the body of their successful GETs is changed; the requests of the
+    operations in `hold` wait unanswered (`holding` is set) until release(); with
+    ignore_if_match, the If-Match header is not passed on, as by a server that ignores it (on a server
     that checks signatures, that breaks them). The answers to the first `cut_ranges`
     GETs of a range (direct or not) break off before the end of their body. With
     `version_times`, each <LastModified> of a ListObjectVersions answer becomes
@@ -251,6 +252,7 @@ class FaultProxy:
         ignore_if_match: bool = False,
         cut_ranges: int = 0,
         errors: Mapping[str, tuple[str, int]] | None = None,
+        hold: Collection[str] = (),
         version_times: Callable[[datetime.datetime], datetime.datetime] | None = None,
     ):
         parts = urlsplit(upstream)
@@ -267,6 +269,10 @@ class FaultProxy:
         self.cut_ranges = cut_ranges
         self.errors = dict(errors or {})
         self.version_times = version_times
+        self.hold = set(hold)
+        self.holding = threading.Event()
+        self._released = threading.Event()
+        self._drop_held = False
         self.faults: Counter[str] = Counter()
         self.requests: list[tuple[str, str, bool]] = []
         self.operations: list[str] = []
@@ -290,6 +296,12 @@ class FaultProxy:
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=10)
+
+    def release(self, forward: bool = True) -> None:
+        """Forward the held requests (or, as after a kill -9 of their client, drop
+        them), and every later one of `hold` at once."""
+        self._drop_held = not forward
+        self._released.set()
 
     def stop_faults(self) -> None:
         """From now on forward every request."""
@@ -438,6 +450,11 @@ class _Handler(socketserver.BaseRequestHandler):
                     # The answer starts, then the connection ends 1,000 bytes short.
                     connection.sendall(proxy.forward(request)[:-1000])
                     return
+                if not fault and request.operation in proxy.hold:
+                    proxy.holding.set()
+                    proxy._released.wait(timeout=120)
+                    if proxy._drop_held:
+                        return
                 if fault:
                     answer = s3_error_response(
                         fault, request, proxy.request_id(), proxy.error_status(fault)

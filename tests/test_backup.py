@@ -281,14 +281,19 @@ def test_a_no_change_run_sends_head_bucket_and_its_listing_and_nothing_else(
     monkeypatch.setattr(s3common, "LIST_PAGE", 3)
     monkeypatch.setattr(backup, "LIST_PAGE", 3)
     tree = make_tree(tmp_path / "src", {f"d{n}/f{n}.txt": b"x" * n for n in range(7)})
-    proxy = failing_proxy({}, buckets=("bk20",), create=True)
+    proxy = failing_proxy({}, buckets=("bk20",))
     argv = [str(tree), "bk20::p", "--endpoint-url", proxy.url]
     assert backup.main(argv) == 0
     proxy.operations.clear()
     assert backup.main(argv) == 0
     assert "uploaded 0, skipped 7, failed 0" in capsys.readouterr().out
-    # The bucket check, and three ranges of a page, each answered in one.
-    assert sorted(proxy.operations) == ["HeadBucket"] + ["ListObjectsV2"] * 3
+    # The bucket check with its versioning beside it (a bucket without history
+    # is said on every run), and three ranges of a page, each answered in one.
+    assert sorted(proxy.operations) == [
+        "GetBucketVersioning",
+        "HeadBucket",
+        *["ListObjectsV2"] * 3,
+    ]
 
 
 def test_access_denied_on_upload_is_a_failed_file(tree, failing_proxy, capsys):

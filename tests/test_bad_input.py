@@ -586,6 +586,10 @@ ROWS += [
 def place(tmp_path, s3_server, server_client, bucket_name) -> Place:
     source = make_tree(tmp_path / "src", SOURCE_FILES)
     server_client.create_bucket(Bucket=bucket_name)
+    # Versioned, as backup makes it: an unversioned bucket is warned of on every run.
+    server_client.put_bucket_versioning(
+        Bucket=bucket_name, VersioningConfiguration={"Status": "Enabled"}
+    )
     for relative, data in SOURCE_FILES.items():
         server_client.put_object(Bucket=bucket_name, Key=f"p/{relative}", Body=data)
     return Place(

@@ -626,21 +626,35 @@ def test_keep_days_must_be_a_whole_number_of_days(s3, source, capsys, days):
     assert "--keep-days" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "options, warning",
+    [
+        (
+            [],
+            (
+                "warning: versioning of s3://plain is off: overwritten and deleted files "
+                "cannot be recovered (backup.py --keep-days N turns it on; --no-versioning "
+                "says that a mirror without history is meant)"
+            ),
+        ),
+        (
+            ["--no-versioning"],
+            (
+                "warning: versioning of s3://plain is off: the objects --delete removes "
+                "cannot be recovered (backup.py --keep-days N turns it on)"
+            ),
+        ),
+    ],
+)
 def test_delete_on_an_unversioned_bucket_warns_once_before_deleting(
-    s3, tmp_path, capsys
+    s3, tmp_path, capsys, options, warning
 ):
     s3.create_bucket(Bucket="plain")
     for name in ("gone1.txt", "gone2.txt", "kept.txt"):
         s3.put_object(Bucket="plain", Key=f"p/{name}", Body=b"x")
     source = make_tree(tmp_path / "src", {"kept.txt": b"x"})
-    assert backup.main([str(source), "plain::p", "--delete", "-q"]) == 0
-    warnings = capsys.readouterr().err.strip().splitlines()
-    assert warnings == [
-        (
-            "warning: versioning of s3://plain is off: the objects --delete removes "
-            "cannot be recovered (backup.py --keep-days N turns it on)"
-        )
-    ]
+    assert backup.main([str(source), "plain::p", "--delete", "-q", *options]) == 0
+    assert capsys.readouterr().err.strip().splitlines() == [warning]
     keys = [o["Key"] for o in s3.list_objects_v2(Bucket="plain")["Contents"]]
     assert keys == ["p/kept.txt"]
 
