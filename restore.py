@@ -1282,7 +1282,7 @@ def build_parser() -> ArgumentParser:
         action="store_true",
         help="list the backup's moments, newest first, each with its --at value and "
         "the files it added, changed and deleted (for one object: its versions); "
-        "takes no LOCAL, changes nothing",
+        "takes no LOCAL, changes nothing (e.g. restore.py my-bucket::documents --history)",
     )
     add_shared_options(parser)
     return parser
