@@ -1738,6 +1738,9 @@ class Summary:
     missing: list[str] | None = None
     changed: list[str] | None = None
     extra: list[str] | None = None
+    # restore.py --history: the backup's moments, or one object's versions.
+    moments: list[dict] | None = None
+    versions: list[dict] | None = None
 
     def line(self) -> str:
         if self.missing is not None:
