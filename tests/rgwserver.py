@@ -167,7 +167,8 @@ def _run(argv: list[str], folder: Path, timeout: float) -> str:
 
 
 def _wait_for_s3(url: str, processes: list[subprocess.Popen], deadline: float) -> None:
-    """Until radosgw answers HTTP (any status), or fail if a daemon died."""
+    """Until the S3 server at `url` answers HTTP (any status), or fail if a
+    daemon died; shared by seaweedserver.py."""
     while time.monotonic() < deadline:
         for process in processes:
             if process.poll() is not None:
@@ -181,7 +182,7 @@ def _wait_for_s3(url: str, processes: list[subprocess.Popen], deadline: float) -
             return  # an S3 error answer: it is serving
         except OSError:
             time.sleep(0.1)
-    raise RuntimeError(f"radosgw did not answer at {url} in {START_TIMEOUT} s")
+    raise RuntimeError(f"{processes[-1].args[0]} did not answer at {url} in time")
 
 
 @contextmanager

@@ -246,7 +246,7 @@ def test_empty_folders_are_not_backed_up(s3, tree):
 
 def test_missing_credentials_is_one_clear_line(s3, tree, monkeypatch, capsys):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        monkeypatch.delenv(name)
+        monkeypatch.delenv(name, raising=False)  # no token on SeaweedFS
     assert backup.main([str(tree), "bk15"]) == 1
     err = capsys.readouterr().err
     assert "aws configure" in err

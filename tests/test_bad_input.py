@@ -16,7 +16,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
-from conftest import FAKE_SECRET, FAKE_TOKEN, ROOT, UNPRIVILEGED, free_port, make_tree
+from conftest import (
+    FAKE_SECRET,
+    FAKE_TOKEN,
+    ROOT,
+    TEST_SERVER,
+    UNPRIVILEGED,
+    free_port,
+    make_tree,
+)
 
 FAILURE, USAGE = 1, 2  # exit codes of the SPEC
 
@@ -159,6 +167,11 @@ def nothing_restored(place: Place) -> None:
 # --- The table ------------------------------------------------------------------
 
 AT_MOTO = ("--endpoint-url", "{endpoint}")
+NO_DOTDOT_KEYS = pytest.mark.skipif(
+    TEST_SERVER == "seaweedfs",
+    reason="SeaweedFS refuses keys with .. segments (InvalidRequest): "
+    "the hostile key cannot be put",
+)
 NO_CREDENTIALS = dict.fromkeys(CREDENTIAL_VARIABLES)
 THROUGH_DEAD_PROXY = {
     name: "{dead}"
@@ -483,6 +496,7 @@ ROWS = [
             check=nothing_escaped_and_the_rest_restored,
         ),
         id="restore-key-with-dotdot",
+        marks=NO_DOTDOT_KEYS,
     ),
     pytest.param(
         Row(
@@ -494,6 +508,7 @@ ROWS = [
             check=nothing_escaped_and_the_rest_restored,
         ),
         id="restore-key-climbing-out-of-a-folder",
+        marks=NO_DOTDOT_KEYS,
     ),
     pytest.param(
         Row(
@@ -505,6 +520,11 @@ ROWS = [
             check=nothing_escaped_and_the_rest_restored,
         ),
         id="restore-key-absolute-path",
+        marks=pytest.mark.skipif(
+            TEST_SERVER == "seaweedfs",
+            reason="SeaweedFS stores // in a key as /: "
+            "the key p//tmp/.../evil cannot be put",
+        ),
     ),
     pytest.param(
         Row(

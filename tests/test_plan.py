@@ -7,7 +7,7 @@ import io
 import threading
 
 import pytest
-from conftest import make_tree, run_script
+from conftest import TEST_SERVER, make_tree, run_script
 from plans import steps_of
 
 import backup
@@ -322,8 +322,15 @@ def test_a_no_change_run_over_names_that_sort_apart_uploads_nothing(
     )
     assert again.returncode == 0, again.stderr
     assert f"uploaded 0, skipped {len(NAMES)}, failed 0" in again.stdout
-    listed = server_client.list_objects_v2(Bucket=bucket_name)["Contents"]
-    assert [item["Key"] for item in listed] == utf8_order(f"p/{n}" for n in NAMES)
+    listed = [
+        item["Key"]
+        for item in server_client.list_objects_v2(Bucket=bucket_name)["Contents"]
+    ]
+    if TEST_SERVER == "seaweedfs":
+        # It lists out of S3's order (s3common.UNORDERED_SERVERS): backup.py
+        # sorted its listing, and only the keys can be compared here.
+        listed = utf8_order(listed)
+    assert listed == utf8_order(f"p/{n}" for n in NAMES)
 
 
 def test_a_server_listing_out_of_order_stops_before_anything_changes(
