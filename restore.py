@@ -75,6 +75,7 @@ from s3common import (
     failure_line,
     folder_prefix,
     format_when,
+    is_lock_state,
     is_within,
     key_error,
     limit_malloc_arenas,
@@ -451,6 +452,8 @@ def objects_to_restore(
         objects, base_prefix = find_objects_at(
             client, location.bucket, location.prefix, when
         )
+    if not location.prefix:  # backup.py --lock-days's records, no files of the backup
+        objects = {k: v for k, v in objects.items() if not is_lock_state(k)}
     if not any(not key.endswith("/") for key in objects):
         at = "" if when is None else f" at {format_when(when)}"
         raise CliError(
