@@ -242,8 +242,9 @@ class FaultProxy:
     signatures). The answers to the first `cut_ranges`
     GETs of a range (direct or not) break off before the end of their body. `faults`
     counts what was injected, `throttled_attempts` the requests refused per throttled
-    key, `requests` lists (method, path, direct?) of every request, in order, and
-    `operations` their S3 operations.
+    key, `requests` lists (method, path, direct?) of every request, in order,
+    `operations` their S3 operations, and `header_names` the (lower-case) names
+    of their headers.
     """
 
     def __init__(
@@ -285,6 +286,7 @@ class FaultProxy:
         self.faults: Counter[str] = Counter()
         self.requests: list[tuple[str, str, bool]] = []
         self.operations: list[str] = []
+        self.header_names: list[frozenset[str]] = []
         self.throttled_attempts: Counter[str] = Counter()
         self.forwarded = 0
         self._random = random.Random(seed)
@@ -325,6 +327,7 @@ class FaultProxy:
         with self._lock:
             self.requests.append((request.method, request.path, request.is_direct))
             self.operations.append(request.operation)
+            self.header_names.append(frozenset(n.lower() for n, _ in request.headers))
             if request.operation in self.errors:
                 code = self.errors[request.operation][0]
                 self.faults[code] += 1

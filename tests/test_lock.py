@@ -390,3 +390,32 @@ def test_a_server_that_keeps_no_lock_is_found_out(
     assert result.returncode == 1
     assert "does not lock objects" in result.stderr
     assert "locked (" not in result.stdout
+
+
+def test_every_upload_to_a_lock_bucket_carries_a_checksum(
+    tmp_path, lock_env, start_proxy, bucket_name
+):
+    # AWS (and moto, for PutObject) takes no upload to a bucket with a default
+    # retention without Content-MD5 or an x-amz-checksum.
+    files = {"a.txt": b"a", "mid.bin": b"s" * (2 * MiB), "big.bin": b"m" * (17 * MiB)}
+    tree = make_tree(tmp_path / "src", files)
+    proxy = start_proxy()
+    result = lock_env(
+        "backup.py", str(tree), bucket_name, "--lock-days", "2", endpoint=proxy.url
+    )
+    assert result.returncode == 0, result.stderr
+    uploads = [
+        (operation, names)
+        for operation, names in zip(proxy.operations, proxy.header_names)
+        if operation in ("PutObject", "UploadPart")
+    ]
+    assert sorted({operation for operation, _ in uploads}) == [
+        "PutObject",
+        "UploadPart",
+    ]
+    for operation, names in uploads:
+        checksums = {n for n in names if n.startswith("x-amz-checksum-")}
+        assert checksums or "content-md5" in names or "x-amz-trailer" in names, (
+            operation,
+            sorted(names),
+        )
