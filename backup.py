@@ -25,6 +25,7 @@ _signal.signal(_signal.SIGINT, lambda signum, frame: os._exit(130))
 # traceback when a file changes or Ctrl-C stops an upload. Its own switch:
 os.environ.setdefault("BOTO_DISABLE_CRT", "true")
 
+import errno
 import hashlib
 import io
 import itertools
@@ -52,6 +53,7 @@ from s3common import (
     MULTIPART_THRESHOLD,
     PART_WORKERS,
     SMALL_OBJECT,
+    TEMPORARY_NAME,
     UTC,
     ArgumentParser,
     BandwidthSubscriber,
@@ -69,6 +71,7 @@ from s3common import (
     Summary,
     TransferEngine,
     add_shared_options,
+    at_any_length,
     both_md5s,
     bucket_name_problem,
     call_failing_fast,
@@ -84,6 +87,7 @@ from s3common import (
     format_when,
     interrupt_after,
     is_lock_state,
+    is_long,
     key_error,
     key_for,
     key_length_problem,
@@ -93,6 +97,8 @@ from s3common import (
     lock_state_key,
     map_failing_fast,
     md5chksum,
+    open_any,
+    open_folder,
     parse_location,
     parse_mtime,
     parse_timestamp,
@@ -155,6 +161,15 @@ class FileChanged(CliError):
             f"it changed during the backup, {READ_ATTEMPTS} times in a row: "
             "not backed up as it is now; run again when nothing writes to it"
         )
+
+
+class Vanished(Exception):
+    """The file is gone since the walk found it (deleted, or its folder renamed)."""
+
+
+def vanished_line(path: str) -> str:
+    """The warning for a file gone since the walk found it."""
+    return f"vanished during the backup, not uploaded: {printable(path)}"
 
 
 @dataclass(frozen=True)
@@ -262,14 +277,30 @@ class OutOfOrder(CliError):
 
 @dataclass
 class Scan:
-    """What the walk meets besides files: warnings said at once, errors counted."""
+    """What the walk meets besides files: warnings said at once, errors and
+    vanished files counted."""
 
     console: Optional[Console]  # None: a walk that only looks (listing_boundaries)
     errors: int = 0
+    vanished: int = 0
 
     def warning(self, text: str) -> None:
         if self.console:
             self.console.warning(text)
+
+    def detail(self, text: str) -> None:
+        if self.console:
+            self.console.detail(text)
+
+    def vanish(self, path: str) -> None:
+        self.vanished += 1
+        self.warning(vanished_line(path))
+
+    def vanish_folder(self, path: str) -> None:
+        # Its files are not known: said, not counted.
+        self.warning(
+            f"folder vanished during the backup, not backed up: {printable(path)}"
+        )
 
     def error(self, action: str, path: str, error: BaseException) -> None:
         self.errors += 1
@@ -322,9 +353,9 @@ class Outcome:
 
     transferred: int = 0
     nbytes: int = 0
-    skipped: int = 0  # files their objects hold, or that vanished since the walk
+    skipped: int = 0  # files their objects hold
+    vanished: int = 0  # files gone since the walk found them
     planned: int = 0  # uploads, as the plan gives them out
-    planned_bytes: int = 0
     failed: list[Failure[Upload]] = field(default_factory=list)
     # The plan's, held to the end.
     deletes: DeleteKeys = field(default_factory=DeleteKeys)
@@ -729,7 +760,7 @@ def walk_folder(
     on the way down is a loop, reported and not followed. `look_only` takes
     the file system's word for what is a file, with no stat (and no LocalFile).
     """
-    root_stat = os.stat(root)
+    root_stat = at_any_length(os.stat, root)
     ancestors = frozenset({(root_stat.st_dev, root_stat.st_ino)})
     walk = (follow_symlinks, scan, look_only)
     stack = [iter(folder_entries(root, "", ancestors, *walk))]
@@ -756,54 +787,95 @@ def folder_entries(
     None) and (relative path, path, None, the sub-folder's ancestors), in key
     order; a sub-folder's relative path ends in "/"."""
     try:
-        with os.scandir(folder) as listing:
-            entries = list(listing)
+        entries, fd = list_folder(folder)
+    except FileNotFoundError:
+        scan.vanish_folder(folder)
+        return []
     except OSError as exc:
         scan.error("read", folder, exc)
         return []
-    found = []
-    for entry in entries:
-        relative = relative_folder + entry.name
-        try:
-            if not follow_symlinks and entry.is_symlink():
-                continue
-            if look_only and entry.is_file():
-                found.append((relative, entry.path, None, None))
-                continue
-            info = entry.stat()
-        except FileNotFoundError:
-            if entry.is_symlink():
-                scan.warning(f"broken symbolic link skipped: {printable(entry.path)}")
-            else:
-                scan.warning(
-                    f"vanished during the backup, not uploaded: {printable(entry.path)}"
-                )
-            continue
-        except OSError as exc:
-            scan.error("read", entry.path, exc)
-            continue
-        if stat.S_ISDIR(info.st_mode):
-            identity = (info.st_dev, info.st_ino)
-            if identity in ancestors:
-                scan.warning(
-                    f"symbolic link loop not followed: {printable(entry.path)}"
-                )
-            else:
-                inside = ancestors | {identity}
-                found.append((relative + "/", entry.path, None, inside))
-        elif stat.S_ISREG(info.st_mode):
-            file = LocalFile(entry.path, info.st_size, info.st_mtime_ns, info.st_mode)
-            found.append((relative, entry.path, file, None))
-        else:
-            scan.warning(f"not a regular file, skipped: {printable(entry.path)}")
+    walk = (ancestors, follow_symlinks, scan, look_only)
+    try:
+        found = [
+            item
+            for entry in entries
+            if (item := folder_entry(entry, folder, relative_folder, *walk))
+        ]
+    finally:
+        if fd is not None:
+            os.close(fd)
     found.sort(key=lambda item: item[0])
     return found
+
+
+def list_folder(folder: str) -> tuple[list[os.DirEntry], Optional[int]]:
+    """A folder's entries, and the file descriptor they were listed through
+    where its path is long (to close once their stat() is done): their own
+    paths may be too long for the system."""
+    if not is_long(folder):
+        with os.scandir(folder) as listing:
+            return list(listing), None
+    fd = open_folder(folder)
+    try:
+        with os.scandir(fd) as listing:
+            return list(listing), fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def folder_entry(
+    entry: os.DirEntry,
+    folder: str,
+    relative_folder: str,
+    ancestors: frozenset,
+    follow_symlinks: bool,
+    scan: Scan,
+    look_only: bool,
+) -> Optional[tuple[str, str, Optional[LocalFile], Optional[frozenset]]]:
+    """One entry of folder_entries, or None for one not backed up (said why)."""
+    relative = relative_folder + entry.name
+    path = os.path.join(folder, entry.name)  # entry.path is its name alone by fd
+    try:
+        if not follow_symlinks and entry.is_symlink():
+            return None
+        if look_only and entry.is_file():
+            return (relative, path, None, None)
+        info = entry.stat()
+    except FileNotFoundError:
+        if entry.is_symlink():
+            scan.warning(f"broken symbolic link skipped: {printable(path)}")
+        elif entry.is_dir(follow_symlinks=False):  # as the listing said
+            scan.vanish_folder(path)
+        else:
+            scan.vanish(path)
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP and entry.is_symlink():
+            # A link that leads to itself (self -> self, a -> b -> a): no file.
+            scan.warning(f"symbolic link loop not followed: {printable(path)}")
+        else:
+            scan.error("read", path, exc)
+        return None
+    if stat.S_ISDIR(info.st_mode):
+        identity = (info.st_dev, info.st_ino)
+        if identity not in ancestors:
+            return (relative + "/", path, None, ancestors | {identity})
+        scan.warning(f"symbolic link loop not followed: {printable(path)}")
+    elif stat.S_ISREG(info.st_mode) and TEMPORARY_NAME.fullmatch(entry.name):
+        scan.detail(f"skipped, restore's temporary file: {printable(path)}")
+    elif stat.S_ISREG(info.st_mode):
+        file = LocalFile(path, info.st_size, info.st_mtime_ns, info.st_mode)
+        return (relative, path, file, None)
+    else:
+        scan.warning(f"not a regular file, skipped: {printable(path)}")
+    return None
 
 
 def stat_local(local: str) -> os.stat_result:
     """LOCAL's stat, once it is known to be a folder or a regular file."""
     try:
-        info = os.stat(local)
+        info = at_any_length(os.stat, local)
     except FileNotFoundError:
         raise usage_error(
             f"{local!r} does not exist: give the folder or file to back up"
@@ -1061,7 +1133,11 @@ class ReadStart:
     def of(cls, path: str, source: Optional[BinaryIO] = None) -> "ReadStart":
         """Now, for the open file `source`, or else for the file at `path`."""
         started = time.time_ns()
-        info = os.stat(path) if source is None else os.fstat(source.fileno())
+        info = (
+            at_any_length(os.stat, path)
+            if source is None
+            else os.fstat(source.fileno())
+        )
         return cls(path, info, started)
 
     def file(self) -> LocalFile:
@@ -1072,7 +1148,7 @@ class ReadStart:
     def check(self, after: Optional[os.stat_result] = None) -> None:
         """FileChanged unless the file has been left as it was since the read began
         (`after`: its stat now, if there is one at hand)."""
-        after = os.stat(self.path) if after is None else after
+        after = at_any_length(os.stat, self.path) if after is None else after
         if not read_unchanged(self.before, after, self.started_ns):
             raise FileChanged()
 
@@ -1093,7 +1169,11 @@ class PartFile(io.FileIO):
     """A file that s3transfer opens by name to read one part of it, and that
     raises FileChanged when it holds fewer bytes than asked for: the file was
     cut short since the upload began. A short body would otherwise go out under
-    the part's Content-Length, and the server would wait for the rest (60 s)."""
+    the part's Content-Length, and the server would wait for the rest (60 s).
+    Its path may be of any length."""
+
+    def __init__(self, name: str, mode: str = "r", closefd: bool = True):
+        super().__init__(name, mode, closefd, opener=open_any)
 
     def read(self, size: int = -1) -> bytes:
         data = super().read(size)
@@ -1129,9 +1209,9 @@ def make_uploader(
     """The work function for run_collecting_failures: one file up, as one PUT or a
     parallel multipart (through `engine`), from one read of it during which it
     did not change. The file as stored (its size is what the object holds);
-    None when it vanished since the walk, or when it is future-dated (at `now`)
-    and its object records its very mtime. With `lock`, each version is locked
-    from its upload on (see put_multipart)."""
+    None when it is future-dated (at `now`) and its object records its very
+    mtime; Vanished (raised) when it is gone since the walk. With `lock`, each
+    version is locked from its upload on (see put_multipart)."""
     client, direct = connection.client, connection.direct
     bandwidth = connection.bandwidth  # None without --bwlimit
     bodies = ByteBudget(BODY_BYTES_AT_ONCE)
@@ -1208,7 +1288,7 @@ def make_uploader(
     def put_once(item: Upload, cancel) -> ReadStart:
         """The file up from one read; FileChanged if it changed during the read."""
         path = item.file.path
-        with open(path, "rb") as source:
+        with open(path, "rb", opener=open_any) as source:
             start = ReadStart.of(path, source)
             # One PutObject is the cheapest request for a small file; the transfer
             # manager's futures and callbacks cost more than the upload itself.
@@ -1240,10 +1320,8 @@ def make_uploader(
             except FileNotFoundError as exc:
                 if exc.filename != path:
                     raise
-                console.warning(
-                    f"vanished during the backup, not uploaded: {printable(path)}"
-                )
-                return None
+                console.warning(vanished_line(path))
+                raise Vanished() from None
         else:
             raise FileChanged()
         file = start.file()
@@ -1557,9 +1635,7 @@ class LockRun:
         return [key for key in self.listed if key not in gone]
 
 
-def check_locks(
-    client, bucket: str, keys: list[str], policy: LockPolicy, workers: int
-) -> list[str]:
+def check_locks(client, bucket: str, locks: LockRun, policy: LockPolicy) -> list[str]:
     """--check --lock-days: the keys whose lock ends before `kept` from now, or
     that have none (one HeadObject each, side by side)."""
     soon = time.time() + policy.kept
@@ -1571,11 +1647,9 @@ def check_locks(
             raise runtime_error(f"cannot read the lock of {printable(key)}", exc)
         return until is None or until < soon
 
-    return [
-        key
-        for key, short in zip(keys, map_failing_fast(unlocked, keys, workers))
-        if short
-    ]
+    keys = locks.listed
+    shorts = map_failing_fast(unlocked, keys, locks.workers)
+    return [key for key, short in zip(keys, shorts) if short]
 
 
 # --- The command ----------------------------------------------------------------
@@ -1749,10 +1823,7 @@ def run(args, console: Console) -> int:
         steps = content_decided(steps, client, location.bucket, args.workers, unread)
     if args.check:
         plan = BackupPlan.of(steps)  # the listing is read whole by then
-        unlocked = None
-        if policy:
-            keys = locks.listed
-            unlocked = check_locks(client, location.bucket, keys, policy, args.workers)
+        unlocked = policy and check_locks(client, location.bucket, locks, policy)
         return report_check(plan, unread, scan, location, console, started, unlocked)
 
     if args.dry_run:
@@ -1768,19 +1839,15 @@ def run(args, console: Console) -> int:
         failed += scan.errors
     if not (args.dry_run or failed):  # else not every file is in place
         point = restore_point(connection.clock.latest, time.time())
-    lock, lock_failures = None, []
-    if point and policy:
-        lock, lock_failures = keep_locked(
-            client, location, locks, parse_timestamp(point).timestamp()
-        )
-        report_lock_failures(lock_failures, location, console)
-        failed += len(lock_failures)
+    lock, lock_failed = finish_locks(client, location, locks, point, console)
+    failed += lock_failed
     summary = Summary(
         "uploaded",
         transferred=outcome.transferred,
         skipped=outcome.skipped,
         failed=failed,
         deleted=outcome.deleted,
+        vanished=outcome.vanished + scan.vanished,
         nbytes=outcome.nbytes,
         seconds=time.monotonic() - started,
         restore_point=point,
@@ -1818,15 +1885,27 @@ def set_up_lock(
     return policy
 
 
-def report_lock_failures(
-    failures: list[Failure[str]], location: Location, console: Console
-) -> None:
+def finish_locks(
+    client,
+    location: Location,
+    locks: Optional[LockRun],
+    point: Optional[str],
+    console: Console,
+) -> tuple[Optional[dict], int]:
+    """keep_locked after a --lock-days run that got every file in place (at the
+    restore point `point`): the report's lock, and how many renewals failed."""
+    if not (locks and point):
+        return None, 0
+    lock, failures = keep_locked(
+        client, location, locks, parse_timestamp(point).timestamp()
+    )
     for failure in failures:
         console.error(
             failure_line("lock renewal", location.url(failure.item), failure.error)
             + " (the next run renews it)",
             key=failure.item,
         )
+    return lock, len(failures)
 
 
 def refused_or_started(steps: Iterator[Step], local: str) -> Iterator[Step]:
@@ -1953,9 +2032,12 @@ def execute_backup(
         ahead=PLAN_AHEAD,
     )
     console.finish()
+    vanished = [f.item for f in failures if isinstance(f.error, Vanished)]
+    failures = [f for f in failures if not isinstance(f.error, Vanished)]
     outcome.failed = failures
     outcome.skipped += len(skipped)
-    outcome.transferred = outcome.planned - len(failures) - len(skipped)
+    outcome.vanished = len(vanished)
+    outcome.transferred = outcome.planned - len(failures) - len(skipped) - len(vanished)
     for failure in failures:
         path = failure.item.file.path
         error = key_error(failure.error, failure.item.key, ": rename the file")
@@ -2046,7 +2128,6 @@ def uploads_of(
     for step in steps:
         if isinstance(step, Upload):
             outcome.planned += 1
-            outcome.planned_bytes += step.file.size
             console.planned(1, step.file.size)
             yield step
         elif isinstance(step, Keep):

@@ -10,7 +10,7 @@ or an age such as 7d), each key comes back as it was at WHEN, from the
 bucket's object versions.
 """
 
-# ruff: noqa: UP045
+# ruff: noqa: UP007, UP045
 # (Optional and Union, not X | Y: Python 3.9 evaluates annotations here, since
 # `from __future__ import annotations` would have to come before the lines below.)
 # Ctrl-C from the first instant exits 130, quietly, until run_cli takes over:
@@ -27,30 +27,35 @@ _signal.signal(_signal.SIGINT, lambda signum, frame: os._exit(130))
 os.environ.setdefault("BOTO_DISABLE_CRT", "true")
 
 import argparse
+import contextlib
 import functools
 import re
+import secrets
 import stat
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, tzinfo
 from pathlib import Path, PurePath, PurePosixPath
-from typing import BinaryIO, Optional, TypeVar
+from typing import BinaryIO, Optional, TypeVar, Union
 
 import botocore.exceptions
 
 from s3common import (
     BODY_ATTEMPTS,
     BODY_ERRORS,
+    CASE_PROBE,
     DOWNLOAD_BUFFER,
     DOWNLOAD_PART,
     DOWNLOAD_PART_WORKERS,
+    FOLDER_FLAGS,
     LIST_PAGE,
     MULTIPART_THRESHOLD,
     OVERWRITTEN,
     SMALL_OBJECT,
+    TEMPORARY_FILE,
+    TEMPORARY_NAME,
     UTC,
     ArgumentParser,
     Cancelled,
@@ -68,6 +73,7 @@ from s3common import (
     Summary,
     UnsafeKey,
     add_shared_options,
+    at_any_length,
     client_error_code,
     compare_contents,
     connect,
@@ -76,10 +82,12 @@ from s3common import (
     folder_prefix,
     format_when,
     is_lock_state,
+    is_long,
     is_within,
     key_error,
     limit_malloc_arenas,
     list_objects,
+    open_folder,
     parse_location,
     parse_mode,
     parse_mtime,
@@ -340,7 +348,7 @@ def part_ranges(size: int, part_size: int) -> list[tuple[int, int]]:
 def is_restored(path: PurePath, size: int, mtime_ns: int) -> bool:
     """Whether the file at path is already this object, restored whole (size and recorded mtime)."""
     try:
-        info = os.stat(path)
+        info = at_any_length(os.stat, str(path))
     except OSError:
         return False
     # Allow for file systems that keep mtimes to the microsecond.
@@ -469,7 +477,7 @@ def same_size_files(
     candidates = {}
     for item in downloads:
         try:
-            info = os.lstat(item.path)
+            info = at_any_length(os.lstat, str(item.path))
         except OSError:
             continue
         if stat.S_ISREG(info.st_mode) and info.st_size == item.size:
@@ -477,40 +485,170 @@ def same_size_files(
     return candidates
 
 
+def exists(path: str) -> bool:
+    """os.path.exists, for a path of any length."""
+    try:
+        at_any_length(os.stat, path)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def is_folder(path: str) -> bool:
+    """os.path.isdir, for a path of any length."""
+    try:
+        return stat.S_ISDIR(at_any_length(os.stat, path).st_mode)
+    except (OSError, ValueError):
+        return False
+
+
 def nearest_existing(path: str) -> str:
     """path, if it exists, else the nearest of its parents that does."""
     path = os.path.abspath(path)
-    while not os.path.exists(path):
+    while not exists(path):
         path = os.path.dirname(path)
     return path
 
 
+class Place:
+    """A folder to make, rename and remove files in: through its file descriptor
+    where its path is long (is_long), else by path. Give os calls name(...) and
+    dir_fd=fd."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+        self.fd = open_folder(folder) if is_long(folder) else None
+
+    def name(self, name: str) -> str:
+        return name if self.fd is not None else os.path.join(self.folder, name)
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
+# As tempfile.mkstemp opens its files.
+_NEW_FILE = (
+    os.O_WRONLY
+    | os.O_CREAT
+    | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_NOINHERIT", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+
+
+def create_temporary(place: Place, pattern: str) -> tuple[int, str]:
+    """A new file in place named by pattern (TEMPORARY_FILE, CASE_PROBE), open
+    for writing: its file descriptor and its name for place."""
+    while True:
+        name = place.name(pattern.format(secrets.token_hex(4)))
+        try:
+            return os.open(name, _NEW_FILE, 0o600, dir_fd=place.fd), name
+        except FileExistsError:
+            continue  # one in 4 billion
+
+
 def probe_case_insensitive(folder: str) -> bool:
     """Whether the file system holding folder treats names equal but for case as one."""
+    with contextlib.closing(Place(folder)) as place:
+        try:
+            fd, probe = create_temporary(place, CASE_PROBE)
+        except OSError as exc:
+            raise CliError(
+                f"cannot write to {printable(folder)}: {exc.strerror}: check its permissions"
+            ) from None
+        os.close(fd)
+        try:
+            folded = place.name(os.path.basename(probe).upper())
+            os.stat(folded, dir_fd=place.fd)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.unlink(probe, dir_fd=place.fd)
+
+
+def make_folders(path: str) -> None:
+    """os.makedirs(path, exist_ok=True), for a path of any length."""
+    if not is_long(path):
+        os.makedirs(path, exist_ok=True)
+        return
+    fd = os.open("/" if os.path.isabs(path) else ".", FOLDER_FLAGS)
     try:
-        fd, probe = tempfile.mkstemp(prefix=".s3restore-case-", dir=folder)
-    except OSError as exc:
-        raise CliError(
-            f"cannot write to {printable(folder)}: {exc.strerror}: check its permissions"
-        ) from None
-    os.close(fd)
-    try:
-        return os.path.exists(os.path.join(folder, os.path.basename(probe).upper()))
+        for name in filter(None, path.split("/")):
+            fd = open_or_make(fd, name)
     finally:
-        os.unlink(probe)
+        os.close(fd)
+
+
+def open_or_make(
+    fd: int, name: str, before_making: Optional[Callable[[int], None]] = None
+) -> int:
+    """The file descriptor of the folder `name` in the folder open as fd, made
+    if missing (once before_making(fd) has not raised); fd is closed."""
+    try:
+        try:
+            inner = os.open(name, FOLDER_FLAGS, dir_fd=fd)
+        except FileNotFoundError:
+            if before_making:
+                before_making(fd)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, dir_fd=fd)
+            inner = os.open(name, FOLDER_FLAGS, dir_fd=fd)
+    finally:
+        os.close(fd)
+    return inner
+
+
+def leads_inside(fd: int, root: tuple[int, int]) -> bool:
+    """Whether the folder open as fd lies inside the one whose (st_dev, st_ino)
+    is root: found by going up through "..", whatever links led to it."""
+    current = os.open(".", FOLDER_FLAGS, dir_fd=fd)
+    try:
+        info = os.fstat(current)
+        while (info.st_dev, info.st_ino) != root:
+            parent = os.open("..", FOLDER_FLAGS, dir_fd=current)
+            os.close(current)
+            current, below = parent, info
+            info = os.fstat(current)
+            if (info.st_dev, info.st_ino) == (below.st_dev, below.st_ino):
+                return False  # "/", its own parent
+        return True
+    finally:
+        os.close(current)
 
 
 class Folders:
-    """Creates the folders files land in, once each, and never outside the root."""
+    """Creates the folders files land in, once each, and never outside the root;
+    removes the temporary files a killed restore left in each, before the first
+    file lands there."""
 
     def __init__(self, root: str):
+        self._base = str(PurePath(root))
         self._root = PurePath(os.path.realpath(root))
+        info = at_any_length(os.stat, root)
+        self._identity = (info.st_dev, info.st_ino)
         self._made: set[str] = set()
+        self._cleaned: set[tuple[int, int]] = set()  # (st_dev, st_ino)
+        # Held from a folder's creation to its clean-up: a worker that cleaned up
+        # a folder in the middle of another's first write there would remove it.
         self._lock = threading.Lock()
 
     def ensure(self, folder: str) -> None:
         if folder in self._made:
             return
+        with self._lock:
+            if folder in self._made:
+                return
+            if is_long(folder):
+                self._ensure_by_fd(folder)
+            else:
+                self._ensure_by_path(folder)
+            self._made.add(folder)
+
+    def _ensure_by_path(self, folder: str) -> None:
         # A symbolic link already inside LOCAL may point elsewhere: follow it and
         # check before creating anything through it, and after, for one made meanwhile.
         self._refuse_outside(folder)
@@ -522,14 +660,66 @@ class Folders:
                 "move it away and run again"
             ) from None
         self._refuse_outside(folder)
-        with self._lock:
-            self._made.add(folder)
+        self._clean(folder)
+
+    def _ensure_by_fd(self, folder: str) -> None:
+        """ensure() of a long path (whose realpath says nothing): made a name at a
+        time from the root's file descriptor, and found inside it by identity."""
+
+        def inside(fd: int) -> None:
+            if not leads_inside(fd, self._identity):
+                raise outside_error(folder)
+
+        names = os.path.relpath(folder, self._base).split(os.sep)
+        names = [name for name in names if name not in ("", ".")]
+        fd = open_folder(self._base)
+        try:
+            for depth, name in enumerate(names):
+                current, fd = fd, None  # open_or_make closes it
+                try:
+                    fd = open_or_make(current, name, inside)
+                except NotADirectoryError:
+                    blocking = os.path.join(self._base, *names[: depth + 1])
+                    raise CliError(
+                        f"a file stands where the backup has a folder: {printable(blocking)}: "
+                        "move it away and run again"
+                    ) from None
+            inside(fd)
+            self._clean(fd)
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _clean(self, folder: Union[str, int]) -> None:
+        """Remove the temporary files in folder (a path, or an open fd), unless
+        they are gone already: another name may lead to the same folder."""
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) not in self._cleaned:
+            remove_temporary_files(folder)
+            self._cleaned.add((info.st_dev, info.st_ino))
 
     def _refuse_outside(self, folder: str) -> None:
         if not is_within(PurePath(os.path.realpath(folder)), self._root):
-            raise CliError(
-                f"refused: {printable(folder)} leads outside the destination (through a symbolic link)"
-            )
+            raise outside_error(folder)
+
+
+def outside_error(folder: str) -> CliError:
+    return CliError(
+        f"refused: {printable(folder)} leads outside the destination (through a symbolic link)"
+    )
+
+
+def remove_temporary_files(folder: Union[str, int]) -> None:
+    """Remove the files named as restore's temporary files in folder (a path, or
+    an open fd): a killed run's."""
+    dir_fd = folder if isinstance(folder, int) else None
+    with os.scandir(folder) as listing:
+        for entry in listing:
+            if TEMPORARY_NAME.fullmatch(entry.name) and entry.is_file(
+                follow_symlinks=False
+            ):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path, dir_fd=dir_fd)
 
 
 def blocking_file(folder: str) -> str:
@@ -544,27 +734,29 @@ def blocking_file(folder: str) -> str:
 def write_atomically(
     path: str, fill: Callable[[BinaryIO], None], mode: int, mtime_ns: int
 ) -> None:
-    """Write a file through a temporary file in its folder, renamed into place only when complete."""
-    fd, temporary = tempfile.mkstemp(
-        prefix=".s3restore-", suffix=".part", dir=os.path.dirname(path)
-    )
-    try:
-        with os.fdopen(fd, "wb") as out:
-            fill(out)
-        os.chmod(temporary, mode)
-        os.utime(temporary, ns=(mtime_ns, mtime_ns))
-        os.replace(temporary, path)
-    except BaseException as exc:
-        os.unlink(temporary)
-        if isinstance(exc, IsADirectoryError) and exc.filename2 == path:
-            raise CliError(
-                f"a folder stands where the backup has a file: {printable(path)}: "
-                "move it away and run again"
-            ) from None
-        if isinstance(exc, OSError) and exc.filename == temporary:
-            # The temporary file is ours: the user knows the target.
-            exc.filename, exc.filename2 = path, None
-        raise
+    """Write a file through a temporary file in its folder, renamed into place
+    only when complete; in a long folder, by the folder's file descriptor."""
+    folder, name = os.path.split(path)
+    with contextlib.closing(Place(folder)) as place:
+        fd, temporary = create_temporary(place, TEMPORARY_FILE)
+        target, dir_fd = place.name(name), place.fd
+        try:
+            with os.fdopen(fd, "wb") as out:
+                fill(out)
+            os.chmod(temporary, mode, dir_fd=dir_fd)
+            os.utime(temporary, ns=(mtime_ns, mtime_ns), dir_fd=dir_fd)
+            os.replace(temporary, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException as exc:
+            os.unlink(temporary, dir_fd=dir_fd)
+            if isinstance(exc, IsADirectoryError) and exc.filename2 == target:
+                raise CliError(
+                    f"a folder stands where the backup has a file: {printable(path)}: "
+                    "move it away and run again"
+                ) from None
+            if isinstance(exc, OSError) and exc.filename in (temporary, target):
+                # The temporary file is ours: the user knows the target.
+                exc.filename, exc.filename2 = path, None
+            raise
 
 
 _SEEK_AND_WRITE = threading.Lock()
@@ -773,9 +965,9 @@ def make_restorer(
     def keep(item: Download, path: str, cancel) -> None:
         """The file already holds the object's bytes: give it the recorded mode and mtime."""
         metadata, last_modified = recorded(item, cancel)
-        os.chmod(path, file_mode(metadata))
+        at_any_length(os.chmod, path, file_mode(metadata))
         mtime_ns = restored_mtime_ns(metadata, last_modified)
-        os.utime(path, ns=(mtime_ns, mtime_ns))
+        at_any_length(os.utime, path, ns=(mtime_ns, mtime_ns))
         console.advance(files=1)
         console.detail(f"same content: {printable(path)}")
 
@@ -890,10 +1082,12 @@ def execute_restore(
     total_bytes = sum(item.size for item in plan.downloads)
     console.start(len(plan.downloads), total_bytes)
     part_workers = PartWorkers(DOWNLOAD_PART_WORKERS)
+    folders = Folders(local)
+    folders.ensure(local)  # where the case probe was
     restorer = make_restorer(
         connection,
         location.bucket,
-        Folders(local),
+        folders,
         0o666 & ~current_umask(),
         console,
         part_workers,
@@ -931,7 +1125,7 @@ def run(args, console: Console) -> int:
     started = time.monotonic()
     location = parse_location(args.location)
     filters = Filters(args.filters)
-    if not args.local or (os.path.exists(args.local) and not os.path.isdir(args.local)):
+    if not args.local or (exists(args.local) and not is_folder(args.local)):
         raise usage_error(
             f"{args.local!r} is not a folder: give a folder to restore into"
         )
@@ -942,7 +1136,7 @@ def run(args, console: Console) -> int:
 
     objects, base_prefix = objects_to_restore(client, location, when)
     if not args.dry_run:
-        os.makedirs(args.local, exist_ok=True)
+        make_folders(args.local)
     # A dry run probes where LOCAL would be made, and removes its probe: it
     # reports the conflicts the real run would.
     case_insensitive = probe_case_insensitive(nearest_existing(args.local))

@@ -28,6 +28,7 @@ import collections
 import contextlib
 import dataclasses
 import email.utils
+import errno
 import fnmatch
 import functools
 import gc
@@ -534,6 +535,14 @@ def is_lock_state(key: str) -> bool:
 # S3 refuses longer keys (in UTF-8 bytes).
 MAX_KEY_BYTES = 1024
 
+# The names of restore.py's temporary files, which a killed run leaves: its
+# downloads' and its case probe's, 8 characters of [a-z0-9_] in the middle
+# (tempfile.mkstemp's, which earlier versions used; now 8 hex digits). A
+# restore removes them; a backup never uploads them.
+TEMPORARY_FILE = ".s3restore-{}.part"
+CASE_PROBE = ".s3restore-case-{}"
+TEMPORARY_NAME = re.compile(r"\.s3restore-(?:[a-z0-9_]{8}\.part|case-[a-z0-9_]{8})")
+
 
 def key_length_problem(key: str) -> str | None:
     """Why S3 would refuse `key` for its length, or None."""
@@ -1022,10 +1031,82 @@ def list_range(
     return objects, True
 
 
+# --- Local paths of any length ----------------------------------------------------
+# A path longer than the system takes whole (PATH_MAX: 4,096 bytes on Linux,
+# 1,024 on macOS) fails with ENAMETOOLONG. Such paths go through directory file
+# descriptors instead, a stretch of at most LONG_PATH bytes at a time; every
+# shorter path goes as it is, at no cost.
+LONG_PATH = 1024
+FOLDER_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+# Where os takes no dir_fd (Windows) every path goes as it is.
+BY_FOLDER_FD = {os.open, os.stat, os.mkdir, os.rename, os.unlink} <= os.supports_dir_fd
+
+
+def is_long(path: str) -> bool:
+    """Whether path, made absolute, is LONG_PATH bytes or longer (and is to go
+    through directory file descriptors)."""
+    return BY_FOLDER_FD and len(os.fsencode(os.path.abspath(path))) >= LONG_PATH
+
+
+def first_stretch(path: str) -> tuple[str, str]:
+    """path cut at a "/" into a first part under LONG_PATH bytes (at least one
+    name) and the rest, relative to it."""
+    names = path.split("/")
+    size = count = 0
+    for name in names[:-1]:
+        size += len(os.fsencode(name)) + 1
+        if size > LONG_PATH and count:
+            break
+        count += 1
+    return "/".join(names[:count]) or "/", "/".join(names[count:]).lstrip("/")
+
+
+def open_folder(path: str, dir_fd: int | None = None) -> int:
+    """A file descriptor of the folder at path (relative to dir_fd), of any length."""
+    try:
+        return os.open(path, FOLDER_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    head, rest = first_stretch(path)
+    fd = os.open(head, FOLDER_FLAGS, dir_fd=dir_fd)
+    try:
+        return open_folder(rest, fd)
+    finally:
+        os.close(fd)
+
+
+def at_any_length(function: Callable[..., T], path: str, *args, **kwargs) -> T:
+    """function(path, *args, **kwargs) of os (stat, open, chmod, ...) for a path
+    of any length: one the system refuses whole goes as its name, with dir_fd
+    its folder's file descriptor."""
+    try:
+        return function(path, *args, **kwargs)
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+    folder, name = os.path.split(path)
+    fd = open_folder(folder)
+    try:
+        return function(name, *args, dir_fd=fd, **kwargs)
+    except OSError as exc:
+        exc.filename = path  # the user's name for it, not ours
+        raise
+    finally:
+        os.close(fd)
+
+
+def open_any(path: str, flags: int) -> int:
+    """The opener (of open() and io.FileIO) of a file of any path length."""
+    return at_any_length(os.open, path, flags, 0o666)
+
+
 def file_md5(path: str) -> str:
     """The hex MD5 of a file's bytes, read once in chunks."""
     digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as file:
+    with open(path, "rb", opener=open_any) as file:
         while chunk := file.read(HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
@@ -1660,6 +1741,7 @@ class Summary:
     skipped: int = 0
     failed: int = 0
     deleted: int | None = None  # backup
+    vanished: int | None = None  # backup: files gone since the walk found them
     nbytes: int = 0
     seconds: float = 0.0
     restore_point: str | None = None  # backup: restore.py --at this brings the run back
@@ -1686,6 +1768,7 @@ class Summary:
                 f"{unlocked}failed {self.failed}, in {self.seconds:.1f} s"
             )
         deleted = f", deleted {self.deleted}" if self.deleted else ""
+        vanished = f", vanished {self.vanished}" if self.vanished else ""
         at = f", as at {self.at}" if self.at else ""
         point = f", restore point {self.restore_point}" if self.restore_point else ""
         lock = ""
@@ -1693,7 +1776,7 @@ class Summary:
             lock = f", locked ({self.lock['mode']}) until {self.lock['until']}"
         return (
             f"{self.verb} {self.transferred}{at}, skipped {self.skipped}, failed {self.failed}"
-            f"{deleted}, {format_bytes(self.nbytes)} in {self.seconds:.1f} s{point}{lock}"
+            f"{vanished}{deleted}, {format_bytes(self.nbytes)} in {self.seconds:.1f} s{point}{lock}"
         )
 
 
@@ -1851,6 +1934,9 @@ def create_transfer_manager(client, open_file: Callable[[str, str], BinaryIO]):
     class Opener(OSUtils):
         def open(self, filename, mode):
             return open_file(filename, mode)
+
+        def get_file_size(self, filename):
+            return at_any_length(os.stat, filename).st_size
 
     # The CRT transfer client ignores endpoint_url (boto3 issue 4839): pin classic.
     config = TransferConfig(

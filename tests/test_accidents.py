@@ -85,16 +85,22 @@ def history_of(client, bucket: str) -> tuple[str, list[str]]:
 
 
 def backup_held_at(
-    operation: str, source, bucket: str, start_proxy, cli_env
+    operation: str, args: tuple[str, ...], start_proxy, cli_env
 ) -> tuple[subprocess.Popen, FaultProxy]:
-    """A first backup into `bucket`, held at its first request of `operation`."""
+    """backup.py with `args`, held at its first request of `operation`."""
     proxy = start_proxy(hold={operation})
-    process = start_script(
-        "backup.py", str(source), f"{bucket}::p", "--endpoint-url", proxy.url,
-        env=cli_env,
-    )  # fmt: skip
+    process = start_script("backup.py", *args, "--endpoint-url", proxy.url, env=cli_env)
     wait_for(proxy.holding.is_set, f"backup's {operation}")
     return process, proxy
+
+
+def backup_killed_at(operation: str, args: tuple[str, ...], start_proxy, cli_env):
+    """backup.py with `args`, killed (kill -9) at its first request of
+    `operation`, which never reaches the server."""
+    process, proxy = backup_held_at(operation, args, start_proxy, cli_env)
+    process.kill()
+    process.communicate()
+    proxy.release(forward=False)
 
 
 @pytest.fixture
@@ -109,9 +115,8 @@ def source(tmp_path):
 def test_ctrl_c_while_backup_sets_up_its_bucket_finishes_the_setup_first(
     source, bucket_name, s3_server, server_client, start_proxy, cli_env, operation
 ):
-    process, proxy = backup_held_at(
-        operation, source, bucket_name, start_proxy, cli_env
-    )
+    args = (str(source), f"{bucket_name}::p")
+    process, proxy = backup_held_at(operation, args, start_proxy, cli_env)
     process.send_signal(signal.SIGINT)
     time.sleep(0.2)  # the signal has arrived before the held request is answered
     proxy.release()
@@ -125,14 +130,10 @@ def test_ctrl_c_while_backup_sets_up_its_bucket_finishes_the_setup_first(
 def test_a_first_run_killed_before_versioning_is_finished_by_the_next(
     source, bucket_name, s3_server, server_client, start_proxy, cli_env
 ):
-    process, proxy = backup_held_at(
-        "PutBucketVersioning", source, bucket_name, start_proxy, cli_env
-    )
-    process.kill()
-    process.communicate()
-    proxy.release(forward=False)
+    args = (str(source), f"{bucket_name}::p")
+    backup_killed_at("PutBucketVersioning", args, start_proxy, cli_env)
     assert history_of(server_client, bucket_name) == ("", [HISTORY_RULE_ID])
-    args = (str(source), f"{bucket_name}::p", "--endpoint-url", s3_server)
+    args += ("--endpoint-url", s3_server)
     result = run_script("backup.py", *args, env=cli_env)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
@@ -159,13 +160,9 @@ def test_a_first_run_killed_before_its_rule_is_warned_of_on_every_run(
 ):
     # Before our rule is in place the bucket cannot be told from an empty one
     # of the user's: it is not reconfigured, and every run says so.
-    process, proxy = backup_held_at(
-        "PutBucketLifecycleConfiguration", source, bucket_name, start_proxy, cli_env
-    )
-    process.kill()
-    process.communicate()
-    proxy.release(forward=False)
-    args = (str(source), f"{bucket_name}::p", "--endpoint-url", s3_server)
+    args = (str(source), f"{bucket_name}::p")
+    backup_killed_at("PutBucketLifecycleConfiguration", args, start_proxy, cli_env)
+    args += ("--endpoint-url", s3_server)
     for _ in range(2):
         result = run_script("backup.py", *args, env=cli_env)
         assert result.returncode == 0, result.stderr
@@ -256,13 +253,8 @@ def test_the_next_run_aborts_the_incomplete_upload_a_killed_run_left(
     large = os.urandom(12 * MiB)  # multipart, above the 8 MiB threshold
     source = make_tree(tmp_path / "src", {"large.bin": large, "small.txt": b"s"})
     server_client.create_bucket(Bucket=bucket_name)
-    proxy = start_proxy(hold={"UploadPart"})
     args = (str(source), f"{bucket_name}::p", "--no-versioning")
-    process = start_script("backup.py", *args, "--endpoint-url", proxy.url, env=cli_env)
-    wait_for(proxy.holding.is_set, "the first part of large.bin")
-    process.kill()
-    process.communicate()
-    proxy.release(forward=False)
+    backup_killed_at("UploadPart", args, start_proxy, cli_env)
     [left] = incomplete_uploads(server_client, bucket_name)
     assert left["Key"] == "p/large.bin"
 
@@ -280,12 +272,8 @@ def test_bytes_count_what_is_stored_when_a_file_shrinks_during_its_upload(
     tmp_path, bucket_name, s3_server, server_client, start_proxy, cli_env
 ):
     source = make_tree(tmp_path / "src", {"large.bin": os.urandom(12 * MiB)})
-    proxy = start_proxy(hold={"UploadPart"})
-    process = start_script(
-        "backup.py", str(source), f"{bucket_name}::p", "--json",
-        "--endpoint-url", proxy.url, env=cli_env,
-    )  # fmt: skip
-    wait_for(proxy.holding.is_set, "the first part of large.bin")
+    args = (str(source), f"{bucket_name}::p", "--json")
+    process, proxy = backup_held_at("UploadPart", args, start_proxy, cli_env)
     os.truncate(source / "large.bin", 0)
     proxy.release()
     stdout, stderr = process.communicate(timeout=120)

@@ -657,7 +657,7 @@ def test_a_file_that_vanishes_during_the_run_is_a_warning(
     assert (
         stderr == f"warning: vanished during the backup, not uploaded: {source}/z.txt\n"
     )
-    assert "uploaded 1, skipped 1, failed 0" in stdout
+    assert "uploaded 1, skipped 0, failed 0, vanished 1," in stdout
     assert keys(server_client, bucket_name) == ["p/a.txt"]
 
 
