@@ -697,31 +697,46 @@ def lock_days(text: str) -> int:
     return days
 
 
-def lock_state(policy: LockPolicy, filters: Filters, at: float, until: float) -> dict:
+def lock_state(
+    policy: LockPolicy, filters: Filters, at: float, until: float, longest: float
+) -> dict:
     """The lock state object's JSON: every current object of the prefix (within
-    these filters) was locked, by a renewal at `at`, until `until` at least."""
+    these filters) was locked, by a renewal at `at`, until `until` at least, and
+    none known to be locked beyond `longest`."""
     return {
         "lock_days": policy.days,
         "mode": policy.mode,
         "filters": [list(rule) for rule in filters.rules],
         "renewed_at": format_when(at),
         "renewed_until": format_when(until),
+        "longest": format_when(longest),
     }
 
 
-def state_until(state: Optional[dict], policy: LockPolicy, filters: Filters):
-    """The state's renewed_until (seconds), if it was written with these days,
-    mode and filters; else None: each object's lock is to be read once."""
+def state_until(
+    state: Optional[dict], policy: LockPolicy, filters: Filters
+) -> Optional[tuple[float, float]]:
+    """The state's renewed_until and longest (seconds), if it was written with
+    these days, mode and filters; else None: each object's lock is to be read."""
     if not isinstance(state, dict) or state.get("filters") != lock_state(
-        policy, filters, 0, 0
+        policy, filters, 0, 0, 0
     ).get("filters"):
         return None
     if (state.get("lock_days"), state.get("mode")) != (policy.days, policy.mode):
         return None
     try:
-        return parse_timestamp(str(state["renewed_until"])).timestamp()
+        until = parse_timestamp(str(state["renewed_until"])).timestamp()
+        longest = parse_timestamp(str(state.get("longest", ""))).timestamp()
     except (KeyError, ValueError, TypeError):
         return None
+    return until, longest
+
+
+def must_read_locks(known: Optional[tuple[float, float]], target: float) -> bool:
+    """Whether a renewal to `target` reads each lock first (a HeadObject each):
+    when the state says nothing, or some lock may end later than `target`
+    (of a run with more --lock-days), which a blind renewal would shorten."""
+    return known is None or known[1] > target
 
 
 def renewal_due(
@@ -1541,27 +1556,29 @@ def renew_locks(
     target: float,
     read_first: bool,
     workers: int,
-) -> list[Failure[str]]:
+) -> tuple[list[Failure[str]], float]:
     """Extend the lock of each key's current version to `target`, side by side;
     read_first: only those whose lock (read by HEAD) ends earlier, a COMPLIANCE
-    one staying COMPLIANCE. The failures."""
+    one staying COMPLIANCE. The failures, and the latest lock read (0: none)."""
 
-    def renew(key: str) -> Optional[Failure[str]]:
+    def renew(key: str) -> tuple[Optional[Failure[str]], float]:
+        current = None
         try:
             mode = policy.mode
             if read_first:
                 current_mode, current = object_lock(client, bucket, key)
                 if not needs_renewal(current, target):
-                    return None
+                    return None, current
                 if current_mode == "COMPLIANCE":
                     mode = current_mode
             put_retention(client, bucket, key, mode, target)
         except botocore.exceptions.ClientError as exc:
-            return Failure(key, exc)
-        return None
+            return Failure(key, exc), current or 0
+        return None, current or 0
 
-    results = map_failing_fast(renew, keys, workers)
-    return [failure for failure in results if failure is not None]
+    results = list(map_failing_fast(renew, keys, workers))
+    failures = [failure for failure, _ in results if failure is not None]
+    return failures, max((current for _, current in results), default=0)
 
 
 def keep_locked(
@@ -1572,25 +1589,26 @@ def keep_locked(
     keeps them, and say until when no current object can be erased."""
     policy = locks.policy
     bucket, state_key = location.bucket, lock_state_key(location.prefix)
-    renewed_until = state_until(
+    known = state_until(
         read_lock_state(client, bucket, state_key), policy, locks.filters
     )
-    due = renewal_due(renewed_until, policy, point)
-    kept = locks.kept()
-    until = renewed_until
+    until, longest = known or (None, 0)
+    due = renewal_due(until, policy, point)
+    kept, target = locks.kept(), policy.until(point)
     if due:
-        until = policy.until(point) if kept else None
-        failures = renew_locks(
+        until = target if kept else None
+        failures, seen = renew_locks(
             client,
             bucket,
             kept,
             policy,
-            policy.until(point),
-            read_first=renewed_until is None,
-            workers=locks.workers,
+            target,
+            must_read_locks(known, target),
+            locks.workers,
         )
         if failures:
             return None, failures
+        longest = max(longest, seen, policy.until(time.time()))
     if locks.uploaded:
         first = policy.until(locks.started)
         until = first if until is None else min(until, first)
@@ -1603,7 +1621,10 @@ def keep_locked(
         )
     if due and until is not None:
         write_lock_state(
-            client, bucket, state_key, lock_state(policy, locks.filters, point, until)
+            client,
+            bucket,
+            state_key,
+            lock_state(policy, locks.filters, point, until, longest),
         )
     return {"mode": policy.mode, "until": until and format_when(until)}, []
 

@@ -12,7 +12,13 @@ import pytest
 from conftest import TEST_SERVER, client_for, make_tree, run_script
 
 from backup import DAY as DAY_SECONDS
-from backup import LockPolicy, needs_renewal, renewal_due, state_until
+from backup import (
+    LockPolicy,
+    must_read_locks,
+    needs_renewal,
+    renewal_due,
+    state_until,
+)
 from s3common import Filters, format_when, lock_state_key
 
 MiB = 1024 * 1024
@@ -78,14 +84,33 @@ def test_a_state_of_other_days_mode_or_filters_says_nothing():
         "filters": [[False, "*.log"]],
         "renewed_at": "2027-01-15T08:00:00Z",
         "renewed_until": "2027-02-14T09:00:00Z",
+        "longest": "2027-03-16T09:00:00Z",
     }
-    assert state_until(state, policy, filters) == T0 + 30 * DAY_SECONDS + 3600
+    assert state_until(state, policy, filters) == (
+        T0 + 30 * DAY_SECONDS + 3600,
+        T0 + 60 * DAY_SECONDS + 3600,
+    )
     assert state_until({**state, "lock_days": 31}, policy, filters) is None
     assert state_until({**state, "mode": "COMPLIANCE"}, policy, filters) is None
     assert state_until(state, policy, Filters()) is None
     assert state_until({**state, "renewed_until": "soon"}, policy, filters) is None
     assert state_until(None, policy, filters) is None
     assert state_until([1], policy, filters) is None
+    without_longest = {k: v for k, v in state.items() if k != "longest"}
+    assert state_until(without_longest, policy, filters) is None
+
+
+@pytest.mark.parametrize(
+    "known, target, read",
+    [
+        (None, T0, True),  # nothing known: read each lock
+        ((T0 - 9, T0 - 1), T0, False),  # every lock ends before the target
+        ((T0 - 9, T0), T0, False),
+        ((T0 - 9, T0 + 1), T0, True),  # one may end later: a blind renewal shortens it
+    ],
+)
+def test_locks_are_read_before_a_renewal_that_could_shorten_one(known, target, read):
+    assert must_read_locks(known, target) is read
 
 
 # --- End to end ---------------------------------------------------------------------
@@ -222,6 +247,7 @@ def test_a_due_renewal_extends_every_lock_once(
         "filters": [],
         "renewed_at": format_when(long_ago - DAY_SECONDS),
         "renewed_until": format_when(long_ago + 4 * DAY_SECONDS),
+        "longest": format_when(long_ago + 4 * DAY_SECONDS),
     }
     body = json.dumps(state).encode()
     client.put_object(
@@ -243,6 +269,8 @@ def test_a_due_renewal_extends_every_lock_once(
     )
     assert result.returncode == 0, result.stderr
     assert proxy.operations.count("PutObjectRetention") == 5
+    # One lock read back, no more: the state says no lock is longer than the renewal.
+    assert proxy.operations.count("HeadObject") == 1
     for key in keys:
         assert lock_of(client, bucket_name, key)[1] > first[key]
     report = json.loads(result.stdout)
@@ -272,6 +300,26 @@ def test_other_lock_days_read_each_lock_and_never_shorten_one(
         "backup.py", str(tree), location, "--lock-days", "4", endpoint=proxy.url
     )
     assert result.returncode == 0, result.stderr
+    assert proxy.operations.count("HeadObject") >= 2
+    assert "PutObjectRetention" not in proxy.operations
+    assert {key: lock_of(client, bucket_name, key) for key in longer} == longer
+    # A renewal due later still reads them: the state remembers the longer locks.
+    state_key = lock_state_key("p")
+    state = json.loads(
+        client.get_object(Bucket=bucket_name, Key=state_key)["Body"].read()
+    )
+    state["renewed_until"] = format_when(time.time())
+    client.put_object(
+        Bucket=bucket_name,
+        Key=state_key,
+        Body=json.dumps(state).encode(),
+        ChecksumAlgorithm="CRC32",
+    )
+    proxy.operations.clear()
+    due = lock_env(
+        "backup.py", str(tree), location, "--lock-days", "4", endpoint=proxy.url
+    )
+    assert due.returncode == 0, due.stderr
     assert proxy.operations.count("HeadObject") >= 2
     assert "PutObjectRetention" not in proxy.operations
     assert {key: lock_of(client, bucket_name, key) for key in longer} == longer
