@@ -8,6 +8,7 @@ import json
 import time
 from datetime import timezone
 
+import botocore.exceptions
 import pytest
 from conftest import TEST_SERVER, client_for, make_tree, run_script
 
@@ -467,3 +468,33 @@ def test_every_upload_to_a_lock_bucket_carries_a_checksum(
             operation,
             sorted(names),
         )
+
+
+def test_compliance_locks_hold_against_a_governance_bypass(
+    tmp_path, lock_env, client, bucket_name
+):
+    tree = make_tree(tmp_path / "src", {"a.txt": b"a"})
+    result = lock_env(
+        "backup.py",
+        str(tree),
+        bucket_name,
+        "--lock-days",
+        "1",
+        "--lock-mode",
+        "compliance",
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["lock"]["mode"] == "COMPLIANCE"
+    assert lock_of(client, bucket_name, "a.txt")[0] == "COMPLIANCE"
+    [version] = client.list_object_versions(Bucket=bucket_name, Prefix="a.txt")[
+        "Versions"
+    ]
+    with pytest.raises(botocore.exceptions.ClientError):
+        client.delete_object(
+            Bucket=bucket_name,
+            Key="a.txt",
+            VersionId=version["VersionId"],
+            BypassGovernanceRetention=True,
+        )
+    assert client.head_object(Bucket=bucket_name, Key="a.txt")["ContentLength"] == 1
