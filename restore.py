@@ -27,11 +27,15 @@ _signal.signal(_signal.SIGINT, lambda signum, frame: os._exit(130))
 os.environ.setdefault("BOTO_DISABLE_CRT", "true")
 
 import argparse
+import bisect
 import contextlib
 import functools
+import math
 import re
 import secrets
 import stat
+import struct
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -196,30 +200,31 @@ def parse_when(
     )
 
 
+def recency(version: ObjectVersion) -> tuple:
+    """What orders a key's entries, newest last: LastModified; in the same second
+    (S3 keeps whole seconds) the latest one, then a version before a delete marker
+    (the listing does not say which of the two came first: restore rather than lose)."""
+    return (version.last_modified, version.is_latest, version.size is not None)
+
+
 def objects_at(
     versions: Iterable[ObjectVersion], when: float
 ) -> dict[str, RemoteObject]:
     """Each key's newest version whose LastModified is at or before `when`, keyed by
     S3 key; a key whose newest entry by then is a delete marker is left out.
+    Times compare to the whole second: servers keep milliseconds, users type
+    seconds, so all of the second that `when` names counts as at or before it.
 
     `versions` come as ListObjectVersions lists them: within the versions, and
     within the delete markers, a key's newest first. Entries of one key may sit
     on different pages, versions and markers apart: they are merged here by key.
     """
     newest: dict[str, tuple[tuple, ObjectVersion]] = {}
+    before = math.floor(when) + 1
     for order, version in enumerate(versions):
-        if version.last_modified > when:
+        if version.last_modified >= before:
             continue
-        # Newest by LastModified; in the same second (S3 keeps whole seconds) the
-        # latest one, then a version before a delete marker (the listing does not
-        # say which of the two came first: restore rather than lose), then the
-        # listing's own order.
-        rank = (
-            version.last_modified,
-            version.is_latest,
-            version.size is not None,
-            -order,
-        )
+        rank = (*recency(version), -order)  # then the listing's own order
         if version.key not in newest or rank > newest[version.key][0]:
             newest[version.key] = (rank, version)
     return {
@@ -234,6 +239,87 @@ def objects_at(
         for key, (_, v) in newest.items()
         if v.size is not None
     }
+
+
+# A moment: versions and delete markers each within this many seconds of the one before.
+MOMENT_GAP = 60.0
+
+
+@dataclass
+class Moment:
+    """One backup moment of --history: its first and last LastModified, and what it did."""
+
+    first: float
+    last: float
+    added: int = 0
+    changed: int = 0
+    deleted: int = 0
+
+
+def add_time(starts: list[float], ends: list[float], seconds: float) -> None:
+    """Put a LastModified into the moments so far, as their sorted `starts` and
+    `ends`: it joins (or bridges) the moments it is within MOMENT_GAP of. Memory
+    grows with the moments, not with the times."""
+    i = bisect.bisect_right(starts, seconds)  # starts[i - 1] <= seconds < starts[i]
+    left = i > 0 and seconds - ends[i - 1] <= MOMENT_GAP
+    right = i < len(starts) and starts[i] - seconds <= MOMENT_GAP
+    if left and right:
+        ends[i - 1] = ends.pop(i)
+        del starts[i]
+    elif left:
+        ends[i - 1] = max(ends[i - 1], seconds)
+    elif right:
+        starts[i] = seconds
+    else:
+        starts.insert(i, seconds)
+        ends.insert(i, seconds)
+
+
+def by_key_newest_first(
+    pages: Iterable[list[ObjectVersion]],
+) -> Iterator[ObjectVersion]:
+    """ListObjectVersions pages as each key's versions and delete markers together,
+    newest first. A page lists its versions, then its markers, each in key order,
+    each key's newest first; a key that goes on in the next page goes on with older ones."""
+    for page in pages:
+        ordered = sorted(page, key=recency, reverse=True)
+        ordered.sort(key=lambda version: version.key)
+        yield from ordered
+
+
+def count_moments(
+    changes: Iterable[tuple[object, float, bool]],
+    starts: list[float],
+    ends: list[float],
+) -> list[Moment]:
+    """The moments (sorted `starts` and `ends`, from add_time) newest first, with the
+    files each added, changed and deleted: `changes` are (key, LastModified, whether
+    a version and not a delete marker), each key's together and newest first. A key
+    counts once per moment, by its state before the moment and at its end."""
+    moments = [Moment(first, last) for first, last in zip(starts, ends)]
+
+    def close(before: bool) -> None:
+        if key is None:
+            return
+        moment = moments[index]
+        if after and not before:
+            moment.added += 1
+        elif after:
+            moment.changed += 1
+        elif before:
+            moment.deleted += 1
+
+    key, index, after = None, -1, False
+    for name, seconds, present in changes:
+        at = bisect.bisect_left(ends, seconds)  # the moment that holds it
+        if name != key:
+            close(before=False)
+            key, index, after = name, at, present
+        elif at != index:
+            close(before=present)
+            index, after = at, present
+    close(before=False)
+    return moments[::-1]
 
 
 def utc_time(seconds: float) -> str:
@@ -397,11 +483,11 @@ def find_objects(
     return {prefix: single}, parent_prefix(prefix)
 
 
-def list_versions(
+def version_pages(
     client, bucket: str, prefix: str, through: Optional[str] = None
-) -> list[ObjectVersion]:
+) -> Iterator[list[ObjectVersion]]:
     """Every version and delete marker under `prefix` (up to the key `through`, if
-    given), from ListObjectVersions pages.
+    given), one ListObjectVersions page at a time: its versions, then its markers.
 
     botocore's paginator carries both NextKeyMarker and NextVersionIdMarker on as
     KeyMarker and VersionIdMarker, and goes on while IsTruncated: a key with more
@@ -410,26 +496,32 @@ def list_versions(
     pages = client.get_paginator("list_object_versions").paginate(
         Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE}
     )
-    versions = []
     for page in pages:
         # Versions, then delete markers (which have no Size, StorageClass or ETag).
-        entries = [*page.get("Versions", []), *page.get("DeleteMarkers", [])]
-        for item in entries:
-            versions.append(
-                ObjectVersion(
-                    item["Key"],
-                    item["VersionId"],
-                    item["LastModified"].timestamp(),
-                    item.get("IsLatest", False),
-                    item.get("Size"),
-                    item.get("StorageClass", "STANDARD"),
-                    item.get("ETag", "").strip('"'),
-                )
+        entries = [
+            ObjectVersion(
+                item["Key"],
+                item["VersionId"],
+                item["LastModified"].timestamp(),
+                item.get("IsLatest", False),
+                item.get("Size"),
+                item.get("StorageClass", "STANDARD"),
+                item.get("ETag", "").strip('"'),
             )
+            for item in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]
+        ]
+        yield entries
         # Keys are listed in order: once past `through`, later pages hold none of it.
-        if through is not None and any(item["Key"] > through for item in entries):
+        if through is not None and any(v.key > through for v in entries):
             break
-    return versions
+
+
+def list_versions(
+    client, bucket: str, prefix: str, through: Optional[str] = None
+) -> Iterator[ObjectVersion]:
+    """version_pages, one entry at a time."""
+    for page in version_pages(client, bucket, prefix, through):
+        yield from page
 
 
 def find_objects_at(
@@ -441,12 +533,157 @@ def find_objects_at(
         if any(not key.endswith("/") for key in objects) or not prefix:
             return objects, prefix
         versions = list_versions(client, bucket, prefix, through=prefix)
+        single = objects_at((v for v in versions if v.key == prefix), when)
     except botocore.exceptions.ClientError as exc:
-        raise runtime_error(
-            f"cannot list the versions of {printable(f's3://{bucket}/{prefix}')}", exc
-        ) from None
-    single = objects_at((v for v in versions if v.key == prefix), when)
+        raise versions_error(bucket, prefix, exc) from None
     return single, parent_prefix(prefix)
+
+
+def versions_error(bucket: str, prefix: str, exc: BaseException) -> CliError:
+    return runtime_error(
+        f"cannot list the versions of {printable(f's3://{bucket}/{prefix}')}", exc
+    )
+
+
+# --- --history: the backup's moments, or one object's versions --------------------
+
+# (key number, LastModified, a version and not a delete marker): one entry spilled.
+SPILLED = struct.Struct("<Id?")
+
+
+def spill_changes(
+    entries: Iterable[ObjectVersion], spill: BinaryIO
+) -> tuple[list[float], list[float]]:
+    """Write each entry to `spill` as compact SPILLED records (one key's together,
+    keys numbered), and gather their times into moments: their starts and ends."""
+    starts: list[float] = []
+    ends: list[float] = []
+    key, number = None, -1
+    for entry in entries:
+        if entry.key != key:
+            key, number = entry.key, number + 1
+        add_time(starts, ends, entry.last_modified)
+        spill.write(SPILLED.pack(number, entry.last_modified, entry.size is not None))
+    return starts, ends
+
+
+def spilled_changes(spill: BinaryIO) -> Iterator[tuple[int, float, bool]]:
+    spill.seek(0)
+    while chunk := spill.read(SPILLED.size * 4096):
+        yield from SPILLED.iter_unpack(chunk)
+
+
+def prefix_moments(
+    client, location: Location, filters: Filters
+) -> tuple[list[Moment], bool]:
+    """The moments of the keys under the location that the filters select, and
+    whether there was any key at all under it. One pass over the listing, its
+    entries spilled to an unlinked temporary file: memory grows with the moments."""
+    prefix = location.prefix
+    listed = False
+
+    def selected(entries: Iterable[ObjectVersion]) -> Iterator[ObjectVersion]:
+        nonlocal listed
+        for entry in entries:
+            if entry.key.endswith("/") or (not prefix and is_lock_state(entry.key)):
+                continue  # folder markers, and backup.py --lock-days's records
+            listed = True
+            if filters.includes(relative_key(prefix, entry.key)):
+                yield entry
+
+    pages = version_pages(client, location.bucket, folder_prefix(prefix))
+    with tempfile.TemporaryFile() as spill:
+        starts, ends = spill_changes(selected(by_key_newest_first(pages)), spill)
+        return count_moments(spilled_changes(spill), starts, ends), listed
+
+
+def object_versions(client, location: Location) -> list[ObjectVersion]:
+    """The versions and delete markers of the one object the location names, newest first."""
+    key = location.prefix
+    pages = version_pages(client, location.bucket, key, through=key)
+    return [v for v in by_key_newest_first(pages) if v.key == key]
+
+
+def moment_record(moment: Moment) -> dict:
+    return {
+        "at": format_when(moment.last),
+        "added": moment.added,
+        "changed": moment.changed,
+        "deleted": moment.deleted,
+    }
+
+
+def version_record(version: ObjectVersion) -> dict:
+    return {
+        "at": format_when(version.last_modified),
+        "size": version.size,
+        "delete_marker": version.size is None,
+        "current": version.is_latest,
+        "version_id": version.version_id,
+    }
+
+
+def moment_line(record: dict) -> str:
+    return (
+        f"{record['at']}  added {record['added']}, changed {record['changed']}, "
+        f"deleted {record['deleted']}"
+    )
+
+
+def version_line(record: dict) -> str:
+    what = "deleted" if record["delete_marker"] else f"{record['size']} bytes"
+    return f"{record['at']}  {what}{', current' if record['current'] else ''}"
+
+
+def check_history_arguments(args) -> None:
+    """Usage errors of --history, and of a LOCAL missing without it."""
+    if not args.history:
+        raise usage_error("the following arguments are required: LOCAL (see --help)")
+    if args.local is not None:
+        raise usage_error(
+            f"--history lists and writes nothing: give no LOCAL ({printable(args.local)}), "
+            "e.g. restore.py BUCKET::PREFIX --history"
+        )
+    if args.at is not None:
+        raise usage_error(
+            "--history lists every moment and takes no --at: restore one with "
+            "restore.py BUCKET::PREFIX LOCAL --at WHEN"
+        )
+
+
+def show_history(args, console: Console) -> int:
+    """--history: one line per moment under the location, or per version of the
+    one object it names, newest first; changes nothing."""
+    check_history_arguments(args)
+    location = parse_location(args.location)
+    filters = Filters(args.filters)
+    client = connect(args, pool_size=1).client
+    try:
+        moments, listed = prefix_moments(client, location, filters)
+        versions = (
+            [] if listed or not location.prefix else object_versions(client, location)
+        )
+    except botocore.exceptions.ClientError as exc:
+        raise versions_error(location.bucket, location.prefix, exc) from None
+    if versions:
+        records = [version_record(v) for v in versions]
+        name = relative_key(parent_prefix(location.prefix), location.prefix)
+        records = records if filters.includes(name) else []
+        summary = Summary("listed", versions=records)
+        lines = [version_line(r) for r in records]
+    elif listed:
+        records = [moment_record(m) for m in moments]
+        summary = Summary("listed", moments=records)
+        lines = [moment_line(r) for r in records]
+    else:
+        raise CliError(
+            f"no history: nothing was ever under {printable(location.url())}"
+        )
+    for line in lines:
+        console.info(line)
+    kind = ("version" if versions else "moment") + ("" if len(records) == 1 else "s")
+    console.summarize(summary, f"{len(records)} {kind} of {printable(location.url())}")
+    return ExitCode.OK
 
 
 def objects_to_restore(
@@ -1005,6 +1242,7 @@ def current_umask() -> int:
 
 
 EXAMPLES = """
+  python restore.py my-bucket::documents --history   # the moments --at can bring back
   python restore.py my-bucket::documents ~/Documents-restored
   python restore.py s3://family-archive/photos/2024 ~/Pictures/2024 --include '*.jpg'
   python restore.py my-bucket::misc/notes.txt ~/recovered   # one object: ~/recovered/notes.txt
@@ -1029,7 +1267,10 @@ def build_parser() -> ArgumentParser:
         help="what to restore, also s3://BUCKET/PREFIX; a prefix or one object",
     )
     parser.add_argument(
-        "local", metavar="LOCAL", help="the folder to restore into (created if missing)"
+        "local",
+        metavar="LOCAL",
+        nargs="?",
+        help="the folder to restore into (created if missing); none with --history",
     )
     parser.add_argument(
         "--at",
@@ -1039,6 +1280,13 @@ def build_parser() -> ArgumentParser:
         "means local time) or an age (36h, 7d, 2w); older states need a bucket "
         "with versioning (e.g. --at 2026-11-20, --at '2026-11-20 14:30', "
         "--at 2026-11-20T14:30:05Z, --at 7d)",
+    )
+    parser.add_argument(
+        "--history",
+        action="store_true",
+        help="list the backup's moments, newest first, each with its --at value and "
+        "the files it added, changed and deleted (for one object: its versions); "
+        "takes no LOCAL, changes nothing (e.g. restore.py my-bucket::documents --history)",
     )
     add_shared_options(parser)
     return parser
@@ -1122,6 +1370,8 @@ def execute_restore(
 
 def run(args, console: Console) -> int:
     """gather (list the objects) -> plan -> execute (or show, with --dry-run) -> report."""
+    if args.history or args.local is None:
+        return show_history(args, console)
     started = time.monotonic()
     location = parse_location(args.location)
     filters = Filters(args.filters)

@@ -1756,6 +1756,9 @@ class Summary:
     unlocked: list[str] | None = None  # with --lock-days
     # backup --lock-days: {"mode", "until"}, the earliest date a current object is locked to
     lock: dict | None = None
+    # restore.py --history: the backup's moments, or one object's versions.
+    moments: list[dict] | None = None
+    versions: list[dict] | None = None
 
     def line(self) -> str:
         if self.missing is not None:

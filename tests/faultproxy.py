@@ -20,13 +20,14 @@ import datetime
 import http.client
 import ipaddress
 import random
+import re
 import socket
 import socketserver
 import ssl
 import struct
 import threading
 from collections import Counter
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
@@ -46,6 +47,7 @@ HOP_BY_HOP_HEADERS = {
     "content-length",
 }
 MAX_LINE = 65536
+LAST_MODIFIED = re.compile(rb"<LastModified>([^<]+)</LastModified>")
 
 ERROR_MESSAGES = {
     "AccessDenied": (403, "Forbidden", "Access Denied"),
@@ -240,7 +242,10 @@ class FaultProxy:
     Object Lock headers of PutObject and CreateMultipartUpload nor those of HEAD
     answers, as by a server that ignores Object Lock (moto only: it checks no
     signatures). The answers to the first `cut_ranges`
-    GETs of a range (direct or not) break off before the end of their body. `faults`
+    GETs of a range (direct or not) break off before the end of their body. With
+    `version_times`, each <LastModified> of a ListObjectVersions answer becomes
+    version_times(that time) (aware UTC datetimes), written to the millisecond: a
+    backup's history as if it had been written then. `faults`
     counts what was injected, `throttled_attempts` the requests refused per throttled
     key, `requests` lists (method, path, direct?) of every request, in order,
     `operations` their S3 operations, and `header_names` the (lower-case) names
@@ -264,6 +269,7 @@ class FaultProxy:
         cut_ranges: int = 0,
         errors: Mapping[str, tuple[str, int]] | None = None,
         hold: Collection[str] = (),
+        version_times: Callable[[datetime.datetime], datetime.datetime] | None = None,
     ):
         parts = urlsplit(upstream)
         self.upstream_host = parts.hostname
@@ -279,6 +285,7 @@ class FaultProxy:
         self.strip_lock = strip_lock
         self.cut_ranges = cut_ranges
         self.errors = dict(errors or {})
+        self.version_times = version_times
         self.hold = set(hold)
         self.holding = threading.Event()
         self._released = threading.Event()
@@ -369,6 +376,13 @@ class FaultProxy:
             ]
         return statuses[0] if statuses else None
 
+    def _rewrite_time(self, match: re.Match) -> bytes:
+        text = match[1].decode().replace("Z", "+00:00")
+        moment = self.version_times(datetime.datetime.fromisoformat(text))
+        utc = moment.astimezone(datetime.timezone.utc)  # noqa: UP017 (3.11+)
+        written = utc.strftime("%Y-%m-%dT%H:%M:%S.%f")
+        return b"<LastModified>%s</LastModified>" % (written[:-3] + "Z").encode()
+
     def request_id(self) -> str:
         with self._lock:
             return f"{self._random.getrandbits(64):016X}"
@@ -408,6 +422,8 @@ class FaultProxy:
             body = response.read()
         finally:
             connection.close()
+        if self.version_times and request.operation == "ListObjectVersions":
+            body = LAST_MODIFIED.sub(self._rewrite_time, body)
         corrupt = self.corrupt_direct and request.is_direct and request.method == "GET"
         if corrupt and response.status == 200 and body:
             body = bytes([body[0] ^ 0xFF]) + body[1:]

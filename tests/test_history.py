@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import calendar
+import io
+import json
 import os
 import random
 import re
+import subprocess
 import time
 from datetime import datetime, timedelta, timezone
 from zoneinfo import ZoneInfo
@@ -23,7 +26,17 @@ from backup import (
     history_rule,
     merge_lifecycle_rules,
 )
-from restore import ObjectVersion, list_versions, objects_at, parse_when
+from restore import (
+    ObjectVersion,
+    add_time,
+    by_key_newest_first,
+    count_moments,
+    list_versions,
+    objects_at,
+    parse_when,
+    spill_changes,
+    spilled_changes,
+)
 from s3common import RemoteObject, format_when
 from s3common import restore_point as restore_point_of
 
@@ -197,6 +210,121 @@ def test_objects_at_in_one_second(entries, expected):
     assert (picked and picked.version_id) == expected
 
 
+@pytest.mark.parametrize(
+    "when, expected",
+    [
+        # The whole second that WHEN names holds the versions written in it.
+        (1000, "v1000.999"),
+        (1000.5, "v1000.999"),  # an age lands mid-second: still that second
+        (999, "v999.016"),
+        (1001, "v1001.000"),
+        (998, None),
+    ],
+)
+def test_at_takes_the_whole_second_it_names(when, expected):
+    entries = [
+        version("k", "v1001.000", 1001.0, latest=True),
+        version("k", "v1000.999", 1000.999),
+        version("k", "v999.016", 999.016),
+    ]
+    picked = objects_at(entries, when).get("k")
+    assert (picked and picked.version_id) == expected
+
+
+def test_a_delete_marker_late_in_the_second_named_counts():
+    entries = [version("k", "v", 500.1), marker("k", "m", 501.9, latest=True)]
+    assert objects_at(entries, 499.99) == {}  # 499 names its second: v not yet
+    assert objects_at(entries, 500)["k"].version_id == "v"
+    assert objects_at(entries, 501) == {}
+
+
+# --- Moments of --history ------------------------------------------------------------
+
+
+def moments_of(*pages):
+    """--history's moments of ListObjectVersions pages, as (end, added, changed, deleted)."""
+    spill = io.BytesIO()
+    starts, ends = spill_changes(by_key_newest_first(pages), spill)
+    moments = count_moments(spilled_changes(spill), starts, ends)
+    return [(m.last, m.added, m.changed, m.deleted) for m in moments]
+
+
+@pytest.mark.parametrize(
+    "gap, expected",
+    [
+        (59.9, [(1059.9, 2, 0, 0)]),
+        (60, [(1060, 2, 0, 0)]),
+        (60.1, [(1060.1, 1, 0, 0), (1000, 1, 0, 0)]),
+    ],
+)
+def test_a_moment_ends_where_the_gap_is_over_60_seconds(gap, expected):
+    page = [version("a", "a1", 1000, latest=True), version("b", "b1", 1000 + gap)]
+    assert moments_of(page) == expected
+
+
+def test_the_times_make_the_same_moments_in_any_order():
+    times = [
+        0,
+        100,
+        50,
+        300,
+        200,
+        250,
+        1000,
+    ]  # 50 joins 0 and 100; 250 joins 200 and 300
+    for order in (times, sorted(times), sorted(times, reverse=True)):
+        starts, ends = [], []
+        for seconds in order:
+            add_time(starts, ends, seconds)
+        assert (starts, ends) == ([0, 200, 1000], [100, 300, 1000])
+
+
+def test_each_moment_counts_a_file_once_by_how_it_began_and_ended():
+    page = [
+        # a: added, then changed twice in the second moment: changed once.
+        version("a", "a3", 1010, latest=True),
+        version("a", "a2", 1000),
+        version("a", "a1", 0),
+        # b: added and changed within the second moment: added.
+        version("b", "b2", 1020, latest=True),
+        version("b", "b1", 1005),
+        # c: added and deleted within the second moment: nothing.
+        version("c", "c1", 1001),
+        # d: only deleted in the second moment.
+        version("d", "d1", 10),
+        # Each page lists its versions, then its delete markers.
+        marker("c", "cx", 1002, latest=True),
+        marker("d", "dx", 1030, latest=True),
+    ]
+    assert moments_of(page) == [(1030, 1, 1, 1), (10, 2, 0, 0)]
+
+
+def test_pages_that_hold_only_delete_markers_split_no_key():
+    # A page is a slice of the listing (each key's entries newest first): this
+    # one's slice holds only the delete markers of a, the next a's older versions.
+    pages = (
+        [marker("a", "ax2", 3000, latest=True), marker("a", "ax1", 2500)],
+        [version("a", "a2", 2000), version("a", "a1", 0)],
+        [marker("b", "bx", 3010, latest=True)],  # no version of b was ever listed
+        [version("c", "c1", 3020, latest=True)],
+    )
+    assert moments_of(*pages) == [
+        (3020, 1, 0, 0),  # c added; a deleted again and b: nothing to delete
+        (2500, 0, 0, 1),
+        (2000, 0, 1, 0),
+        (0, 1, 0, 0),
+    ]
+
+
+def test_a_version_and_a_marker_in_one_second_end_the_moment_as_at_does():
+    # The one marked latest is the newer, whatever its kind, as objects_at says.
+    page = [version("k", "v", 100), marker("k", "m", 100, latest=True)]
+    assert moments_of(page) == [(100, 0, 0, 0)]
+    page = [version("k", "v", 100, latest=True), marker("k", "m", 100)]
+    assert moments_of(page) == [(100, 1, 0, 0)]
+    assert moments_of([]) == []
+
+
 # --- Listing versions ---------------------------------------------------------------
 
 
@@ -250,7 +378,7 @@ def test_list_versions_follows_both_markers_through_pages_of_markers_only(aws_en
     with Stubber(client) as stubber:
         for response, params in pages:
             stubber.add_response("list_object_versions", response, params)
-        versions = list_versions(client, "bkt", "p/")
+        versions = list(list_versions(client, "bkt", "p/"))
         stubber.assert_no_pending_responses()
     assert [(v.key, v.version_id, v.size) for v in versions] == [
         ("p/a", "m1", None),
@@ -280,7 +408,7 @@ def test_list_versions_of_one_key_stops_once_past_it(aws_env):
             },
             {"Bucket": "bkt", "Prefix": "p", "MaxKeys": 1000},
         )
-        versions = list_versions(client, "bkt", "p", through="p")
+        versions = list(list_versions(client, "bkt", "p", through="p"))
         stubber.assert_no_pending_responses()
     assert [v.key for v in versions] == ["p", "p.txt"]
 
@@ -865,3 +993,188 @@ def test_restore_point_with_an_age(history_env, tmp_path, bucket_name):
     at = re.search(r"at (\S+)$", result.stderr.strip())[1]
     expected = datetime.now(UTC) - timedelta(hours=1)
     assert abs(seconds_of(at) - expected.timestamp()) < 60
+
+
+# --- --history, end to end ------------------------------------------------------------
+
+HISTORY_LINE = re.compile(r"(\S+)  added (\d+), changed (\d+), deleted (\d+)")
+
+
+def an_hour_earlier_before(point: str):
+    """The proxy's version_times: what was written before `point` as if an hour earlier."""
+    return lambda t: t - timedelta(hours=1) if t.timestamp() < seconds_of(point) else t
+
+
+@pytest.fixture
+def via_proxy(start_proxy, cli_env):
+    """via_proxy(options of FaultProxy) -> run(script, *args) through a new proxy."""
+
+    def start(**options):
+        proxy = start_proxy(**options)
+        return lambda script, *args: run_script(
+            script, *args, "--endpoint-url", proxy.url, env=cli_env
+        )
+
+    return start
+
+
+def test_history_lists_two_moments_and_their_at_values_restore_each(
+    history_env, via_proxy, tmp_path, bucket_name
+):
+    src = tmp_path / "src"
+    location = f"{bucket_name}::home"
+    write(src, "a.txt", b"a one", 1_700_000_000)
+    write(src, "b.txt", b"b one", 1_700_000_100)
+    write(src, "docs/c.txt", b"c one", 1_700_000_200, 0o600)
+    assert history_env("backup.py", str(src), location).returncode == 0
+    first = snapshot(src)
+    between = moment_now()
+    wait_after(between)
+    # Three runs within seconds: one moment. a changed twice, d added and changed.
+    write(src, "a.txt", b"a two!", 1_700_000_300)
+    os.remove(src / "b.txt")
+    write(src, "docs/d.txt", b"d one", 1_700_000_400)
+    assert history_env("backup.py", str(src), location, "--delete").returncode == 0
+    wait_after(moment_now())  # whole-second servers: a's next version is newer
+    write(src, "a.txt", b"a three", 1_700_000_500)
+    write(src, "docs/d.txt", b"d two!", 1_700_000_600)
+    write(src, "e.txt", b"e one", 1_700_000_700)
+    for _ in range(2):  # the second run finds nothing to do
+        assert history_env("backup.py", str(src), location).returncode == 0
+    second = snapshot(src)
+
+    # The first run an hour earlier, as the listing shows it: a real gap of over 60 s.
+    run = via_proxy(version_times=an_hour_earlier_before(between))
+    result = run("restore.py", location, "--history")
+    assert result.returncode == 0, result.stderr
+    *lines, total = result.stdout.splitlines()
+    moments = [HISTORY_LINE.fullmatch(line).groups() for line in lines]
+    assert [counts for _, *counts in moments] == [["2", "1", "1"], ["3", "0", "0"]]
+    assert total == f"2 moments of s3://{bucket_name}/home"
+    newest, oldest = (at for at, *_ in moments)
+    assert seconds_of(newest) - seconds_of(oldest) > 3600
+    assert seconds_of(newest) >= seconds_of(between)
+
+    result = run(
+        "restore.py", location, str(tmp_path / "dry"), "--at", oldest, "--dry-run"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "would restore 3" in result.stdout
+    for at, state in ((oldest, first), (newest, second)):
+        target = tmp_path / f"at-{at}"
+        result = run("restore.py", location, str(target), "--at", at)
+        assert result.returncode == 0, result.stderr
+        assert snapshot(target) == state, at
+    diff = subprocess.run(["diff", "-r", str(src), str(target)], check=False)
+    assert diff.returncode == 0
+
+    result = run("restore.py", location, "--history", "--exclude", "b.txt", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["moments"] == [
+        {"at": newest, "added": 2, "changed": 1, "deleted": 0},
+        {"at": oldest, "added": 2, "changed": 0, "deleted": 0},
+    ]
+    assert (report["command"], report["source"], report["destination"]) == (
+        "restore",
+        location,
+        None,
+    )
+    assert report["exit_code"] == 0 and report["errors"] == []
+
+
+def test_history_of_one_object_lists_its_versions_and_markers(
+    history_env, via_proxy, tmp_path, bucket_name
+):
+    src = tmp_path / "src"
+    location = f"{bucket_name}::p"
+    write(src, "f.txt", b"one", 1_700_000_000)
+    write(src, "g.txt", b"gone soon", 1_700_000_000)
+    assert history_env("backup.py", str(src), location).returncode == 0
+    wait_after(moment_now())
+    write(src, "f.txt", b"two!", 1_700_000_100)
+    os.remove(src / "g.txt")
+    assert history_env("backup.py", str(src), location, "--delete").returncode == 0
+
+    run = via_proxy()
+    result = run("restore.py", f"{location}/f.txt", "--history")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split("  ", 1)[1] for line in lines[:2]] == [
+        "4 bytes, current",
+        "3 bytes",
+    ]
+    assert lines[2] == f"2 versions of s3://{bucket_name}/p/f.txt"
+    result = run("restore.py", f"{location}/g.txt", "--history", "--json")
+    assert result.returncode == 0, result.stderr
+    versions = json.loads(result.stdout)["versions"]
+    assert [(v["size"], v["delete_marker"], v["current"]) for v in versions] == [
+        (None, True, True),
+        (9, False, False),
+    ]
+    assert set(versions[0]) == {"at", "size", "delete_marker", "current", "version_id"}
+    # Its older version's --at restores it.
+    target = tmp_path / "back"
+    result = run(
+        "restore.py", f"{location}/g.txt", str(target), "--at", versions[1]["at"]
+    )
+    assert result.returncode == 0, result.stderr
+    assert (target / "g.txt").read_bytes() == b"gone soon"
+
+
+def test_at_names_a_whole_second_on_a_server_with_milliseconds(
+    history_env, server_client, via_proxy, tmp_path, bucket_name
+):
+    files = {f"f{n}.txt": b"file %d" % n for n in range(20)}
+    src = make_tree(tmp_path / "src", files)
+    location = f"{bucket_name}::ms"
+    assert history_env("backup.py", str(src), location).returncode == 0
+    listed = server_client.list_objects_v2(Bucket=bucket_name, Prefix="ms/")
+    # What `date` printed right after the last file went in: its whole second.
+    when = format_when(max(o["LastModified"].timestamp() for o in listed["Contents"]))
+    # Late in each second, as a server that keeps milliseconds may write them.
+    run = via_proxy(version_times=lambda t: t.replace(microsecond=999_000))
+
+    result = run("restore.py", location, "--history", "--json")
+    assert [m["at"] for m in json.loads(result.stdout)["moments"]] == [when]
+    target = tmp_path / "t"
+    result = run("restore.py", location, str(target), "--at", when)
+    assert result.returncode == 0, result.stderr
+    assert snapshot(target) == snapshot(src)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ("{location}", "{target}", "--history"),
+            (
+                "restore.py: error: --history lists and writes nothing: give no LOCAL "
+                "({target}), e.g. restore.py BUCKET::PREFIX --history"
+            ),
+        ),
+        (
+            ("{location}",),
+            "restore.py: error: the following arguments are required: LOCAL (see --help)",
+        ),
+        (
+            ("{location}", "--history", "--at", "1d"),
+            (
+                "restore.py: error: --history lists every moment and takes no --at: "
+                "restore one with restore.py BUCKET::PREFIX LOCAL --at WHEN"
+            ),
+        ),
+    ],
+)
+def test_history_usage_errors_are_one_line_exit_2(
+    via_proxy, tmp_path, bucket_name, args, message
+):
+    target = tmp_path / "t"
+    fill = {"location": f"{bucket_name}::p", "target": str(target)}
+    run = via_proxy()
+    result = run("restore.py", *(a.format(**fill) for a in args))
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr == message.format(**fill) + "\n"
+    assert not target.exists()
+    result = run("restore.py", *(a.format(**fill) for a in args), "--json")
+    assert json.loads(result.stdout)["exit_code"] == 2

@@ -421,6 +421,11 @@ def test_the_state_object_at_the_root_is_neither_restored_nor_deleted(
     restored = lock_env("restore.py", bucket_name, str(tmp_path / "back"))
     assert restored.returncode == 0, restored.stderr
     assert sorted(p.name for p in (tmp_path / "back").rglob("*")) == ["a.txt"]
+    history = lock_env("restore.py", bucket_name, "--history", "--json")
+    assert history.returncode == 0, history.stderr
+    moments = json.loads(history.stdout)["moments"]
+    # One moment: a.txt added (old.txt came and went within it), the state not counted.
+    assert [(m["added"], m["changed"], m["deleted"]) for m in moments] == [(1, 0, 0)]
 
 
 @pytest.mark.skipif(
