@@ -30,15 +30,18 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import mimetypes
 import stat
 import tempfile
 import threading
 import time
 import zlib
+from argparse import ArgumentTypeError
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import PurePath, PureWindowsPath
 from typing import BinaryIO, Optional, TextIO, TypeVar, Union
 
@@ -51,6 +54,7 @@ from s3common import (
     PART_WORKERS,
     SMALL_OBJECT,
     TEMPORARY_NAME,
+    UTC,
     ArgumentParser,
     BandwidthSubscriber,
     ByteBudget,
@@ -80,7 +84,9 @@ from s3common import (
     file_md5,
     folder_prefix,
     format_mtime,
+    format_when,
     interrupt_after,
+    is_lock_state,
     is_long,
     key_error,
     key_for,
@@ -88,12 +94,14 @@ from s3common import (
     key_problem,
     limit_malloc_arenas,
     list_objects,
+    lock_state_key,
     map_failing_fast,
     md5chksum,
     open_any,
     open_folder,
     parse_location,
     parse_mtime,
+    parse_timestamp,
     positive_int,
     printable,
     relative_key,
@@ -640,6 +648,119 @@ def upload_args(file: LocalFile, extra: dict, md5: Optional[str] = None) -> dict
     return args
 
 
+# --- Object Lock (--lock-days): pure ---------------------------------------------
+
+
+DAY = 86_400
+MAX_LOCK_DAYS = 36_500
+# Beyond the 15 minutes of clock difference SigV4 allows: a lock dated from our
+# clock is never short of its days by the server's.
+LOCK_MARGIN = 3600
+
+
+@dataclass(frozen=True)
+class LockPolicy:
+    """--lock-days and --lock-mode: every current object stays locked `kept`
+    past each restore point, renewed at most once every `interval`."""
+
+    days: int
+    mode: str  # "GOVERNANCE" or "COMPLIANCE", as S3 names them
+
+    @property
+    def interval(self) -> float:
+        """Seconds between two renewals of one object: N/4 days, at least one day."""
+        return max(self.days * DAY / 4, DAY)
+
+    @property
+    def kept(self) -> float:
+        """Seconds every current object stays locked past a restore point: 3N/4 days."""
+        return self.days * DAY * 3 / 4
+
+    def until(self, now: float) -> int:
+        """The date an upload or a renewal at `now` locks to: `kept` still to go
+        when the next renewal is due (N days and the margin, for N of 4 or more)."""
+        return math.ceil(now + self.interval + self.kept + LOCK_MARGIN)
+
+    def upload_args(self, now: float) -> dict:
+        """The lock headers of an upload at `now` (put_object's parameters)."""
+        return {
+            "ObjectLockMode": self.mode,
+            "ObjectLockRetainUntilDate": format_when(self.until(now)),
+        }
+
+
+def lock_days(text: str) -> int:
+    """An argparse type: --lock-days, 1 to MAX_LOCK_DAYS."""
+    days = positive_int(text)
+    if days > MAX_LOCK_DAYS:
+        raise ArgumentTypeError(f"{text!r} is more than {MAX_LOCK_DAYS} (100 years)")
+    return days
+
+
+def lock_state(
+    policy: LockPolicy, filters: Filters, at: float, until: float, longest: float
+) -> dict:
+    """The lock state object's JSON: every current object of the prefix (within
+    these filters) was locked, by a renewal at `at`, until `until` at least, and
+    none known to be locked beyond `longest`."""
+    return {
+        "lock_days": policy.days,
+        "mode": policy.mode,
+        "filters": [list(rule) for rule in filters.rules],
+        "renewed_at": format_when(at),
+        "renewed_until": format_when(until),
+        "longest": format_when(longest),
+    }
+
+
+def state_until(
+    state: Optional[dict], policy: LockPolicy, filters: Filters
+) -> Optional[tuple[float, float]]:
+    """The state's renewed_until and longest (seconds), if it was written with
+    these days, mode and filters; else None: each object's lock is to be read."""
+    if not isinstance(state, dict) or state.get("filters") != lock_state(
+        policy, filters, 0, 0, 0
+    ).get("filters"):
+        return None
+    if (state.get("lock_days"), state.get("mode")) != (policy.days, policy.mode):
+        return None
+    try:
+        until = parse_timestamp(str(state["renewed_until"])).timestamp()
+        longest = parse_timestamp(str(state.get("longest", ""))).timestamp()
+    except (KeyError, ValueError, TypeError):
+        return None
+    return until, longest
+
+
+def must_read_locks(known: Optional[tuple[float, float]], target: float) -> bool:
+    """Whether a renewal to `target` reads each lock first (a HeadObject each):
+    when the state says nothing, or some lock may end later than `target`
+    (of a run with more --lock-days), which a blind renewal would shorten."""
+    return known is None or known[1] > target
+
+
+def renewal_due(
+    renewed_until: Optional[float], policy: LockPolicy, point: float
+) -> bool:
+    """Whether the locks renewed until `renewed_until` (None: not known) fall
+    short of `kept` past the restore point `point`."""
+    return renewed_until is None or renewed_until < point + policy.kept
+
+
+def needs_renewal(current: Optional[float], target: float) -> bool:
+    """Whether a lock ending at `current` (None: none) is to be extended to
+    `target`: never to shorten one."""
+    return current is None or current < target
+
+
+def default_retention_days(configuration: dict) -> tuple[Optional[str], int]:
+    """A bucket's default retention (GetObjectLockConfiguration): its mode and
+    days (a year counted as 365), or (None, 0) without one."""
+    retention = configuration.get("Rule", {}).get("DefaultRetention", {})
+    days = retention.get("Days") or 365 * retention.get("Years", 0)
+    return (retention.get("Mode") if days else None), days
+
+
 # --- Doing: the local walk and the S3 calls -------------------------------------
 
 
@@ -973,13 +1094,14 @@ def create_bucket(
     keep_days: Optional[int],
     dry_run: bool,
     console: Console,
+    lock: bool = False,
 ) -> None:
-    """Create the missing bucket in `region`, wait until it exists, and set up its
-    history (keep_days None: no versioning)."""
+    """Create the missing bucket in `region` (with Object Lock, if `lock`), wait
+    until it exists, and set up its history (keep_days None: no versioning)."""
     problem = bucket_name_problem(bucket)
     if problem:
         raise usage_error(f"cannot create bucket {bucket!r}: {problem}")
-    history = describe_history(keep_days)
+    history = describe_history(keep_days) + (" and Object Lock" if lock else "")
     if dry_run:
         console.info(f"(dry run) create bucket s3://{bucket} in {region} {history}")
         return
@@ -989,6 +1111,8 @@ def create_bucket(
         if region == "us-east-1"
         else {"CreateBucketConfiguration": {"LocationConstraint": region}}
     )
+    if lock:  # and with it versioning, which nothing can turn off
+        location["ObjectLockEnabledForBucket"] = True
     try:
         with interrupt_after():  # a bucket is not left without its history
             try:
@@ -1095,12 +1219,14 @@ def make_uploader(
     console: Console,
     engine: TransferEngine,
     now: float,
+    lock: Optional[LockPolicy] = None,
 ):
     """The work function for run_collecting_failures: one file up, as one PUT or a
     parallel multipart (through `engine`), from one read of it during which it
     did not change. The file as stored (its size is what the object holds);
     None when it is future-dated (at `now`) and its object records its very
-    mtime; Vanished (raised) when it is gone since the walk."""
+    mtime; Vanished (raised) when it is gone since the walk. With `lock`, each
+    version is locked from its upload on (see put_multipart)."""
     client, direct = connection.client, connection.direct
     bandwidth = connection.bandwidth  # None without --bwlimit
     bodies = ByteBudget(BODY_BYTES_AT_ONCE)
@@ -1125,6 +1251,7 @@ def make_uploader(
         # with a trailing one (see connect), direct or not.
         args = {
             **upload_args(file, extra, md5),
+            **(lock.upload_args(time.time()) if lock else {}),
             "ChecksumAlgorithm": "CRC32",
             "ChecksumCRC32": crc32_header(zlib.crc32(data)),
         }
@@ -1145,7 +1272,12 @@ def make_uploader(
         only if the file was left alone from before the first read to after the
         last, so they are one state of it. (Reading the parts through a file
         object of ours would check it too, but s3transfer holds up to 10 parts
-        of such a file in memory: 319 MiB peak for W3 against 79 MiB.)"""
+        of such a file in memory: 319 MiB peak for W3 against 79 MiB.)
+
+        With `lock`, every part carries a CRC32 (S3 takes no upload to a locked
+        bucket without a checksum), and PutObjectRetention always follows the
+        upload: moto and Ceph RGW 16 drop the lock of CreateMultipartUpload, and
+        finding that out would take a HeadObject, a request all the same."""
         file = start.file()
         subscribers = [ProgressSubscriber(console, size=file.size)]
         if bandwidth:
@@ -1157,9 +1289,14 @@ def make_uploader(
             # --checksum has just made it of this very file). The pass is within
             # the checked read: a change during it fails the upload too.
             args = upload_args(file, extra, md5 or file_md5(file.path))
+            if lock:
+                args.update(lock.upload_args(time.time()), ChecksumAlgorithm="CRC32")
             engine.manager().upload(
                 file.path, bucket, key, extra_args=args, subscribers=subscribers
             ).result()
+            if lock:
+                until = parse_timestamp(args["ObjectLockRetainUntilDate"])
+                put_retention(client, bucket, key, lock.mode, until.timestamp())
         finally:
             del multipart_reads[key]
 
@@ -1262,8 +1399,16 @@ class StaleUploads:
         )
 
 
-def delete_objects(client, bucket: str, outcome: Outcome, console: Console) -> None:
-    """Delete the outcome's deletes in batches; counted into it, failures key by key."""
+def delete_objects(
+    client,
+    bucket: str,
+    outcome: Outcome,
+    console: Console,
+    deleted: Optional[set[str]] = None,
+) -> None:
+    """Delete the outcome's deletes in batches; counted into it (and their keys
+    into `deleted`), failures key by key. No VersionId: on a versioned bucket
+    each delete places a delete marker, which Object Lock allows."""
     keys, failures = iter(outcome.deletes), outcome.delete_failures
     while batch := list(itertools.islice(keys, DELETE_BATCH)):
         try:
@@ -1285,6 +1430,8 @@ def delete_objects(client, bucket: str, outcome: Outcome, console: Console) -> N
                 )
             else:
                 outcome.deleted += 1
+                if deleted is not None:
+                    deleted.add(key)
                 console.detail(f"delete: {printable(f's3://{bucket}/{key}')}")
 
 
@@ -1294,6 +1441,236 @@ def warn_if_unversioned(client, bucket: str, console: Console) -> None:
     status = versioning_status(client, bucket)
     if status != "Enabled":
         console.warning(unversioned_warning(bucket, status, deleting=True))
+
+
+# --- Object Lock (--lock-days): the S3 calls --------------------------------------
+
+
+def lock_policy(args) -> Optional[LockPolicy]:
+    """--lock-days and --lock-mode, checked against the other options (exit 2)."""
+    if args.lock_days is None:
+        if args.lock_mode:
+            raise usage_error("--lock-mode goes with --lock-days N")
+        return None
+    if args.no_versioning:
+        raise usage_error(
+            "--lock-days locks versions, which --no-versioning turns off: give one"
+        )
+    return LockPolicy(args.lock_days, (args.lock_mode or "governance").upper())
+
+
+def lock_bucket(
+    client, bucket: str, policy: LockPolicy, mode_given: bool, console: Console
+) -> LockPolicy:
+    """An existing bucket's Object Lock: turned on where it is off (exit 1 where
+    the server refuses), its default retention checked against --lock-days
+    (exit 2 when longer; its mode is ours unless --lock-mode says otherwise)."""
+    try:
+        try:
+            answer = client.get_object_lock_configuration(Bucket=bucket)
+            configuration = answer.get("ObjectLockConfiguration", {})
+        except botocore.exceptions.ClientError as exc:
+            if client_error_code(exc) != "ObjectLockConfigurationNotFoundError":
+                raise
+            configuration = {}
+        if configuration.get("ObjectLockEnabled") != "Enabled":
+            client.put_object_lock_configuration(
+                Bucket=bucket, ObjectLockConfiguration={"ObjectLockEnabled": "Enabled"}
+            )
+            console.info(f"turned on Object Lock for s3://{bucket}")
+            return policy
+    except botocore.exceptions.ClientError as exc:
+        raise runtime_error(
+            f"bucket {bucket} has no Object Lock and it cannot be turned on (some "
+            "servers, Ceph RGW among them, lock only a bucket created with it: "
+            "back up to a new bucket with --lock-days)",
+            exc,
+        ) from None
+    mode, days = default_retention_days(configuration)
+    if days > policy.days:
+        raise usage_error(
+            f"--lock-days {policy.days} is shorter than the default retention of "
+            f"s3://{bucket} ({mode} {days} days): give --lock-days {days} or more"
+        )
+    if mode and not mode_given:
+        policy = LockPolicy(policy.days, mode)
+    if mode:
+        console.info(
+            f"s3://{bucket} locks new objects {mode} {days} days by default; this "
+            f"backup locks each object {policy.mode} for {policy.days} days or more"
+        )
+    return policy
+
+
+def put_retention(client, bucket: str, key: str, mode: str, until: float) -> None:
+    """PutObjectRetention of the key's current version (never with a bypass)."""
+    client.put_object_retention(
+        Bucket=bucket,
+        Key=key,
+        Retention={
+            "Mode": mode,
+            "RetainUntilDate": datetime.fromtimestamp(until, UTC),
+        },
+    )
+
+
+def object_lock(client, bucket: str, key: str) -> tuple[Optional[str], Optional[float]]:
+    """The mode and the end (seconds) of the lock of the key's current version,
+    from HeadObject (moto answers no GetObjectRetention); (None, None) without one."""
+    head = client.head_object(Bucket=bucket, Key=key)
+    until = head.get("ObjectLockRetainUntilDate")
+    return head.get("ObjectLockMode"), (until.timestamp() if until else None)
+
+
+def read_lock_state(client, bucket: str, key: str) -> Optional[dict]:
+    """The prefix's lock state; None when there is none or it is not ours to read."""
+    try:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except botocore.exceptions.ClientError as exc:
+        if client_error_code(exc) in ("NoSuchKey", "404"):
+            return None
+        raise runtime_error(f"cannot read the lock state s3://{bucket}/{key}", exc)
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def write_lock_state(client, bucket: str, key: str, state: dict) -> None:
+    body = json.dumps(state, indent=1).encode()
+    client.put_object(
+        Bucket=bucket,
+        Key=key,
+        Body=body,
+        ContentType="application/json",
+        ChecksumAlgorithm="CRC32",  # a locked bucket takes no upload without one
+        ChecksumCRC32=crc32_header(zlib.crc32(body)),
+    )
+
+
+def renew_locks(
+    client,
+    bucket: str,
+    keys: list[str],
+    policy: LockPolicy,
+    target: float,
+    read_first: bool,
+    workers: int,
+) -> tuple[list[Failure[str]], float]:
+    """Extend the lock of each key's current version to `target`, side by side;
+    read_first: only those whose lock (read by HEAD) ends earlier, a COMPLIANCE
+    one staying COMPLIANCE. The failures, and the latest lock read (0: none)."""
+
+    def renew(key: str) -> tuple[Optional[Failure[str]], float]:
+        current = None
+        try:
+            mode = policy.mode
+            if read_first:
+                current_mode, current = object_lock(client, bucket, key)
+                if not needs_renewal(current, target):
+                    return None, current
+                if current_mode == "COMPLIANCE":
+                    mode = current_mode
+            put_retention(client, bucket, key, mode, target)
+        except botocore.exceptions.ClientError as exc:
+            return Failure(key, exc), current or 0
+        return None, current or 0
+
+    results = list(map_failing_fast(renew, keys, workers))
+    failures = [failure for failure, _ in results if failure is not None]
+    return failures, max((current for _, current in results), default=0)
+
+
+def keep_locked(
+    client, location: Location, locks: "LockRun", point: float
+) -> tuple[Optional[dict], list[Failure[str]]]:
+    """After a run that got every file in place: renew the prefix's locks where
+    due (recorded in its state object once all succeeded), check that the server
+    keeps them, and say until when no current object can be erased."""
+    policy = locks.policy
+    bucket, state_key = location.bucket, lock_state_key(location.prefix)
+    known = state_until(
+        read_lock_state(client, bucket, state_key), policy, locks.filters
+    )
+    until, longest = known or (None, 0)
+    due = renewal_due(until, policy, point)
+    kept, target = locks.kept(), policy.until(point)
+    if due:
+        until = target if kept else None
+        failures, seen = renew_locks(
+            client,
+            bucket,
+            kept,
+            policy,
+            target,
+            must_read_locks(known, target),
+            locks.workers,
+        )
+        if failures:
+            return None, failures
+        longest = max(longest, seen, policy.until(time.time()))
+    if locks.uploaded:
+        first = policy.until(locks.started)
+        until = first if until is None else min(until, first)
+    probe = locks.uploaded[:1] or (kept[:1] if due else [])
+    if probe and object_lock(client, bucket, probe[0])[1] is None:
+        raise CliError(
+            f"the server keeps no Object Lock: {printable(location.url())} was "
+            "uploaded with locks, yet it has none (it does not lock objects): "
+            "nothing of this backup is protected from deletion"
+        )
+    if due and until is not None:
+        write_lock_state(
+            client,
+            bucket,
+            state_key,
+            lock_state(policy, locks.filters, point, until, longest),
+        )
+    return {"mode": policy.mode, "until": until and format_when(until)}, []
+
+
+@dataclass
+class LockRun:
+    """What a --lock-days run gathers for keep_locked: the keys listed (within
+    the filters), and those it uploaded and deleted."""
+
+    policy: LockPolicy
+    filters: Filters
+    workers: int
+    started: float = 0.0  # time.time() before the first upload
+    listed: list[str] = field(default_factory=list)
+    uploaded: list[str] = field(default_factory=list)
+    deleted: set[str] = field(default_factory=set)
+    only: Optional[str] = None  # a single file's key: the listing's others are not its
+
+    def saw(self, prefix: str, key: str) -> None:
+        """A listed key: recorded if it is a current object of the backup."""
+        if key.endswith("/") or (self.only is not None and key != self.only):
+            return
+        if self.filters.includes(relative_key(prefix, key)):
+            self.listed.append(key)
+
+    def kept(self) -> list[str]:
+        """The current objects this run left as they were."""
+        gone = set(self.uploaded) | self.deleted
+        return [key for key in self.listed if key not in gone]
+
+
+def check_locks(client, bucket: str, locks: LockRun, policy: LockPolicy) -> list[str]:
+    """--check --lock-days: the keys whose lock ends before `kept` from now, or
+    that have none (one HeadObject each, side by side)."""
+    soon = time.time() + policy.kept
+
+    def unlocked(key: str) -> bool:
+        try:
+            until = object_lock(client, bucket, key)[1]
+        except botocore.exceptions.ClientError as exc:
+            raise runtime_error(f"cannot read the lock of {printable(key)}", exc)
+        return until is None or until < soon
+
+    keys = locks.listed
+    shorts = map_failing_fast(unlocked, keys, locks.workers)
+    return [key for key, short in zip(keys, shorts) if short]
 
 
 # --- The command ----------------------------------------------------------------
@@ -1359,6 +1736,21 @@ def build_parser() -> ArgumentParser:
         "restore --at (e.g. --no-versioning)",
     )
     parser.add_argument(
+        "--lock-days",
+        type=lock_days,
+        metavar="N",
+        help="Object Lock: no one can delete or overwrite an uploaded version for "
+        "N days (1 to 36500), and unchanged objects stay locked at least 3N/4 "
+        "days past each run (e.g. --lock-days 30)",
+    )
+    parser.add_argument(
+        "--lock-mode",
+        choices=("governance", "compliance"),
+        help="with --lock-days: governance (default; lifted only by a user allowed "
+        "s3:BypassGovernanceRetention) or compliance (lifted by no one, the root "
+        "account included) (e.g. --lock-mode compliance)",
+    )
+    parser.add_argument(
         "--storage-class",
         choices=STORAGE_CLASSES,
         metavar="CLASS",
@@ -1407,12 +1799,14 @@ def run(args, console: Console) -> int:
         )
     if args.check and args.delete:
         raise usage_error("--check changes nothing: it does not go with --delete")
+    policy = lock_policy(args)
     limit_malloc_arenas()  # before any thread allocates
     connection = connect(args, pool_size=args.workers + PART_WORKERS)
     client = connection.client
 
     scan = Scan(console)
-    found, files, listing = gather(args, local, location, client, scan)
+    locks = LockRun(policy, filters, args.workers) if policy else None
+    found, files, listing = gather(args, local, location, client, scan, locks)
     if not found.result().exists and args.check:
         raise CliError(
             f"the bucket {location.bucket} does not exist: nothing is backed up at {location.url()}"
@@ -1434,21 +1828,30 @@ def run(args, console: Console) -> int:
     elif not found.result().exists:
         keep_days = None if args.no_versioning else args.keep_days or DEFAULT_KEEP_DAYS
         create_bucket(
-            client, location.bucket, connection.region, keep_days, args.dry_run, console
+            client,
+            location.bucket,
+            connection.region,
+            keep_days,
+            args.dry_run,
+            console,
+            lock=policy is not None,
         )
+    if policy and not args.check:
+        policy = set_up_lock(args, client, location.bucket, found, policy, console)
+        locks.policy = policy
     unread: list[Failure[Compare]] = []
     if args.checksum or args.check:
         steps = content_decided(steps, client, location.bucket, args.workers, unread)
     if args.check:
-        return report_check(
-            BackupPlan.of(steps), unread, scan, location, console, started
-        )
+        plan = BackupPlan.of(steps)  # the listing is read whole by then
+        unlocked = policy and check_locks(client, location.bucket, locks, policy)
+        return report_check(plan, unread, scan, location, console, started, unlocked)
 
     if args.dry_run:
         outcome = show_plan(steps, client, location, args.no_versioning, console)
     else:
         outcome = execute_backup(
-            steps, connection, location, extra, args, console, scan.errors
+            steps, connection, location, extra, args, console, scan.errors, locks
         )
 
     failed = len(outcome.failed) + len(outcome.delete_failures)
@@ -1457,6 +1860,8 @@ def run(args, console: Console) -> int:
         failed += scan.errors
     if not (args.dry_run or failed):  # else not every file is in place
         point = restore_point(connection.clock.latest, time.time())
+    lock, lock_failed = finish_locks(client, location, locks, point, console)
+    failed += lock_failed
     summary = Summary(
         "uploaded",
         transferred=outcome.transferred,
@@ -1467,6 +1872,7 @@ def run(args, console: Console) -> int:
         nbytes=outcome.nbytes,
         seconds=time.monotonic() - started,
         restore_point=point,
+        lock=lock,
     )
     if args.dry_run:
         console.summarize(
@@ -1479,6 +1885,48 @@ def run(args, console: Console) -> int:
         console.info(f"nothing to upload: {printable(location.url())} is up to date")
     console.summarize(summary)
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
+
+
+def set_up_lock(
+    args, client, bucket: str, found: Future, policy: LockPolicy, console: Console
+) -> LockPolicy:
+    """The bucket's Object Lock for this run (a bucket created now has it), and
+    the warning of --keep-days shorter than the lock."""
+    exists = found.result().exists
+    if exists and not args.dry_run:
+        policy = lock_bucket(
+            client, bucket, policy, args.lock_mode is not None, console
+        )
+    keep_days = args.keep_days or (None if exists else DEFAULT_KEEP_DAYS)
+    if keep_days and keep_days < policy.days:
+        console.warning(
+            f"--keep-days {keep_days} is shorter than --lock-days {policy.days}: "
+            "replaced and deleted versions live until their lock ends"
+        )
+    return policy
+
+
+def finish_locks(
+    client,
+    location: Location,
+    locks: Optional[LockRun],
+    point: Optional[str],
+    console: Console,
+) -> tuple[Optional[dict], int]:
+    """keep_locked after a --lock-days run that got every file in place (at the
+    restore point `point`): the report's lock, and how many renewals failed."""
+    if not (locks and point):
+        return None, 0
+    lock, failures = keep_locked(
+        client, location, locks, parse_timestamp(point).timestamp()
+    )
+    for failure in failures:
+        console.error(
+            failure_line("lock renewal", location.url(failure.item), failure.error)
+            + " (the next run renews it)",
+            key=failure.item,
+        )
+    return lock, len(failures)
 
 
 def refused_or_started(steps: Iterator[Step], local: str) -> Iterator[Step]:
@@ -1506,6 +1954,8 @@ def update_history(
         rules, _ = lifecycle_configuration(client, bucket)
         keep_days = own_keep_days(rules)
         finishing = keep_days is not None
+    if keep_days is None and args.lock_days and versioning != "Enabled":
+        keep_days = DEFAULT_KEEP_DAYS  # Object Lock needs versioning on
     if keep_days is None:
         if versioning not in (None, "Enabled"):
             console.warning(unversioned_warning(bucket, versioning))
@@ -1561,16 +2011,21 @@ def execute_backup(
     args,
     console: Console,
     unread: int,
+    locks: Optional[LockRun] = None,
 ) -> Outcome:
     """Upload the plan's files on --workers threads, the plan drawn PLAN_AHEAD
     uploads ahead of them, then its deletes unless a file could not be read
-    (`unread`) or uploaded; one error line for each that fails."""
+    (`unread`) or uploaded; one error line for each that fails. With `locks`,
+    each upload locked as its policy says, and recorded there."""
     client = connection.client
     outcome = Outcome()
     console.start(known=False)
     engine = TransferEngine(client, open_file=PartFile)
+    policy = locks and locks.policy
+    if locks:
+        locks.started = time.time()
     uploader = make_uploader(
-        connection, location.bucket, extra, console, engine, time.time()
+        connection, location.bucket, extra, console, engine, time.time(), policy
     )
     # The server's time when the run began is within the second its first
     # answers' Date header names: uploads initiated before its end are taken
@@ -1585,6 +2040,8 @@ def execute_backup(
             return False
         with counting:  # the size as stored: the file may have shrunk since the walk
             outcome.nbytes += file.size
+            if locks:
+                locks.uploaded.append(item.key)
         stale.uploaded(item.key)
         return True
 
@@ -1614,7 +2071,9 @@ def execute_backup(
     elif outcome.deletes:
         if args.no_versioning:
             warn_if_unversioned(client, location.bucket, console)
-        delete_objects(client, location.bucket, outcome, console)
+        delete_objects(
+            client, location.bucket, outcome, console, locks and locks.deleted
+        )
         for failure in outcome.delete_failures:
             console.error(
                 failure_line("delete", location.url(failure.item), failure.error),
@@ -1625,7 +2084,12 @@ def execute_backup(
 
 
 def gather(
-    args, local: os.stat_result, location: Location, client, scan: Scan
+    args,
+    local: os.stat_result,
+    location: Location,
+    client,
+    scan: Scan,
+    locks: Optional["LockRun"] = None,
 ) -> tuple[Future, Iterator[tuple[str, LocalFile]], Iterator[RemoteObject]]:
     """HeadBucket, the local files and the listing, in key order, all under way.
 
@@ -1633,7 +2097,8 @@ def gather(
     rather than after it (what it finds counts only once HeadBucket has found
     the bucket). A folder is listed on its folder boundary, in ranges of a page
     cut at its keys, found by a first walk that keeps only every LIST_PAGE-th,
-    and listed side by side; a single file by its own key.
+    and listed side by side; a single file by its own key. `locks` records
+    the keys listed.
     """
     prefix = location.prefix
     ask_versioning = not (args.no_versioning or args.check)
@@ -1648,19 +2113,29 @@ def gather(
     else:
         [(listing_prefix, _)] = files = list(files)
         boundaries = []
+        if locks:
+            locks.only = listing_prefix
     listing = list_objects(
         client, location.bucket, listing_prefix, boundaries, args.workers
     )
     files = refuse_keys(files, prefix, PurePath(args.local), scan)
-    return found, files, listed(listing, location)
+    return found, files, listed(listing, location, locks)
 
 
 def listed(
-    listing: Iterator[RemoteObject], location: Location
+    listing: Iterator[RemoteObject],
+    location: Location,
+    locks: Optional["LockRun"] = None,
 ) -> Iterator[RemoteObject]:
-    """The listing, a failure of it being one of the whole run."""
+    """The listing without the lock states at the bucket's root (never files of
+    the mirror), a failure of it being one of the whole run; recorded in `locks`."""
     try:
-        yield from listing
+        for obj in listing:
+            if not location.prefix and is_lock_state(obj.key):
+                continue
+            if locks:
+                locks.saw(location.prefix, obj.key)
+            yield obj
     except botocore.exceptions.ClientError as exc:
         raise runtime_error(f"cannot list {printable(location.url())}", exc) from None
 
@@ -1697,8 +2172,10 @@ def report_check(
     location: Location,
     console: Console,
     started: float,
+    unlocked: Optional[list[str]] = None,
 ) -> int:
-    """--check's output: one line per difference, the summary; exit 0 only when identical."""
+    """--check's output: one line per difference, the summary; exit 0 only when
+    identical (and, with --lock-days, every object locked long enough)."""
     unread = sorted(unread, key=lambda failure: failure.item.key)
     for failure in unread:
         path = failure.item.file.path
@@ -1710,6 +2187,8 @@ def report_check(
         console.info(f"changed: {printable(key)} ({why})")
     for key in report.extra:
         console.info(f"extra: {printable(key)}")
+    for key in unlocked or ():
+        console.info(f"unlocked: {printable(key)}")
     summary = Summary(
         "checked",
         skipped=report.identical,
@@ -1718,8 +2197,11 @@ def report_check(
         missing=list(report.missing),
         changed=[key for key, _ in report.changed],
         extra=list(report.extra),
+        unlocked=unlocked,
     )
-    holds_all = not (report.missing or report.changed or report.extra or summary.failed)
+    holds_all = not (
+        report.missing or report.changed or report.extra or unlocked or summary.failed
+    )
     if holds_all:
         console.info(f"{printable(location.url())} holds every file exactly")
     console.summarize(summary)

@@ -85,6 +85,7 @@ from s3common import (
     failure_line,
     folder_prefix,
     format_when,
+    is_lock_state,
     is_long,
     is_within,
     key_error,
@@ -584,10 +585,11 @@ def prefix_moments(
     def selected(entries: Iterable[ObjectVersion]) -> Iterator[ObjectVersion]:
         nonlocal listed
         for entry in entries:
-            if not entry.key.endswith("/"):
-                listed = True
-                if filters.includes(relative_key(prefix, entry.key)):
-                    yield entry
+            if entry.key.endswith("/") or (not prefix and is_lock_state(entry.key)):
+                continue  # folder markers, and backup.py --lock-days's records
+            listed = True
+            if filters.includes(relative_key(prefix, entry.key)):
+                yield entry
 
     pages = version_pages(client, location.bucket, folder_prefix(prefix))
     with tempfile.TemporaryFile() as spill:
@@ -695,6 +697,8 @@ def objects_to_restore(
         objects, base_prefix = find_objects_at(
             client, location.bucket, location.prefix, when
         )
+    if not location.prefix:  # backup.py --lock-days's records, no files of the backup
+        objects = {k: v for k, v in objects.items() if not is_lock_state(k)}
     if not any(not key.endswith("/") for key in objects):
         at = "" if when is None else f" at {format_when(when)}"
         raise CliError(

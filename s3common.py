@@ -517,6 +517,21 @@ def folder_prefix(prefix: str) -> str:
     return f"{prefix}/" if prefix else ""
 
 
+# backup.py --lock-days records its last renewal of a prefix's locks in a small
+# object beside the prefix, never a file of the mirror: LOCK_STATE_FOLDER/<prefix>.locks.
+LOCK_STATE_FOLDER = ".s3backup"
+
+
+def lock_state_key(prefix: str) -> str:
+    """The key of the lock state of `prefix` ("" for the bucket's root)."""
+    return f"{LOCK_STATE_FOLDER}/{prefix}.locks"
+
+
+def is_lock_state(key: str) -> bool:
+    """Whether a key is some prefix's lock state, which only the bucket's root holds."""
+    return key.startswith(LOCK_STATE_FOLDER + "/") and key.endswith(".locks")
+
+
 # S3 refuses longer keys (in UTF-8 bytes).
 MAX_KEY_BYTES = 1024
 
@@ -1738,24 +1753,33 @@ class Summary:
     missing: list[str] | None = None
     changed: list[str] | None = None
     extra: list[str] | None = None
+    unlocked: list[str] | None = None  # with --lock-days
+    # backup --lock-days: {"mode", "until"}, the earliest date a current object is locked to
+    lock: dict | None = None
     # restore.py --history: the backup's moments, or one object's versions.
     moments: list[dict] | None = None
     versions: list[dict] | None = None
 
     def line(self) -> str:
         if self.missing is not None:
+            unlocked = (
+                "" if self.unlocked is None else f"{len(self.unlocked)} unlocked, "
+            )
             return (
                 f"{self.verb} {self.skipped} identical, {len(self.missing)} missing, "
                 f"{len(self.changed or ())} changed, {len(self.extra or ())} extra, "
-                f"failed {self.failed}, in {self.seconds:.1f} s"
+                f"{unlocked}failed {self.failed}, in {self.seconds:.1f} s"
             )
         deleted = f", deleted {self.deleted}" if self.deleted else ""
         vanished = f", vanished {self.vanished}" if self.vanished else ""
         at = f", as at {self.at}" if self.at else ""
         point = f", restore point {self.restore_point}" if self.restore_point else ""
+        lock = ""
+        if self.lock and self.lock["until"]:
+            lock = f", locked ({self.lock['mode']}) until {self.lock['until']}"
         return (
             f"{self.verb} {self.transferred}{at}, skipped {self.skipped}, failed {self.failed}"
-            f"{vanished}{deleted}, {format_bytes(self.nbytes)} in {self.seconds:.1f} s{point}"
+            f"{vanished}{deleted}, {format_bytes(self.nbytes)} in {self.seconds:.1f} s{point}{lock}"
         )
 
 
@@ -2076,6 +2100,8 @@ PUT_HEADERS = {
     "StorageClass": "x-amz-storage-class",
     "ServerSideEncryption": "x-amz-server-side-encryption",
     "SSEKMSKeyId": "x-amz-server-side-encryption-aws-kms-key-id",
+    "ObjectLockMode": "x-amz-object-lock-mode",
+    "ObjectLockRetainUntilDate": "x-amz-object-lock-retain-until-date",  # ISO 8601
 }
 # Answers meaning the route or the signature no longer fits: learn it again.
 STALE_ROUTE_STATUSES = (301, 307, 400, 403)

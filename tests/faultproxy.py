@@ -100,14 +100,21 @@ class Request:
                 ("list-type", "ListObjectsV2"),
                 ("versioning", "GetBucketVersioning"),
                 ("lifecycle", "GetBucketLifecycleConfiguration"),
+                ("object-lock", "GetObjectLockConfiguration"),
             ],
             ("PUT", "Bucket"): [
                 ("versioning", "PutBucketVersioning"),
                 ("lifecycle", "PutBucketLifecycleConfiguration"),
+                ("object-lock", "PutObjectLockConfiguration"),
                 ("", "CreateBucket"),
             ],
-            ("PUT", "Object"): [("partNumber", "UploadPart"), ("", "PutObject")],
-            ("GET", "Object"): [("", "GetObject")],
+            ("PUT", "Object"): [
+                ("partNumber", "UploadPart"),
+                ("retention", "PutObjectRetention"),
+                ("", "PutObject"),
+            ],
+            ("GET", "Object"): [("retention", "GetObjectRetention"), ("", "GetObject")],
+            ("POST", "Object"): [("uploads", "CreateMultipartUpload")],
         }
         for name, operation in subresources.get((self.method, level), []):
             if not name or name in query:
@@ -120,6 +127,10 @@ class Request:
         if self.version == "HTTP/1.0":
             return connection == "keep-alive"
         return connection != "close"
+
+
+def is_lock_header(name: str) -> bool:
+    return name.lower().startswith("x-amz-object-lock-")
 
 
 class ClientGone(Exception):
@@ -227,14 +238,18 @@ class FaultProxy:
     byte of the body of their successful GETs is changed; the requests of the
     operations in `hold` wait unanswered (`holding` is set) until release(); with
     ignore_if_match, the If-Match header is not passed on, as by a server that ignores it (on a server
-    that checks signatures, that breaks them). The answers to the first `cut_ranges`
+    that checks signatures, that breaks them); with strip_lock, neither the
+    Object Lock headers of PutObject and CreateMultipartUpload nor those of HEAD
+    answers, as by a server that ignores Object Lock (moto only: it checks no
+    signatures). The answers to the first `cut_ranges`
     GETs of a range (direct or not) break off before the end of their body. With
     `version_times`, each <LastModified> of a ListObjectVersions answer becomes
     version_times(that time) (aware UTC datetimes), written to the millisecond: a
     backup's history as if it had been written then. `faults`
     counts what was injected, `throttled_attempts` the requests refused per throttled
-    key, `requests` lists (method, path, direct?) of every request, in order, and
-    `operations` their S3 operations.
+    key, `requests` lists (method, path, direct?) of every request, in order,
+    `operations` their S3 operations, and `header_names` the (lower-case) names
+    of their headers.
     """
 
     def __init__(
@@ -250,6 +265,7 @@ class FaultProxy:
         refuse_direct: bool = False,
         corrupt_direct: bool = False,
         ignore_if_match: bool = False,
+        strip_lock: bool = False,
         cut_ranges: int = 0,
         errors: Mapping[str, tuple[str, int]] | None = None,
         hold: Collection[str] = (),
@@ -266,6 +282,7 @@ class FaultProxy:
         self.refuse_direct = refuse_direct
         self.corrupt_direct = corrupt_direct
         self.ignore_if_match = ignore_if_match
+        self.strip_lock = strip_lock
         self.cut_ranges = cut_ranges
         self.errors = dict(errors or {})
         self.version_times = version_times
@@ -276,6 +293,7 @@ class FaultProxy:
         self.faults: Counter[str] = Counter()
         self.requests: list[tuple[str, str, bool]] = []
         self.operations: list[str] = []
+        self.header_names: list[frozenset[str]] = []
         self.throttled_attempts: Counter[str] = Counter()
         self.forwarded = 0
         self._random = random.Random(seed)
@@ -316,6 +334,7 @@ class FaultProxy:
         with self._lock:
             self.requests.append((request.method, request.path, request.is_direct))
             self.operations.append(request.operation)
+            self.header_names.append(frozenset(n.lower() for n, _ in request.headers))
             if request.operation in self.errors:
                 code = self.errors[request.operation][0]
                 self.faults[code] += 1
@@ -385,6 +404,16 @@ class FaultProxy:
                     continue
                 if self.ignore_if_match and name.lower() == "if-match":
                     continue
+                if (
+                    self.strip_lock
+                    and is_lock_header(name)
+                    and request.operation
+                    in (
+                        "PutObject",
+                        "CreateMultipartUpload",
+                    )
+                ):
+                    continue
                 connection.putheader(name, value)
             if request.body or request.method in ("PUT", "POST"):
                 connection.putheader("Content-Length", str(len(request.body)))
@@ -404,6 +433,9 @@ class FaultProxy:
             (name, value)
             for name, value in response.getheaders()
             if name.lower() not in HOP_BY_HOP_HEADERS
+            and not (
+                self.strip_lock and request.method == "HEAD" and is_lock_header(name)
+            )
         ]
         no_body = request.method == "HEAD" or response.status in (204, 304)
         if no_body:
