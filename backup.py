@@ -27,7 +27,6 @@ os.environ.setdefault("BOTO_DISABLE_CRT", "true")
 
 import errno
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -36,40 +35,35 @@ import stat
 import tempfile
 import threading
 import time
-import zlib
 from argparse import ArgumentTypeError
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import PurePath, PureWindowsPath
 from typing import BinaryIO, Optional, TextIO, TypeVar, Union
 
 import botocore.exceptions
 
 from s3common import (
+    DELETE_BATCH,
     LIST_PAGE,
     MD5_METADATA,
     MULTIPART_THRESHOLD,
     PART_WORKERS,
-    SMALL_OBJECT,
+    READ_ATTEMPTS,
     TEMPORARY_NAME,
-    UTC,
     ArgumentParser,
-    BandwidthSubscriber,
     ByteBudget,
     CliError,
-    Connection,
     Console,
-    DirectFailed,
     ExitCode,
     Failure,
+    FileChanged,
     Filters,
     Location,
-    ProgressSubscriber,
     RemoteObject,
+    Store,
     Summary,
-    TransferEngine,
     add_shared_options,
     at_any_length,
     both_md5s,
@@ -77,7 +71,6 @@ from s3common import (
     call_failing_fast,
     client_error_code,
     connect,
-    crc32_header,
     describe_error,
     exit_script,
     failure_line,
@@ -93,7 +86,6 @@ from s3common import (
     key_length_problem,
     key_problem,
     limit_malloc_arenas,
-    list_objects,
     lock_state_key,
     map_failing_fast,
     md5chksum,
@@ -113,7 +105,6 @@ from s3common import (
 )
 
 T = TypeVar("T")
-DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
 # --delete's keys held in memory until the uploads end; past this many they go to
 # a temporary file: some MiB at most, however many objects go (bench/RESULTS.md,
 # measured choices).
@@ -129,8 +120,6 @@ BODY_BYTES_AT_ONCE = 8 * 1024 * 1024
 HISTORY_RULE_ID = "s3backup-retention"
 DEFAULT_KEEP_DAYS = 30
 ABORT_INCOMPLETE_DAYS = 7
-# A file seen changing while it is read is read this many times in all.
-READ_ATTEMPTS = 3
 # Linux stamps a write's ctime from a clock that lags the real time by up to one
 # tick (at most 10 ms): a file whose ctime is more than this before a read began
 # was not written during the read, even where a write leaves size and mtime as
@@ -151,16 +140,6 @@ STORAGE_CLASSES = (
     "SNOW",
     "EXPRESS_ONEZONE",
 )
-
-
-class FileChanged(CliError):
-    """The file changed while it was read or uploaded."""
-
-    def __init__(self):
-        super().__init__(
-            f"it changed during the backup, {READ_ATTEMPTS} times in a row: "
-            "not backed up as it is now; run again when nothing writes to it"
-        )
 
 
 class Vanished(Exception):
@@ -630,9 +609,9 @@ def needs_md5chksum(size: int, extra: dict) -> bool:
     ).startswith("aws:kms")
 
 
-def upload_args(file: LocalFile, extra: dict, md5: Optional[str] = None) -> dict:
-    """Metadata (mtime and mode as rclone writes them, and md5chksum when given),
-    Content-Type and the pass-through options."""
+def upload_args(file: LocalFile, md5: Optional[str] = None) -> dict:
+    """Metadata (mtime and mode as rclone writes them, and md5chksum when given)
+    and Content-Type."""
     args = {
         "Metadata": {
             "mtime": format_mtime(file.mtime_ns),
@@ -644,7 +623,6 @@ def upload_args(file: LocalFile, extra: dict, md5: Optional[str] = None) -> dict
     content_type, _ = mimetypes.guess_type(file.path, strict=False)
     if content_type:
         args["ContentType"] = content_type
-    args.update(extra)
     return args
 
 
@@ -911,10 +889,10 @@ def local_files(
     return iter([(key_for(prefix, name), file)])
 
 
-def recorded_mtime(client, bucket: str, key: str) -> Optional[int]:
+def recorded_mtime(store: Store, key: str) -> Optional[int]:
     """The mtime recorded on the object (HeadObject), None where there is none."""
     try:
-        head = client.head_object(Bucket=bucket, Key=key)
+        head = store.head(key)
     except botocore.exceptions.ClientError:
         return None  # uploaded again, which says what is wrong if anything is
     return parse_mtime(head.get("Metadata", {}).get("mtime"))
@@ -922,8 +900,7 @@ def recorded_mtime(client, bucket: str, key: str) -> Optional[int]:
 
 def content_decided(
     steps: Iterable[Step],
-    client,
-    bucket: str,
+    store: Store,
     workers: int,
     unread: list[Failure[Compare]],
 ) -> Iterator[Step]:
@@ -934,7 +911,7 @@ def content_decided(
     def decide(step: Step) -> Step:
         if not isinstance(step, Compare):
             return step
-        local, remote = both_md5s(client, bucket, step.key, step.file.path, step.remote)
+        local, remote = both_md5s(store, step.key, step.file.path, step.remote)
         if isinstance(local, OSError):
             unread.append(Failure(step, local))
             return by_content(step, None, remote)
@@ -951,44 +928,24 @@ class BucketState:
     versioning: Optional[str]
 
 
-def bucket_state(client, bucket: str, ask_versioning: bool) -> BucketState:
+def bucket_state(store: Store, ask_versioning: bool) -> BucketState:
     """HeadBucket and, beside it, GetBucketVersioning: whether the bucket is there,
     and whether it keeps history; any other answer than yes or no is an error."""
     versioning = None
     if ask_versioning:
-        versioning = call_failing_fast(lambda: versioning_status(client, bucket))
-    exists = bucket_exists(client, bucket)
+        versioning = call_failing_fast(lambda: versioning_status(store))
+    try:
+        exists = store.bucket_exists()
+    except botocore.exceptions.ClientError as exc:
+        raise runtime_error(f"bucket {store.bucket}", exc) from None
     return BucketState(exists, versioning.result() if versioning else None)
 
 
-def bucket_exists(client, bucket: str) -> bool:
+def versioning_status(store: Store) -> str:
+    """The bucket's versioning, or "unknown (<code>)" where it cannot be read ("" for
+    a missing bucket: HeadBucket says that)."""
     try:
-        client.head_bucket(Bucket=bucket)
-        return True
-    except botocore.exceptions.ClientError as exc:
-        code = client_error_code(exc)
-        if code in ("404", "NoSuchBucket"):
-            return False
-        if code == "403":
-            exc = reason_for_forbidden(client, bucket, exc)
-        raise runtime_error(f"bucket {bucket}", exc) from None
-
-
-def reason_for_forbidden(client, bucket: str, forbidden: BaseException):
-    """HeadBucket's 403 has no body, so it cannot tell a wrong secret key from
-    another account's bucket; a listing of no keys answers with an error code."""
-    try:
-        client.list_objects_v2(Bucket=bucket, MaxKeys=0)
-    except botocore.exceptions.ClientError as exc:
-        return exc
-    return forbidden
-
-
-def versioning_status(client, bucket: str) -> str:
-    """bucket_versioning, or "unknown (<code>)" where it cannot be read ("" for a
-    missing bucket: HeadBucket says that)."""
-    try:
-        return bucket_versioning(client, bucket)
+        return store.versioning()
     except botocore.exceptions.ClientError as exc:
         code = client_error_code(exc)
         return "" if code in ("404", "NoSuchBucket") else f"unknown ({code})"
@@ -1006,17 +963,12 @@ def describe_history(keep_days: Optional[int]) -> str:
     )
 
 
-def bucket_versioning(client, bucket: str) -> str:
-    """GetBucketVersioning's status: "Enabled", "Suspended" or "" (never turned on)."""
-    return client.get_bucket_versioning(Bucket=bucket).get("Status", "")
-
-
 class HistoryUnsupported(Exception):
     """The server has no versioning or lifecycle rules (NotImplemented), as some
     S3-compatible servers do not."""
 
 
-def set_up_history(client, bucket: str, keep_days: Optional[int], new: bool) -> bool:
+def set_up_history(store: Store, keep_days: Optional[int], new: bool) -> bool:
     """Put our lifecycle rule beside the bucket's own, then turn versioning on
     (unless keep_days is None): the rule first, so that no version is kept
     with nothing to expire it. Whether anything had to change."""
@@ -1024,25 +976,19 @@ def set_up_history(client, bucket: str, keep_days: Optional[int], new: bool) -> 
     try:
         rules, extra = [], {}
         if not new:
-            rules, extra = lifecycle_configuration(client, bucket)
+            rules, extra = store.lifecycle()
         merged = merge_lifecycle_rules(rules, history_rule(keep_days))
         if merged != rules:
-            client.put_bucket_lifecycle_configuration(
-                Bucket=bucket, LifecycleConfiguration={"Rules": merged}, **extra
-            )
+            store.set_lifecycle(merged, extra)
             changed = True
-        if keep_days is not None and (
-            new or bucket_versioning(client, bucket) != "Enabled"
-        ):
-            client.put_bucket_versioning(
-                Bucket=bucket, VersioningConfiguration={"Status": "Enabled"}
-            )
+        if keep_days is not None and (new or store.versioning() != "Enabled"):
+            store.enable_versioning()
             changed = True
     except botocore.exceptions.ClientError as exc:
         if new and client_error_code(exc) == "NotImplemented":
             raise HistoryUnsupported() from None
         raise runtime_error(
-            f"cannot turn on history (versioning and lifecycle rule) for bucket {bucket}",
+            f"cannot turn on history (versioning and lifecycle rule) for bucket {store.bucket}",
             exc,
         ) from None
     return changed
@@ -1071,33 +1017,16 @@ def unversioned_warning(bucket: str, status: str, deleting: bool = False) -> str
     )
 
 
-def lifecycle_configuration(client, bucket: str) -> tuple[list[dict], dict]:
-    """The bucket's lifecycle rules, and the other settings to send back with them."""
-    try:
-        answer = client.get_bucket_lifecycle_configuration(Bucket=bucket)
-    except botocore.exceptions.ClientError as exc:
-        if client_error_code(exc) == "NoSuchLifecycleConfiguration":
-            return [], {}
-        raise
-    extra = {}
-    if "TransitionDefaultMinimumObjectSize" in answer:
-        extra["TransitionDefaultMinimumObjectSize"] = answer[
-            "TransitionDefaultMinimumObjectSize"
-        ]
-    return answer.get("Rules", []), extra
-
-
 def create_bucket(
-    client,
-    bucket: str,
-    region: str,
+    store: Store,
     keep_days: Optional[int],
     dry_run: bool,
     console: Console,
     lock: bool = False,
 ) -> None:
-    """Create the missing bucket in `region` (with Object Lock, if `lock`), wait
-    until it exists, and set up its history (keep_days None: no versioning)."""
+    """Create the missing bucket in the store's region (with Object Lock, if
+    `lock`), and set up its history (keep_days None: no versioning)."""
+    bucket, region = store.bucket, store.region
     problem = bucket_name_problem(bucket)
     if problem:
         raise usage_error(f"cannot create bucket {bucket!r}: {problem}")
@@ -1105,25 +1034,13 @@ def create_bucket(
     if dry_run:
         console.info(f"(dry run) create bucket s3://{bucket} in {region} {history}")
         return
-    # us-east-1 is the default location and refuses to be named as a constraint.
-    location = (
-        {}
-        if region == "us-east-1"
-        else {"CreateBucketConfiguration": {"LocationConstraint": region}}
-    )
-    if lock:  # and with it versioning, which nothing can turn off
-        location["ObjectLockEnabledForBucket"] = True
     try:
         with interrupt_after():  # a bucket is not left without its history
             try:
-                client.create_bucket(Bucket=bucket, **location)
+                store.create_bucket(lock)
             except botocore.exceptions.ClientError as exc:
-                if client_error_code(exc) != "BucketAlreadyOwnedByYou":
-                    raise runtime_error(f"cannot create bucket {bucket}", exc) from None
-            client.get_waiter("bucket_exists").wait(
-                Bucket=bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
-            )
-            set_up_history(client, bucket, keep_days, new=True)
+                raise runtime_error(f"cannot create bucket {bucket}", exc) from None
+            set_up_history(store, keep_days, new=True)
     except HistoryUnsupported:
         # The bucket exists now, and a later run would find it and go on without
         # history anyway: say so once, and back up.
@@ -1180,127 +1097,52 @@ def read_whole(source: BinaryIO, start: ReadStart) -> bytes:
     return data
 
 
-class PartFile(io.FileIO):
-    """A file that s3transfer opens by name to read one part of it, and that
-    raises FileChanged when it holds fewer bytes than asked for: the file was
-    cut short since the upload began. A short body would otherwise go out under
-    the part's Content-Length, and the server would wait for the rest (60 s).
-    Its path may be of any length."""
+class Uploader:
+    """One file up (called by run_collecting_failures), as one PUT or a parallel
+    multipart upload, from one read of it during which it did not change. Its
+    call gives the file as stored (its size is what the object holds); None when
+    it is future-dated (at `now`) and its object records its very mtime; it
+    raises Vanished when the file is gone since the walk."""
 
-    def __init__(self, name: str, mode: str = "r", closefd: bool = True):
-        super().__init__(name, mode, closefd, opener=open_any)
+    def __init__(self, store: Store, console: Console, now: float):
+        self.store, self.console, self.now = store, console, now
+        # The bodies of small files, held whole from their read to their PUT.
+        self.bodies = ByteBudget(BODY_BYTES_AT_ONCE)
 
-    def read(self, size: int = -1) -> bytes:
-        data = super().read(size)
-        if size is not None and 0 <= size != len(data):
-            raise FileChanged()
-        return data
-
-
-def before_complete_multipart(client, check: Callable[[str], None]) -> None:
-    """Call check(key) before the client sends each CompleteMultipartUpload.
-
-    An exception from check fails that request, so s3transfer fails the upload
-    and aborts it (its clean-up after a failure): the parts are never joined.
-    """
-
-    def before(params, **kwargs) -> None:
-        check(params["Key"])
-
-    client.meta.events.register(
-        "before-parameter-build.s3.CompleteMultipartUpload", before
-    )
-
-
-def make_uploader(
-    connection: Connection,
-    bucket: str,
-    extra: dict,
-    console: Console,
-    engine: TransferEngine,
-    now: float,
-    lock: Optional[LockPolicy] = None,
-):
-    """The work function for run_collecting_failures: one file up, as one PUT or a
-    parallel multipart (through `engine`), from one read of it during which it
-    did not change. The file as stored (its size is what the object holds);
-    None when it is future-dated (at `now`) and its object records its very
-    mtime; Vanished (raised) when it is gone since the walk. With `lock`, each
-    version is locked from its upload on (see put_multipart)."""
-    client, direct = connection.client, connection.direct
-    bandwidth = connection.bandwidth  # None without --bwlimit
-    bodies = ByteBudget(BODY_BYTES_AT_ONCE)
-    # The read of each multipart upload under way, by key, checked before its parts are joined.
-    multipart_reads: dict[str, ReadStart] = {}
-    before_complete_multipart(
-        client,
-        lambda key: multipart_reads[key].check() if key in multipart_reads else None,
-    )
-
-    def put_whole(key: str, file: LocalFile, data: bytes, cancel) -> None:
-        """One PutObject of the bytes read: a direct request for a small file, else
-        through botocore. md5chksum, when the object needs it, is of those bytes."""
-        # Bodies of one request are let through whole (they are at most 8 MiB):
-        # botocore reads a body more than once, for its checksums, before it sends it.
-        if bandwidth:
-            bandwidth.take(file.size, cancel)
-        md5 = None
-        if needs_md5chksum(file.size, extra):
-            md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-        # Our own checksum header, so that botocore streams no aws-chunked body
-        # with a trailing one (see connect), direct or not.
-        args = {
-            **upload_args(file, extra, md5),
-            **(lock.upload_args(time.time()) if lock else {}),
-            "ChecksumAlgorithm": "CRC32",
-            "ChecksumCRC32": crc32_header(zlib.crc32(data)),
-        }
-        if file.size > SMALL_OBJECT:
-            client.put_object(Bucket=bucket, Key=key, Body=data, **args)
-            return
-        try:
-            direct.put(bucket, key, data, args)
-        except DirectFailed as failure:
-            # botocore sends it (again), with its retries and error messages.
-            direct.fallback_client(failure).put_object(
-                Bucket=bucket, Key=key, Body=data, **args
-            )
-
-    def put_multipart(key: str, start: ReadStart, md5: Optional[str], cancel) -> None:
-        """Parallel parts read from the file by name, as s3transfer does: each
-        part's checksum is over the bytes read for it, and the parts are joined
-        only if the file was left alone from before the first read to after the
-        last, so they are one state of it. (Reading the parts through a file
-        object of ours would check it too, but s3transfer holds up to 10 parts
-        of such a file in memory: 319 MiB peak for W3 against 79 MiB.)
-
-        With `lock`, every part carries a CRC32 (S3 takes no upload to a locked
-        bucket without a checksum), and PutObjectRetention always follows the
-        upload: moto and Ceph RGW 16 drop the lock of CreateMultipartUpload, and
-        finding that out would take a HeadObject, a request all the same."""
+    def __call__(self, item: Upload, cancel: threading.Event) -> Optional[LocalFile]:
+        if future_dated(item, self.now):
+            recheck = after_recheck(item, recorded_mtime(self.store, item.key))
+            if isinstance(recheck, Keep):
+                return None
+        start = self.read_and_put(item, cancel)
         file = start.file()
-        subscribers = [ProgressSubscriber(console, size=file.size)]
-        if bandwidth:
-            subscribers.append(BandwidthSubscriber(bandwidth, cancel))
-        multipart_reads[key] = start
-        try:
-            # CreateMultipartUpload carries the metadata before any part is read,
-            # so the MD5 takes a pass of its own over the file first (unless
-            # --checksum has just made it of this very file). The pass is within
-            # the checked read: a change during it fails the upload too.
-            args = upload_args(file, extra, md5 or file_md5(file.path))
-            if lock:
-                args.update(lock.upload_args(time.time()), ChecksumAlgorithm="CRC32")
-            engine.manager().upload(
-                file.path, bucket, key, extra_args=args, subscribers=subscribers
-            ).result()
-            if lock:
-                until = parse_timestamp(args["ObjectLockRetainUntilDate"])
-                put_retention(client, bucket, key, lock.mode, until.timestamp())
-        finally:
-            del multipart_reads[key]
+        if file.size < MULTIPART_THRESHOLD:
+            self.console.advance(nbytes=file.size)
+        self.console.advance(files=1)
+        self.console.detail(
+            f"upload: {printable(file.path)} -> "
+            f"{printable(f's3://{self.store.bucket}/{item.key}')}"
+        )
+        return file
 
-    def put_once(item: Upload, cancel) -> ReadStart:
+    def read_and_put(self, item: Upload, cancel: threading.Event) -> ReadStart:
+        """put_once, as many as READ_ATTEMPTS times while the file changes."""
+        path = item.file.path
+        for attempt in range(READ_ATTEMPTS):
+            if attempt:
+                time.sleep(CLOCK_SLACK_NS / 1e9)
+            try:
+                return self.put_once(item, cancel)
+            except FileChanged:
+                pass
+            except FileNotFoundError as exc:
+                if exc.filename != path:
+                    raise
+                self.console.warning(vanished_line(path))
+                raise Vanished() from None
+        raise FileChanged()
+
+    def put_once(self, item: Upload, cancel: threading.Event) -> ReadStart:
         """The file up from one read; FileChanged if it changed during the read."""
         path = item.file.path
         with open(path, "rb", opener=open_any) as source:
@@ -1311,44 +1153,43 @@ def make_uploader(
             # and held within the budget from the read to the end of the PUT.
             size = start.before.st_size
             if size < MULTIPART_THRESHOLD:
-                with bodies.held(size, cancel):
-                    put_whole(item.key, start.file(), read_whole(source, start), cancel)
+                with self.bodies.held(size, cancel):
+                    self.put_whole(item.key, start.file(), read_whole(source, start))
                 return start
         md5 = item.md5 if start.file() == item.file else None
-        put_multipart(item.key, start, md5, cancel)
+        self.put_multipart(item.key, start, md5)
         return start
 
-    def upload(item: Upload, cancel) -> Optional[LocalFile]:
-        path = item.file.path
-        if future_dated(item, now):
-            recheck = after_recheck(item, recorded_mtime(client, bucket, item.key))
-            if isinstance(recheck, Keep):
-                return None
-        for attempt in range(READ_ATTEMPTS):
-            if attempt:
-                time.sleep(CLOCK_SLACK_NS / 1e9)
-            try:
-                start = put_once(item, cancel)
-                break
-            except FileChanged:
-                pass
-            except FileNotFoundError as exc:
-                if exc.filename != path:
-                    raise
-                console.warning(vanished_line(path))
-                raise Vanished() from None
-        else:
-            raise FileChanged()
-        file = start.file()
-        if file.size < MULTIPART_THRESHOLD:
-            console.advance(nbytes=file.size)
-        console.advance(files=1)
-        console.detail(
-            f"upload: {printable(path)} -> {printable(f's3://{bucket}/{item.key}')}"
-        )
-        return file
+    def put_whole(self, key: str, file: LocalFile, data: bytes) -> None:
+        """One PutObject of the bytes read; md5chksum, when the object needs it, is
+        of those bytes."""
+        md5 = None
+        if needs_md5chksum(file.size, self.store.put_options):
+            md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
+        self.store.put(key, data, upload_args(file, md5))
 
-    return upload
+    def put_multipart(self, key: str, start: ReadStart, md5: Optional[str]) -> None:
+        """Parallel parts read from the file by name, as s3transfer does: each
+        part's checksum is over the bytes read for it, and the parts are joined
+        only if the file was left alone from before the first read to after the
+        last, so they are one state of it. (Reading the parts through a file
+        object of ours would check it too, but s3transfer holds up to 10 parts
+        of such a file in memory: 319 MiB peak for W3 against 79 MiB.)
+
+        CreateMultipartUpload carries the metadata before any part is read, so
+        the MD5 takes a pass of its own over the file first (unless --checksum
+        has just made it of this very file). The pass is within the checked
+        read: a change during it fails the upload too."""
+        file = start.file()
+        args = upload_args(file, md5 or file_md5(file.path))
+        self.store.upload_file(
+            file.path,
+            key,
+            file.size,
+            args,
+            lambda nbytes: self.console.advance(nbytes=nbytes),
+            start.check,
+        )
 
 
 class StaleUploads:
@@ -1358,8 +1199,8 @@ class StaleUploads:
     the run uploads. A failure to list or abort them is a warning: our lifecycle
     rule aborts them after ABORT_INCOMPLETE_DAYS days anyway."""
 
-    def __init__(self, client, bucket: str, prefix: str, before: float, console):
-        self._client, self._bucket, self._prefix = client, bucket, prefix
+    def __init__(self, store: Store, prefix: str, before: float, console: Console):
+        self._store, self._prefix = store, prefix
         self._before, self._console = before, console
         self._lock = threading.Lock()
         self._by_key: Optional[dict[str, list[str]]] = None
@@ -1371,22 +1212,18 @@ class StaleUploads:
             upload_ids = self._by_key.pop(key, ())
         for upload_id in upload_ids:
             try:
-                self._client.abort_multipart_upload(
-                    Bucket=self._bucket, Key=key, UploadId=upload_id
-                )
+                self._store.abort_upload(key, upload_id)
             except botocore.exceptions.ClientError as exc:
                 self._warn(f"an incomplete upload of {printable(key)}", exc)
 
     def _listed(self) -> dict[str, list[str]]:
         by_key: dict[str, list[str]] = {}
-        pages = self._client.get_paginator("list_multipart_uploads").paginate(
-            Bucket=self._bucket, Prefix=self._prefix
-        )
         try:
-            for page in pages:
-                for upload in page.get("Uploads", []):
-                    if upload["Initiated"].timestamp() < self._before:
-                        by_key.setdefault(upload["Key"], []).append(upload["UploadId"])
+            for key, upload_id, initiated in self._store.incomplete_uploads(
+                self._prefix
+            ):
+                if initiated < self._before:
+                    by_key.setdefault(key, []).append(upload_id)
         except botocore.exceptions.ClientError as exc:
             self._warn("the incomplete uploads of earlier runs", exc)
         return by_key
@@ -1400,47 +1237,33 @@ class StaleUploads:
 
 
 def delete_objects(
-    client,
-    bucket: str,
-    outcome: Outcome,
-    console: Console,
-    deleted: Optional[set[str]] = None,
+    store: Store, outcome: Outcome, console: Console, deleted: Optional[set] = None
 ) -> None:
     """Delete the outcome's deletes in batches; counted into it (and their keys
-    into `deleted`), failures key by key. No VersionId: on a versioned bucket
-    each delete places a delete marker, which Object Lock allows."""
+    into `deleted`), failures key by key."""
     keys, failures = iter(outcome.deletes), outcome.delete_failures
     while batch := list(itertools.islice(keys, DELETE_BATCH)):
         try:
-            response = client.delete_objects(
-                Bucket=bucket,
-                Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
-            )
+            failed = store.delete(batch)
         except botocore.exceptions.ClientError as exc:
             failures.extend(Failure(key, exc) for key in batch)
             continue
-        failed = {error["Key"]: error for error in response.get("Errors", [])}
         for key in batch:
             if key in failed:
-                error = failed[key]
-                failures.append(
-                    Failure(
-                        key, CliError(f"{error.get('Code')}: {error.get('Message')}")
-                    )
-                )
-            else:
-                outcome.deleted += 1
-                if deleted is not None:
-                    deleted.add(key)
-                console.detail(f"delete: {printable(f's3://{bucket}/{key}')}")
+                failures.append(Failure(key, CliError(failed[key])))
+                continue
+            outcome.deleted += 1
+            if deleted is not None:
+                deleted.add(key)
+            console.detail(f"delete: {printable(f's3://{store.bucket}/{key}')}")
 
 
-def warn_if_unversioned(client, bucket: str, console: Console) -> None:
+def warn_if_unversioned(store: Store, console: Console) -> None:
     """Before --delete deletes anything with --no-versioning (without it, the run
     has said so already): say so once if the bucket keeps no old versions."""
-    status = versioning_status(client, bucket)
+    status = versioning_status(store)
     if status != "Enabled":
-        console.warning(unversioned_warning(bucket, status, deleting=True))
+        console.warning(unversioned_warning(store.bucket, status, deleting=True))
 
 
 # --- Object Lock (--lock-days): the S3 calls --------------------------------------
@@ -1460,23 +1283,16 @@ def lock_policy(args) -> Optional[LockPolicy]:
 
 
 def lock_bucket(
-    client, bucket: str, policy: LockPolicy, mode_given: bool, console: Console
+    store: Store, policy: LockPolicy, mode_given: bool, console: Console
 ) -> LockPolicy:
     """An existing bucket's Object Lock: turned on where it is off (exit 1 where
     the server refuses), its default retention checked against --lock-days
     (exit 2 when longer; its mode is ours unless --lock-mode says otherwise)."""
+    bucket = store.bucket
     try:
-        try:
-            answer = client.get_object_lock_configuration(Bucket=bucket)
-            configuration = answer.get("ObjectLockConfiguration", {})
-        except botocore.exceptions.ClientError as exc:
-            if client_error_code(exc) != "ObjectLockConfigurationNotFoundError":
-                raise
-            configuration = {}
+        configuration = store.lock_configuration()
         if configuration.get("ObjectLockEnabled") != "Enabled":
-            client.put_object_lock_configuration(
-                Bucket=bucket, ObjectLockConfiguration={"ObjectLockEnabled": "Enabled"}
-            )
+            store.enable_lock()
             console.info(f"turned on Object Lock for s3://{bucket}")
             return policy
     except botocore.exceptions.ClientError as exc:
@@ -1502,55 +1318,29 @@ def lock_bucket(
     return policy
 
 
-def put_retention(client, bucket: str, key: str, mode: str, until: float) -> None:
-    """PutObjectRetention of the key's current version (never with a bypass)."""
-    client.put_object_retention(
-        Bucket=bucket,
-        Key=key,
-        Retention={
-            "Mode": mode,
-            "RetainUntilDate": datetime.fromtimestamp(until, UTC),
-        },
-    )
-
-
-def object_lock(client, bucket: str, key: str) -> tuple[Optional[str], Optional[float]]:
-    """The mode and the end (seconds) of the lock of the key's current version,
-    from HeadObject (moto answers no GetObjectRetention); (None, None) without one."""
-    head = client.head_object(Bucket=bucket, Key=key)
-    until = head.get("ObjectLockRetainUntilDate")
-    return head.get("ObjectLockMode"), (until.timestamp() if until else None)
-
-
-def read_lock_state(client, bucket: str, key: str) -> Optional[dict]:
+def read_lock_state(store: Store, key: str) -> Optional[dict]:
     """The prefix's lock state; None when there is none or it is not ours to read."""
     try:
-        body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+        body = store.get(key, lambda fetched: b"".join(fetched.chunks))
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) in ("NoSuchKey", "404"):
             return None
-        raise runtime_error(f"cannot read the lock state s3://{bucket}/{key}", exc)
+        raise runtime_error(
+            f"cannot read the lock state s3://{store.bucket}/{key}", exc
+        ) from None
     try:
         return json.loads(body)
     except ValueError:
         return None
 
 
-def write_lock_state(client, bucket: str, key: str, state: dict) -> None:
+def write_lock_state(store: Store, key: str, state: dict) -> None:
     body = json.dumps(state, indent=1).encode()
-    client.put_object(
-        Bucket=bucket,
-        Key=key,
-        Body=body,
-        ContentType="application/json",
-        ChecksumAlgorithm="CRC32",  # a locked bucket takes no upload without one
-        ChecksumCRC32=crc32_header(zlib.crc32(body)),
-    )
+    store.put(key, body, {"ContentType": "application/json"}, plain=True)
 
 
 def renew_locks(
-    client,
-    bucket: str,
+    store: Store,
     keys: list[str],
     policy: LockPolicy,
     target: float,
@@ -1566,12 +1356,12 @@ def renew_locks(
         try:
             mode = policy.mode
             if read_first:
-                current_mode, current = object_lock(client, bucket, key)
+                current_mode, current = store.lock_of(key)
                 if not needs_renewal(current, target):
                     return None, current
                 if current_mode == "COMPLIANCE":
                     mode = current_mode
-            put_retention(client, bucket, key, mode, target)
+            store.put_retention(key, mode, target)
         except botocore.exceptions.ClientError as exc:
             return Failure(key, exc), current or 0
         return None, current or 0
@@ -1582,24 +1372,21 @@ def renew_locks(
 
 
 def keep_locked(
-    client, location: Location, locks: "LockRun", point: float
+    store: Store, location: Location, locks: "LockRun", point: float
 ) -> tuple[Optional[dict], list[Failure[str]]]:
     """After a run that got every file in place: renew the prefix's locks where
     due (recorded in its state object once all succeeded), check that the server
     keeps them, and say until when no current object can be erased."""
     policy = locks.policy
-    bucket, state_key = location.bucket, lock_state_key(location.prefix)
-    known = state_until(
-        read_lock_state(client, bucket, state_key), policy, locks.filters
-    )
+    state_key = lock_state_key(location.prefix)
+    known = state_until(read_lock_state(store, state_key), policy, locks.filters)
     until, longest = known or (None, 0)
     due = renewal_due(until, policy, point)
     kept, target = locks.kept(), policy.until(point)
     if due:
         until = target if kept else None
         failures, seen = renew_locks(
-            client,
-            bucket,
+            store,
             kept,
             policy,
             target,
@@ -1613,7 +1400,7 @@ def keep_locked(
         first = policy.until(locks.started)
         until = first if until is None else min(until, first)
     probe = locks.uploaded[:1] or (kept[:1] if due else [])
-    if probe and object_lock(client, bucket, probe[0])[1] is None:
+    if probe and store.lock_of(probe[0])[1] is None:
         raise CliError(
             f"the server keeps no Object Lock: {printable(location.url())} was "
             "uploaded with locks, yet it has none (it does not lock objects): "
@@ -1621,8 +1408,7 @@ def keep_locked(
         )
     if due and until is not None:
         write_lock_state(
-            client,
-            bucket,
+            store,
             state_key,
             lock_state(policy, locks.filters, point, until, longest),
         )
@@ -1656,14 +1442,14 @@ class LockRun:
         return [key for key in self.listed if key not in gone]
 
 
-def check_locks(client, bucket: str, locks: LockRun, policy: LockPolicy) -> list[str]:
+def check_locks(store: Store, locks: LockRun, policy: LockPolicy) -> list[str]:
     """--check --lock-days: the keys whose lock ends before `kept` from now, or
     that have none (one HeadObject each, side by side)."""
     soon = time.time() + policy.kept
 
     def unlocked(key: str) -> bool:
         try:
-            until = object_lock(client, bucket, key)[1]
+            until = store.lock_of(key)[1]
         except botocore.exceptions.ClientError as exc:
             raise runtime_error(f"cannot read the lock of {printable(key)}", exc)
         return until is None or until < soon
@@ -1769,104 +1555,144 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def extra_args_from(args) -> dict:
+def put_options_from(args) -> dict:
+    """The options of every upload: --storage-class, --sse, --sse-kms-key-id."""
     if args.sse_kms_key_id and args.sse != "aws:kms":
         raise usage_error("--sse-kms-key-id goes with --sse aws:kms")
-    extra = {}
+    options = {}
     if args.storage_class:
-        extra["StorageClass"] = args.storage_class
+        options["StorageClass"] = args.storage_class
     if args.sse:
-        extra["ServerSideEncryption"] = args.sse
+        options["ServerSideEncryption"] = args.sse
     if args.sse_kms_key_id:
-        extra["SSEKMSKeyId"] = args.sse_kms_key_id
-    return extra
+        options["SSEKMSKeyId"] = args.sse_kms_key_id
+    return options
+
+
+@dataclass(frozen=True)
+class Job:
+    """The command line, checked: what to back up, where to, and how."""
+
+    location: Location
+    filters: Filters
+    local: os.stat_result  # LOCAL's stat: a folder or a regular file
+    put_options: dict
+    policy: Optional[LockPolicy]  # --lock-days
+
+    @property
+    def is_folder(self) -> bool:
+        return stat.S_ISDIR(self.local.st_mode)
+
+    @classmethod
+    def of(cls, args) -> "Job":
+        """The job, or a usage error (exit 2) for options that do not go together."""
+        job = cls(
+            parse_location(args.location),
+            Filters(args.filters),
+            stat_local(args.local),
+            put_options_from(args),
+            lock_policy(args),
+        )
+        if args.delete and not job.is_folder:
+            raise usage_error("--delete needs LOCAL to be a folder")
+        if args.keep_days is not None and args.no_versioning:
+            raise usage_error(
+                "--keep-days keeps old versions, which --no-versioning turns off: give one"
+            )
+        if args.check and args.delete:
+            raise usage_error("--check changes nothing: it does not go with --delete")
+        return job
 
 
 def run(args, console: Console) -> int:
     """gather (walk and list) -> plan -> execute (or show, with --dry-run; or
     compare, with --check) -> report."""
     started = time.monotonic()
-    location = parse_location(args.location)
-    extra = extra_args_from(args)
-    filters = Filters(args.filters)
-    local = stat_local(args.local)
-    is_folder = stat.S_ISDIR(local.st_mode)
-    if args.delete and not is_folder:
-        raise usage_error("--delete needs LOCAL to be a folder")
-    if args.keep_days is not None and args.no_versioning:
-        raise usage_error(
-            "--keep-days keeps old versions, which --no-versioning turns off: give one"
-        )
-    if args.check and args.delete:
-        raise usage_error("--check changes nothing: it does not go with --delete")
-    policy = lock_policy(args)
+    job = Job.of(args)
     limit_malloc_arenas()  # before any thread allocates
-    connection = connect(args, pool_size=args.workers + PART_WORKERS)
-    client = connection.client
-
+    store = connect(
+        args, job.location.bucket, args.workers + PART_WORKERS, job.put_options
+    )
     scan = Scan(console)
-    locks = LockRun(policy, filters, args.workers) if policy else None
-    found, files, listing = gather(args, local, location, client, scan, locks)
-    if not found.result().exists and args.check:
+    locks = LockRun(job.policy, job.filters, args.workers) if job.policy else None
+    found, files, listing = gather(args, job, store, scan, locks)
+    exists = found.result().exists
+    if not exists and args.check:
         raise CliError(
-            f"the bucket {location.bucket} does not exist: nothing is backed up at {location.url()}"
+            f"the bucket {store.bucket} does not exist: nothing is backed up at "
+            f"{job.location.url()}"
         )
     steps = plan_backup(
         files,
-        listing if found.result().exists else (),
-        location.prefix,
-        filters,
+        listing if exists else (),
+        job.location.prefix,
+        job.filters,
         delete=args.delete or args.check,
         by_content=args.checksum or args.check,
-        single_file=not is_folder,
+        single_file=not job.is_folder,
         refuse_empty=not args.check,
     )
     steps = refused_or_started(steps, args.local)
-    if found.result().exists and not args.check:
-        versioning = found.result().versioning
-        update_history(args, client, location.bucket, versioning, console)
-    elif not found.result().exists:
-        keep_days = None if args.no_versioning else args.keep_days or DEFAULT_KEEP_DAYS
-        create_bucket(
-            client,
-            location.bucket,
-            connection.region,
-            keep_days,
-            args.dry_run,
-            console,
-            lock=policy is not None,
-        )
-    if policy and not args.check:
-        policy = set_up_lock(args, client, location.bucket, found, policy, console)
-        locks.policy = policy
+    if not args.check:
+        prepare_bucket(args, job, store, found.result(), locks, console)
     unread: list[Failure[Compare]] = []
     if args.checksum or args.check:
-        steps = content_decided(steps, client, location.bucket, args.workers, unread)
+        steps = content_decided(steps, store, args.workers, unread)
     if args.check:
         plan = BackupPlan.of(steps)  # the listing is read whole by then
-        unlocked = policy and check_locks(client, location.bucket, locks, policy)
-        return report_check(plan, unread, scan, location, console, started, unlocked)
-
+        unlocked = job.policy and check_locks(store, locks, job.policy)
+        return report_check(plan, unread, scan, job.location, started, unlocked)
     if args.dry_run:
-        outcome = show_plan(steps, client, location, args.no_versioning, console)
+        outcome = show_plan(steps, store, job.location, args.no_versioning, console)
     else:
-        outcome = execute_backup(
-            steps, connection, location, extra, args, console, scan.errors, locks
-        )
+        outcome = execute_backup(steps, store, job.location, args, console, scan, locks)
+    return report_backup(args, outcome, scan, store, job.location, locks, started)
 
+
+def prepare_bucket(
+    args,
+    job: Job,
+    store: Store,
+    found: BucketState,
+    locks: Optional["LockRun"],
+    console: Console,
+) -> None:
+    """The bucket made ready for the run: created if missing, its history set up
+    or said to be missing, its Object Lock for --lock-days (in `locks`)."""
+    if found.exists:
+        update_history(args, store, found.versioning, console)
+    else:
+        keep_days = None if args.no_versioning else args.keep_days or DEFAULT_KEEP_DAYS
+        create_bucket(store, keep_days, args.dry_run, console, lock=bool(job.policy))
+    if locks:
+        locks.policy = set_up_lock(args, store, found.exists, job.policy, console)
+        store.lock = locks.policy
+
+
+def report_backup(
+    args,
+    outcome: Outcome,
+    scan: Scan,
+    store: Store,
+    location: Location,
+    locks: Optional["LockRun"],
+    started: float,
+) -> int:
+    """The closing summary (with its restore point and, with --lock-days, until
+    when nothing can be erased, once the locks are kept); the exit code."""
+    console = scan.console
     failed = len(outcome.failed) + len(outcome.delete_failures)
     point = None
     if not args.dry_run:  # a dry run says what it could not read, and fails nothing
         failed += scan.errors
     if not (args.dry_run or failed):  # else not every file is in place
-        point = restore_point(connection.clock.latest, time.time())
-    lock, lock_failed = finish_locks(client, location, locks, point, console)
-    failed += lock_failed
+        point = restore_point(store.clock.latest, time.time())
+    lock, lock_failed = finish_locks(store, location, locks, point, console)
     summary = Summary(
         "uploaded",
         transferred=outcome.transferred,
         skipped=outcome.skipped,
-        failed=failed,
+        failed=failed + lock_failed,
         deleted=outcome.deleted,
         vanished=outcome.vanished + scan.vanished,
         nbytes=outcome.nbytes,
@@ -1888,15 +1714,12 @@ def run(args, console: Console) -> int:
 
 
 def set_up_lock(
-    args, client, bucket: str, found: Future, policy: LockPolicy, console: Console
+    args, store: Store, exists: bool, policy: LockPolicy, console: Console
 ) -> LockPolicy:
     """The bucket's Object Lock for this run (a bucket created now has it), and
     the warning of --keep-days shorter than the lock."""
-    exists = found.result().exists
     if exists and not args.dry_run:
-        policy = lock_bucket(
-            client, bucket, policy, args.lock_mode is not None, console
-        )
+        policy = lock_bucket(store, policy, args.lock_mode is not None, console)
     keep_days = args.keep_days or (None if exists else DEFAULT_KEEP_DAYS)
     if keep_days and keep_days < policy.days:
         console.warning(
@@ -1907,7 +1730,7 @@ def set_up_lock(
 
 
 def finish_locks(
-    client,
+    store: Store,
     location: Location,
     locks: Optional[LockRun],
     point: Optional[str],
@@ -1918,7 +1741,7 @@ def finish_locks(
     if not (locks and point):
         return None, 0
     lock, failures = keep_locked(
-        client, location, locks, parse_timestamp(point).timestamp()
+        store, location, locks, parse_timestamp(point).timestamp()
     )
     for failure in failures:
         console.error(
@@ -1943,15 +1766,16 @@ def refused_or_started(steps: Iterator[Step], local: str) -> Iterator[Step]:
 
 
 def update_history(
-    args, client, bucket: str, versioning: Optional[str], console: Console
+    args, store: Store, versioning: Optional[str], console: Console
 ) -> None:
     """An existing bucket's history: set up as --keep-days asks; finished where a
     first run was stopped between our lifecycle rule and versioning (the rule
     goes first, and versioning was never turned on); else, where it keeps none,
     said in one warning."""
+    bucket = store.bucket
     keep_days, finishing = args.keep_days, False
     if keep_days is None and versioning == "":
-        rules, _ = lifecycle_configuration(client, bucket)
+        rules, _ = store.lifecycle()
         keep_days = own_keep_days(rules)
         finishing = keep_days is not None
     if keep_days is None and args.lock_days and versioning != "Enabled":
@@ -1966,14 +1790,14 @@ def update_history(
         console.info(f"(dry run) {done} s3://{bucket} {history}")
         return
     with interrupt_after():
-        changed = set_up_history(client, bucket, keep_days, new=False)
+        changed = set_up_history(store, keep_days, new=False)
     if changed:
         console.info(f"{done} s3://{bucket} {history}")
 
 
 def show_plan(
     steps: Iterable[Step],
-    client,
+    store: Store,
     location: Location,
     no_versioning: bool,
     console: Console,
@@ -1984,7 +1808,7 @@ def show_plan(
     outcome = Outcome()
     for upload in uploads_of(steps, outcome, location, console):
         if future_dated(upload, now):
-            recorded = recorded_mtime(client, location.bucket, upload.key)
+            recorded = recorded_mtime(store, upload.key)
             if isinstance(after_recheck(upload, recorded), Keep):
                 outcome.skipped += 1
                 continue
@@ -1995,7 +1819,7 @@ def show_plan(
             f"{printable(location.url(upload.key))}"
         )
     if outcome.deletes and no_versioning:
-        warn_if_unversioned(client, location.bucket, console)
+        warn_if_unversioned(store, console)
     for key in outcome.deletes:
         console.info(f"(dry run) delete: {printable(location.url(key))}")
     outcome.deletes.close()
@@ -2005,33 +1829,27 @@ def show_plan(
 
 def execute_backup(
     steps: Iterable[Step],
-    connection: Connection,
+    store: Store,
     location: Location,
-    extra: dict,
     args,
     console: Console,
-    unread: int,
+    scan: Scan,
     locks: Optional[LockRun] = None,
 ) -> Outcome:
     """Upload the plan's files on --workers threads, the plan drawn PLAN_AHEAD
-    uploads ahead of them, then its deletes unless a file could not be read
-    (`unread`) or uploaded; one error line for each that fails. With `locks`,
-    each upload locked as its policy says, and recorded there."""
-    client = connection.client
+    uploads ahead of them, then its deletes unless a file could not be read (an
+    error of the `scan`) or uploaded; one error line for each that fails. With
+    `locks`, each upload is recorded there."""
     outcome = Outcome()
     console.start(known=False)
-    engine = TransferEngine(client, open_file=PartFile)
-    policy = locks and locks.policy
     if locks:
         locks.started = time.time()
-    uploader = make_uploader(
-        connection, location.bucket, extra, console, engine, time.time(), policy
-    )
+    uploader = Uploader(store, console, time.time())
     # The server's time when the run began is within the second its first
     # answers' Date header names: uploads initiated before its end are taken
     # for a killed run's (by then, this run has none of its own on the key).
-    before = connection.clock.latest + 1 if connection.clock.latest else time.time()
-    stale = StaleUploads(client, location.bucket, location.prefix, before, console)
+    before = store.clock.latest + 1 if store.clock.latest else time.time()
+    stale = StaleUploads(store, location.prefix, before, console)
     counting = threading.Lock()
 
     def upload(item: Upload, cancel: threading.Event) -> bool:
@@ -2045,14 +1863,39 @@ def execute_backup(
         stale.uploaded(item.key)
         return True
 
-    failures, skipped = run_collecting_failures(
-        uploads_of(steps, outcome, location, console),
-        upload,
-        engine,
-        args.workers,
-        ahead=PLAN_AHEAD,
-    )
+    uploads = uploads_of(steps, outcome, location, console)
+    try:
+        failures, skipped = run_collecting_failures(
+            uploads, upload, args.workers, PLAN_AHEAD, store
+        )
+    finally:
+        store.close()
     console.finish()
+    count_uploads(outcome, failures, skipped, console)
+    if outcome.deletes and not may_delete(outcome, scan.errors):
+        console.warning(
+            "not deleting anything: some files could not be read or uploaded"
+        )
+    elif outcome.deletes:
+        if args.no_versioning:
+            warn_if_unversioned(store, console)
+        delete_objects(store, outcome, console, locks and locks.deleted)
+        for failure in outcome.delete_failures:
+            console.error(
+                failure_line("delete", location.url(failure.item), failure.error),
+                key=failure.item,
+            )
+    outcome.deletes.close()
+    return outcome
+
+
+def count_uploads(
+    outcome: Outcome,
+    failures: list[Failure[Upload]],
+    skipped: list[Upload],
+    console: Console,
+) -> None:
+    """The uploads' outcome counted, one error line for each that failed."""
     vanished = [f.item for f in failures if isinstance(f.error, Vanished)]
     failures = [f for f in failures if not isinstance(f.error, Vanished)]
     outcome.failed = failures
@@ -2064,30 +1907,11 @@ def execute_backup(
         error = key_error(failure.error, failure.item.key, ": rename the file")
         console.error(failure_line("upload", path, error), path=path)
 
-    if outcome.deletes and not may_delete(outcome, unread):
-        console.warning(
-            "not deleting anything: some files could not be read or uploaded"
-        )
-    elif outcome.deletes:
-        if args.no_versioning:
-            warn_if_unversioned(client, location.bucket, console)
-        delete_objects(
-            client, location.bucket, outcome, console, locks and locks.deleted
-        )
-        for failure in outcome.delete_failures:
-            console.error(
-                failure_line("delete", location.url(failure.item), failure.error),
-                key=failure.item,
-            )
-    outcome.deletes.close()
-    return outcome
-
 
 def gather(
     args,
-    local: os.stat_result,
-    location: Location,
-    client,
+    job: Job,
+    store: Store,
     scan: Scan,
     locks: Optional["LockRun"] = None,
 ) -> tuple[Future, Iterator[tuple[str, LocalFile]], Iterator[RemoteObject]]:
@@ -2100,13 +1924,11 @@ def gather(
     and listed side by side; a single file by its own key. `locks` records
     the keys listed.
     """
-    prefix = location.prefix
+    prefix = job.location.prefix
     ask_versioning = not (args.no_versioning or args.check)
-    found = call_failing_fast(
-        lambda: bucket_state(client, location.bucket, ask_versioning)
-    )
-    files = local_files(args.local, local, prefix, args.follow_symlinks, scan)
-    if stat.S_ISDIR(local.st_mode):
+    found = call_failing_fast(lambda: bucket_state(store, ask_versioning))
+    files = local_files(args.local, job.local, prefix, args.follow_symlinks, scan)
+    if job.is_folder:
         walk = walk_folder(args.local, prefix, args.follow_symlinks, Scan(None), True)
         listing_prefix = folder_prefix(prefix)
         boundaries = listing_boundaries(key for key, _ in walk)
@@ -2115,11 +1937,9 @@ def gather(
         boundaries = []
         if locks:
             locks.only = listing_prefix
-    listing = list_objects(
-        client, location.bucket, listing_prefix, boundaries, args.workers
-    )
+    listing = store.list(listing_prefix, boundaries, args.workers)
     files = refuse_keys(files, prefix, PurePath(args.local), scan)
-    return found, files, listed(listing, location, locks)
+    return found, files, listed(listing, job.location, locks)
 
 
 def listed(
@@ -2170,12 +1990,12 @@ def report_check(
     unread: list[Failure[Compare]],
     scan: Scan,
     location: Location,
-    console: Console,
     started: float,
     unlocked: Optional[list[str]] = None,
 ) -> int:
     """--check's output: one line per difference, the summary; exit 0 only when
     identical (and, with --lock-days, every object locked long enough)."""
+    console = scan.console
     unread = sorted(unread, key=lambda failure: failure.item.key)
     for failure in unread:
         path = failure.item.file.path

@@ -30,6 +30,7 @@ import argparse
 import bisect
 import contextlib
 import functools
+import itertools
 import math
 import re
 import secrets
@@ -47,33 +48,26 @@ from typing import BinaryIO, Optional, TypeVar, Union
 import botocore.exceptions
 
 from s3common import (
-    BODY_ATTEMPTS,
-    BODY_ERRORS,
+    ARCHIVE_STORAGE_CLASSES,
     CASE_PROBE,
-    DOWNLOAD_BUFFER,
-    DOWNLOAD_PART,
     DOWNLOAD_PART_WORKERS,
     FOLDER_FLAGS,
-    LIST_PAGE,
     MULTIPART_THRESHOLD,
-    OVERWRITTEN,
-    SMALL_OBJECT,
     TEMPORARY_FILE,
     TEMPORARY_NAME,
     UTC,
     ArgumentParser,
     Cancelled,
     CliError,
-    Connection,
     Console,
     Contents,
-    DirectFailed,
     ExitCode,
     FetchedObject,
     Filters,
     Location,
-    PartWorkers,
+    ObjectVersion,
     RemoteObject,
+    Store,
     Summary,
     UnsafeKey,
     add_shared_options,
@@ -90,27 +84,19 @@ from s3common import (
     is_within,
     key_error,
     limit_malloc_arenas,
-    list_objects,
     open_folder,
     parse_location,
     parse_mode,
     parse_mtime,
     path_for_key,
     printable,
-    range_problem,
-    read_range,
     relative_key,
     run_cli,
     run_collecting_failures,
     runtime_error,
-    throttled,
     usage_error,
 )
 
-# Each worker holds one chunk of the body it streams to disk: 64 workers with 1 MiB
-# chunks doubled the peak memory (bench/RESULTS.md, measured choices).
-CHUNK = 64 * 1024
-ARCHIVE_STORAGE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 T = TypeVar("T")
 
 
@@ -126,19 +112,6 @@ class Download:
     version_id: Optional[str] = None  # with --at: the version to fetch
     # --checksum: the local file already holds these bytes; only mtime and mode are set.
     same_content: bool = False
-
-
-@dataclass(frozen=True)
-class ObjectVersion:
-    """One entry of a ListObjectVersions answer: a version, or a delete marker."""
-
-    key: str
-    version_id: str
-    last_modified: float  # seconds since the epoch
-    is_latest: bool
-    size: Optional[int]  # None for a delete marker
-    storage_class: str = "STANDARD"
-    etag: str = ""  # as listed, without its quotes
 
 
 @dataclass(frozen=True)
@@ -423,14 +396,6 @@ def restored_mtime_ns(metadata: dict, last_modified: float) -> int:
     return recorded if recorded is not None else int(last_modified * 1e9)
 
 
-def part_ranges(size: int, part_size: int) -> list[tuple[int, int]]:
-    """The byte ranges [start, end) that cut an object of `size` bytes into parts
-    of part_size (the last one shorter)."""
-    return [
-        (start, min(size, start + part_size)) for start in range(0, size, part_size)
-    ]
-
-
 def is_restored(path: PurePath, size: int, mtime_ns: int) -> bool:
     """Whether the file at path is already this object, restored whole (size and recorded mtime)."""
     try:
@@ -454,24 +419,21 @@ def parent_prefix(prefix: str) -> str:
     return "" if parent == "." else parent
 
 
-def find_objects(
-    client, bucket: str, prefix: str
-) -> tuple[dict[str, RemoteObject], str]:
+def find_objects(store: Store, prefix: str) -> tuple[dict[str, RemoteObject], str]:
     """The objects to restore and their base prefix (what to take off their keys).
 
     Everything under PREFIX/ if there is anything; else the one object named PREFIX.
     """
     try:
-        listing = list_objects(client, bucket, folder_prefix(prefix))
-        objects = {obj.key: obj for obj in listing}
+        objects = {obj.key: obj for obj in store.list(folder_prefix(prefix))}
         if any(not key.endswith("/") for key in objects) or not prefix:
             return objects, prefix
-        head = client.head_object(Bucket=bucket, Key=prefix)
+        head = store.head(prefix)
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) in ("404", "NoSuchKey"):
             return {}, prefix
         raise runtime_error(
-            f"cannot list {printable(f's3://{bucket}/{prefix}')}", exc
+            f"cannot list {printable(f's3://{store.bucket}/{prefix}')}", exc
         ) from None
     single = RemoteObject(
         prefix,
@@ -483,59 +445,19 @@ def find_objects(
     return {prefix: single}, parent_prefix(prefix)
 
 
-def version_pages(
-    client, bucket: str, prefix: str, through: Optional[str] = None
-) -> Iterator[list[ObjectVersion]]:
-    """Every version and delete marker under `prefix` (up to the key `through`, if
-    given), one ListObjectVersions page at a time: its versions, then its markers.
-
-    botocore's paginator carries both NextKeyMarker and NextVersionIdMarker on as
-    KeyMarker and VersionIdMarker, and goes on while IsTruncated: a key with more
-    versions than a page, or a page that holds only delete markers, ends nothing.
-    """
-    pages = client.get_paginator("list_object_versions").paginate(
-        Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE}
-    )
-    for page in pages:
-        # Versions, then delete markers (which have no Size, StorageClass or ETag).
-        entries = [
-            ObjectVersion(
-                item["Key"],
-                item["VersionId"],
-                item["LastModified"].timestamp(),
-                item.get("IsLatest", False),
-                item.get("Size"),
-                item.get("StorageClass", "STANDARD"),
-                item.get("ETag", "").strip('"'),
-            )
-            for item in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]
-        ]
-        yield entries
-        # Keys are listed in order: once past `through`, later pages hold none of it.
-        if through is not None and any(v.key > through for v in entries):
-            break
-
-
-def list_versions(
-    client, bucket: str, prefix: str, through: Optional[str] = None
-) -> Iterator[ObjectVersion]:
-    """version_pages, one entry at a time."""
-    for page in version_pages(client, bucket, prefix, through):
-        yield from page
-
-
 def find_objects_at(
-    client, bucket: str, prefix: str, when: float
+    store: Store, prefix: str, when: float
 ) -> tuple[dict[str, RemoteObject], str]:
     """find_objects as at `when`: each key's version at that moment."""
+    versions = itertools.chain.from_iterable
     try:
-        objects = objects_at(list_versions(client, bucket, folder_prefix(prefix)), when)
+        objects = objects_at(versions(store.version_pages(folder_prefix(prefix))), when)
         if any(not key.endswith("/") for key in objects) or not prefix:
             return objects, prefix
-        versions = list_versions(client, bucket, prefix, through=prefix)
-        single = objects_at((v for v in versions if v.key == prefix), when)
+        pages = store.version_pages(prefix, through=prefix)
+        single = objects_at((v for v in versions(pages) if v.key == prefix), when)
     except botocore.exceptions.ClientError as exc:
-        raise versions_error(bucket, prefix, exc) from None
+        raise versions_error(store.bucket, prefix, exc) from None
     return single, parent_prefix(prefix)
 
 
@@ -574,7 +496,7 @@ def spilled_changes(spill: BinaryIO) -> Iterator[tuple[int, float, bool]]:
 
 
 def prefix_moments(
-    client, location: Location, filters: Filters
+    store: Store, location: Location, filters: Filters
 ) -> tuple[list[Moment], bool]:
     """The moments of the keys under the location that the filters select, and
     whether there was any key at all under it. One pass over the listing, its
@@ -591,16 +513,16 @@ def prefix_moments(
             if filters.includes(relative_key(prefix, entry.key)):
                 yield entry
 
-    pages = version_pages(client, location.bucket, folder_prefix(prefix))
+    pages = store.version_pages(folder_prefix(prefix))
     with tempfile.TemporaryFile() as spill:
         starts, ends = spill_changes(selected(by_key_newest_first(pages)), spill)
         return count_moments(spilled_changes(spill), starts, ends), listed
 
 
-def object_versions(client, location: Location) -> list[ObjectVersion]:
+def object_versions(store: Store, location: Location) -> list[ObjectVersion]:
     """The versions and delete markers of the one object the location names, newest first."""
     key = location.prefix
-    pages = version_pages(client, location.bucket, key, through=key)
+    pages = store.version_pages(key, through=key)
     return [v for v in by_key_newest_first(pages) if v.key == key]
 
 
@@ -657,11 +579,11 @@ def show_history(args, console: Console) -> int:
     check_history_arguments(args)
     location = parse_location(args.location)
     filters = Filters(args.filters)
-    client = connect(args, pool_size=1).client
+    store = connect(args, location.bucket, pool_size=1)
     try:
-        moments, listed = prefix_moments(client, location, filters)
+        moments, listed = prefix_moments(store, location, filters)
         versions = (
-            [] if listed or not location.prefix else object_versions(client, location)
+            [] if listed or not location.prefix else object_versions(store, location)
         )
     except botocore.exceptions.ClientError as exc:
         raise versions_error(location.bucket, location.prefix, exc) from None
@@ -687,16 +609,14 @@ def show_history(args, console: Console) -> int:
 
 
 def objects_to_restore(
-    client, location: Location, when: Optional[float]
+    store: Store, location: Location, when: Optional[float]
 ) -> tuple[dict[str, RemoteObject], str]:
     """The objects under the location (as at `when`, if given) and their base prefix;
     CliError when there are none."""
     if when is None:
-        objects, base_prefix = find_objects(client, location.bucket, location.prefix)
+        objects, base_prefix = find_objects(store, location.prefix)
     else:
-        objects, base_prefix = find_objects_at(
-            client, location.bucket, location.prefix, when
-        )
+        objects, base_prefix = find_objects_at(store, location.prefix, when)
     if not location.prefix:  # backup.py --lock-days's records, no files of the backup
         objects = {k: v for k, v in objects.items() if not is_lock_state(k)}
     if not any(not key.endswith("/") for key in objects):
@@ -996,239 +916,87 @@ def write_atomically(
             raise
 
 
-_SEEK_AND_WRITE = threading.Lock()
+class Restorer:
+    """One object down (called by run_collecting_failures) into its file, written
+    through a temporary file; the parts of large ones side by side (Store.get_parts).
+    Its call gives False when the file already held the object."""
 
+    def __init__(
+        self, store: Store, folders: Folders, default_mode: int, console: Console
+    ):
+        self.store, self.folders, self.console = store, folders, console
+        self.default_mode = default_mode
 
-def write_all(fd: int, data: memoryview, offset: int) -> None:
-    """Write all of data at offset in fd, from any thread: os.pwrite, or on Windows
-    (which has none) a seek and a write, one thread at a time."""
-    while data:  # a write may take fewer bytes than given
-        if hasattr(os, "pwrite"):
-            written = os.pwrite(fd, data, offset)
-        else:
-            with _SEEK_AND_WRITE:
-                os.lseek(fd, offset, os.SEEK_SET)
-                written = os.write(fd, data)
-        data, offset = data[written:], offset + written
+    def __call__(self, item: Download, cancel: threading.Event) -> bool:
+        path = str(item.path)
+        self.folders.ensure(os.path.dirname(path))
+        if item.same_content:
+            self.keep(item, path)
+            return False
+        if item.size < MULTIPART_THRESHOLD:
+            self.store.get(
+                item.key,
+                functools.partial(self.write_object, item, path, cancel),
+                item.version_id,
+                item.size,
+                item.storage_class,
+            )
+        elif not self.write_large(item, path):
+            self.console.advance(files=1)
+            self.console.detail(f"already restored: {printable(path)}")
+            return False
+        self.console.advance(files=1)
+        self.console.detail(
+            f"restore: {printable(f's3://{self.store.bucket}/{item.key}')} -> "
+            f"{printable(path)}"
+        )
+        return True
 
-
-def body_reader(body) -> Callable[[memoryview], int]:
-    """readinto of a GetObject's streamed body; botocore before 1.38.20 has none: read and copy."""
-    if hasattr(body, "readinto"):
-        return body.readinto
-
-    def read_and_copy(view: memoryview) -> int:
-        data = body.read(len(view))
-        view[: len(data)] = data
-        return len(data)
-
-    return read_and_copy
-
-
-def make_restorer(
-    connection: Connection,
-    bucket: str,
-    folders: Folders,
-    default_mode: int,
-    console: Console,
-    part_workers: PartWorkers,
-):
-    """The work function for run_collecting_failures: one object down (the parts
-    of large ones on `part_workers`); False when already restored."""
-    client, direct = connection.client, connection.direct
-    bandwidth = connection.bandwidth  # None without --bwlimit
-    buffers = threading.local()  # each part worker's, for every part it fetches
-
-    def file_mode(metadata: dict) -> int:
+    def file_mode(self, metadata: dict) -> int:
         mode = parse_mode(metadata.get("mode"))
-        return default_mode if mode is None else mode
+        return self.default_mode if mode is None else mode
 
-    def versioned(item: Download) -> dict:
-        return {"VersionId": item.version_id} if item.version_id else {}
-
-    def fetch(item: Download, via) -> FetchedObject:
-        """GetObject through botocore, with the client `via`."""
-        response = via.get_object(Bucket=bucket, Key=item.key, **versioned(item))
-        return FetchedObject(
-            response["Metadata"],
-            response["LastModified"].timestamp(),
-            response["Body"].iter_chunks(CHUNK),
-        )
-
-    def body(fetched: FetchedObject, cancel) -> Iterator[bytes]:
-        """The fetched body's chunks, held to --bwlimit if it is given."""
-        if bandwidth:
-            return throttled(fetched.chunks, bandwidth, cancel)
-        return fetched.chunks
-
-    def goes_direct(item: Download) -> bool:
-        """Smaller objects: one GET, with no HEAD first (the listing gave the size).
-        An archived object fails either way: botocore says why."""
-        return (
-            item.size <= SMALL_OBJECT
-            and item.storage_class not in ARCHIVE_STORAGE_CLASSES
-        )
-
-    def use_direct(item: Download, use: Callable[[FetchedObject], T]) -> T:
-        """use() the object from one direct GET; if that fails at any point, its
-        body included, botocore fetches it (again), with its retries and error messages."""
-        try:
-            return use(direct.get(bucket, item.key, CHUNK, item.version_id))
-        except DirectFailed as failure:
-            return use(fetch(item, direct.fallback_client(failure)))
-
-    def write_object(item: Download, path: str, fetched: FetchedObject, cancel) -> None:
-        chunks = body(fetched, cancel)
+    def write_object(
+        self, item: Download, path: str, cancel: threading.Event, fetched: FetchedObject
+    ) -> None:
+        """The fetched object's body into its file."""
 
         def fill(out: BinaryIO) -> None:
-            for chunk in chunks:
+            for chunk in fetched.chunks:
                 if cancel.is_set():
                     raise Cancelled()
                 out.write(chunk)
 
         mtime_ns = restored_mtime_ns(fetched.metadata, fetched.last_modified)
-        write_atomically(path, fill, file_mode(fetched.metadata), mtime_ns)
-        console.advance(nbytes=item.size)
+        write_atomically(path, fill, self.file_mode(fetched.metadata), mtime_ns)
+        self.console.advance(nbytes=item.size)
 
-    def buffer() -> memoryview:
-        """This part worker's buffer."""
-        if not hasattr(buffers, "view"):
-            buffers.view = memoryview(bytearray(DOWNLOAD_BUFFER))
-        return buffers.view
-
-    def fetch_part(
-        item: Download, etag: str, part, fd: int, cancel, stop: threading.Event
-    ) -> None:
-        """Write the bytes `part` of the object at their offset in fd: a direct
-        ranged GET, else botocore's (with its retries), of the version whose ETag
-        the HEAD gave (If-Match), never of one written since; `stop` set means
-        another part of the file failed."""
-        landed = 0  # bytes of this part written (and shown) so far
-
-        def land(data: memoryview, offset: int) -> None:
-            nonlocal landed
-            if cancel.is_set() or stop.is_set():
-                raise Cancelled()
-            if bandwidth:
-                bandwidth.take(len(data), cancel)
-            write_all(fd, data, offset)
-            landed += len(data)
-            console.advance(nbytes=len(data))
-
-        try:
-            direct.get_range(
-                bucket, item.key, part, etag, item.version_id, buffer(), land
-            )
-            return
-        except DirectFailed as failure:
-            via = direct.fallback_client(failure)
-        for attempt in range(1, BODY_ATTEMPTS + 1):
-            console.advance(nbytes=-landed)  # those bytes come again
-            landed = 0
-            start, end = part
-            response = via.get_object(
-                Bucket=bucket,
-                Key=item.key,
-                Range=f"bytes={start}-{end - 1}",
-                IfMatch=etag,
-                **versioned(item),
-            )
-            try:
-                problem = range_problem(
-                    response.get("ContentRange"), response.get("ContentLength"), part
-                )
-                if problem:
-                    raise CliError(f"the server's answer to a ranged GET: {problem}")
-                if response.get("ETag") != etag:  # a server that ignores If-Match
-                    raise CliError(OVERWRITTEN)
-                reached = read_range(
-                    body_reader(response["Body"]), buffer(), part, land
-                )
-                if reached != end:
-                    raise botocore.exceptions.IncompleteReadError(
-                        actual_bytes=reached - start, expected_bytes=end - start
-                    )
-                return
-            except BODY_ERRORS:
-                # botocore retries until the answer starts, not while its body comes.
-                if attempt == BODY_ATTEMPTS:
-                    raise
-            finally:
-                response["Body"].close()
-
-    def write_large(item: Download, path: str, cancel) -> bool:
+    def write_large(self, item: Download, path: str) -> bool:
         """A HEAD for the metadata, then parallel ranged GETs written in place,
         unless an earlier (interrupted) run already restored this very file whole."""
-        head = client.head_object(Bucket=bucket, Key=item.key, **versioned(item))
+        head = self.store.head(item.key, item.version_id)
         mtime_ns = restored_mtime_ns(head["Metadata"], head["LastModified"].timestamp())
         # The size of the version the parts ask for, whatever the listing said.
-        size = head["ContentLength"]
-        if is_restored(path, size, mtime_ns):
+        if is_restored(path, head["ContentLength"], mtime_ns):
             return False
 
         def fill(out: BinaryIO) -> None:
-            stop = threading.Event()
-            fd = out.fileno()
-            part_workers.run_all(
-                [
-                    functools.partial(
-                        fetch_part, item, head["ETag"], part, fd, cancel, stop
-                    )
-                    for part in part_ranges(size, DOWNLOAD_PART)
-                ],
-                stop,
-            )
+            advance = self.console.advance  # by the bytes written
+            self.store.get_parts(item.key, head, out.fileno(), advance, item.version_id)
 
-        write_atomically(path, fill, file_mode(head["Metadata"]), mtime_ns)
+        write_atomically(path, fill, self.file_mode(head["Metadata"]), mtime_ns)
         return True
 
-    def recorded(item: Download, cancel) -> tuple[dict, float]:
-        """The object's user metadata and LastModified.
-
-        A small object's come from a GET on the direct path, its body read and
-        dropped: there that costs less client CPU than botocore's HEAD.
-        """
-        if goes_direct(item):
-
-            def drained(fetched: FetchedObject) -> tuple[dict, float]:
-                for _ in body(fetched, cancel):
-                    pass
-                return fetched.metadata, fetched.last_modified
-
-            return use_direct(item, drained)
-        head = client.head_object(Bucket=bucket, Key=item.key, **versioned(item))
-        return head["Metadata"], head["LastModified"].timestamp()
-
-    def keep(item: Download, path: str, cancel) -> None:
+    def keep(self, item: Download, path: str) -> None:
         """The file already holds the object's bytes: give it the recorded mode and mtime."""
-        metadata, last_modified = recorded(item, cancel)
-        at_any_length(os.chmod, path, file_mode(metadata))
+        metadata, last_modified = self.store.metadata(
+            item.key, item.version_id, item.size, item.storage_class
+        )
+        at_any_length(os.chmod, path, self.file_mode(metadata))
         mtime_ns = restored_mtime_ns(metadata, last_modified)
         at_any_length(os.utime, path, ns=(mtime_ns, mtime_ns))
-        console.advance(files=1)
-        console.detail(f"same content: {printable(path)}")
-
-    def restore(item: Download, cancel) -> bool:
-        path = str(item.path)
-        folders.ensure(os.path.dirname(path))
-        if item.same_content:
-            keep(item, path, cancel)
-            return False
-        if goes_direct(item):
-            use_direct(item, lambda fetched: write_object(item, path, fetched, cancel))
-        elif item.size < MULTIPART_THRESHOLD:
-            write_object(item, path, fetch(item, client), cancel)
-        elif not write_large(item, path, cancel):
-            console.advance(files=1)
-            console.detail(f"already restored: {printable(path)}")
-            return False
-        console.advance(files=1)
-        console.detail(
-            f"restore: {printable(f's3://{bucket}/{item.key}')} -> {printable(path)}"
-        )
-        return True
-
-    return restore
+        self.console.advance(files=1)
+        self.console.detail(f"same content: {printable(path)}")
 
 
 def current_umask() -> int:
@@ -1319,33 +1087,20 @@ def show_plan(plan: RestorePlan, location: Location, console: Console) -> Outcom
 
 
 def execute_restore(
-    plan: RestorePlan,
-    connection: Connection,
-    location: Location,
-    local: str,
-    workers: int,
-    console: Console,
+    plan: RestorePlan, store: Store, location: Location, local: str, args, console
 ) -> Outcome:
-    """Download the plan's objects on `workers` threads; one error line for each that fails."""
+    """Download the plan's objects on --workers threads; one error line for each that fails."""
     total_bytes = sum(item.size for item in plan.downloads)
     console.start(len(plan.downloads), total_bytes)
-    part_workers = PartWorkers(DOWNLOAD_PART_WORKERS)
     folders = Folders(local)
     folders.ensure(local)  # where the case probe was
-    restorer = make_restorer(
-        connection,
-        location.bucket,
-        folders,
-        0o666 & ~current_umask(),
-        console,
-        part_workers,
-    )
+    restorer = Restorer(store, folders, 0o666 & ~current_umask(), console)
     try:
         failures, skipped = run_collecting_failures(
-            plan.downloads, restorer, None, workers
+            plan.downloads, restorer, args.workers, store=store
         )
     finally:
-        part_workers.close()
+        store.close()
     console.finish()
     for failure in failures:
         where = location.url(failure.item.key)
@@ -1368,6 +1123,15 @@ def execute_restore(
     )
 
 
+def checked_local(args) -> str:
+    """LOCAL, a folder or nothing yet (else a usage error, exit 2)."""
+    if not args.local or (exists(args.local) and not is_folder(args.local)):
+        raise usage_error(
+            f"{args.local!r} is not a folder: give a folder to restore into"
+        )
+    return args.local
+
+
 def run(args, console: Console) -> int:
     """gather (list the objects) -> plan -> execute (or show, with --dry-run) -> report."""
     if args.history or args.local is None:
@@ -1375,40 +1139,43 @@ def run(args, console: Console) -> int:
     started = time.monotonic()
     location = parse_location(args.location)
     filters = Filters(args.filters)
-    if not args.local or (exists(args.local) and not is_folder(args.local)):
-        raise usage_error(
-            f"{args.local!r} is not a folder: give a folder to restore into"
-        )
+    local = checked_local(args)
     limit_malloc_arenas()  # before any thread allocates
-    connection = connect(args, pool_size=args.workers + DOWNLOAD_PART_WORKERS)
-    client = connection.client
+    store = connect(args, location.bucket, args.workers + DOWNLOAD_PART_WORKERS)
     when = None if args.at is None else args.at.timestamp()
 
-    objects, base_prefix = objects_to_restore(client, location, when)
+    objects, base_prefix = objects_to_restore(store, location, when)
     if not args.dry_run:
-        make_folders(args.local)
+        make_folders(local)
     # A dry run probes where LOCAL would be made, and removes its probe: it
     # reports the conflicts the real run would.
-    case_insensitive = probe_case_insensitive(nearest_existing(args.local))
-
-    plan = plan_restore(
-        objects, base_prefix, Path(args.local), filters, case_insensitive
-    )
+    case_insensitive = probe_case_insensitive(nearest_existing(local))
+    plan = plan_restore(objects, base_prefix, Path(local), filters, case_insensitive)
     if args.checksum:
         # A file that cannot be read is simply restored over.
         candidates = same_size_files(plan.downloads, objects)
-        contents = compare_contents(client, location.bucket, candidates, args.workers)
-        plan = with_same_content(plan, contents)
+        plan = with_same_content(
+            plan, compare_contents(store, candidates, args.workers)
+        )
     for key, why in plan.refused + plan.conflicts:
         console.error(f"{printable(location.url(key))}: {why}", key=key)
 
     if args.dry_run:
         outcome = show_plan(plan, location, console)
     else:
-        outcome = execute_restore(
-            plan, connection, location, args.local, args.workers, console
-        )
+        outcome = execute_restore(plan, store, location, local, args, console)
+    return report_restore(args, plan, outcome, when, console, started)
 
+
+def report_restore(
+    args,
+    plan: RestorePlan,
+    outcome: Outcome,
+    when: Optional[float],
+    console: Console,
+    started: float,
+) -> int:
+    """The closing summary; the exit code."""
     summary = Summary(
         "restored",
         transferred=outcome.transferred,

@@ -35,6 +35,7 @@ import gc
 import hashlib
 import hmac
 import http.client
+import io
 import ipaddress
 import json
 import math
@@ -58,7 +59,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from enum import IntEnum
 from pathlib import PurePath, PureWindowsPath
-from typing import BinaryIO, Generic, NoReturn, TextIO, TypeVar
+from typing import Generic, NoReturn, TextIO, TypeVar
 from urllib.parse import quote, urlsplit
 
 import botocore
@@ -96,6 +97,13 @@ PART_WORKERS = 4
 DOWNLOAD_PART = 32 * MiB
 DOWNLOAD_PART_WORKERS = 4
 DOWNLOAD_BUFFER = 256 * 1024
+# Each worker holds one chunk of the body it streams to disk: 64 workers with 1 MiB
+# chunks doubled the peak memory (bench/RESULTS.md, measured choices).
+CHUNK = 64 * 1024
+ARCHIVE_STORAGE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
+# A file seen changing while it is read for its upload is read this many times in all.
+READ_ATTEMPTS = 3
+DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
 # botocore retries a GET until its answer starts, not while the body comes:
 # a part whose body breaks off is asked for again, as often as s3transfer does.
 BODY_ATTEMPTS = 5
@@ -130,6 +138,16 @@ class CliError(Exception):
     def __init__(self, message: str, code: ExitCode = ExitCode.FAILURE):
         super().__init__(message)
         self.code = code
+
+
+class FileChanged(CliError):
+    """The file changed while it was read or uploaded."""
+
+    def __init__(self):
+        super().__init__(
+            f"it changed during the backup, {READ_ATTEMPTS} times in a row: "
+            "not backed up as it is now; run again when nothing writes to it"
+        )
 
 
 def usage_error(message: str) -> CliError:
@@ -750,287 +768,6 @@ def object_md5(head: dict) -> str | None:
     return etag_md5 or md5_of_md5chksum(head.get("Metadata", {}).get(MD5_METADATA))
 
 
-# --- The S3 session, listings and MD5s of files and objects ------------------
-
-
-def endpoint_url_from(args: argparse.Namespace) -> str | None:
-    """--endpoint-url, else $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL; checked for form."""
-    url = args.endpoint_url
-    if url is None:
-        # An empty variable counts as unset, but an empty --endpoint-url is an error,
-        # never a silent switch to AWS itself.
-        url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
-            "AWS_ENDPOINT_URL"
-        )
-    if url is None:
-        return None
-    problem = whitespace_problem(url)
-    if problem:
-        raise usage_error(f"endpoint URL {url!r} {problem}: remove it")
-    try:
-        parts = urlsplit(url)
-    except ValueError:  # e.g. an unclosed "[" of an IPv6 address
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise usage_error(
-            f"endpoint URL {url!r} is not of the form http(s)://HOST[:PORT]"
-        )
-    try:
-        port = parts.port
-    except ValueError:
-        port = 0
-    if port == 0:
-        raise usage_error(f"endpoint URL {url!r} has a bad port number")
-    return url
-
-
-def check_endpoint_reachable(url: str) -> None:
-    """Fail at once when nothing listens at the endpoint, instead of after every retry."""
-    parts = urlsplit(url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    try:
-        socket.create_connection((parts.hostname, port), timeout=10).close()
-    except OSError as exc:
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        raise CliError(
-            f"cannot connect to {url} ({reason}): check --endpoint-url and that the server runs"
-        ) from None
-
-
-def parse_timestamp(value: str) -> datetime:
-    """The two timestamp forms S3 sends, parsed without dateutil; botocore's parser otherwise."""
-    try:
-        if value.endswith("Z"):  # listings: 2024-05-01T12:30:00.000Z
-            # Python 3.9 and 3.10 read no "Z" suffix in fromisoformat.
-            return datetime.fromisoformat(value[:-1] + "+00:00")  # noqa: FURB162
-        return email.utils.parsedate_to_datetime(
-            value
-        )  # headers: Wed, 01 May 2024 12:30:00 GMT
-    except (TypeError, ValueError):
-        return botocore.utils.parse_timestamp(value)
-
-
-class ServerClock:
-    """The latest time the server's answers told (their Date headers, to the second)."""
-
-    def __init__(self):
-        self.latest: float | None = None  # seconds since the epoch
-        self._text = ""
-        self._lock = threading.Lock()
-
-    def saw(self, date: str | None) -> None:
-        # A Date header changes once a second: parse only a new one.
-        if not date or date == self._text:
-            return
-        try:
-            seconds = email.utils.parsedate_to_datetime(date).timestamp()
-        except (TypeError, ValueError):
-            return
-        with self._lock:
-            self._text = date
-            if self.latest is None or seconds > self.latest:
-                self.latest = seconds
-
-    def after_call(self, http_response, **kwargs) -> None:
-        """botocore's after-call event: every answer botocore has parsed."""
-        self.saw(http_response.headers.get("Date"))
-
-
-@dataclass(frozen=True)
-class Connection:
-    """The run's S3 client and what goes with it."""
-
-    client: object  # a botocore S3 client, shared by every thread
-    region: str
-    direct: DirectRequests  # the same client's small-object requests, sent directly
-    clock: ServerClock  # the time of the latest answer of either
-    bandwidth: TokenBucket | None = None  # --bwlimit, shared by every transfer
-
-
-def connect(args: argparse.Namespace, pool_size: int) -> Connection:
-    """One S3 client for the run, after checking there are credentials to sign with."""
-    core = botocore.session.Session(profile=args.profile)
-    # dateutil's parsing of LastModified was much of a no-change backup's CPU
-    # (bench/RESULTS.md, measured choices).
-    core.get_component("response_parser_factory").set_parser_defaults(
-        timestamp_parser=parse_timestamp
-    )
-    credentials = core.get_credentials()
-    if credentials is None:
-        raise botocore.exceptions.NoCredentialsError()
-    region = args.region or core.get_config_variable("region") or "us-east-1"
-    endpoint_url = endpoint_url_from(args)
-    if endpoint_url:
-        check_endpoint_reachable(endpoint_url)
-    # A user's AWS_MAX_ATTEMPTS (or max_attempts in ~/.aws/config) wins.
-    attempts = core.get_config_variable("max_attempts") or RETRY_ATTEMPTS
-    config = Config(
-        max_pool_connections=pool_size,
-        retries={"mode": "standard", "total_max_attempts": attempts},
-        # Local and S3-compatible servers rarely resolve bucket sub-domains.
-        s3={"addressing_style": "path"} if endpoint_url else None,
-        # botocore 1.36+ sends every streamed upload over https as aws-chunked
-        # with a trailing CRC32, which Ceph RGW before 18 refuses
-        # (XAmzContentSHA256Mismatch) and other S3-compatible servers may too.
-        # Over http botocore signs the payload's SHA-256 instead, over https TLS
-        # guards it, and small files carry a CRC32 header of our own (put_whole).
-        request_checksum_calculation="when_required" if endpoint_url else None,
-        user_agent_extra="s3backup",
-    )
-
-    clock = ServerClock()
-
-    def make_client(client_config: Config):
-        client = core.create_client(
-            "s3", region_name=region, endpoint_url=endpoint_url, config=client_config
-        )
-        client.meta.events.register("after-call.s3", clock.after_call)
-        return client
-
-    client = make_client(config)
-    # After a failed direct request botocore makes one attempt fewer, so that each
-    # request is tried `attempts` times in all; with one attempt, nothing goes direct.
-    # That client is made only when first needed: making a client takes time.
-    make_retry_client = None
-    if attempts > 1:
-        retry_config = config.merge(
-            Config(retries={"mode": "standard", "total_max_attempts": attempts - 1})
-        )
-        make_retry_client = functools.partial(make_client, retry_config)
-    verify = core.get_config_variable("ca_bundle") or True
-    direct = DirectRequests(
-        client,
-        make_retry_client,
-        credentials,
-        botocore.httpsession.get_cert_path(verify),
-        clock,
-    )
-    bandwidth = TokenBucket(args.bwlimit) if args.bwlimit else None
-    return Connection(client, region, direct, clock, bandwidth)
-
-
-@dataclass(frozen=True)
-class RemoteObject:
-    """One object of a listing (or, for restore.py --at, one version)."""
-
-    key: str
-    size: int
-    last_modified: float  # seconds since the epoch
-    storage_class: str = "STANDARD"
-    etag: str = ""  # as listed, without its quotes
-    version_id: str | None = None  # a version picked by restore.py --at
-
-
-def list_objects(
-    client, bucket: str, prefix: str, boundaries: Sequence[str] = (), workers: int = 1
-) -> Iterator[RemoteObject]:
-    """Every object whose key starts with `prefix`, in key order, from paged
-    ListObjectsV2 requests that start at once.
-
-    Sorted `boundaries` cut the keys into ranges that are listed side by side on
-    up to `workers` threads (LIST_RANGES_AT_ONCE at most), as many ranges ahead
-    of the one read: the first range ends with boundaries[0], the next starts
-    after it, and the last is everything after boundaries[-1]. A range is held
-    whole until it is read; one that reaches the end of the prefix ends the
-    listing, without asking for the ranges after it (all empty). A directory
-    bucket, or a server that lists out of order (UnorderedServer), is listed
-    whole, without ranges, and sorted.
-    """
-    # One paginator for all ranges: each thread asking the client for its own would
-    # load botocore's paginator model again (it looks through the data folder of
-    # every AWS service) before the first request goes out (bench/RESULTS.md,
-    # W4 without HeadBucket).
-    paginator = client.get_paginator("list_objects_v2")
-
-    def whole() -> Iterator[RemoteObject]:
-        """The listing held whole and put in order: of a server that lists in no
-        particular order and takes no StartAfter (as we can use it)."""
-        listed = call_failing_fast(
-            lambda: list_range(paginator, bucket, prefix, any_order=True)[0]
-        )
-        return iter(sorted(listed.result(), key=lambda obj: obj.key))
-
-    if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
-        return whole()
-    ranges = zip(("", *boundaries), (*boundaries, None))
-    at_once = min(workers, LIST_RANGES_AT_ONCE)
-    listings = map_failing_fast(
-        lambda bounds: list_range(paginator, bucket, prefix, *bounds),
-        ranges,
-        at_once,
-        ahead=at_once,
-    )
-
-    def objects() -> Iterator[RemoteObject]:
-        try:
-            for listed, at_end in listings:
-                yield from listed
-                if at_end:
-                    return
-        except UnorderedServer:
-            # Raised by the first page of the first range, before any object
-            # of it is yielded.
-            yield from whole()
-
-    return objects()
-
-
-class UnorderedServer(Exception):
-    """A listing from a server known not to list in S3's key order."""
-
-
-# The Server header of servers whose ListObjectsV2 is not in S3's key order and
-# whose StartAfter skips keys, measured: SeaweedFS 4.48 lists a folder's keys
-# before its siblings' that sort before "/" ("a/x" before "a-b", "a.txt"), in
-# versioned buckets non-ASCII names before the others, and after
-# StartAfter="a-b/z" it leaves out "a/x".
-UNORDERED_SERVERS = ("SeaweedFS",)
-
-
-def list_range(
-    paginator,
-    bucket: str,
-    prefix: str,
-    after: str = "",
-    through: str | None = None,
-    any_order: bool = False,
-) -> tuple[list[RemoteObject], bool]:
-    """The objects under `prefix` whose keys sort after `after` and up to `through`
-    (None: no end), and whether the listing met the end of the prefix (no key
-    under it sorts after them), from a client's list_objects_v2 paginator.
-
-    UnorderedServer from an UNORDERED_SERVERS one, unless `any_order` (the
-    caller lists it whole and sorts it)."""
-    params = {"Bucket": bucket, "Prefix": prefix}
-    if after:
-        params["StartAfter"] = after
-    pages = paginator.paginate(**params, PaginationConfig={"PageSize": LIST_PAGE})
-    objects = []
-    for page in pages:
-        headers = page.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-        server = headers.get("server", "")
-        if not any_order and server.startswith(UNORDERED_SERVERS):
-            raise UnorderedServer(server)
-        contents = page.get("Contents", [])
-        for item in contents:
-            # S3 lists keys in UTF-8 byte order, which is the order of str.
-            if through is not None and item["Key"] > through:
-                return objects, False
-            objects.append(
-                RemoteObject(
-                    item["Key"],
-                    item["Size"],
-                    item["LastModified"].timestamp(),
-                    item.get("StorageClass", "STANDARD"),
-                    item.get("ETag", "").strip('"'),
-                )
-            )
-        # A page that ends on `through` ends the range, without asking for another.
-        if through is not None and contents and contents[-1]["Key"] == through:
-            return objects, not page.get("IsTruncated")
-    return objects, True
-
-
 # --- Local paths of any length ----------------------------------------------------
 # A path longer than the system takes whole (PATH_MAX: 4,096 bytes on Linux,
 # 1,024 on macOS) fails with ENAMETOOLONG. Such paths go through directory file
@@ -1122,25 +859,8 @@ class Contents:
     failures: list[Failure] = field(default_factory=list)
 
 
-def head_md5(
-    client, bucket: str, key: str, version_id: str | None = None
-) -> str | None:
-    """One HEAD (of one version, if given): the object's MD5 (object_md5), or None
-    if it has none or is gone."""
-    versioned = {"VersionId": version_id} if version_id else {}
-    try:
-        head = client.head_object(Bucket=bucket, Key=key, **versioned)
-    except botocore.exceptions.ClientError as exc:
-        # 400: S3's answer to a HEAD of an SSE-C object without its key, whose
-        # MD5 is not to be had.
-        if client_error_code(exc) in ("404", "NoSuchKey", "400"):
-            return None
-        raise
-    return object_md5(head)
-
-
 def both_md5s(
-    client, bucket: str, key: str, path: str, obj: RemoteObject
+    store: Store, key: str, path: str, obj: RemoteObject
 ) -> tuple[str | OSError, str | None]:
     """The file's MD5 (or why it could not be read) and its object's (None: not known).
 
@@ -1154,22 +874,22 @@ def both_md5s(
     if md5_of_etag(obj.etag) == local:
         return local, local
     try:
-        return local, head_md5(client, bucket, key, obj.version_id)
+        return local, store.md5(key, obj.version_id)
     except botocore.exceptions.ClientError as exc:
         raise runtime_error(
-            f"cannot read the metadata of s3://{bucket}/{key}", exc
+            f"cannot read the metadata of s3://{store.bucket}/{key}", exc
         ) from None
 
 
 def compare_contents(
-    client, bucket: str, candidates: dict[str, tuple[str, RemoteObject]], workers: int
+    store: Store, candidates: dict[str, tuple[str, RemoteObject]], workers: int
 ) -> Contents:
     """Hash each candidate (key: (file path, its object)) and find its object's MD5
     (both_md5s), on `workers` threads."""
 
     keys = sorted(candidates)
     md5s = map_failing_fast(
-        lambda key: both_md5s(client, bucket, key, *candidates[key]), keys, workers
+        lambda key: both_md5s(store, key, *candidates[key]), keys, workers
     )
     contents = Contents()
     for key in keys:
@@ -1221,35 +941,11 @@ class TokenBucket:
             self._filled_at = now
             return max(0.0, -self._tokens / self.rate)
 
-    def take(self, nbytes: int, cancel: threading.Event) -> None:
+    def pace(self, nbytes: int, cancel: threading.Event) -> None:
         """Wait until nbytes may move; Cancelled when the run is interrupted meanwhile."""
         delay = self.book(nbytes)
         if delay > 0 and cancel.wait(delay):
             raise Cancelled()
-
-
-class BandwidthSubscriber:
-    """Holds each read of one s3transfer upload to the run's TokenBucket; s3transfer
-    calls on_progress by name, from the thread that moves the bytes, and not for
-    reads that only compute a checksum."""
-
-    def __init__(self, bandwidth: TokenBucket, cancel: threading.Event):
-        self._bandwidth = bandwidth
-        self._cancel = cancel
-
-    def on_progress(self, future, bytes_transferred, **kwargs):
-        # A retry reports the bytes it goes back over as negative progress.
-        if bytes_transferred > 0:
-            self._bandwidth.take(bytes_transferred, self._cancel)
-
-
-def throttled(
-    chunks: Iterable[bytes], bandwidth: TokenBucket, cancel: threading.Event
-) -> Iterator[bytes]:
-    """The chunks, each let through when the bucket has room for it."""
-    for chunk in chunks:
-        bandwidth.take(len(chunk), cancel)
-        yield chunk
 
 
 # glibc gives threads that allocate at once arenas of their own (up to 8 a core),
@@ -1440,9 +1136,9 @@ def call_failing_fast(call: Callable[[], R]) -> Future:
 def run_collecting_failures(
     items: Iterable[T],
     work: Callable[[T, threading.Event], bool | None],
-    engine: TransferEngine | None,
     workers: int,
     ahead: int = 0,
+    store: Store | None = None,
 ) -> tuple[list[Failure[T]], list[T]]:
     """Call work(item, cancel) for every item on up to `workers` threads, the
     items drawn in this thread up to `ahead` (at least `workers`) before a
@@ -1453,13 +1149,13 @@ def run_collecting_failures(
 
     On failure of one item, it is collected and the rest go on (as
     shutil.copytree does). On Ctrl-C, or a failure to draw the items (the
-    plan's), no new item starts, the engine (if any) cancels (and so aborts)
-    its transfers, running items see `cancel` set, and the exception is raised
-    again once every thread has stopped.
+    plan's), no new item starts, the store (if any) cancels its transfers
+    (multipart uploads are aborted), running items see `cancel` set (the
+    store's), and the exception is raised again once every thread has stopped.
     """
     failures: list[Failure[T]] = []
     skipped: list[T] = []
-    cancel = threading.Event()
+    cancel = store.cancelled if store else threading.Event()
     jobs: queue.Queue = queue.Queue(maxsize=max(ahead, workers))
     # The main thread waits on the count of threads alive, never in
     # Thread.join: a join that Ctrl-C interrupts marks its thread as ended while
@@ -1506,15 +1202,13 @@ def run_collecting_failures(
         stop_threads()
     except BaseException:
         cancel.set()
-        if engine is not None:
-            engine.cancel()
+        if store is not None:
+            store.cancel()
         # Threads waiting for an item find none but the end.
         while not jobs.empty():
             jobs.get_nowait()
         stop_threads()
         raise
-    if engine is not None:
-        engine.close()
     return failures, skipped
 
 
@@ -1715,21 +1409,6 @@ class Console:
             return self._files, self._bytes
 
 
-class ProgressSubscriber:
-    """Feeds s3transfer's byte counts to the progress line (it calls on_* by name)."""
-
-    def __init__(self, console: Console, size: int | None = None):
-        self._console = console
-        self._size = size
-
-    def on_queued(self, future, **kwargs):
-        if self._size is not None:
-            future.meta.provide_transfer_size(self._size)
-
-    def on_progress(self, future, bytes_transferred, **kwargs):
-        self._console.advance(nbytes=bytes_transferred)
-
-
 @dataclass
 class Summary:
     """The facts of a run. Every field but `verb` and `seconds` goes into the JSON
@@ -1922,12 +1601,176 @@ def run_cli(
     return code
 
 
-# --- Fast transfer path: s3transfer for large uploads, direct requests -------
+# --- The Store: the one door to S3, and how it sends requests --------------
 
 
-def create_transfer_manager(client, open_file: Callable[[str, str], BinaryIO]):
-    """boto3's transfer manager, for multipart uploads; open_file(name, mode) opens
-    the files it uploads by name."""
+def endpoint_url_from(args: argparse.Namespace) -> str | None:
+    """--endpoint-url, else $AWS_ENDPOINT_URL_S3 or $AWS_ENDPOINT_URL; checked for form."""
+    url = args.endpoint_url
+    if url is None:
+        # An empty variable counts as unset, but an empty --endpoint-url is an error,
+        # never a silent switch to AWS itself.
+        url = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get(
+            "AWS_ENDPOINT_URL"
+        )
+    if url is None:
+        return None
+    problem = whitespace_problem(url)
+    if problem:
+        raise usage_error(f"endpoint URL {url!r} {problem}: remove it")
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed "[" of an IPv6 address
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise usage_error(
+            f"endpoint URL {url!r} is not of the form http(s)://HOST[:PORT]"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise usage_error(f"endpoint URL {url!r} has a bad port number")
+    return url
+
+
+def check_endpoint_reachable(url: str) -> None:
+    """Fail at once when nothing listens at the endpoint, instead of after every retry."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=10).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise CliError(
+            f"cannot connect to {url} ({reason}): check --endpoint-url and that the server runs"
+        ) from None
+
+
+def parse_timestamp(value: str) -> datetime:
+    """The two timestamp forms S3 sends, parsed without dateutil; botocore's parser otherwise."""
+    try:
+        if value.endswith("Z"):  # listings: 2024-05-01T12:30:00.000Z
+            # Python 3.9 and 3.10 read no "Z" suffix in fromisoformat.
+            return datetime.fromisoformat(value[:-1] + "+00:00")  # noqa: FURB162
+        return email.utils.parsedate_to_datetime(
+            value
+        )  # headers: Wed, 01 May 2024 12:30:00 GMT
+    except (TypeError, ValueError):
+        return botocore.utils.parse_timestamp(value)
+
+
+class ServerClock:
+    """The latest time the server's answers told (their Date headers, to the second)."""
+
+    def __init__(self):
+        self.latest: float | None = None  # seconds since the epoch
+        self._text = ""
+        self._lock = threading.Lock()
+
+    def saw(self, date: str | None) -> None:
+        # A Date header changes once a second: parse only a new one.
+        if not date or date == self._text:
+            return
+        try:
+            seconds = email.utils.parsedate_to_datetime(date).timestamp()
+        except (TypeError, ValueError):
+            return
+        with self._lock:
+            self._text = date
+            if self.latest is None or seconds > self.latest:
+                self.latest = seconds
+
+    def after_call(self, http_response, **kwargs) -> None:
+        """botocore's after-call event: every answer botocore has parsed."""
+        self.saw(http_response.headers.get("Date"))
+
+
+@dataclass(frozen=True)
+class RemoteObject:
+    """One object of a listing (or, for restore.py --at, one version)."""
+
+    key: str
+    size: int
+    last_modified: float  # seconds since the epoch
+    storage_class: str = "STANDARD"
+    etag: str = ""  # as listed, without its quotes
+    version_id: str | None = None  # a version picked by restore.py --at
+
+
+@dataclass(frozen=True)
+class ObjectVersion:
+    """One entry of a ListObjectVersions answer: a version, or a delete marker."""
+
+    key: str
+    version_id: str
+    last_modified: float  # seconds since the epoch
+    is_latest: bool
+    size: int | None  # None for a delete marker
+    storage_class: str = "STANDARD"
+    etag: str = ""  # as listed, without its quotes
+
+
+class UnorderedServer(Exception):
+    """A listing from a server known not to list in S3's key order."""
+
+
+# The Server header of servers whose ListObjectsV2 is not in S3's key order and
+# whose StartAfter skips keys, measured: SeaweedFS 4.48 lists a folder's keys
+# before its siblings' that sort before "/" ("a/x" before "a-b", "a.txt"), in
+# versioned buckets non-ASCII names before the others, and after
+# StartAfter="a-b/z" it leaves out "a/x".
+UNORDERED_SERVERS = ("SeaweedFS",)
+
+
+def list_range(
+    paginator,
+    bucket: str,
+    prefix: str,
+    after: str = "",
+    through: str | None = None,
+    any_order: bool = False,
+) -> tuple[list[RemoteObject], bool]:
+    """The objects under `prefix` whose keys sort after `after` and up to `through`
+    (None: no end), and whether the listing met the end of the prefix (no key
+    under it sorts after them), from a client's list_objects_v2 paginator.
+
+    UnorderedServer from an UNORDERED_SERVERS one, unless `any_order` (the
+    caller lists it whole and sorts it)."""
+    params = {"Bucket": bucket, "Prefix": prefix}
+    if after:
+        params["StartAfter"] = after
+    pages = paginator.paginate(**params, PaginationConfig={"PageSize": LIST_PAGE})
+    objects = []
+    for page in pages:
+        headers = page.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+        server = headers.get("server", "")
+        if not any_order and server.startswith(UNORDERED_SERVERS):
+            raise UnorderedServer(server)
+        contents = page.get("Contents", [])
+        for item in contents:
+            # S3 lists keys in UTF-8 byte order, which is the order of str.
+            if through is not None and item["Key"] > through:
+                return objects, False
+            objects.append(
+                RemoteObject(
+                    item["Key"],
+                    item["Size"],
+                    item["LastModified"].timestamp(),
+                    item.get("StorageClass", "STANDARD"),
+                    item.get("ETag", "").strip('"'),
+                )
+            )
+        # A page that ends on `through` ends the range, without asking for another.
+        if through is not None and contents and contents[-1]["Key"] == through:
+            return objects, not page.get("IsTruncated")
+    return objects, True
+
+
+def create_transfer_manager(client):
+    """boto3's transfer manager, for multipart uploads, reading the parts of each
+    file by name (PartFile)."""
     # Imported here, not at the top: boto3 and s3transfer take time to import,
     # and a backup with nothing to upload never needs them.
     from boto3.s3.transfer import TransferConfig
@@ -1936,7 +1779,7 @@ def create_transfer_manager(client, open_file: Callable[[str, str], BinaryIO]):
 
     class Opener(OSUtils):
         def open(self, filename, mode):
-            return open_file(filename, mode)
+            return PartFile(filename, mode)
 
         def get_file_size(self, filename):
             return at_any_length(os.stat, filename).st_size
@@ -1951,37 +1794,40 @@ def create_transfer_manager(client, open_file: Callable[[str, str], BinaryIO]):
     return create(client, config, osutil=Opener())
 
 
-class TransferEngine:
-    """The transfer manager for multipart uploads, created on first use (a run
-    with nothing large to upload never imports it), and what stopping it means:
-    cancel() on Ctrl-C cancels (and so aborts) its transfers, close() waits for
-    them."""
+class PartFile(io.FileIO):
+    """A file that s3transfer opens by name to read one part of it, and that
+    raises FileChanged when it holds fewer bytes than asked for: the file was
+    cut short since the upload began. A short body would otherwise go out under
+    the part's Content-Length, and the server would wait for the rest (60 s).
+    Its path may be of any length."""
 
-    def __init__(self, client, open_file: Callable[[str, str], BinaryIO]):
-        self._client = client
-        self._open_file = open_file
-        self._manager = None
-        self._lock = threading.Lock()
+    def __init__(self, name: str, mode: str = "r", closefd: bool = True):
+        super().__init__(name, mode, closefd, opener=open_any)
 
-    def manager(self):
-        """boto3's transfer manager, made on the first call."""
-        with self._lock:
-            if self._manager is None:
-                self._manager = create_transfer_manager(self._client, self._open_file)
-            return self._manager
+    def read(self, size: int = -1) -> bytes:
+        data = super().read(size)
+        if size is not None and 0 <= size != len(data):
+            raise FileChanged()
+        return data
 
-    def cancel(self) -> None:
-        """Cancel (and so abort) the transfers under way (Ctrl-C)."""
-        if self._manager is not None:
-            # TransferManager.shutdown(cancel=True) passes its arguments on in the
-            # wrong order and raises TypeError (boto/s3transfer#143); leaving it as
-            # a context manager does on KeyboardInterrupt cancels (and aborts) them.
-            self._manager.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
 
-    def close(self) -> None:
-        """Wait for the transfers under way, and end."""
-        if self._manager is not None:
-            self._manager.shutdown()
+class TransferProgress:
+    """The subscriber of one s3transfer upload (it calls on_* by name): its size
+    told, its bytes shown by progress(nbytes) and held to --bwlimit by
+    pace(nbytes), from the thread that moves them (s3transfer calls on_progress
+    for no read that only computes a checksum)."""
+
+    def __init__(self, size: int, progress: Callable[[int], None], pace):
+        self._size, self._progress, self._pace = size, progress, pace
+
+    def on_queued(self, future, **kwargs):
+        future.meta.provide_transfer_size(self._size)
+
+    def on_progress(self, future, bytes_transferred, **kwargs):
+        self._progress(bytes_transferred)
+        # A retry reports the bytes it goes back over as negative progress.
+        if bytes_transferred > 0:
+            self._pace(bytes_transferred)
 
 
 class DirectFailed(Exception):
@@ -2122,6 +1968,11 @@ def key_path(key: str) -> str:
 def version_query(version_id: str | None) -> str:
     """The query string of a request for one version of an object, as botocore writes it."""
     return "" if version_id is None else f"versionId={quote(version_id, safe='-_.~')}"
+
+
+def version_param(version_id: str | None) -> dict:
+    """The VersionId parameter of a request for one version (none: the current one)."""
+    return {"VersionId": version_id} if version_id else {}
 
 
 def crc32_header(crc: int) -> str:
@@ -2348,15 +2199,16 @@ class DirectRequests:
 
         complete = False
         try:
-            problem = range_problem(
-                response.getheader("Content-Range"),
-                response.getheader("Content-Length"),
-                part,
-            )
-            if problem:
-                raise DirectFailed(problem)
-            if response.getheader("ETag") != etag:  # a server that ignores If-Match
-                raise DirectFailed(f"ETag {response.getheader('ETag')}, not {etag}")
+            try:
+                check_range_answer(
+                    response.getheader("Content-Range"),
+                    response.getheader("Content-Length"),
+                    response.getheader("ETag"),
+                    part,
+                    etag,
+                )
+            except CliError as exc:
+                raise DirectFailed(str(exc)) from None
             reached = read_range(read, buffer, part, land)
             if reached != end:
                 raise DirectFailed(f"got {reached - start} bytes of {end - start}")
@@ -2421,6 +2273,59 @@ def range_problem(
     return None
 
 
+def check_range_answer(
+    content_range: str | None,
+    content_length: object,
+    etag: str | None,
+    part: tuple[int, int],
+    expected_etag: str,
+) -> None:
+    """CliError unless the answer to a ranged GET of the bytes `part` of the
+    version whose ETag is expected_etag holds exactly those bytes of it."""
+    problem = range_problem(content_range, content_length, part)
+    if problem:
+        raise CliError(f"the server's answer to a ranged GET: {problem}")
+    if etag != expected_etag:  # a server that ignores If-Match
+        raise CliError(OVERWRITTEN)
+
+
+def part_ranges(size: int, part_size: int) -> list[tuple[int, int]]:
+    """The byte ranges [start, end) that cut an object of `size` bytes into parts
+    of part_size (the last one shorter)."""
+    return [
+        (start, min(size, start + part_size)) for start in range(0, size, part_size)
+    ]
+
+
+_SEEK_AND_WRITE = threading.Lock()
+
+
+def write_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of data at offset in fd, from any thread: os.pwrite, or on Windows
+    (which has none) a seek and a write, one thread at a time."""
+    while data:  # a write may take fewer bytes than given
+        if hasattr(os, "pwrite"):
+            written = os.pwrite(fd, data, offset)
+        else:
+            with _SEEK_AND_WRITE:
+                os.lseek(fd, offset, os.SEEK_SET)
+                written = os.write(fd, data)
+        data, offset = data[written:], offset + written
+
+
+def body_reader(body) -> Callable[[memoryview], int]:
+    """readinto of a GetObject's streamed body; botocore before 1.38.20 has none: read and copy."""
+    if hasattr(body, "readinto"):
+        return body.readinto
+
+    def read_and_copy(view: memoryview) -> int:
+        data = body.read(len(view))
+        view[: len(data)] = data
+        return len(data)
+
+    return read_and_copy
+
+
 def read_range(
     read: Callable[[memoryview], int],
     buffer: memoryview,
@@ -2457,3 +2362,626 @@ def response_md5(response: http.client.HTTPResponse) -> str | None:
             },
         }
     )
+
+
+def goes_direct(size: int | None, storage_class: str) -> bool:
+    """Whether a whole-object GET goes direct: an object of at most SMALL_OBJECT
+    bytes (its size known from the listing), not archived (that GET fails either
+    way, and botocore says why)."""
+    return (
+        size is not None
+        and size <= SMALL_OBJECT
+        and storage_class not in ARCHIVE_STORAGE_CLASSES
+    )
+
+
+class Store:
+    """The one door to S3 of a run, for one bucket: every request of both scripts
+    goes through its verbs, which say what the script wants (list, get, put,
+    upload_file, ...) and never how it is sent.
+
+    It owns the botocore client, the direct path (DirectRequests) and its fallback
+    to botocore, the transfer manager of multipart uploads, the part workers of
+    large downloads, the --bwlimit bucket and the run's cancellation. The options
+    that go on every upload (storage class, encryption, the Object Lock of
+    backup.py --lock-days) are given to it once, in `put_options` and `lock`.
+
+    Which path a request takes is decided here, by size: whole objects up to
+    SMALL_OBJECT go direct (and back to botocore when that fails), larger ones
+    through botocore, multipart uploads through s3transfer, and the parts of
+    large downloads as direct ranged GETs on the part workers. Built by connect()
+    for a run; tests build one around moto's in-process client with Store(client,
+    bucket), whose requests all go through botocore.
+    """
+
+    def __init__(
+        self,
+        client,
+        bucket: str,
+        region: str = "us-east-1",
+        direct: DirectRequests | None = None,
+        clock: ServerClock | None = None,
+        bandwidth: TokenBucket | None = None,
+        put_options: dict | None = None,
+    ):
+        self.client = client
+        self.bucket = bucket
+        self.region = region
+        self.clock = clock or ServerClock()
+        self.bandwidth = bandwidth  # None without --bwlimit
+        # StorageClass, ServerSideEncryption, SSEKMSKeyId: on every upload.
+        self.put_options = dict(put_options or {})
+        # backup.py --lock-days: its LockPolicy (upload_args(now), mode), once known.
+        self.lock = None
+        self.cancelled = threading.Event()  # set on Ctrl-C or a failed plan
+        self._direct = direct or DirectRequests(client, None, None, "", self.clock)
+        self._manager = None
+        self._making_manager = threading.Lock()
+        self._parts = PartWorkers(DOWNLOAD_PART_WORKERS)
+        self._buffers = threading.local()  # each part worker's read buffer
+        # The checks of the multipart uploads under way, by key: each is called
+        # before its parts are joined, and what it raises fails (and aborts) it.
+        self._before_complete: dict[str, Callable[[], None]] = {}
+        client.meta.events.register(
+            "before-parameter-build.s3.CompleteMultipartUpload", self._check_complete
+        )
+
+    # --- How a run stops ----------------------------------------------------
+
+    def cancel(self) -> None:
+        """Ctrl-C or a failed plan: waits see `cancelled`, multipart uploads abort."""
+        self.cancelled.set()
+        if self._manager is not None:
+            # TransferManager.shutdown(cancel=True) passes its arguments on in the
+            # wrong order and raises TypeError (boto/s3transfer#143); leaving it as
+            # a context manager does on KeyboardInterrupt cancels (and aborts) them.
+            self._manager.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
+
+    def close(self) -> None:
+        """Wait for the transfers under way, and end the part workers."""
+        if self._manager is not None:
+            self._manager.shutdown()
+        self._parts.close()
+
+    def _pace(self, nbytes: int) -> None:
+        """--bwlimit: wait until nbytes may move (Cancelled on Ctrl-C meanwhile)."""
+        if self.bandwidth:
+            self.bandwidth.pace(nbytes, self.cancelled)
+
+    def _paced(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
+        for chunk in chunks:
+            self._pace(len(chunk))
+            yield chunk
+
+    # --- The bucket ---------------------------------------------------------
+
+    def bucket_exists(self) -> bool:
+        """HeadBucket: False for a missing bucket; a 403 explained (reason_for_forbidden)."""
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+            return True
+        except botocore.exceptions.ClientError as exc:
+            code = client_error_code(exc)
+            if code in ("404", "NoSuchBucket"):
+                return False
+            raise self.reason_for_forbidden(exc) if code == "403" else exc from None
+
+    def reason_for_forbidden(self, forbidden: BaseException) -> BaseException:
+        """HeadBucket's 403 has no body, so it cannot tell a wrong secret key from
+        another account's bucket; a listing of no keys answers with an error code."""
+        try:
+            self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=0)
+        except botocore.exceptions.ClientError as exc:
+            return exc
+        return forbidden
+
+    def create_bucket(self, lock: bool = False) -> None:
+        """CreateBucket in the Store's region (with Object Lock, if `lock`), and
+        wait until it exists; one of ours already there is fine."""
+        # us-east-1 is the default location and refuses to be named as a constraint.
+        options = {}
+        if self.region != "us-east-1":
+            options["CreateBucketConfiguration"] = {"LocationConstraint": self.region}
+        if lock:  # and with it versioning, which nothing can turn off
+            options["ObjectLockEnabledForBucket"] = True
+        try:
+            self.client.create_bucket(Bucket=self.bucket, **options)
+        except botocore.exceptions.ClientError as exc:
+            if client_error_code(exc) != "BucketAlreadyOwnedByYou":
+                raise
+        self.client.get_waiter("bucket_exists").wait(
+            Bucket=self.bucket, WaiterConfig={"Delay": 1, "MaxAttempts": 60}
+        )
+
+    def versioning(self) -> str:
+        """GetBucketVersioning's status: "Enabled", "Suspended" or "" (never turned on)."""
+        return self.client.get_bucket_versioning(Bucket=self.bucket).get("Status", "")
+
+    def enable_versioning(self) -> None:
+        self.client.put_bucket_versioning(
+            Bucket=self.bucket, VersioningConfiguration={"Status": "Enabled"}
+        )
+
+    def lifecycle(self) -> tuple[list[dict], dict]:
+        """The bucket's lifecycle rules, and the other settings to send back with them."""
+        try:
+            answer = self.client.get_bucket_lifecycle_configuration(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as exc:
+            if client_error_code(exc) == "NoSuchLifecycleConfiguration":
+                return [], {}
+            raise
+        extra = {}
+        if "TransitionDefaultMinimumObjectSize" in answer:
+            extra["TransitionDefaultMinimumObjectSize"] = answer[
+                "TransitionDefaultMinimumObjectSize"
+            ]
+        return answer.get("Rules", []), extra
+
+    def set_lifecycle(self, rules: list[dict], extra: dict) -> None:
+        self.client.put_bucket_lifecycle_configuration(
+            Bucket=self.bucket, LifecycleConfiguration={"Rules": rules}, **extra
+        )
+
+    def lock_configuration(self) -> dict:
+        """GetObjectLockConfiguration's configuration ({} where there is none)."""
+        try:
+            answer = self.client.get_object_lock_configuration(Bucket=self.bucket)
+        except botocore.exceptions.ClientError as exc:
+            if client_error_code(exc) != "ObjectLockConfigurationNotFoundError":
+                raise
+            return {}
+        return answer.get("ObjectLockConfiguration", {})
+
+    def enable_lock(self) -> None:
+        self.client.put_object_lock_configuration(
+            Bucket=self.bucket,
+            ObjectLockConfiguration={"ObjectLockEnabled": "Enabled"},
+        )
+
+    # --- Listings -------------------------------------------------------------
+
+    def list(
+        self, prefix: str, boundaries: Sequence[str] = (), workers: int = 1
+    ) -> Iterator[RemoteObject]:
+        """Every object whose key starts with `prefix`, in key order, from paged
+        ListObjectsV2 requests that start at once.
+
+        Sorted `boundaries` cut the keys into ranges that are listed side by side on
+        up to `workers` threads (LIST_RANGES_AT_ONCE at most), as many ranges ahead
+        of the one read: the first range ends with boundaries[0], the next starts
+        after it, and the last is everything after boundaries[-1]. A range is held
+        whole until it is read; one that reaches the end of the prefix ends the
+        listing, without asking for the ranges after it (all empty). A directory
+        bucket, or a server that lists out of order (UnorderedServer), is listed
+        whole, without ranges, and sorted.
+        """
+        # One paginator for all ranges: each thread asking the client for its own would
+        # load botocore's paginator model again (it looks through the data folder of
+        # every AWS service) before the first request goes out (bench/RESULTS.md,
+        # W4 without HeadBucket).
+        paginator = self.client.get_paginator("list_objects_v2")
+        bucket = self.bucket
+
+        def whole() -> Iterator[RemoteObject]:
+            """The listing held whole and put in order: of a server that lists in no
+            particular order and takes no StartAfter (as we can use it)."""
+            listed = call_failing_fast(
+                lambda: list_range(paginator, bucket, prefix, any_order=True)[0]
+            )
+            return iter(sorted(listed.result(), key=lambda obj: obj.key))
+
+        if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
+            return whole()
+        ranges = zip(("", *boundaries), (*boundaries, None))
+        at_once = min(workers, LIST_RANGES_AT_ONCE)
+        listings = map_failing_fast(
+            lambda bounds: list_range(paginator, bucket, prefix, *bounds),
+            ranges,
+            at_once,
+            ahead=at_once,
+        )
+
+        def objects() -> Iterator[RemoteObject]:
+            try:
+                for listed, at_end in listings:
+                    yield from listed
+                    if at_end:
+                        return
+            except UnorderedServer:
+                # Raised by the first page of the first range, before any object
+                # of it is yielded.
+                yield from whole()
+
+        return objects()
+
+    def version_pages(
+        self, prefix: str, through: str | None = None
+    ) -> Iterator[list[ObjectVersion]]:
+        """Every version and delete marker under `prefix` (up to the key `through`,
+        if given), one ListObjectVersions page at a time: its versions, then its
+        markers.
+
+        botocore's paginator carries both NextKeyMarker and NextVersionIdMarker on as
+        KeyMarker and VersionIdMarker, and goes on while IsTruncated: a key with more
+        versions than a page, or a page that holds only delete markers, ends nothing.
+        """
+        pages = self.client.get_paginator("list_object_versions").paginate(
+            Bucket=self.bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE}
+        )
+        for page in pages:
+            # Delete markers have no Size, StorageClass or ETag.
+            entries = [
+                ObjectVersion(
+                    item["Key"],
+                    item["VersionId"],
+                    item["LastModified"].timestamp(),
+                    item.get("IsLatest", False),
+                    item.get("Size"),
+                    item.get("StorageClass", "STANDARD"),
+                    item.get("ETag", "").strip('"'),
+                )
+                for item in [*page.get("Versions", []), *page.get("DeleteMarkers", [])]
+            ]
+            yield entries
+            # Keys are listed in order: once past `through`, later pages hold none of it.
+            if through is not None and any(v.key > through for v in entries):
+                break
+
+    def incomplete_uploads(self, prefix: str) -> Iterator[tuple[str, str, float]]:
+        """(key, upload ID, initiated) of each incomplete multipart upload under prefix."""
+        pages = self.client.get_paginator("list_multipart_uploads").paginate(
+            Bucket=self.bucket, Prefix=prefix
+        )
+        for page in pages:
+            for upload in page.get("Uploads", []):
+                yield upload["Key"], upload["UploadId"], upload["Initiated"].timestamp()
+
+    # --- Objects: reading -----------------------------------------------------
+
+    def head(self, key: str, version_id: str | None = None) -> dict:
+        """HeadObject (of one version, if given)."""
+        return self.client.head_object(
+            Bucket=self.bucket, Key=key, **version_param(version_id)
+        )
+
+    def md5(self, key: str, version_id: str | None = None) -> str | None:
+        """One HEAD: the object's MD5 (object_md5), None if it has none or is gone."""
+        try:
+            head = self.head(key, version_id)
+        except botocore.exceptions.ClientError as exc:
+            # 400: S3's answer to a HEAD of an SSE-C object without its key, whose
+            # MD5 is not to be had.
+            if client_error_code(exc) in ("404", "NoSuchKey", "400"):
+                return None
+            raise
+        return object_md5(head)
+
+    def get(
+        self,
+        key: str,
+        use: Callable[[FetchedObject], T],
+        version_id: str | None = None,
+        size: int | None = None,
+        storage_class: str = "STANDARD",
+    ) -> T:
+        """use() the object (of one version, if given) from one GetObject, its
+        chunks held to --bwlimit.
+
+        A small object (goes_direct, by its listed `size`) goes direct, with no
+        HEAD first; if that fails at any point, its body included, botocore
+        fetches it again, with its retries and error messages.
+        """
+        client = self.client
+        if goes_direct(size, storage_class):
+            try:
+                fetched = self._direct.get(self.bucket, key, CHUNK, version_id)
+                return use(
+                    dataclasses.replace(fetched, chunks=self._paced(fetched.chunks))
+                )
+            except DirectFailed as failure:
+                client = self._direct.fallback_client(failure)
+        response = client.get_object(
+            Bucket=self.bucket, Key=key, **version_param(version_id)
+        )
+        chunks = self._paced(response["Body"].iter_chunks(CHUNK))
+        return use(
+            FetchedObject(
+                response["Metadata"], response["LastModified"].timestamp(), chunks
+            )
+        )
+
+    def metadata(
+        self,
+        key: str,
+        version_id: str | None = None,
+        size: int | None = None,
+        storage_class: str = "STANDARD",
+    ) -> tuple[dict, float]:
+        """The object's user metadata and LastModified. A small object's come from
+        a GET on the direct path, its body read and dropped: there that costs less
+        client CPU than botocore's HEAD."""
+        if goes_direct(size, storage_class):
+
+            def drained(fetched: FetchedObject) -> tuple[dict, float]:
+                for _ in fetched.chunks:
+                    pass
+                return fetched.metadata, fetched.last_modified
+
+            return self.get(key, drained, version_id, size, storage_class)
+        head = self.head(key, version_id)
+        return head["Metadata"], head["LastModified"].timestamp()
+
+    def get_parts(
+        self,
+        key: str,
+        head: dict,
+        fd: int,
+        progress: Callable[[int], None],
+        version_id: str | None = None,
+    ) -> None:
+        """The object whose HEAD is `head` written into fd, in parts of
+        DOWNLOAD_PART bytes fetched side by side on the part workers, each of the
+        version whose ETag the HEAD gave (If-Match), never of one written since;
+        progress(nbytes) for each read written (negative: bytes to come again)."""
+        stop = threading.Event()
+        size, etag = head["ContentLength"], head["ETag"]
+        self._parts.run_all(
+            [
+                functools.partial(
+                    self._get_part, key, etag, version_id, part, fd, progress, stop
+                )
+                for part in part_ranges(size, DOWNLOAD_PART)
+            ],
+            stop,
+        )
+
+    def _buffer(self) -> memoryview:
+        """This part worker's buffer."""
+        if not hasattr(self._buffers, "view"):
+            self._buffers.view = memoryview(bytearray(DOWNLOAD_BUFFER))
+        return self._buffers.view
+
+    def _get_part(
+        self, key, etag, version_id, part, fd, progress, stop: threading.Event
+    ) -> None:
+        """Write the bytes `part` of the object at their offset in fd: a direct
+        ranged GET, else botocore's, asked again while its body breaks off;
+        `stop` set means another part of the file failed."""
+        landed = 0  # bytes of this part written (and shown) so far
+
+        def land(data: memoryview, offset: int) -> None:
+            nonlocal landed
+            if self.cancelled.is_set() or stop.is_set():
+                raise Cancelled()
+            self._pace(len(data))
+            write_all(fd, data, offset)
+            landed += len(data)
+            progress(len(data))
+
+        try:
+            self._direct.get_range(
+                self.bucket, key, part, etag, version_id, self._buffer(), land
+            )
+            return
+        except DirectFailed as failure:
+            client = self._direct.fallback_client(failure)
+        start, end = part
+        for attempt in range(1, BODY_ATTEMPTS + 1):
+            progress(-landed)  # those bytes come again
+            landed = 0
+            response = client.get_object(
+                Bucket=self.bucket,
+                Key=key,
+                Range=f"bytes={start}-{end - 1}",
+                IfMatch=etag,
+                **version_param(version_id),
+            )
+            try:
+                check_range_answer(
+                    response.get("ContentRange"),
+                    response.get("ContentLength"),
+                    response.get("ETag"),
+                    part,
+                    etag,
+                )
+                body = body_reader(response["Body"])
+                reached = read_range(body, self._buffer(), part, land)
+                if reached != end:
+                    raise botocore.exceptions.IncompleteReadError(
+                        actual_bytes=reached - start, expected_bytes=end - start
+                    )
+                return
+            except BODY_ERRORS:
+                # botocore retries until the answer starts, not while its body comes.
+                if attempt == BODY_ATTEMPTS:
+                    raise
+            finally:
+                response["Body"].close()
+
+    # --- Objects: writing -----------------------------------------------------
+
+    def _upload_args(self, args: dict) -> dict:
+        """args with the options of every upload and, with a lock, its headers."""
+        args = {**args, **self.put_options}
+        if self.lock is not None:
+            args.update(self.lock.upload_args(time.time()))
+        return args
+
+    def put(self, key: str, data: bytes, args: dict, plain: bool = False) -> None:
+        """One PutObject of data with put_object's `args` (Metadata, ContentType),
+        the options of every upload (none if `plain`: a record of the tool's own)
+        and a CRC32 of data: direct for a small body, else through botocore.
+
+        Our own checksum header, so that botocore streams no aws-chunked body
+        with a trailing one (see connect), direct or not; a locked bucket takes
+        no upload without one. The body is let through --bwlimit whole (it is at
+        most 8 MiB): botocore reads it more than once, for its checksums, before
+        it sends it.
+        """
+        self._pace(len(data))
+        args = {
+            **(args if plain else self._upload_args(args)),
+            "ChecksumAlgorithm": "CRC32",
+            "ChecksumCRC32": crc32_header(zlib.crc32(data)),
+        }
+        client = self.client
+        if len(data) <= SMALL_OBJECT:
+            try:
+                self._direct.put(self.bucket, key, data, args)
+                return
+            except DirectFailed as failure:
+                client = self._direct.fallback_client(failure)
+        client.put_object(Bucket=self.bucket, Key=key, Body=data, **args)
+
+    def upload_file(
+        self,
+        path: str,
+        key: str,
+        size: int,
+        args: dict,
+        progress: Callable[[int], None],
+        before_complete: Callable[[], None],
+    ) -> None:
+        """A multipart upload of the file at path (`size` bytes when the upload
+        began), its parts read by name and sent
+        side by side (PART_WORKERS), each with its checksum, through s3transfer.
+
+        before_complete() is called before the parts are joined; what it raises
+        fails the upload, which s3transfer then aborts. With a lock, every part
+        carries a CRC32 (S3 takes no upload to a locked bucket without a
+        checksum), and PutObjectRetention always follows the upload: moto and Ceph
+        RGW 16 drop the lock of CreateMultipartUpload, and finding that out would
+        take a HeadObject, a request all the same.
+        """
+        args = self._upload_args(args)
+        if self.lock is not None:
+            args["ChecksumAlgorithm"] = "CRC32"
+        subscribers = [TransferProgress(size, progress, self._pace)]
+        self._before_complete[key] = before_complete
+        try:
+            self._transfer_manager().upload(
+                path, self.bucket, key, extra_args=args, subscribers=subscribers
+            ).result()
+        finally:
+            del self._before_complete[key]
+        if self.lock is not None:
+            until = parse_timestamp(args["ObjectLockRetainUntilDate"]).timestamp()
+            self.put_retention(key, self.lock.mode, until)
+
+    def _check_complete(self, params, **kwargs) -> None:
+        """botocore's event before each CompleteMultipartUpload is built."""
+        check = self._before_complete.get(params["Key"])
+        if check is not None:
+            check()
+
+    def _transfer_manager(self):
+        """boto3's transfer manager, made on first use: a run with nothing large to
+        upload never imports it."""
+        with self._making_manager:
+            if self._manager is None:
+                self._manager = create_transfer_manager(self.client)
+            return self._manager
+
+    def delete(self, keys: Sequence[str]) -> dict[str, str]:
+        """DeleteObjects of at most DELETE_BATCH keys: the keys that failed, with
+        why. No VersionId: on a versioned bucket each delete places a delete
+        marker, which Object Lock allows."""
+        response = self.client.delete_objects(
+            Bucket=self.bucket,
+            Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True},
+        )
+        return {
+            error["Key"]: f"{error.get('Code')}: {error.get('Message')}"
+            for error in response.get("Errors", [])
+        }
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        self.client.abort_multipart_upload(
+            Bucket=self.bucket, Key=key, UploadId=upload_id
+        )
+
+    def put_retention(self, key: str, mode: str, until: float) -> None:
+        """PutObjectRetention of the key's current version (never with a bypass)."""
+        self.client.put_object_retention(
+            Bucket=self.bucket,
+            Key=key,
+            Retention={
+                "Mode": mode,
+                "RetainUntilDate": datetime.fromtimestamp(until, UTC),
+            },
+        )
+
+    def lock_of(self, key: str) -> tuple[str | None, float | None]:
+        """The mode and the end (seconds) of the lock of the key's current version,
+        from HeadObject (moto answers no GetObjectRetention); (None, None) without one."""
+        head = self.head(key)
+        until = head.get("ObjectLockRetainUntilDate")
+        return head.get("ObjectLockMode"), (until.timestamp() if until else None)
+
+
+def connect(
+    args: argparse.Namespace,
+    bucket: str,
+    pool_size: int,
+    put_options: dict | None = None,
+) -> Store:
+    """The run's Store for `bucket`: one S3 client, after checking there are
+    credentials to sign with, and the options of every upload."""
+    core = botocore.session.Session(profile=args.profile)
+    # dateutil's parsing of LastModified was much of a no-change backup's CPU
+    # (bench/RESULTS.md, measured choices).
+    core.get_component("response_parser_factory").set_parser_defaults(
+        timestamp_parser=parse_timestamp
+    )
+    credentials = core.get_credentials()
+    if credentials is None:
+        raise botocore.exceptions.NoCredentialsError()
+    region = args.region or core.get_config_variable("region") or "us-east-1"
+    endpoint_url = endpoint_url_from(args)
+    if endpoint_url:
+        check_endpoint_reachable(endpoint_url)
+    # A user's AWS_MAX_ATTEMPTS (or max_attempts in ~/.aws/config) wins.
+    attempts = core.get_config_variable("max_attempts") or RETRY_ATTEMPTS
+    config = Config(
+        max_pool_connections=pool_size,
+        retries={"mode": "standard", "total_max_attempts": attempts},
+        # Local and S3-compatible servers rarely resolve bucket sub-domains.
+        s3={"addressing_style": "path"} if endpoint_url else None,
+        # botocore 1.36+ sends every streamed upload over https as aws-chunked
+        # with a trailing CRC32, which Ceph RGW before 18 refuses
+        # (XAmzContentSHA256Mismatch) and other S3-compatible servers may too.
+        # Over http botocore signs the payload's SHA-256 instead, over https TLS
+        # guards it, and small files carry a CRC32 header of our own (Store.put).
+        request_checksum_calculation="when_required" if endpoint_url else None,
+        user_agent_extra="s3backup",
+    )
+
+    clock = ServerClock()
+
+    def make_client(client_config: Config):
+        client = core.create_client(
+            "s3", region_name=region, endpoint_url=endpoint_url, config=client_config
+        )
+        client.meta.events.register("after-call.s3", clock.after_call)
+        return client
+
+    client = make_client(config)
+    # After a failed direct request botocore makes one attempt fewer, so that each
+    # request is tried `attempts` times in all; with one attempt, nothing goes direct.
+    # That client is made only when first needed: making a client takes time.
+    make_retry_client = None
+    if attempts > 1:
+        retry_config = config.merge(
+            Config(retries={"mode": "standard", "total_max_attempts": attempts - 1})
+        )
+        make_retry_client = functools.partial(make_client, retry_config)
+    verify = core.get_config_variable("ca_bundle") or True
+    direct = DirectRequests(
+        client,
+        make_retry_client,
+        credentials,
+        botocore.httpsession.get_cert_path(verify),
+        clock,
+    )
+    bandwidth = TokenBucket(args.bwlimit) if args.bwlimit else None
+    return Store(client, bucket, region, direct, clock, bandwidth, put_options)

@@ -360,7 +360,7 @@ def test_listing_in_ranges_finds_every_key_once(s3, monkeypatch, remote):
     boundaries = backup.listing_boundaries(expected)
     assert boundaries == ["p/k02", "p/k05", "p/k08"]
 
-    listing = s3common.list_objects(s3, "ranges", "p/", boundaries, workers=2)
+    listing = s3common.Store(s3, "ranges").list("p/", boundaries, workers=2)
     listed = {obj.key: obj for obj in listing}
     assert sorted(listed) == sorted(key for key in remote if key.startswith("p/"))
     assert all(listed[key].size == len(key) for key in listed)
@@ -375,7 +375,7 @@ def test_listing_in_ranges_sends_no_more_requests_than_paging(s3, monkeypatch):
         s3.put_object(Bucket="ranges", Key=key, Body=b"")
     sent = count_listings(s3)
     boundaries = backup.listing_boundaries(expected)
-    list(s3common.list_objects(s3, "ranges", "p/", boundaries, workers=4))
+    list(s3common.Store(s3, "ranges").list("p/", boundaries, workers=4))
     # Four pages of three: each range is one page that ends on its boundary.
     assert len(sent) == 4
     assert sorted(query.get("start-after", "") for query in sent) == [
@@ -397,7 +397,7 @@ def test_listing_in_ranges_stops_where_the_prefix_ends(s3, monkeypatch):
     sent = count_listings(s3)
     boundaries = backup.listing_boundaries(f"p/k{n:02d}" for n in range(30))
     assert len(boundaries) == 9
-    listing = s3common.list_objects(s3, "ranges", "p/", boundaries, workers=2)
+    listing = s3common.Store(s3, "ranges").list("p/", boundaries, workers=2)
     assert [obj.key for obj in listing] == ["p/k00", "p/k01"]
     assert 1 <= len(sent) <= 2
 
@@ -453,7 +453,7 @@ def test_directory_buckets_are_listed_in_one_range(monkeypatch):
                 expected["ContinuationToken"] = f"after-{start - 3}"
             stubber.add_response("list_objects_v2", response, expected)
         boundaries = ["p/k02", "p/k05"]
-        listing = s3common.list_objects(client, bucket, "p/", boundaries, workers=4)
+        listing = s3common.Store(client, bucket).list("p/", boundaries, workers=4)
         listed = {obj.key: obj for obj in listing}
         stubber.assert_no_pending_responses()
     assert sorted(listed) == sorted(keys_there)
@@ -487,7 +487,7 @@ def test_a_server_listing_out_of_order_is_listed_whole_and_sorted(monkeypatch):
         page(0, None)  # the first range's first page: the server is known
         for start in range(0, len(keys_there), 2):
             page(start, f"after-{start - 2}" if start else None)
-        listing = s3common.list_objects(client, "sw", "p/", ["p/a.txt"], workers=1)
+        listing = s3common.Store(client, "sw").list("p/", ["p/a.txt"], workers=1)
         listed = [obj.key for obj in listing]
         stubber.assert_no_pending_responses()
     assert listed == sorted(keys_there)
@@ -509,5 +509,5 @@ def test_a_failed_range_stops_the_listing(monkeypatch):
         for _ in range(2):
             stubber.add_client_error("list_objects_v2", "NoSuchBucket", "stubbed", 404)
         with pytest.raises(botocore.exceptions.ClientError):
-            list(s3common.list_objects(client, "not-yet", "p/", boundaries, workers=2))
+            list(s3common.Store(client, "not-yet").list("p/", boundaries, workers=2))
     assert 1 <= len(sent) <= 2

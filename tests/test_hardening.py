@@ -22,14 +22,12 @@ from plans import steps_of
 import backup
 from backup import (
     BackupPlan,
-    FileChanged,
     Keep,
     LocalFile,
     ReadStart,
     StaleFolder,
     Upload,
     after_recheck,
-    before_complete_multipart,
     read_unchanged,
     read_whole,
 )
@@ -38,8 +36,10 @@ from s3common import (
     MAX_KEY_BYTES,
     CliError,
     ExitCode,
+    FileChanged,
     Filters,
     RemoteObject,
+    Store,
     UnsafeKey,
     crc32_header,
     endpoint_url_from,
@@ -192,28 +192,23 @@ def test_read_whole_refuses_a_file_replaced_while_read(tmp_path):
             read_whole(source, start)
 
 
-def test_a_failed_check_before_complete_multipart_leaves_no_object(s3):
+def test_a_failed_check_before_complete_multipart_leaves_no_object(s3, tmp_path):
     s3.create_bucket(Bucket="bkt")
+    path = tmp_path / "big"
+    path.write_bytes(b"x" * (9 * 1024 * 1024))
     seen = []
 
-    def check(key):
-        seen.append(key)
+    def check():
+        seen.append("checked")
         raise FileChanged()
 
-    before_complete_multipart(s3, check)
-    upload = s3.create_multipart_upload(Bucket="bkt", Key="k")
-    part = s3.upload_part(
-        Bucket="bkt", Key="k", UploadId=upload["UploadId"], PartNumber=1, Body=b"x"
-    )
+    store = Store(s3, "bkt")
     with pytest.raises(FileChanged):
-        s3.complete_multipart_upload(
-            Bucket="bkt",
-            Key="k",
-            UploadId=upload["UploadId"],
-            MultipartUpload={"Parts": [{"ETag": part["ETag"], "PartNumber": 1}]},
-        )
-    assert seen == ["k"]
+        store.upload_file(str(path), "k", 9 * 1024 * 1024, {}, lambda n: None, check)
+    store.close()
+    assert seen == ["checked"]
     assert "Contents" not in s3.list_objects_v2(Bucket="bkt")
+    assert "Uploads" not in s3.list_multipart_uploads(Bucket="bkt")
 
 
 def local(name, size=1, mtime_ns=SECOND):

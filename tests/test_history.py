@@ -27,17 +27,15 @@ from backup import (
     merge_lifecycle_rules,
 )
 from restore import (
-    ObjectVersion,
     add_time,
     by_key_newest_first,
     count_moments,
-    list_versions,
     objects_at,
     parse_when,
     spill_changes,
     spilled_changes,
 )
-from s3common import RemoteObject, format_when
+from s3common import ObjectVersion, RemoteObject, Store, format_when
 from s3common import restore_point as restore_point_of
 
 MiB = 1024 * 1024
@@ -340,7 +338,7 @@ def listed(key, version_id, seconds, size=None, latest=False):
     return item
 
 
-def test_list_versions_follows_both_markers_through_pages_of_markers_only(aws_env):
+def test_version_pages_follows_both_markers_through_pages_of_markers_only(aws_env):
     client = boto3.client("s3", region_name="us-east-1")
     base = {"Bucket": "bkt", "Prefix": "p/", "MaxKeys": 1000}
     pages = [
@@ -378,7 +376,9 @@ def test_list_versions_follows_both_markers_through_pages_of_markers_only(aws_en
     with Stubber(client) as stubber:
         for response, params in pages:
             stubber.add_response("list_object_versions", response, params)
-        versions = list(list_versions(client, "bkt", "p/"))
+        versions = [
+            v for page in Store(client, "bkt").version_pages("p/") for v in page
+        ]
         stubber.assert_no_pending_responses()
     assert [(v.key, v.version_id, v.size) for v in versions] == [
         ("p/a", "m1", None),
@@ -392,7 +392,7 @@ def test_list_versions_follows_both_markers_through_pages_of_markers_only(aws_en
     }
 
 
-def test_list_versions_of_one_key_stops_once_past_it(aws_env):
+def test_version_pages_of_one_key_stops_once_past_it(aws_env):
     client = boto3.client("s3", region_name="us-east-1")
     with Stubber(client) as stubber:
         stubber.add_response(
@@ -408,7 +408,11 @@ def test_list_versions_of_one_key_stops_once_past_it(aws_env):
             },
             {"Bucket": "bkt", "Prefix": "p", "MaxKeys": 1000},
         )
-        versions = list(list_versions(client, "bkt", "p", through="p"))
+        versions = [
+            v
+            for page in Store(client, "bkt").version_pages("p", through="p")
+            for v in page
+        ]
         stubber.assert_no_pending_responses()
     assert [v.key for v in versions] == ["p", "p.txt"]
 

@@ -26,7 +26,6 @@ from backup import DeleteKeys
 from s3common import (
     ByteBudget,
     Cancelled,
-    TransferEngine,
     limit_malloc_arenas,
     run_collecting_failures,
 )
@@ -155,9 +154,7 @@ def test_a_failed_item_keeps_no_local_variable_of_its_work():
         except ConnectionError:
             raise OSError(f"item {item} failed") from None
 
-    failures, skipped = run_collecting_failures(
-        range(3), work, TransferEngine(None, open), workers=2
-    )
+    failures, skipped = run_collecting_failures(range(3), work, workers=2)
     assert sorted(str(failure.error) for failure in failures) == [
         "item 0 failed",
         "item 1 failed",

@@ -33,7 +33,6 @@ from s3common import (
     Failure,
     Filters,
     RemoteObject,
-    TransferEngine,
     map_failing_fast,
     run_collecting_failures,
 )
@@ -289,9 +288,8 @@ def test_run_collecting_failures_goes_on_after_an_item_and_stops_on_the_plan():
             done.append(item)
         return item != "skip"
 
-    engine = TransferEngine(client=None, open_file=open)
     failures, skipped = run_collecting_failures(
-        ["a", "bad", "skip", "b"], work, engine, workers=2
+        ["a", "bad", "skip", "b"], work, workers=2
     )
     assert sorted(done) == ["a", "b", "skip"]
     assert [(f.item, str(f.error)) for f in failures] == [("bad", "unreadable")]
@@ -302,7 +300,7 @@ def test_run_collecting_failures_goes_on_after_an_item_and_stops_on_the_plan():
         raise OutOfOrder("a", "b")
 
     with pytest.raises(OutOfOrder):
-        run_collecting_failures(plan(), work, engine, workers=2)
+        run_collecting_failures(plan(), work, workers=2)
 
 
 # --- Against a server: its order is the walk's ------------------------------------

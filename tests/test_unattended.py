@@ -131,15 +131,15 @@ def test_idle_bucket_lets_at_most_its_burst_through():
     assert bucket.book(1000) == pytest.approx(1.0)
 
 
-def test_take_waits_the_booked_time_and_stops_when_cancelled():
+def test_pace_waits_the_booked_time_and_stops_when_cancelled():
     clock = Clock()
     bucket = TokenBucket(2000, clock)
     running = Waits()
-    bucket.take(1000, running)
-    bucket.take(1000, running)
+    bucket.pace(1000, running)
+    bucket.pace(1000, running)
     assert running.timeouts == [pytest.approx(0.5), pytest.approx(1.0)]
     with pytest.raises(Cancelled):
-        bucket.take(1000, Waits(is_set=True))
+        bucket.pace(1000, Waits(is_set=True))
 
 
 def test_bucket_is_shared_safely_by_threads():
@@ -164,12 +164,12 @@ def test_bucket_is_shared_safely_by_threads():
 
 def test_no_bucket_on_the_transfer_paths_without_bwlimit(s3):
     parser = backup.build_parser()
-    assert connect(parser.parse_args(["src", "b::p"]), 4).bandwidth is None
+    assert connect(parser.parse_args(["src", "b::p"]), "b", 4).bandwidth is None
     assert (
-        connect(parser.parse_args(["src", "b::p", "--bwlimit", "0"]), 4).bandwidth
+        connect(parser.parse_args(["src", "b::p", "--bwlimit", "0"]), "b", 4).bandwidth
         is None
     )
-    limited = connect(parser.parse_args(["src", "b::p", "--bwlimit", "2M"]), 4)
+    limited = connect(parser.parse_args(["src", "b::p", "--bwlimit", "2M"]), "b", 4)
     assert limited.bandwidth.rate == 2 * MiB
 
 

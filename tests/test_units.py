@@ -14,7 +14,7 @@ from plans import plan_of
 
 import backup
 from backup import LocalFile, upload_args, upload_reason
-from restore import body_reader, part_ranges, plan_restore, write_all
+from restore import plan_restore
 from s3common import (
     CliError,
     ExitCode,
@@ -24,6 +24,7 @@ from s3common import (
     RemoteObject,
     Summary,
     UnsafeKey,
+    body_reader,
     bucket_name_problem,
     describe_error,
     format_mtime,
@@ -33,10 +34,12 @@ from s3common import (
     parse_mode,
     parse_mtime,
     parse_timestamp,
+    part_ranges,
     path_for_key,
     range_problem,
     read_range,
     relative_key,
+    write_all,
 )
 
 
@@ -219,11 +222,10 @@ def test_plan_backup_filters_local_files():
 
 def test_upload_args_record_mtime_mode_and_type():
     file = LocalFile("/src/photo.JPG", 1, 1_700_000_000_123_456_789, 0o100640)
-    args = upload_args(file, {"StorageClass": "STANDARD_IA"})
+    args = upload_args(file)
     assert args == {
         "Metadata": {"mtime": "1700000000.123456789", "mode": "100640"},
         "ContentType": "image/jpeg",
-        "StorageClass": "STANDARD_IA",
     }
 
 

@@ -23,6 +23,7 @@ from s3common import (
     Contents,
     Filters,
     RemoteObject,
+    Store,
     Summary,
     compare_contents,
     md5_of_etag,
@@ -317,7 +318,7 @@ def test_sse_kms_objects_get_md5chksum_and_are_checked_by_it(s3, src, capsys):
     # that is not the file's MD5 sends one HEAD, which says KMS and gives md5chksum.
     listed = RemoteObject("p/a.txt", 5, 0.0, etag=OTHER_MD5)
     candidates = {"p/a.txt": (str(src / "a.txt"), listed)}
-    contents = compare_contents(s3, "vbk4", candidates, workers=2)
+    contents = compare_contents(Store(s3, "vbk4"), candidates, workers=2)
     assert contents.local == contents.remote == {"p/a.txt": HELLO_MD5}
 
 
@@ -330,7 +331,7 @@ def test_compare_contents_a_plain_etag_that_differs_is_the_md5(s3, src):
         "p/gone": (str(src / "sub" / "b.txt"), RemoteObject("p/gone", 5, 0.0)),
         "p/sub/unreadable": (str(src / "nothing here"), listed),
     }
-    contents = compare_contents(s3, "vbk5", candidates, workers=3)
+    contents = compare_contents(Store(s3, "vbk5"), candidates, workers=3)
     assert contents.local["p/a.txt"] == hashlib.md5(b"HELLO").hexdigest()
     assert contents.remote == {"p/a.txt": HELLO_MD5, "p/gone": None}
     assert [f.item for f in contents.failures] == ["p/sub/unreadable"]
@@ -346,13 +347,13 @@ def test_compare_contents_an_sse_c_object_has_no_md5_and_a_denied_head_stops(
     client = client_for(proxy.url)
     # S3 answers a HEAD of an SSE-C object without its key with a bare 400.
     proxy.errors["HeadObject"] = ("400", 400)
-    contents = compare_contents(client, "vbk13", candidates, workers=1)
+    contents = compare_contents(Store(client, "vbk13"), candidates, workers=1)
     assert contents.remote == {"p/a.txt": None}
     proxy.errors["HeadObject"] = ("403", 403)
     with pytest.raises(
         CliError, match="cannot read the metadata of s3://vbk13/p/a.txt"
     ):
-        compare_contents(client, "vbk13", candidates, workers=1)
+        compare_contents(Store(client, "vbk13"), candidates, workers=1)
 
 
 def test_multipart_object_without_md5chksum_counts_as_changed(s3, src, capsys):
