@@ -412,15 +412,12 @@ def plan_backup(
     order (S3's: UTF-8 bytes, a folder sorting as its name plus "/"); the steps
     come in that order, one key at a time, so neither side is ever held whole.
 
-    Files outside the filters, and objects outside them or ending in "/"
-    (folder markers), are left alone. By content, files of their object's size
-    are to be compared (Compare). A single file's listing holds the keys that
-    start with its own: only its own counts. --delete's deletes come once a file
-    to back up has been seen, and EmptySource ends a plan that has none (unless
-    not `refuse_empty`: --check, whose deletes are the objects in excess).
-    Without --delete, a file standing where the backup holds a folder is a
-    StaleFolder once the keys have passed that folder.
-    """
+    Files outside the filters, and objects outside them or ending in "/" (folder
+    markers), are left alone; by content, files of their object's size are to be
+    compared (Compare); a single file's listing counts only its own key.
+    --delete's deletes come once a file to back up has been seen, and EmptySource
+    ends a plan that has none (unless not `refuse_empty`: --check). Without
+    --delete, a file where the backup holds a folder is a StaleFolder."""
     # --delete's deletes, held until a file to back up has been seen.
     held: Optional[list[Delete]] = [] if delete and refuse_empty else None
     # Files whose key plus "/" may still begin a coming key, each a prefix of the next.
@@ -440,9 +437,8 @@ def plan_backup(
         ):
             yield from stale_step(*folders.pop())
         if file is None:
-            if single_file or key.endswith("/"):
-                continue
-            if not filters.includes(relative_key(prefix, key)):
+            others = single_file or key.endswith("/")  # another file's, a marker
+            if others or not filters.includes(relative_key(prefix, key)):
                 continue
             if held is not None:
                 held.append(Delete(key))
@@ -455,18 +451,23 @@ def plan_backup(
             folders.append([key, file, 0])
         if not filters.includes(relative_key(prefix, key)):
             continue
-        if held:
-            yield from held
+        yield from held or ()
         held = None
-        if by_content and obj is not None and obj.size == file.size:
-            yield Compare(key, file, obj)
-            continue
-        reason = upload_reason(file, obj)
-        yield Upload(key, file, reason) if reason else Keep(key)
+        yield file_step(key, file, obj, by_content)
     while folders:
         yield from stale_step(*folders.pop())
     if held is not None:
         raise EmptySource()
+
+
+def file_step(
+    key: str, file: LocalFile, obj: Optional[RemoteObject], by_content: bool
+) -> Step:
+    """The step of a file: Upload, Keep, or (by content, an object of its size) Compare."""
+    if by_content and obj is not None and obj.size == file.size:
+        return Compare(key, file, obj)
+    reason = upload_reason(file, obj)
+    return Upload(key, file, reason) if reason else Keep(key)
 
 
 def stale_step(key: str, file: LocalFile, objects: int) -> Iterator[StaleFolder]:
@@ -1506,6 +1507,13 @@ def build_parser() -> ArgumentParser:
         action="store_false",
         help="skip symbolic links instead of following them (e.g. --no-follow-symlinks)",
     )
+    add_history_options(parser)
+    add_upload_options(parser)
+    return parser
+
+
+def add_history_options(parser: ArgumentParser) -> None:
+    """--keep-days, --no-versioning, --lock-days and --lock-mode."""
     parser.add_argument(
         "--keep-days",
         type=positive_int,
@@ -1536,6 +1544,10 @@ def build_parser() -> ArgumentParser:
         "s3:BypassGovernanceRetention) or compliance (lifted by no one, the root "
         "account included) (e.g. --lock-mode compliance)",
     )
+
+
+def add_upload_options(parser: ArgumentParser) -> None:
+    """The options of every upload: storage class and encryption."""
     parser.add_argument(
         "--storage-class",
         choices=STORAGE_CLASSES,
@@ -1552,7 +1564,6 @@ def build_parser() -> ArgumentParser:
         metavar="ID",
         help="the KMS key for --sse aws:kms (e.g. --sse aws:kms --sse-kms-key-id alias/backup)",
     )
-    return parser
 
 
 def put_options_from(args) -> dict:
@@ -1616,23 +1627,7 @@ def run(args, console: Console) -> int:
     scan = Scan(console)
     locks = LockRun(job.policy, job.filters, args.workers) if job.policy else None
     found, files, listing = gather(args, job, store, scan, locks)
-    exists = found.result().exists
-    if not exists and args.check:
-        raise CliError(
-            f"the bucket {store.bucket} does not exist: nothing is backed up at "
-            f"{job.location.url()}"
-        )
-    steps = plan_backup(
-        files,
-        listing if exists else (),
-        job.location.prefix,
-        job.filters,
-        delete=args.delete or args.check,
-        by_content=args.checksum or args.check,
-        single_file=not job.is_folder,
-        refuse_empty=not args.check,
-    )
-    steps = refused_or_started(steps, args.local)
+    steps = plan_job(args, job, files, listing, found.result().exists)
     if not args.check:
         prepare_bucket(args, job, store, found.result(), locks, console)
     unread: list[Failure[Compare]] = []
@@ -1647,6 +1642,33 @@ def run(args, console: Console) -> int:
     else:
         outcome = execute_backup(steps, store, job.location, args, console, scan, locks)
     return report_backup(args, outcome, scan, store, job.location, locks, started)
+
+
+def plan_job(
+    args,
+    job: Job,
+    files: Iterator[tuple[str, LocalFile]],
+    listing: Iterator[RemoteObject],
+    exists: bool,
+) -> Iterator[Step]:
+    """The plan, its first step drawn (refused_or_started); --check of a missing
+    bucket is an error."""
+    if not exists and args.check:
+        raise CliError(
+            f"the bucket {job.location.bucket} does not exist: nothing is backed up "
+            f"at {job.location.url()}"
+        )
+    steps = plan_backup(
+        files,
+        listing if exists else (),
+        job.location.prefix,
+        job.filters,
+        delete=args.delete or args.check,
+        by_content=args.checksum or args.check,
+        single_file=not job.is_folder,
+        refuse_empty=not args.check,
+    )
+    return refused_or_started(steps, args.local)
 
 
 def prepare_bucket(

@@ -200,67 +200,46 @@ def describe_error(exc: BaseException) -> tuple[str, ExitCode]:
     """One actionable line and the exit code for an exception."""
     if isinstance(exc, CliError):
         return str(exc), exc.code
-    if isinstance(
-        exc,
-        (
-            botocore.exceptions.NoCredentialsError,
-            botocore.exceptions.PartialCredentialsError,
-        ),
-    ):
-        return (
-            (
-                "no AWS credentials found: run 'aws configure', set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY, or pick a profile with --profile"
-            ),
-            ExitCode.FAILURE,
-        )
-    if isinstance(exc, botocore.exceptions.ProfileNotFound):
-        return (
-            (
-                f"profile {exc.kwargs.get('profile')!r} is not in ~/.aws/config or "
-                "~/.aws/credentials: check --profile or AWS_PROFILE"
-            ),
-            ExitCode.FAILURE,
-        )
-    if isinstance(exc, botocore.exceptions.ClientError):
-        code = client_error_code(exc)
-        line = _CLIENT_ERROR_LINES.get(code)
-        if line is None:
-            message = exc.response.get("Error", {}).get("Message")
-            if not message:  # Ceph RGW leaves out most messages
-                status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-                message = f"the server answered HTTP {status} and gave no reason"
-            line = f"{code}: {message}"
-        return line, ExitCode.FAILURE
-    if isinstance(exc, botocore.exceptions.EndpointConnectionError):
-        return (
-            f"could not connect to {exc.kwargs.get('endpoint_url')}: check the network or --endpoint-url",
-            ExitCode.FAILURE,
-        )
-    if isinstance(
-        exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)
-    ):
-        return (
-            f"the connection kept failing after every retry ({exc}): run again later",
-            ExitCode.FAILURE,
-        )
     if isinstance(exc, botocore.exceptions.InvalidRegionError):
         return f"{exc}: check --region (e.g. eu-west-1)", ExitCode.USAGE
-    if isinstance(exc, botocore.exceptions.BotoCoreError):
-        return str(exc), ExitCode.FAILURE
-    if isinstance(exc, UnicodeError):
+    return failure_reason(exc), ExitCode.FAILURE
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The line of describe_error for a failure at run time (exit 1)."""
+    errors = botocore.exceptions
+    if isinstance(exc, (errors.NoCredentialsError, errors.PartialCredentialsError)):
         return (
-            "the name is not valid UTF-8, so it cannot be an S3 key: rename it",
-            ExitCode.FAILURE,
+            "no AWS credentials found: run 'aws configure', set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY, or pick a profile with --profile"
         )
+    if isinstance(exc, errors.ProfileNotFound):
+        return (
+            f"profile {exc.kwargs.get('profile')!r} is not in ~/.aws/config or "
+            "~/.aws/credentials: check --profile or AWS_PROFILE"
+        )
+    if isinstance(exc, errors.ClientError):
+        code = client_error_code(exc)
+        if code in _CLIENT_ERROR_LINES:
+            return _CLIENT_ERROR_LINES[code]
+        message = exc.response.get("Error", {}).get("Message")
+        if not message:  # Ceph RGW leaves out most messages
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            message = f"the server answered HTTP {status} and gave no reason"
+        return f"{code}: {message}"
+    if isinstance(exc, errors.EndpointConnectionError):
+        url = exc.kwargs.get("endpoint_url")
+        return f"could not connect to {url}: check the network or --endpoint-url"
+    if isinstance(exc, (errors.ConnectionError, errors.HTTPClientError)):
+        return f"the connection kept failing after every retry ({exc}): run again later"
+    if isinstance(exc, errors.BotoCoreError):
+        return str(exc)
+    if isinstance(exc, UnicodeError):
+        return "the name is not valid UTF-8, so it cannot be an S3 key: rename it"
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc) or type(exc).__name__
-        where = f": {printable(exc.filename)}" if exc.filename else ""
-        return f"{reason}{where}", ExitCode.FAILURE
-    return (
-        f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)",
-        ExitCode.FAILURE,
-    )
+        return reason + (f": {printable(exc.filename)}" if exc.filename else "")
+    return f"unexpected {type(exc).__name__}: {exc} (run with --debug for details)"
 
 
 def runtime_error(context: str, error: BaseException) -> CliError:
@@ -378,7 +357,7 @@ def parse_rate(text: str) -> int:
 # Every option's help says what it does and shows it in use (tests/test_unattended.py
 # checks for the "e.g."), as `rclone copy --help` does.
 def add_shared_options(parser: argparse.ArgumentParser) -> None:
-    """The options both scripts take."""
+    """The options both scripts take: where S3 is, then add_run_options."""
     parser.add_argument(
         "--profile",
         metavar="NAME",
@@ -403,6 +382,11 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
         help=f"files transferred at once, default {DEFAULT_WORKERS} "
         "(e.g. --workers 128 for a bucket far away, --workers 16 for one nearby)",
     )
+    add_run_options(parser)
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The shared options of what a run takes and how it reports."""
     parser.add_argument(
         "--exclude",
         dest="filters",
@@ -1054,12 +1038,10 @@ def map_failing_fast(
 ) -> Iterator[R]:
     """function(item) for each item on up to `workers` threads, started at once and
     at most `ahead` (default 2 × workers) items beyond the result awaited; the
-    results in the items' order.
-
-    On failure: no further item starts, and the exception is raised in place of
-    its result. On Ctrl-C the caller stops waiting at once: the threads are
-    daemons, left to end with the process (for reads only: listings, HEADs, hashes).
-    """
+    results in the items' order. On failure no further item starts, and the
+    exception is raised in place of its result. On Ctrl-C the caller stops waiting
+    at once: the threads are daemons, left to end with the process (for reads
+    only: listings, HEADs, hashes)."""
     ahead = ahead or 2 * workers
     source = iter(items)
     jobs: queue.SimpleQueue = queue.SimpleQueue()
@@ -1107,13 +1089,9 @@ def map_failing_fast(
             if not failures:
                 submit()
 
-    def stop_threads() -> None:
-        for _ in range(threads):
-            jobs.put(None)
-
     given = results()
     # The threads end with the results, read to the end or dropped unread.
-    weakref.finalize(given, stop_threads)
+    weakref.finalize(given, lambda: [jobs.put(None) for _ in range(threads)])
     return given
 
 
@@ -1143,9 +1121,8 @@ def run_collecting_failures(
     """Call work(item, cancel) for every item on up to `workers` threads, the
     items drawn in this thread up to `ahead` (at least `workers`) before a
     thread takes them: the first item starts once `ahead` items are drawn, or
-    all of them.
-
-    Returns the failures and the items work() skipped (by returning False).
+    all of them. Returns the failures and the items work() skipped (by
+    returning False).
 
     On failure of one item, it is collected and the rest go on (as
     shutil.copytree does). On Ctrl-C, or a failure to draw the items (the
@@ -1157,49 +1134,24 @@ def run_collecting_failures(
     skipped: list[T] = []
     cancel = store.cancelled if store else threading.Event()
     jobs: queue.Queue = queue.Queue(maxsize=max(ahead, workers))
-    # The main thread waits on the count of threads alive, never in
-    # Thread.join: a join that Ctrl-C interrupts marks its thread as ended while
-    # it still runs (CPython gh-90882, Python 3.12 and older).
-    changed = threading.Condition()
-    started = alive = 0
 
-    def worker():
-        nonlocal alive
+    def run_one(item: T) -> None:
         try:
-            while (item := jobs.get()) is not _END and not cancel.is_set():
-                try:
-                    if work(item, cancel) is False:
-                        skipped.append(item)
-                # One file's failure, whatever it is, must not stop the others.
-                except Exception as exc:  # noqa: BLE001
-                    failures.append(Failure(item, without_locals(exc)))
-        finally:
-            with changed:
-                alive -= 1
-                changed.notify_all()
+            if work(item, cancel) is False:
+                skipped.append(item)
+        # One file's failure, whatever it is, must not stop the others.
+        except Exception as exc:  # noqa: BLE001
+            failures.append(Failure(item, without_locals(exc)))
 
-    def start_threads(count: int) -> None:
-        nonlocal started, alive
-        for _ in range(count):
-            with changed:
-                started += 1
-                alive += 1
-            threading.Thread(target=worker, daemon=True).start()
-
-    def stop_threads() -> None:
-        for _ in range(started):
-            jobs.put(_END)
-        with changed:
-            changed.wait_for(lambda: alive == 0)
-
+    threads = QueueThreads(jobs, run_one, cancel)
     try:
         for item in items:
-            if not started and jobs.full():
-                start_threads(workers)
+            if not threads.started and jobs.full():
+                threads.start(workers)
             jobs.put(item)
-        if not started:
-            start_threads(min(workers, jobs.qsize()))
-        stop_threads()
+        if not threads.started:
+            threads.start(min(workers, jobs.qsize()))
+        threads.stop()
     except BaseException:
         cancel.set()
         if store is not None:
@@ -1207,9 +1159,44 @@ def run_collecting_failures(
         # Threads waiting for an item find none but the end.
         while not jobs.empty():
             jobs.get_nowait()
-        stop_threads()
+        threads.stop()
         raise
     return failures, skipped
+
+
+class QueueThreads:
+    """Daemon threads that run_one(item) for each item of a queue until they meet
+    its end (or `cancel` is set), counted while alive. The main thread waits on
+    that count, never in Thread.join: a join that Ctrl-C interrupts marks its
+    thread as ended while it still runs (CPython gh-90882, Python 3.12 and older)."""
+
+    def __init__(self, jobs: queue.Queue, run_one: Callable, cancel: threading.Event):
+        self._jobs, self._run_one, self._cancel = jobs, run_one, cancel
+        self._changed = threading.Condition()
+        self.started = self._alive = 0
+
+    def _work(self) -> None:
+        try:
+            while (item := self._jobs.get()) is not _END and not self._cancel.is_set():
+                self._run_one(item)
+        finally:
+            with self._changed:
+                self._alive -= 1
+                self._changed.notify_all()
+
+    def start(self, count: int) -> None:
+        with self._changed:
+            self.started += count
+            self._alive += count
+        for _ in range(count):
+            threading.Thread(target=self._work, daemon=True).start()
+
+    def stop(self) -> None:
+        """Let each thread meet the end, and wait until none is alive."""
+        for _ in range(self.started):
+            self._jobs.put(_END)
+        with self._changed:
+            self._changed.wait_for(lambda: self._alive == 0)
 
 
 class PartWorkers:
@@ -2919,6 +2906,23 @@ class Store:
         return head.get("ObjectLockMode"), (until.timestamp() if until else None)
 
 
+def client_config(pool_size: int, attempts: int, endpoint_url: str | None) -> Config:
+    """The botocore client's configuration."""
+    return Config(
+        max_pool_connections=pool_size,
+        retries={"mode": "standard", "total_max_attempts": attempts},
+        # Local and S3-compatible servers rarely resolve bucket sub-domains.
+        s3={"addressing_style": "path"} if endpoint_url else None,
+        # botocore 1.36+ sends every streamed upload over https as aws-chunked
+        # with a trailing CRC32, which Ceph RGW before 18 refuses
+        # (XAmzContentSHA256Mismatch) and other S3-compatible servers may too.
+        # Over http botocore signs the payload's SHA-256 instead, over https TLS
+        # guards it, and small files carry a CRC32 header of our own (Store.put).
+        request_checksum_calculation="when_required" if endpoint_url else None,
+        user_agent_extra="s3backup",
+    )
+
+
 def connect(
     args: argparse.Namespace,
     bucket: str,
@@ -2942,20 +2946,7 @@ def connect(
         check_endpoint_reachable(endpoint_url)
     # A user's AWS_MAX_ATTEMPTS (or max_attempts in ~/.aws/config) wins.
     attempts = core.get_config_variable("max_attempts") or RETRY_ATTEMPTS
-    config = Config(
-        max_pool_connections=pool_size,
-        retries={"mode": "standard", "total_max_attempts": attempts},
-        # Local and S3-compatible servers rarely resolve bucket sub-domains.
-        s3={"addressing_style": "path"} if endpoint_url else None,
-        # botocore 1.36+ sends every streamed upload over https as aws-chunked
-        # with a trailing CRC32, which Ceph RGW before 18 refuses
-        # (XAmzContentSHA256Mismatch) and other S3-compatible servers may too.
-        # Over http botocore signs the payload's SHA-256 instead, over https TLS
-        # guards it, and small files carry a CRC32 header of our own (Store.put).
-        request_checksum_calculation="when_required" if endpoint_url else None,
-        user_agent_extra="s3backup",
-    )
-
+    config = client_config(pool_size, attempts, endpoint_url)
     clock = ServerClock()
 
     def make_client(client_config: Config):
