@@ -45,11 +45,9 @@ from typing import BinaryIO, Optional, TextIO, TypeVar, Union
 import botocore.exceptions
 
 from s3common import (
-    DELETE_BATCH,
     LIST_PAGE,
     MD5_METADATA,
     MULTIPART_THRESHOLD,
-    PART_WORKERS,
     READ_ATTEMPTS,
     TEMPORARY_NAME,
     ArgumentParser,
@@ -85,7 +83,6 @@ from s3common import (
     key_for,
     key_length_problem,
     key_problem,
-    limit_malloc_arenas,
     lock_state_key,
     map_failing_fast,
     md5chksum,
@@ -1242,21 +1239,14 @@ def delete_objects(
 ) -> None:
     """Delete the outcome's deletes in batches; counted into it (and their keys
     into `deleted`), failures key by key."""
-    keys, failures = iter(outcome.deletes), outcome.delete_failures
-    while batch := list(itertools.islice(keys, DELETE_BATCH)):
-        try:
-            failed = store.delete(batch)
-        except botocore.exceptions.ClientError as exc:
-            failures.extend(Failure(key, exc) for key in batch)
+    for key, error in store.delete(outcome.deletes):
+        if error is not None:
+            outcome.delete_failures.append(Failure(key, error))
             continue
-        for key in batch:
-            if key in failed:
-                failures.append(Failure(key, CliError(failed[key])))
-                continue
-            outcome.deleted += 1
-            if deleted is not None:
-                deleted.add(key)
-            console.detail(f"delete: {printable(f's3://{store.bucket}/{key}')}")
+        outcome.deleted += 1
+        if deleted is not None:
+            deleted.add(key)
+        console.detail(f"delete: {printable(f's3://{store.bucket}/{key}')}")
 
 
 def warn_if_unversioned(store: Store, console: Console) -> None:
@@ -1620,10 +1610,7 @@ def run(args, console: Console) -> int:
     compare, with --check) -> report."""
     started = time.monotonic()
     job = Job.of(args)
-    limit_malloc_arenas()  # before any thread allocates
-    store = connect(
-        args, job.location.bucket, args.workers + PART_WORKERS, job.put_options
-    )
+    store = connect(args, job.location.bucket, job.put_options)
     scan = Scan(console)
     locks = LockRun(job.policy, job.filters, args.workers) if job.policy else None
     found, files, listing = gather(args, job, store, scan, locks)

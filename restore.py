@@ -50,7 +50,6 @@ import botocore.exceptions
 from s3common import (
     ARCHIVE_STORAGE_CLASSES,
     CASE_PROBE,
-    DOWNLOAD_PART_WORKERS,
     FOLDER_FLAGS,
     MULTIPART_THRESHOLD,
     TEMPORARY_FILE,
@@ -83,7 +82,6 @@ from s3common import (
     is_long,
     is_within,
     key_error,
-    limit_malloc_arenas,
     open_folder,
     parse_location,
     parse_mode,
@@ -579,7 +577,7 @@ def show_history(args, console: Console) -> int:
     check_history_arguments(args)
     location = parse_location(args.location)
     filters = Filters(args.filters)
-    store = connect(args, location.bucket, pool_size=1)
+    store = connect(args, location.bucket)
     try:
         moments, listed = prefix_moments(store, location, filters)
         versions = (
@@ -1140,8 +1138,7 @@ def run(args, console: Console) -> int:
     location = parse_location(args.location)
     filters = Filters(args.filters)
     local = checked_local(args)
-    limit_malloc_arenas()  # before any thread allocates
-    store = connect(args, location.bucket, args.workers + DOWNLOAD_PART_WORKERS)
+    store = connect(args, location.bucket)
     when = None if args.at is None else args.at.timestamp()
 
     objects, base_prefix = objects_to_restore(store, location, when)

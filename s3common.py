@@ -37,6 +37,7 @@ import hmac
 import http.client
 import io
 import ipaddress
+import itertools
 import json
 import math
 import os
@@ -2869,18 +2870,27 @@ class Store:
                 self._manager = create_transfer_manager(self.client)
             return self._manager
 
-    def delete(self, keys: Sequence[str]) -> dict[str, str]:
-        """DeleteObjects of at most DELETE_BATCH keys: the keys that failed, with
-        why. No VersionId: on a versioned bucket each delete places a delete
-        marker, which Object Lock allows."""
-        response = self.client.delete_objects(
-            Bucket=self.bucket,
-            Delete={"Objects": [{"Key": key} for key in keys], "Quiet": True},
-        )
-        return {
-            error["Key"]: f"{error.get('Code')}: {error.get('Message')}"
-            for error in response.get("Errors", [])
-        }
+    def delete(self, keys: Iterable[str]) -> Iterator[tuple[str, Exception | None]]:
+        """DeleteObjects of the keys, DELETE_BATCH at a time: each key, and why it
+        could not be deleted (None: deleted). No VersionId: on a versioned bucket
+        each delete places a delete marker, which Object Lock allows."""
+        keys = iter(keys)
+        while batch := list(itertools.islice(keys, DELETE_BATCH)):
+            try:
+                response = self.client.delete_objects(
+                    Bucket=self.bucket,
+                    Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
+                )
+            except botocore.exceptions.ClientError as exc:
+                yield from ((key, exc) for key in batch)
+                continue
+            failed = {error["Key"]: error for error in response.get("Errors", [])}
+            for key in batch:
+                error = failed.get(key)
+                if error is None:
+                    yield key, None
+                else:
+                    yield key, CliError(f"{error.get('Code')}: {error.get('Message')}")
 
     def abort_upload(self, key: str, upload_id: str) -> None:
         self.client.abort_multipart_upload(
@@ -2924,13 +2934,14 @@ def client_config(pool_size: int, attempts: int, endpoint_url: str | None) -> Co
 
 
 def connect(
-    args: argparse.Namespace,
-    bucket: str,
-    pool_size: int,
-    put_options: dict | None = None,
+    args: argparse.Namespace, bucket: str, put_options: dict | None = None
 ) -> Store:
     """The run's Store for `bucket`: one S3 client, after checking there are
-    credentials to sign with, and the options of every upload."""
+    credentials to sign with, and the options of every upload. Called before the
+    run starts any thread: glibc's malloc is told to share one arena first."""
+    limit_malloc_arenas()
+    # A connection for each worker, and for each part in flight.
+    pool_size = args.workers + max(PART_WORKERS, DOWNLOAD_PART_WORKERS)
     core = botocore.session.Session(profile=args.profile)
     # dateutil's parsing of LastModified was much of a no-change backup's CPU
     # (bench/RESULTS.md, measured choices).

@@ -164,12 +164,12 @@ def test_bucket_is_shared_safely_by_threads():
 
 def test_no_bucket_on_the_transfer_paths_without_bwlimit(s3):
     parser = backup.build_parser()
-    assert connect(parser.parse_args(["src", "b::p"]), "b", 4).bandwidth is None
+    assert connect(parser.parse_args(["src", "b::p"]), "b").bandwidth is None
     assert (
-        connect(parser.parse_args(["src", "b::p", "--bwlimit", "0"]), "b", 4).bandwidth
+        connect(parser.parse_args(["src", "b::p", "--bwlimit", "0"]), "b").bandwidth
         is None
     )
-    limited = connect(parser.parse_args(["src", "b::p", "--bwlimit", "2M"]), "b", 4)
+    limited = connect(parser.parse_args(["src", "b::p", "--bwlimit", "2M"]), "b")
     assert limited.bandwidth.rate == 2 * MiB
 
 
