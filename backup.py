@@ -600,13 +600,6 @@ def read_unchanged(
     )
 
 
-def needs_md5chksum(size: int, extra: dict) -> bool:
-    """Whether the object's ETag will not be its MD5: a multipart upload, or SSE-KMS."""
-    return size >= MULTIPART_THRESHOLD or extra.get(
-        "ServerSideEncryption", ""
-    ).startswith("aws:kms")
-
-
 def upload_args(file: LocalFile, md5: Optional[str] = None) -> dict:
     """Metadata (mtime and mode as rclone writes them, and md5chksum when given)
     and Content-Type."""
@@ -1162,7 +1155,7 @@ class Uploader:
         """One PutObject of the bytes read; md5chksum, when the object needs it, is
         of those bytes."""
         md5 = None
-        if needs_md5chksum(file.size, self.store.put_options):
+        if not self.store.etag_is_md5(file.size):
             md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
         self.store.put(key, data, upload_args(file, md5))
 
@@ -1560,6 +1553,11 @@ def put_options_from(args) -> dict:
     """The options of every upload: --storage-class, --sse, --sse-kms-key-id."""
     if args.sse_kms_key_id and args.sse != "aws:kms":
         raise usage_error("--sse-kms-key-id goes with --sse aws:kms")
+    if args.sse and args.sse_c_key_file:
+        raise usage_error(
+            "--sse-c-key-file does not go with --sse: encrypt with your own key or "
+            "with one the server holds, not both"
+        )
     options = {}
     if args.storage_class:
         options["StorageClass"] = args.storage_class
@@ -1610,7 +1608,7 @@ def run(args, console: Console) -> int:
     compare, with --check) -> report."""
     started = time.monotonic()
     job = Job.of(args)
-    store = connect(args, job.location.bucket, job.put_options)
+    store = connect(args, job.location.bucket, console, job.put_options)
     scan = Scan(console)
     locks = LockRun(job.policy, job.filters, args.workers) if job.policy else None
     found, files, listing = gather(args, job, store, scan, locks)
@@ -1676,6 +1674,26 @@ def prepare_bucket(
     if locks:
         locks.policy = set_up_lock(args, store, found.exists, job.policy, console)
         store.lock = locks.policy
+    if store.key and not args.dry_run and store.customer_keys_blocked():
+        raise CliError(blocked_customer_keys(store.bucket))
+
+
+def blocked_customer_keys(bucket: str) -> str:
+    """The line for a bucket that refuses uploads with a customer key, and how to allow them."""
+    allowed = {
+        "Rules": [
+            {
+                "ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"},
+                "BlockedEncryptionTypes": {"EncryptionType": ["NONE"]},
+            }
+        ]
+    }
+    return (
+        f"s3://{bucket} refuses uploads encrypted with a customer key (SSE-C; AWS "
+        "blocks them in new buckets since April 2026): allow them with aws s3api "
+        f"put-bucket-encryption --bucket {bucket} "
+        f"--server-side-encryption-configuration '{json.dumps(allowed)}'"
+    )
 
 
 def report_backup(

@@ -577,7 +577,7 @@ def show_history(args, console: Console) -> int:
     check_history_arguments(args)
     location = parse_location(args.location)
     filters = Filters(args.filters)
-    store = connect(args, location.bucket)
+    store = connect(args, location.bucket, console)
     try:
         moments, listed = prefix_moments(store, location, filters)
         versions = (
@@ -1138,7 +1138,7 @@ def run(args, console: Console) -> int:
     location = parse_location(args.location)
     filters = Filters(args.filters)
     local = checked_local(args)
-    store = connect(args, location.bucket)
+    store = connect(args, location.bucket, console)
     when = None if args.at is None else args.at.timestamp()
 
     objects, base_prefix = objects_to_restore(store, location, when)

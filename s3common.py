@@ -105,6 +105,7 @@ ARCHIVE_STORAGE_CLASSES = ("GLACIER", "DEEP_ARCHIVE")
 # A file seen changing while it is read for its upload is read this many times in all.
 READ_ATTEMPTS = 3
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
+CUSTOMER_KEY_BYTES = 32  # SSE-C's AES-256
 # botocore retries a GET until its answer starts, not while the body comes:
 # a part whose body breaks off is asked for again, as often as s3transfer does.
 BODY_ATTEMPTS = 5
@@ -149,6 +150,21 @@ class FileChanged(CliError):
             f"it changed during the backup, {READ_ATTEMPTS} times in a row: "
             "not backed up as it is now; run again when nothing writes to it"
         )
+
+
+class CustomerKeyError(CliError):
+    """An object encrypted with a customer key (SSE-C) that this run does not have."""
+
+
+NEEDS_KEY = "encrypted with a customer key (SSE-C): needs --sse-c-key-file"
+ANOTHER_KEY = (
+    "encrypted with another key than --sse-c-key-file's (SSE-C): give the key "
+    "it was backed up with"
+)
+
+
+def http_status(exc: botocore.exceptions.ClientError) -> int | None:
+    return exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
 
 
 def usage_error(message: str) -> CliError:
@@ -355,6 +371,78 @@ def parse_rate(text: str) -> int:
     return rate
 
 
+@dataclass(frozen=True)
+class CustomerKey:
+    """An SSE-C key (32 bytes, AES-256): S3 encrypts each object with it and keeps
+    only its MD5. Its repr, and so any message or traceback, never shows it."""
+
+    secret: bytes = field(repr=False)
+
+    @property
+    def params(self) -> dict[str, str]:
+        """The SSE-C parameters of botocore's S3 calls: the key in base64 and its
+        MD5 given, so that botocore encodes nothing again."""
+        md5 = hashlib.md5(self.secret, usedforsecurity=False).digest()
+        return {
+            "SSECustomerAlgorithm": "AES256",
+            "SSECustomerKey": base64.b64encode(self.secret).decode(),
+            "SSECustomerKeyMD5": base64.b64encode(md5).decode(),
+        }
+
+
+def read_customer_key(path: str) -> tuple[CustomerKey, str | None]:
+    """--sse-c-key-file: the key, and a warning when others may read the file.
+
+    A file of exactly 32 bytes is the key as it stands (whitespace bytes
+    included); otherwise its text, surrounding whitespace stripped, must be the
+    base64 of 32 bytes. Anything else, or a file that cannot be read: exit 2,
+    with a message that never holds what the file holds."""
+    try:
+        with open(path, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            data = file.read(4096)
+    except OSError as exc:
+        raise usage_error(
+            f"cannot read --sse-c-key-file {path!r} ({exc.strerror or exc}): "
+            "give a readable file that holds the key"
+        ) from None
+    if len(data) != CUSTOMER_KEY_BYTES:
+        try:
+            data = base64.b64decode(data.strip(), validate=True)
+        except ValueError:
+            data = b""
+    if len(data) != CUSTOMER_KEY_BYTES:
+        raise usage_error(
+            f"--sse-c-key-file {path!r} holds no SSE-C key: it must hold 32 bytes, "
+            f"or their base64 (e.g. openssl rand -base64 32 > {path})"
+        )
+    warning = None
+    if mode & 0o077:
+        warning = (
+            f"--sse-c-key-file {path!r} may be read by other users (mode "
+            f"{mode & 0o777:o}): chmod 600 {path}"
+        )
+    return CustomerKey(data), warning
+
+
+def cleartext_problem(url: str | None) -> str | None:
+    """Why the customer key may not go to this endpoint: over plain http it would
+    cross the network in the clear, which only a loopback address is spared."""
+    if not url or urlsplit(url).scheme != "http":
+        return None
+    host = urlsplit(url).hostname
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    return (
+        f"--sse-c-key-file sends the key with every request, and {url} is plain "
+        "http: give an https:// endpoint"
+    )
+
+
 # Every option's help says what it does and shows it in use (tests/test_unattended.py
 # checks for the "e.g."), as `rclone copy --help` does.
 def add_shared_options(parser: argparse.ArgumentParser) -> None:
@@ -442,6 +530,12 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="at most RATE bytes per second for the whole run; K, M and G are binary, "
         "0 is no limit (e.g. --bwlimit 8M)",
+    )
+    parser.add_argument(
+        "--sse-c-key-file",
+        metavar="PATH",
+        help="encrypt (backup) and decrypt (restore) with your own key (SSE-C), read "
+        "from PATH: 32 bytes, or their base64 (e.g. --sse-c-key-file ~/.backup.key)",
     )
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
@@ -1936,6 +2030,9 @@ PUT_HEADERS = {
     "SSEKMSKeyId": "x-amz-server-side-encryption-aws-kms-key-id",
     "ObjectLockMode": "x-amz-object-lock-mode",
     "ObjectLockRetainUntilDate": "x-amz-object-lock-retain-until-date",  # ISO 8601
+    "SSECustomerAlgorithm": "x-amz-server-side-encryption-customer-algorithm",
+    "SSECustomerKey": "x-amz-server-side-encryption-customer-key",
+    "SSECustomerKeyMD5": "x-amz-server-side-encryption-customer-key-MD5",
 }
 # Answers meaning the route or the signature no longer fits: learn it again.
 STALE_ROUTE_STATUSES = (301, 307, 400, 403)
@@ -1946,6 +2043,11 @@ DIRECT_USER_AGENT = (
     f"s3backup-direct Botocore/{botocore.__version__} "
     f"Python/{sys.version_info[0]}.{sys.version_info[1]}.{sys.version_info[2]}"
 )
+
+
+def as_headers(params: dict) -> dict[str, str]:
+    """The PUT_HEADERS parameters of a botocore call, as the headers it sends."""
+    return {PUT_HEADERS[name]: params[name] for name in params if name in PUT_HEADERS}
 
 
 def key_path(key: str) -> str:
@@ -2125,18 +2227,22 @@ class DirectRequests:
         unknown = set(args) - {"Metadata", *PUT_HEADERS}
         if unknown:
             raise DirectFailed(f"no direct PUT with {sorted(unknown)}", attempted=False)
-        headers = {
-            PUT_HEADERS[name]: args[name] for name in args if name in PUT_HEADERS
-        }
+        headers = as_headers(args)
         for name, value in args.get("Metadata", {}).items():
             headers[f"x-amz-meta-{name}"] = value
         self._send("PutObject", bucket, key, "PUT", data, headers)
 
     def get(
-        self, bucket: str, key: str, chunk_size: int, version_id: str | None = None
+        self,
+        bucket: str,
+        key: str,
+        chunk_size: int,
+        version_id: str | None = None,
+        sse: dict | None = None,
     ) -> FetchedObject:
-        """GetObject (of one version, if given): its metadata and its body in chunks."""
-        headers = {"x-amz-checksum-mode": "ENABLED"}
+        """GetObject (of one version, if given; with the SSE-C parameters `sse`):
+        its metadata and its body in chunks."""
+        headers = {"x-amz-checksum-mode": "ENABLED", **as_headers(sse or {})}
         response, origin = self._send(
             "GetObject", bucket, key, "GET", b"", headers, version_query(version_id)
         )
@@ -2162,12 +2268,15 @@ class DirectRequests:
         version_id: str | None,
         buffer: memoryview,
         land: Callable[[memoryview, int], None],
+        sse: dict,
     ) -> None:
         """GetObject of the bytes [start, end) of the object (of one version, if
-        given) while its ETag is `etag`, read into `buffer` and handed to
-        land(data, offset) read by read; what land raises ends it as it is."""
+        given; with the SSE-C parameters `sse`) while its ETag is `etag`, read into
+        `buffer` and handed to land(data, offset) read by read; what land raises
+        ends it as it is."""
         start, end = part
         headers = {"Range": f"bytes={start}-{end - 1}", "If-Match": etag}
+        headers.update(as_headers(sse))
         response, origin = self._send(
             "GetObject",
             bucket,
@@ -2372,7 +2481,9 @@ class Store:
     to botocore, the transfer manager of multipart uploads, the part workers of
     large downloads, the --bwlimit bucket and the run's cancellation. The options
     that go on every upload (storage class, encryption, the Object Lock of
-    backup.py --lock-days) are given to it once, in `put_options` and `lock`.
+    backup.py --lock-days) are given to it once, in `put_options` and `lock`,
+    and the customer key (--sse-c-key-file) in `key`: on every upload, HEAD and
+    GET of every path (see _read for objects that have none).
 
     Which path a request takes is decided here, by size: whole objects up to
     SMALL_OBJECT go direct (and back to botocore when that fails), larger ones
@@ -2391,6 +2502,7 @@ class Store:
         clock: ServerClock | None = None,
         bandwidth: TokenBucket | None = None,
         put_options: dict | None = None,
+        key: CustomerKey | None = None,
     ):
         self.client = client
         self.bucket = bucket
@@ -2399,6 +2511,7 @@ class Store:
         self.bandwidth = bandwidth  # None without --bwlimit
         # StorageClass, ServerSideEncryption, SSEKMSKeyId: on every upload.
         self.put_options = dict(put_options or {})
+        self.key = key
         # backup.py --lock-days: its LockPolicy (upload_args(now), mode), once known.
         self.lock = None
         self.cancelled = threading.Event()  # set on Ctrl-C or a failed plan
@@ -2626,23 +2739,78 @@ class Store:
 
     # --- Objects: reading -----------------------------------------------------
 
+    def _read(self, call: Callable[..., T], **params) -> T:
+        """call(**params), a HEAD or a GET of an object, with the customer key if
+        there is one.
+
+        Every server refuses an object that has a customer key without it (400),
+        and with another key (400 or 403); AWS refuses the key on an object that
+        has none, where Ceph RGW and SeaweedFS ignore it. So a refusal with the
+        key is asked again without it: answered, the object has no customer key;
+        refused (400), it has another one. Raised then as CustomerKeyError."""
+        if self.key is None:
+            try:
+                return call(**params)
+            except botocore.exceptions.ClientError as exc:
+                if http_status(exc) == 400:
+                    raise CustomerKeyError(NEEDS_KEY) from None
+                raise
+        try:
+            return call(**params, **self.key.params)
+        except botocore.exceptions.ClientError as exc:
+            if http_status(exc) not in (400, 403):
+                raise
+            refused = exc
+        try:
+            return call(**params)
+        except botocore.exceptions.ClientError as exc:
+            if http_status(exc) == 400:
+                raise CustomerKeyError(ANOTHER_KEY) from None
+            raise refused from None
+
     def head(self, key: str, version_id: str | None = None) -> dict:
         """HeadObject (of one version, if given)."""
-        return self.client.head_object(
-            Bucket=self.bucket, Key=key, **version_param(version_id)
+        return self._read(
+            self.client.head_object,
+            Bucket=self.bucket,
+            Key=key,
+            **version_param(version_id),
         )
 
     def md5(self, key: str, version_id: str | None = None) -> str | None:
-        """One HEAD: the object's MD5 (object_md5), None if it has none or is gone."""
+        """One HEAD: the object's MD5 (object_md5), None if it has none, is gone,
+        or is encrypted with a customer key while the run has none."""
         try:
             head = self.head(key, version_id)
+        except CustomerKeyError:
+            if self.key:  # another key than the run's: said, not taken for a change
+                raise
+            return None
         except botocore.exceptions.ClientError as exc:
-            # 400: S3's answer to a HEAD of an SSE-C object without its key, whose
-            # MD5 is not to be had.
-            if client_error_code(exc) in ("404", "NoSuchKey", "400"):
+            if client_error_code(exc) in ("404", "NoSuchKey"):
                 return None
             raise
         return object_md5(head)
+
+    def etag_is_md5(self, size: int) -> bool:
+        """Whether an upload of `size` bytes will have its MD5 as its ETag: a single
+        PutObject without SSE-KMS or a customer key (md5chksum is for the others)."""
+        encryption = self.put_options.get("ServerSideEncryption", "")
+        return not (
+            size >= MULTIPART_THRESHOLD or encryption.startswith("aws:kms") or self.key
+        )
+
+    def customer_keys_blocked(self) -> bool:
+        """Whether the bucket refuses uploads with a customer key (GetBucketEncryption's
+        BlockedEncryptionTypes, AWS's default for new buckets since April 2026);
+        False where the server keeps no such setting."""
+        try:
+            answer = self.client.get_bucket_encryption(Bucket=self.bucket)
+        except botocore.exceptions.ClientError:
+            return False  # none set, or not a setting this server has
+        rules = answer.get("ServerSideEncryptionConfiguration", {}).get("Rules", [])
+        blocked = [rule.get("BlockedEncryptionTypes", {}) for rule in rules]
+        return any("SSE-C" in types.get("EncryptionType", ()) for types in blocked)
 
     def get(
         self,
@@ -2661,15 +2829,16 @@ class Store:
         """
         client = self.client
         if goes_direct(size, storage_class):
+            sse = self.key.params if self.key else None
             try:
-                fetched = self._direct.get(self.bucket, key, CHUNK, version_id)
+                fetched = self._direct.get(self.bucket, key, CHUNK, version_id, sse)
                 return use(
                     dataclasses.replace(fetched, chunks=self._paced(fetched.chunks))
                 )
             except DirectFailed as failure:
                 client = self._direct.fallback_client(failure)
-        response = client.get_object(
-            Bucket=self.bucket, Key=key, **version_param(version_id)
+        response = self._read(
+            client.get_object, Bucket=self.bucket, Key=key, **version_param(version_id)
         )
         chunks = self._paced(response["Body"].iter_chunks(CHUNK))
         return use(
@@ -2713,10 +2882,13 @@ class Store:
         progress(nbytes) for each read written (negative: bytes to come again)."""
         stop = threading.Event()
         size, etag = head["ContentLength"], head["ETag"]
+        # The HEAD says whether the object has a customer key (AWS refuses one
+        # on an object that has none).
+        sse = self.key.params if self.key and "SSECustomerAlgorithm" in head else {}
         self._parts.run_all(
             [
                 functools.partial(
-                    self._get_part, key, etag, version_id, part, fd, progress, stop
+                    self._get_part, key, etag, version_id, sse, part, fd, progress, stop
                 )
                 for part in part_ranges(size, DOWNLOAD_PART)
             ],
@@ -2730,7 +2902,7 @@ class Store:
         return self._buffers.view
 
     def _get_part(
-        self, key, etag, version_id, part, fd, progress, stop: threading.Event
+        self, key, etag, version_id, sse, part, fd, progress, stop: threading.Event
     ) -> None:
         """Write the bytes `part` of the object at their offset in fd: a direct
         ranged GET, else botocore's, asked again while its body breaks off;
@@ -2748,7 +2920,7 @@ class Store:
 
         try:
             self._direct.get_range(
-                self.bucket, key, part, etag, version_id, self._buffer(), land
+                self.bucket, key, part, etag, version_id, self._buffer(), land, sse
             )
             return
         except DirectFailed as failure:
@@ -2763,6 +2935,7 @@ class Store:
                 Range=f"bytes={start}-{end - 1}",
                 IfMatch=etag,
                 **version_param(version_id),
+                **sse,
             )
             try:
                 check_range_answer(
@@ -2789,8 +2962,9 @@ class Store:
     # --- Objects: writing -----------------------------------------------------
 
     def _upload_args(self, args: dict) -> dict:
-        """args with the options of every upload and, with a lock, its headers."""
-        args = {**args, **self.put_options}
+        """args with the options of every upload (the customer key among them)
+        and, with a lock, its headers."""
+        args = {**args, **self.put_options, **(self.key.params if self.key else {})}
         if self.lock is not None:
             args.update(self.lock.upload_args(time.time()))
         return args
@@ -2933,12 +3107,33 @@ def client_config(pool_size: int, attempts: int, endpoint_url: str | None) -> Co
     )
 
 
+def customer_key(
+    args: argparse.Namespace, console: Console | None
+) -> CustomerKey | None:
+    """--sse-c-key-file's key (None without it), its file's warning said; refused
+    for an endpoint of plain http but on loopback (exit 2)."""
+    if args.sse_c_key_file is None:
+        return None
+    key, warning = read_customer_key(args.sse_c_key_file)
+    if warning and console:
+        console.warning(warning)
+    problem = cleartext_problem(endpoint_url_from(args))
+    if problem:
+        raise usage_error(problem)
+    return key
+
+
 def connect(
-    args: argparse.Namespace, bucket: str, put_options: dict | None = None
+    args: argparse.Namespace,
+    bucket: str,
+    console: Console | None = None,
+    put_options: dict | None = None,
 ) -> Store:
     """The run's Store for `bucket`: one S3 client, after checking there are
-    credentials to sign with, and the options of every upload. Called before the
-    run starts any thread: glibc's malloc is told to share one arena first."""
+    credentials to sign with, the options of every upload and the customer key.
+    Called before the run starts any thread: glibc's malloc is told to share one
+    arena first."""
+    key = customer_key(args, console)
     limit_malloc_arenas()
     # A connection for each worker, and for each part in flight.
     pool_size = args.workers + max(PART_WORKERS, DOWNLOAD_PART_WORKERS)
@@ -2986,4 +3181,4 @@ def connect(
         clock,
     )
     bandwidth = TokenBucket(args.bwlimit) if args.bwlimit else None
-    return Store(client, bucket, region, direct, clock, bandwidth, put_options)
+    return Store(client, bucket, region, direct, clock, bandwidth, put_options, key)

@@ -77,6 +77,8 @@ rgw frontends = beast endpoint=127.0.0.1:{rgw_port}
 rgw data = {folder}/rgw
 rgw gc obj min wait = 1
 rgw gc processor period = 5
+# SSE-C over the tests' plain http on 127.0.0.1 (RGW refuses it without TLS).
+rgw crypt require ssl = false
 """
 
 

@@ -22,6 +22,7 @@ from test_reliability import (
 )
 
 import backup
+import s3common
 from backup import DeleteKeys
 from s3common import (
     ByteBudget,
@@ -301,7 +302,7 @@ def test_delete_past_the_bound_removes_exactly_the_objects_without_files(
     """In process, with room for 2 keys and batches of 3: the keys go through the
     file, in more than one DeleteObjects; --dry-run lists the same keys."""
     monkeypatch.setattr(backup, "DELETES_HELD", 2)
-    monkeypatch.setattr(backup, "DELETE_BATCH", 3)
+    monkeypatch.setattr(s3common, "DELETE_BATCH", 3)
     source = make_tree(tmp_path / "src", {"kept.txt": b"kept"})
     assert backup.main([str(source), "bk-spill::p", "-q"]) == 0
     gone = [*AWKWARD_KEYS, "p/x1", "p/x2"]

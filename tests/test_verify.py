@@ -21,6 +21,7 @@ from s3common import (
     MULTIPART_THRESHOLD,
     CliError,
     Contents,
+    CustomerKey,
     Filters,
     RemoteObject,
     Store,
@@ -110,16 +111,18 @@ def test_object_md5_from_head(head, md5):
 
 
 @pytest.mark.parametrize(
-    ("size", "extra", "needed"),
+    ("size", "extra", "key", "needed"),
     [
-        (10, {}, False),
-        (MULTIPART_THRESHOLD - 1, {"ServerSideEncryption": "AES256"}, False),
-        (MULTIPART_THRESHOLD, {}, True),
-        (10, {"ServerSideEncryption": "aws:kms"}, True),
+        (10, {}, None, False),
+        (MULTIPART_THRESHOLD - 1, {"ServerSideEncryption": "AES256"}, None, False),
+        (MULTIPART_THRESHOLD, {}, None, True),
+        (10, {"ServerSideEncryption": "aws:kms"}, None, True),
+        (10, {}, CustomerKey(b"k" * 32), True),
     ],
 )
-def test_md5chksum_goes_where_the_etag_is_not_the_md5(size, extra, needed):
-    assert backup.needs_md5chksum(size, extra) is needed
+def test_md5chksum_goes_where_the_etag_is_not_the_md5(s3, size, extra, key, needed):
+    store = Store(s3, "b", put_options=extra, key=key)
+    assert store.etag_is_md5(size) is not needed
 
 
 def test_printable_keeps_a_name_on_one_line():
