@@ -35,11 +35,15 @@ in turn, N rounds ("W4 in turn"): on a busy machine a fairer W4 than 3 runs each
 --before DIR adds "backup.py (before)" from DIR (the scripts before a change).
 --scripts points at a copy of backup.py/restore.py/s3common.py (to try a change);
 --tool-args adds options to backup.py and restore.py (e.g. "--workers 32").
+--sse-c has every tool encrypt with one customer key (SSE-C): backup.py's
+--sse-c-key-file, aws's --sse-c and --sse-c-key, rclone's --s3-sse-customer-key-base64;
+s5cmd has no SSE-C and is left out.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import filecmp
 import os
 import random
@@ -401,8 +405,8 @@ def ours(scripts: Path, tool_args: Sequence[str], env: dict) -> Tool:
     )
 
 
-def aws_sync(aws: Path, env: dict) -> Tool:
-    quiet = ["--only-show-errors", "--no-progress"]
+def aws_sync(aws: Path, env: dict, options: Sequence[str] = ()) -> Tool:
+    quiet = ["--only-show-errors", "--no-progress", *options]
     return Tool(
         "aws s3 sync",
         lambda src, bucket, prefix, url: [
@@ -442,13 +446,16 @@ def rclone_env(env: dict) -> dict:
     return env
 
 
-def rclone_copy(rclone: str, env: dict) -> Tool:
+def rclone_copy(rclone: str, env: dict, options: Sequence[str] = ()) -> Tool:
     # rclone takes its endpoint from the environment, so the URL goes in per command.
     # --fast-list lists flat: s3rver's delimiter listings miss folders that hold
     # only sub-folders, and rclone would then restore only part of the tree.
     def copy(source: str, destination: str, url: str) -> list[str]:
         endpoint = f"RCLONE_CONFIG_BENCH_ENDPOINT={url}"
-        return ["env", endpoint, rclone, "copy", "--fast-list", source, destination]
+        return [
+            *("env", endpoint, rclone, "copy", "--fast-list", *options),
+            *(source, destination),
+        ]
 
     def upload(src, bucket, prefix, url):
         return copy(str(src), f"bench:{bucket}/{prefix}", url)
@@ -1076,6 +1083,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.0,
         help="milliseconds each request is held back, as by a distant server",
     )
+    parser.add_argument(
+        "--sse-c",
+        action="store_true",
+        help="every tool encrypts with one customer key (SSE-C); s5cmd has none",
+    )
     parser.add_argument("--output", type=Path, help="also write the table to this file")
     parser.add_argument(
         "--workdir",
@@ -1098,20 +1110,41 @@ def default_workdir() -> Path | None:
     return shm if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
+def sse_c_options(home: Path) -> dict[str, list[str]]:
+    """--sse-c: each tool's options for one customer key, kept in a file in home."""
+    key = os.urandom(32)
+    path = home / "sse-c.key"
+    path.write_bytes(key)
+    path.chmod(0o600)
+    encoded = base64.b64encode(key).decode()
+    return {
+        "ours": ["--sse-c-key-file", str(path)],
+        "aws": ["--sse-c", "AES256", "--sse-c-key", f"fileb://{path}"],
+        "rclone": [
+            *("--s3-sse-customer-algorithm", "AES256"),
+            *("--s3-sse-customer-key-base64", encoded),
+        ],
+    }
+
+
 def make_tools(names: Sequence[str], args, home: Path) -> list[Tool]:
     env = base_env(home)
-    tools = [ours(args.scripts.resolve(), shlex.split(args.tool_args), env)]
+    options = sse_c_options(home) if args.sse_c else {}
+    tool_args = [*shlex.split(args.tool_args), *options.get("ours", ())]
+    tools = [ours(args.scripts.resolve(), tool_args, env)]
     if args.before:
-        before = ours(args.before.resolve(), shlex.split(args.tool_args), env)
+        before = ours(args.before.resolve(), tool_args, env)
         tools.append(replace(before, name="backup.py (before)"))
     if "aws" in names:
-        tools.append(aws_sync(ensure_awscli(), env))
+        tools.append(aws_sync(ensure_awscli(), env, options.get("aws", ())))
     rclone = shutil.which("rclone")
     if "rclone" in names and rclone:
-        tools.append(rclone_copy(rclone, env))
+        tools.append(rclone_copy(rclone, env, options.get("rclone", ())))
     elif "rclone" in names:
         log("rclone not found on PATH: skipping it")
-    if "s5cmd" in names:
+    if "s5cmd" in names and args.sse_c:
+        log("s5cmd has no SSE-C (its issue 808): skipping it")
+    elif "s5cmd" in names:
         tools.append(s5cmd_sync(ensure_s5cmd(), env))
     return tools
 
