@@ -446,7 +446,7 @@ def cleartext_problem(url: str | None) -> str | None:
 # Every option's help says what it does and shows it in use (tests/test_unattended.py
 # checks for the "e.g."), as `rclone copy --help` does.
 def add_shared_options(parser: argparse.ArgumentParser) -> None:
-    """The options both scripts take: where S3 is, then add_run_options."""
+    """The options both scripts take: where S3 is and the key, then add_run_options."""
     parser.add_argument(
         "--profile",
         metavar="NAME",
@@ -470,6 +470,12 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_WORKERS,
         help=f"files transferred at once, default {DEFAULT_WORKERS} "
         "(e.g. --workers 128 for a bucket far away, --workers 16 for one nearby)",
+    )
+    parser.add_argument(
+        "--sse-c-key-file",
+        metavar="PATH",
+        help="encrypt (backup) and decrypt (restore) with your own key (SSE-C), read "
+        "from PATH: 32 bytes, or their base64 (e.g. --sse-c-key-file ~/.backup.key)",
     )
     add_run_options(parser)
 
@@ -530,12 +536,6 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
         default=0,
         help="at most RATE bytes per second for the whole run; K, M and G are binary, "
         "0 is no limit (e.g. --bwlimit 8M)",
-    )
-    parser.add_argument(
-        "--sse-c-key-file",
-        metavar="PATH",
-        help="encrypt (backup) and decrypt (restore) with your own key (SSE-C), read "
-        "from PATH: 32 bytes, or their base64 (e.g. --sse-c-key-file ~/.backup.key)",
     )
     parser.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
 
