@@ -3,21 +3,22 @@
 - settings: sizes, worker counts and retries, each with the reason for its value;
 - errors and exit codes: the one place (describe_error) that turns an exception
   into one line and an exit code;
-- the command line: the shared options, --exclude/--include filters, RATE;
+- the command line: the shared options, --exclude/--include filters, RATE, and
+  the customer key of --sse-c-key-file;
 - locations, keys, bucket names and the metadata format, all pure: BUCKET::PREFIX,
   key to path and back, mtime and mode metadata, the MD5 an ETag or md5chksum states;
-- the S3 session and listings: the client (connect), the server's clock,
-  ListObjectsV2 in key order and in ranges, MD5s of files and objects
-  (--checksum, --check);
+- local paths of any length, and the MD5s of files (--checksum, --check);
 - worker pools, named by what they do on a failure (and on Ctrl-C):
   map_failing_fast and call_failing_fast for reads, run_collecting_failures for
   transfers, PartWorkers for the parts of large downloads; the --bwlimit token
   bucket, and the byte budget of what workers hold in memory;
 - console and summary: messages, the progress line, the closing summary, the JSON
   report, and run_cli, where each script's main begins and ends;
-- the fast transfer path: the TransferEngine (boto3's transfer manager) for
-  multipart uploads, and direct signed requests for small objects and for the
-  parts of large downloads (read_range).
+- the Store, the one door to S3: every request of both scripts goes through its
+  verbs (list, head, get, get_parts, put, upload_file, delete, ...), which decide
+  how each is sent: direct signed requests for small objects and the parts of
+  large downloads (DirectRequests), botocore for the rest and as their fallback,
+  boto3's transfer manager for multipart uploads. connect() builds it.
 """
 
 from __future__ import annotations
