@@ -994,6 +994,17 @@ def own_keep_days(rules: list[dict]) -> Optional[int]:
     return None
 
 
+def unfinished_keep_days(store: Store) -> Optional[int]:
+    """own_keep_days of a bucket whose versioning was never turned on; None where
+    its rules cannot be read (a server without lifecycle rules, as s3rver, or keys
+    not allowed to read them): then it is not ours to finish."""
+    try:
+        rules, _ = store.lifecycle()
+    except botocore.exceptions.ClientError:
+        return None
+    return own_keep_days(rules)
+
+
 def unversioned_warning(bucket: str, status: str, deleting: bool = False) -> str:
     state = {"": "off", "Suspended": "suspended"}.get(status, status)
     if deleting:
@@ -1802,8 +1813,7 @@ def update_history(
     bucket = store.bucket
     keep_days, finishing = args.keep_days, False
     if keep_days is None and versioning == "":
-        rules, _ = store.lifecycle()
-        keep_days = own_keep_days(rules)
+        keep_days = unfinished_keep_days(store)
         finishing = keep_days is not None
     if keep_days is None and args.lock_days and versioning != "Enabled":
         keep_days = DEFAULT_KEEP_DAYS  # Object Lock needs versioning on

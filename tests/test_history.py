@@ -601,6 +601,23 @@ def test_a_new_bucket_on_a_server_without_history_is_backed_up_with_a_warning(
     assert server_client.list_objects_v2(Bucket="plain-server")["KeyCount"] > 0
 
 
+def test_an_existing_bucket_on_a_server_without_lifecycle_rules_is_backed_up(
+    source, server_client, failing_proxy, capsys
+):
+    # s3rver: versioning never on, and no lifecycle rules to read (NotImplemented).
+    proxy = failing_proxy(
+        {"GetBucketLifecycleConfiguration": ("NotImplemented", 501)},
+        buckets=("plain-server",),
+        create=True,
+    )
+    assert (
+        backup.main([str(source), "plain-server::p", "--endpoint-url", proxy.url]) == 0
+    )
+    [warning] = capsys.readouterr().err.splitlines()
+    assert warning.startswith("warning: versioning of s3://plain-server is off")
+    assert server_client.list_objects_v2(Bucket="plain-server")["KeyCount"] > 0
+
+
 @pytest.mark.parametrize(
     "operation", ["PutBucketVersioning", "PutBucketLifecycleConfiguration"]
 )
