@@ -73,7 +73,7 @@ log file = {folder}/log/$name.log
 mon data = {folder}/mon
 osd data = {folder}/osd
 [client.rgw]
-rgw frontends = beast endpoint=127.0.0.1:{rgw_port}
+rgw frontends = beast endpoint=127.0.0.1:{rgw_port}{tls}
 rgw data = {folder}/rgw
 rgw gc obj min wait = 1
 rgw gc processor period = 5
@@ -89,6 +89,7 @@ class Cluster:
     secret_key: str
     conf: Path  # ceph.conf, for `ceph -c` and `radosgw-admin -c` by hand
     server_pids: tuple[int, ...]  # the monitor's, the OSD's and radosgw's
+    https_url: str | None = None  # https://127.0.0.1:PORT, when started with tls
 
 
 def missing_programs() -> list[str]:
@@ -188,8 +189,11 @@ def _wait_for_s3(url: str, processes: list[subprocess.Popen], deadline: float) -
 
 
 @contextmanager
-def rgw_cluster(folder: Path, access_key: str, secret_key: str) -> Iterator[Cluster]:
-    """Start the cluster with its files in `folder` (made if missing), yield it, stop it."""
+def rgw_cluster(
+    folder: Path, access_key: str, secret_key: str, tls: tuple[Path, Path] | None = None
+) -> Iterator[Cluster]:
+    """Start the cluster with its files in `folder` (made if missing), yield it, stop
+    it. With `tls` (a certificate and its key, PEM files), RGW also serves HTTPS."""
     missing = missing_programs()
     if missing:
         raise RuntimeError(
@@ -200,10 +204,18 @@ def rgw_cluster(folder: Path, access_key: str, secret_key: str) -> Iterator[Clus
     for sub in ("mon", "osd", "run", "log", "rgw"):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     fsid, osd_uuid = uuid.uuid4(), uuid.uuid4()
-    mon_port, rgw_port = free_port(), free_port()
+    mon_port, rgw_port, https_port = free_port(), free_port(), free_port()
+    frontend = ""
+    if tls:
+        frontend = (
+            f" ssl_endpoint=127.0.0.1:{https_port} ssl_certificate={tls[0]}"
+            f" ssl_private_key={tls[1]}"
+        )
     conf = folder / "ceph.conf"
     conf.write_text(
-        CEPH_CONF.format(fsid=fsid, mon_port=mon_port, rgw_port=rgw_port, folder=folder)
+        CEPH_CONF.format(
+            fsid=fsid, mon_port=mon_port, rgw_port=rgw_port, folder=folder, tls=frontend
+        )
     )
     with_conf = ["-c", str(conf)]
     deadline = time.monotonic() + START_TIMEOUT
@@ -239,7 +251,8 @@ def rgw_cluster(folder: Path, access_key: str, secret_key: str) -> Iterator[Clus
             folder, 60,
         )  # fmt: skip
         pids = tuple(process.pid for process in processes)
-        yield Cluster(url, access_key, secret_key, conf, pids)
+        https_url = f"https://127.0.0.1:{https_port}" if tls else None
+        yield Cluster(url, access_key, secret_key, conf, pids, https_url)
     finally:
         _stop(processes)
 
