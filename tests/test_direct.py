@@ -7,11 +7,9 @@ PUT (nothing is learned before it), the direct path the rest.
 
 from __future__ import annotations
 
-import calendar
 import os
 import random
 import socket
-import time
 import zlib
 from datetime import datetime
 from urllib.parse import quote, urlsplit
@@ -120,14 +118,36 @@ def test_sigv4_signs_exactly_as_botocore_does(
 
     parts = urlsplit(url)
     ours = SigV4(region, "s3").sign(
-        credentials, method, host_header(parts), parts.path, headers, body,
-        time.gmtime(calendar.timegm(now.timetuple())), parts.query,
-    )  # fmt: skip
+        credentials, method, host_header(parts), parts.path, headers, body, parts.query
+    )
     assert ours["authorization"] == request.headers["Authorization"]
     assert ours["x-amz-date"] == request.headers["X-Amz-Date"]
     assert ours["x-amz-content-sha256"] == request.headers["X-Amz-Content-SHA256"]
     assert ours.get("x-amz-security-token") == request.headers.get(
         "X-Amz-Security-Token"
+    )
+
+
+def test_sigv4_signs_the_example_of_the_s3_documentation(monkeypatch):
+    # "Example: GET Object" of Amazon S3's "Signature Calculations for the
+    # Authorization Header" (a fixed signature of a fixed request, not botocore's).
+    monkeypatch.setattr(
+        botocore.auth, "get_current_datetime", lambda: datetime(2013, 5, 24)
+    )
+    credentials = Credentials(
+        "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    )
+    headers = SigV4("us-east-1", "s3").sign(
+        credentials, "GET", "examplebucket.s3.amazonaws.com", "/test.txt",
+        {"Range": "bytes=0-9"}, b"",
+    )  # fmt: skip
+    assert headers["authorization"] == (
+        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/"
+        "aws4_request, SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
+        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+    )
+    assert headers["x-amz-content-sha256"] == (
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
     )
 
 
