@@ -33,6 +33,7 @@ import fnmatch
 import functools
 import gc
 import hashlib
+import hmac
 import http.client
 import ipaddress
 import json
@@ -61,13 +62,11 @@ from typing import BinaryIO, Generic, NoReturn, TextIO, TypeVar
 from urllib.parse import quote, urlsplit
 
 import botocore
-import botocore.auth
 import botocore.exceptions
 import botocore.httpsession
 import botocore.session
 import botocore.utils
 import urllib3
-from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 
 T = TypeVar("T")
@@ -1994,11 +1993,22 @@ class DirectFailed(Exception):
 
 
 class SigV4:
-    """AWS Signature Version 4 in headers: botocore's S3SigV4Auth, which stamps the
-    request with the time of signing, on the request http.client then sends."""
+    """AWS Signature Version 4 in headers, as botocore's S3SigV4Auth signs an S3 request
+    (tests/test_direct.py checks that both give the same Authorization), keeping the
+    signing key for the day instead of deriving it for every request."""
 
     def __init__(self, region: str, service: str):
         self.region, self.service = region, service
+        self._keys: dict[tuple[str, str], bytes] = {}  # by (secret key, day)
+
+    def _signing_key(self, secret_key: str, day: str) -> bytes:
+        key = self._keys.get((secret_key, day))
+        if key is None:
+            key = f"AWS4{secret_key}".encode()
+            for part in (day, self.region, self.service, "aws4_request"):
+                key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+            self._keys = {(secret_key, day): key}
+        return key
 
     def sign(
         self,
@@ -2008,20 +2018,51 @@ class SigV4:
         path: str,
         headers: dict[str, str],
         payload: bytes,
+        now: time.struct_time,
         query: str = "",
     ) -> dict[str, str]:
         """The headers to send: `headers` and Host, X-Amz-Date, the payload's
-        SHA-256, the session token if any, and the Authorization; names in lower case.
+        SHA-256, the session token if any, and the Authorization.
 
         `query` is the URL's query string, already encoded and in sorted order
         (as version_query writes it), which is then its canonical form."""
-        # http: S3SigV4Auth signs the payload's SHA-256 whatever the real scheme.
-        url = f"http://{host}{path}" + (f"?{query}" if query else "")
-        request = AWSRequest(method, url, {**headers, "Host": host}, payload)
-        botocore.auth.S3SigV4Auth(credentials, self.service, self.region).add_auth(
-            request
+        timestamp = time.strftime("%Y%m%dT%H%M%SZ", now)
+        signed = {
+            name.lower(): " ".join(value.split()) for name, value in headers.items()
+        }
+        signed["host"] = host
+        signed["x-amz-date"] = timestamp
+        signed["x-amz-content-sha256"] = hashlib.sha256(payload).hexdigest()
+        if credentials.token:
+            signed["x-amz-security-token"] = credentials.token
+        names = sorted(signed)
+        canonical_request = "\n".join(
+            [
+                method,
+                path,
+                query,
+                *(f"{name}:{signed[name]}" for name in names),
+                "",
+                ";".join(names),
+                signed["x-amz-content-sha256"],
+            ]
         )
-        return {name.lower(): value for name, value in request.headers.items()}
+        scope = f"{timestamp[:8]}/{self.region}/{self.service}/aws4_request"
+        string_to_sign = "\n".join(
+            [
+                "AWS4-HMAC-SHA256",
+                timestamp,
+                scope,
+                hashlib.sha256(canonical_request.encode()).hexdigest(),
+            ]
+        )
+        key = self._signing_key(credentials.secret_key, timestamp[:8])
+        signature = hmac.new(key, string_to_sign.encode(), hashlib.sha256).hexdigest()
+        signed["authorization"] = (
+            f"AWS4-HMAC-SHA256 Credential={credentials.access_key}/{scope}, "
+            f"SignedHeaders={';'.join(names)}, Signature={signature}"
+        )
+        return signed
 
 
 def host_header(parts) -> str:
@@ -2218,7 +2259,7 @@ class DirectRequests:
         origin = route.origin
         credentials = self._credentials.get_frozen_credentials()
         headers = route.signer.sign(
-            credentials, method, route.host, path, headers, body, query
+            credentials, method, route.host, path, headers, body, time.gmtime(), query
         )
         headers["User-Agent"] = DIRECT_USER_AGENT
         try:
