@@ -131,6 +131,26 @@ def test_sigv4_signs_exactly_as_botocore_does(
     )
 
 
+def test_sigv4_signs_the_example_of_the_s3_documentation():
+    # "Example: GET Object" of Amazon S3's "Signature Calculations for the
+    # Authorization Header": a fixed signature of a fixed request, not botocore's.
+    credentials = Credentials(
+        "AKIAIOSFODNN7EXAMPLE", "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"
+    )
+    headers = SigV4("us-east-1", "s3").sign(
+        credentials, "GET", "examplebucket.s3.amazonaws.com", "/test.txt",
+        {"Range": "bytes=0-9"}, b"", time.gmtime(calendar.timegm((2013, 5, 24, 0, 0, 0))),
+    )  # fmt: skip
+    assert headers["authorization"] == (
+        "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/"
+        "aws4_request, SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, "
+        "Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+    )
+    assert headers["x-amz-content-sha256"] == (
+        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    )
+
+
 def test_crc32_header_is_base64_of_the_big_endian_checksum():
     assert crc32_header(zlib.crc32(b"hello")) == "NhCmhg=="
     assert crc32_header(0) == "AAAAAA=="
