@@ -2540,8 +2540,13 @@ class Store:
             self._manager.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
 
     def close(self) -> None:
-        """Wait for the transfers under way, and end the part workers."""
-        if self._manager is not None:
+        """Wait for the transfers under way, and end the part workers. After
+        cancel(), cancel again instead: an upload handed to the manager while it
+        was shutting down stays registered but never runs, and waiting for it
+        would never end."""
+        if self.cancelled.is_set():
+            self.cancel()
+        elif self._manager is not None:
             self._manager.shutdown()
         self._parts.close()
 
