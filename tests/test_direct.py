@@ -323,6 +323,39 @@ def test_refused_direct_requests_fall_back_to_botocore_and_soon_stop(
     assert {path.name: path.read_bytes() for path in target.iterdir()} == files
 
 
+def test_a_streamed_put_cut_off_midway_is_sent_again_whole_from_its_file(
+    start_proxy, server_client, cli_env, tmp_path, bucket_name
+):
+    """Bodies over a CHUNK stream from their file. The first three such PUTs are
+    cut off halfway through their body: the direct one, then botocore's in its
+    place and botocore's own retry of that. Each is sent again from the start of
+    the file (its checksum, from the read before, checked as it goes), and what
+    is stored is the file, whole."""
+    rng = random.Random(28)
+    files = {"a-first.txt": b"sent by botocore"}
+    files.update({f"s{n}.bin": rng.randbytes(300 * 1024 + n) for n in range(3)})
+    source = make_tree(tmp_path / "src", files)
+    proxy = start_proxy(cut_puts=3)
+    result = run_script(
+        "backup.py", str(source), bucket_name, "--endpoint-url", proxy.url,
+        "--workers", "1", env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert proxy.faults["cut put"] == 3
+    assert object_requests(proxy, "PUT") == [
+        False,
+        True,
+        False,
+        False,
+        False,
+        True,
+        True,
+    ]
+    for name, data in files.items():
+        body = server_client.get_object(Bucket=bucket_name, Key=name)["Body"].read()
+        assert body == data, name
+
+
 @pytest.fixture
 def first_small_then_large(server_client, bucket_name) -> dict[str, bytes]:
     """A small object, which botocore fetches first, and one of two parts after it;
