@@ -944,7 +944,8 @@ class FileBody:
 
     def __init__(self, file: BinaryIO, size: int, crc32: int):
         self.file, self.size, self.crc32 = file, size, crc32
-        self._at = self._crc = 0
+        self._at = 0
+        self.seek(0)  # from the read that made crc32, the file is at its end
 
     def __len__(self) -> int:
         return self.size
@@ -962,11 +963,12 @@ class FileBody:
         return data
 
     def sha256(self) -> str:
-        """The hex SHA-256 of the bytes (a read checked as a send is), from the start."""
+        """The hex SHA-256 of the file's bytes now, for the signature of a send:
+        the send itself is checked."""
         digest = hashlib.sha256()
         self.seek(0)
-        while chunk := self.read(CHUNK):
-            digest.update(chunk)
+        for _ in range(0, self.size, CHUNK):
+            digest.update(self.file.read(CHUNK))
         self.seek(0)
         return digest.hexdigest()
 
@@ -2018,6 +2020,8 @@ class FetchedObject:
     chunks: Iterator[bytes]
 
 
+# The payload hash of a signature that leaves the body out.
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 # Parameters of put_object that a direct PUT sends, as the headers botocore sends them.
 PUT_HEADERS = {
     "ChecksumAlgorithm": "x-amz-sdk-checksum-algorithm",
@@ -2202,8 +2206,11 @@ class DirectRequests:
         origin = route.origin
         credentials = self._credentials.get_frozen_credentials()
         if isinstance(body, FileBody):
-            streamed, payload = body.sha256(), b""
-            headers = {**headers, "Content-Length": str(len(body))}
+            # As botocore signs a streamed body with a checksum header: over TLS
+            # unsigned (TLS and the CRC32 guard it), else by its SHA-256.
+            tls = origin[0] == "https"
+            streamed = UNSIGNED_PAYLOAD if tls else body.sha256()
+            payload, headers = b"", {**headers, "Content-Length": str(len(body))}
         else:
             streamed, payload = None, body
         headers = route.signer.sign(

@@ -38,8 +38,11 @@ MiB = 1024 * 1024
 
 
 def body_of(path, data: bytes):
-    """A FileBody of the file at path, made (as backup.py makes it) from data's CRC32."""
-    return FileBody(open(path, "rb"), len(data), zlib.crc32(data))
+    """A FileBody of the file at path, made (as backup.py makes it) from data's
+    CRC32, after a read of it to the end."""
+    file = open(path, "rb")  # noqa: SIM115 (the body reads it while it lives)
+    file.read()
+    return FileBody(file, len(data), zlib.crc32(data))
 
 
 def read_all(body, amount: int) -> list[bytes]:
