@@ -196,8 +196,7 @@ class Delete:
 
 @dataclass(frozen=True)
 class StaleFolder:
-    """A file where the backup holds a folder: the `objects` under key/ that
-    --delete would remove."""
+    """A file where the backup holds a folder: `objects` under key/ (--delete's)."""
 
     key: str
     file: LocalFile
@@ -1085,20 +1084,35 @@ def read_whole(source: BinaryIO, start: ReadStart) -> bytes:
 class Uploader:
     """One file up (called by run_collecting_failures), as one PUT or a parallel
     multipart upload, from one read of it during which it did not change. Its
-    call gives the file as stored (its size is what the object holds); None when
-    it is future-dated (at `now`) and its object records its very mtime; it
-    raises Vanished when the file is gone since the walk."""
+    call counts the bytes stored (what the object holds) into `outcome` and the
+    key into `locks`, and aborts the key's stale uploads; False (skipped) when
+    the file is future-dated and its object records its very mtime; it raises
+    Vanished when the file is gone since the walk."""
 
-    def __init__(self, store: Store, console: Console, now: float):
-        self.store, self.console, self.now = store, console, now
+    def __init__(
+        self,
+        store: Store,
+        console: Console,
+        outcome: Outcome,
+        locks: Optional["LockRun"],
+        prefix: str,
+    ):
+        self.store, self.console = store, console
+        self.outcome, self.locks = outcome, locks
+        self.now = time.time()
         # The bodies of small files, held whole from their read to their PUT.
         self.bodies = ByteBudget(BODY_BYTES_AT_ONCE)
+        # The server's time when the run began is within the second its first
+        # answers' Date header names: uploads initiated before its end are taken
+        # for a killed run's (by then, this run has none of its own on the key).
+        before = store.clock.latest + 1 if store.clock.latest else self.now
+        self.stale = StaleUploads(store, prefix, before, console)
+        self.counting = threading.Lock()
 
-    def __call__(self, item: Upload, cancel: threading.Event) -> Optional[LocalFile]:
+    def __call__(self, item: Upload, cancel: threading.Event) -> bool:
         if stored_already(self.store, item, self.now):
-            return None
-        start = self.read_and_put(item, cancel)
-        file = start.file()
+            return False
+        file = self.read_and_put(item, cancel).file()
         if file.size < MULTIPART_THRESHOLD:
             self.console.advance(nbytes=file.size)
         self.console.advance(files=1)
@@ -1106,7 +1120,13 @@ class Uploader:
             f"upload: {printable(file.path)} -> "
             f"{printable(f's3://{self.store.bucket}/{item.key}')}"
         )
-        return file
+        # The size as stored: the file may have shrunk since the walk.
+        with self.counting:
+            self.outcome.nbytes += file.size
+            if self.locks:
+                self.locks.uploaded.append(item.key)
+        self.stale.uploaded(item.key)
+        return True
 
     def read_and_put(self, item: Upload, cancel: threading.Event) -> ReadStart:
         """put_once, as many as READ_ATTEMPTS times while the file changes."""
@@ -1359,13 +1379,9 @@ def keep_locked(
     kept, target = locks.kept(), policy.until(point)
     if due:
         until = target if kept else None
+        read_first = must_read_locks(known, target)
         failures, seen = renew_locks(
-            store,
-            kept,
-            policy,
-            target,
-            must_read_locks(known, target),
-            locks.workers,
+            store, kept, policy, target, read_first, locks.workers
         )
         if failures:
             return None, failures
@@ -1845,29 +1861,11 @@ def execute_backup(
     console.start(known=False)
     if locks:
         locks.started = time.time()
-    uploader = Uploader(store, console, time.time())
-    # The server's time when the run began is within the second its first
-    # answers' Date header names: uploads initiated before its end are taken
-    # for a killed run's (by then, this run has none of its own on the key).
-    before = store.clock.latest + 1 if store.clock.latest else time.time()
-    stale = StaleUploads(store, location.prefix, before, console)
-    counting = threading.Lock()
-
-    def upload(item: Upload, cancel: threading.Event) -> bool:
-        file = uploader(item, cancel)
-        if file is None:
-            return False
-        with counting:  # the size as stored: the file may have shrunk since the walk
-            outcome.nbytes += file.size
-            if locks:
-                locks.uploaded.append(item.key)
-        stale.uploaded(item.key)
-        return True
-
+    uploader = Uploader(store, console, outcome, locks, location.prefix)
     uploads = uploads_of(steps, outcome, location, console)
     try:
         failures, skipped = run_collecting_failures(
-            uploads, upload, args.workers, PLAN_AHEAD, store
+            uploads, uploader, args.workers, PLAN_AHEAD, store
         )
     finally:
         store.close()
