@@ -41,7 +41,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import PurePath, PureWindowsPath
-from typing import BinaryIO, Optional, TextIO, TypeVar, Union
+from typing import BinaryIO, Optional, TextIO, Union
 
 import botocore.exceptions
 
@@ -102,7 +102,6 @@ from s3common import (
     usage_error,
 )
 
-T = TypeVar("T")
 # --delete's keys held in memory until the uploads end; past this many they go to
 # a temporary file: some MiB at most, however many objects go (bench/RESULTS.md,
 # measured choices).
@@ -1430,10 +1429,10 @@ class LockRun:
         return [key for key in self.listed if key not in gone]
 
 
-def check_locks(store: Store, locks: LockRun, policy: LockPolicy) -> list[str]:
+def check_locks(store: Store, locks: LockRun) -> list[str]:
     """--check --lock-days: the keys whose lock ends before `kept` from now, or
     that have none (one HeadObject each, side by side)."""
-    soon = time.time() + policy.kept
+    soon = time.time() + locks.policy.kept
 
     def unlocked(key: str) -> bool:
         try:
@@ -1624,7 +1623,7 @@ def run(args, console: Console) -> int:
         steps = content_decided(steps, store, args.workers, unread)
     if args.check:
         plan = BackupPlan.of(steps)  # the listing is read whole by then
-        unlocked = job.policy and check_locks(store, locks, job.policy)
+        unlocked = locks and check_locks(store, locks)
         return report_check(plan, unread, scan, job.location, started, unlocked)
     if args.dry_run:
         outcome = show_plan(steps, store, job.location, args.no_versioning, console)
