@@ -757,7 +757,9 @@ class FolderWalk:
     scan: Scan
     look_only: bool
 
-    def entries(self, folder: str, relative_folder: str, ancestors) -> list[Entry]:
+    def entries(
+        self, folder: str, relative_folder: str, ancestors: frozenset
+    ) -> list[Entry]:
         """The files and sub-folders of one folder, in key order."""
         try:
             entries, fd = list_folder(folder)
@@ -780,7 +782,11 @@ class FolderWalk:
         return found
 
     def entry(
-        self, entry: os.DirEntry, folder: str, relative_folder: str, ancestors
+        self,
+        entry: os.DirEntry,
+        folder: str,
+        relative_folder: str,
+        ancestors: frozenset,
     ) -> Optional[Entry]:
         """One entry of a folder, or None for one not backed up (said why)."""
         scan = self.scan
