@@ -31,6 +31,7 @@ import itertools
 import json
 import math
 import mimetypes
+import operator
 import stat
 import tempfile
 import threading
@@ -41,7 +42,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import PurePath, PureWindowsPath
-from typing import BinaryIO, Optional, TextIO, TypeVar, Union
+from typing import BinaryIO, Optional, TextIO, Union
 
 import botocore.exceptions
 
@@ -103,7 +104,6 @@ from s3common import (
     usage_error,
 )
 
-T = TypeVar("T")
 # --delete's keys held in memory until the uploads end; past this many they go to
 # a temporary file: some MiB at most, however many objects go (bench/RESULTS.md,
 # measured choices).
@@ -193,8 +193,7 @@ class Delete:
 
 @dataclass(frozen=True)
 class StaleFolder:
-    """A file where the backup holds a folder: the `objects` under key/ that
-    --delete would remove."""
+    """A file where the backup holds a folder: `objects` under key/ (--delete's)."""
 
     key: str
     file: LocalFile
@@ -576,15 +575,10 @@ def merge_lifecycle_rules(existing: list[dict], rule: dict) -> list[dict]:
     return merged if rule in merged else [*merged, rule]
 
 
-def file_state(info: os.stat_result) -> tuple[int, ...]:
-    """What changes when a file is written to, replaced, resized or chmod'ed."""
-    return (
-        info.st_dev,
-        info.st_ino,
-        info.st_size,
-        info.st_mtime_ns,
-        info.st_ctime_ns,
-    )
+# What changes when a file is written to, replaced, resized or chmod'ed.
+file_state = operator.attrgetter(
+    "st_dev", "st_ino", "st_size", "st_mtime_ns", "st_ctime_ns"
+)
 
 
 def read_unchanged(
@@ -685,11 +679,10 @@ def state_until(
 ) -> Optional[tuple[float, float]]:
     """The state's renewed_until and longest (seconds), if it was written with
     these days, mode and filters; else None: each object's lock is to be read."""
-    if not isinstance(state, dict) or state.get("filters") != lock_state(
-        policy, filters, 0, 0, 0
-    ).get("filters"):
-        return None
-    if (state.get("lock_days"), state.get("mode")) != (policy.days, policy.mode):
+    ours = lock_state(policy, filters, 0, 0, 0)
+    if not isinstance(state, dict) or any(
+        state.get(name) != ours[name] for name in ("lock_days", "mode", "filters")
+    ):
         return None
     try:
         until = parse_timestamp(str(state["renewed_until"])).timestamp()
@@ -720,14 +713,6 @@ def needs_renewal(current: Optional[float], target: float) -> bool:
     return current is None or current < target
 
 
-def default_retention_days(configuration: dict) -> tuple[Optional[str], int]:
-    """A bucket's default retention (GetObjectLockConfiguration): its mode and
-    days (a year counted as 365), or (None, 0) without one."""
-    retention = configuration.get("Rule", {}).get("DefaultRetention", {})
-    days = retention.get("Days") or 365 * retention.get("Years", 0)
-    return (retention.get("Mode") if days else None), days
-
-
 # --- Doing: the local walk and the S3 calls -------------------------------------
 
 
@@ -744,8 +729,8 @@ def walk_folder(
     """
     root_stat = at_any_length(os.stat, root)
     ancestors = frozenset({(root_stat.st_dev, root_stat.st_ino)})
-    walk = (follow_symlinks, scan, look_only)
-    stack = [iter(folder_entries(root, "", ancestors, *walk))]
+    walk = FolderWalk(follow_symlinks, scan, look_only)
+    stack = [iter(walk.entries(root, "", ancestors))]
     while stack:
         entry = next(stack[-1], None)
         if entry is None:
@@ -754,40 +739,91 @@ def walk_folder(
             yield key_for(prefix, entry[0]), entry[2]
         else:
             relative, path, _, inside = entry
-            stack.append(iter(folder_entries(path, relative, inside, *walk)))
+            stack.append(iter(walk.entries(path, relative, inside)))
 
 
-def folder_entries(
-    folder: str,
-    relative_folder: str,
-    ancestors: frozenset,
-    follow_symlinks: bool,
-    scan: Scan,
-    look_only: bool,
-) -> list[tuple[str, str, Optional[LocalFile], Optional[frozenset]]]:
-    """The files and sub-folders of one folder as (relative path, path, LocalFile,
-    None) and (relative path, path, None, the sub-folder's ancestors), in key
-    order; a sub-folder's relative path ends in "/"."""
-    try:
-        entries, fd = list_folder(folder)
-    except FileNotFoundError:
-        scan.vanish_folder(folder)
-        return []
-    except OSError as exc:
-        scan.error("read", folder, exc)
-        return []
-    walk = (ancestors, follow_symlinks, scan, look_only)
-    try:
-        found = [
-            item
-            for entry in entries
-            if (item := folder_entry(entry, folder, relative_folder, *walk))
-        ]
-    finally:
-        if fd is not None:
-            os.close(fd)
-    found.sort(key=lambda item: item[0])
-    return found
+# A folder's file or sub-folder: (relative path, path, LocalFile, None) or
+# (relative path ending in "/", path, None, the sub-folder's ancestors).
+Entry = tuple[str, str, Optional[LocalFile], Optional[frozenset]]
+
+
+@dataclass(frozen=True)
+class FolderWalk:
+    """How walk_folder reads each folder on its way down."""
+
+    follow_symlinks: bool
+    scan: Scan
+    look_only: bool
+
+    def entries(
+        self, folder: str, relative_folder: str, ancestors: frozenset
+    ) -> list[Entry]:
+        """The files and sub-folders of one folder, in key order."""
+        try:
+            entries, fd = list_folder(folder)
+        except FileNotFoundError:
+            self.scan.vanish_folder(folder)
+            return []
+        except OSError as exc:
+            self.scan.error("read", folder, exc)
+            return []
+        try:
+            found = [
+                item
+                for entry in entries
+                if (item := self.entry(entry, folder, relative_folder, ancestors))
+            ]
+        finally:
+            if fd is not None:
+                os.close(fd)
+        found.sort(key=lambda item: item[0])
+        return found
+
+    def entry(
+        self,
+        entry: os.DirEntry,
+        folder: str,
+        relative_folder: str,
+        ancestors: frozenset,
+    ) -> Optional[Entry]:
+        """One entry of a folder, or None for one not backed up (said why)."""
+        scan = self.scan
+        relative = relative_folder + entry.name
+        path = os.path.join(folder, entry.name)  # entry.path is its name alone by fd
+        try:
+            if not self.follow_symlinks and entry.is_symlink():
+                return None
+            if self.look_only and entry.is_file():
+                return (relative, path, None, None)
+            info = entry.stat()
+        except FileNotFoundError:
+            if entry.is_symlink():
+                scan.warning(f"broken symbolic link skipped: {printable(path)}")
+            elif entry.is_dir(follow_symlinks=False):  # as the listing said
+                scan.vanish_folder(path)
+            else:
+                scan.vanish(path)
+            return None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP and entry.is_symlink():
+                # A link that leads to itself (self -> self, a -> b -> a): no file.
+                scan.warning(f"symbolic link loop not followed: {printable(path)}")
+            else:
+                scan.error("read", path, exc)
+            return None
+        if stat.S_ISDIR(info.st_mode):
+            identity = (info.st_dev, info.st_ino)
+            if identity not in ancestors:
+                return (relative + "/", path, None, ancestors | {identity})
+            scan.warning(f"symbolic link loop not followed: {printable(path)}")
+        elif stat.S_ISREG(info.st_mode) and TEMPORARY_NAME.fullmatch(entry.name):
+            scan.detail(f"skipped, restore's temporary file: {printable(path)}")
+        elif stat.S_ISREG(info.st_mode):
+            file = LocalFile(path, info.st_size, info.st_mtime_ns, info.st_mode)
+            return (relative, path, file, None)
+        else:
+            scan.warning(f"not a regular file, skipped: {printable(path)}")
+        return None
 
 
 def list_folder(folder: str) -> tuple[list[os.DirEntry], Optional[int]]:
@@ -804,54 +840,6 @@ def list_folder(folder: str) -> tuple[list[os.DirEntry], Optional[int]]:
     except BaseException:
         os.close(fd)
         raise
-
-
-def folder_entry(
-    entry: os.DirEntry,
-    folder: str,
-    relative_folder: str,
-    ancestors: frozenset,
-    follow_symlinks: bool,
-    scan: Scan,
-    look_only: bool,
-) -> Optional[tuple[str, str, Optional[LocalFile], Optional[frozenset]]]:
-    """One entry of folder_entries, or None for one not backed up (said why)."""
-    relative = relative_folder + entry.name
-    path = os.path.join(folder, entry.name)  # entry.path is its name alone by fd
-    try:
-        if not follow_symlinks and entry.is_symlink():
-            return None
-        if look_only and entry.is_file():
-            return (relative, path, None, None)
-        info = entry.stat()
-    except FileNotFoundError:
-        if entry.is_symlink():
-            scan.warning(f"broken symbolic link skipped: {printable(path)}")
-        elif entry.is_dir(follow_symlinks=False):  # as the listing said
-            scan.vanish_folder(path)
-        else:
-            scan.vanish(path)
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP and entry.is_symlink():
-            # A link that leads to itself (self -> self, a -> b -> a): no file.
-            scan.warning(f"symbolic link loop not followed: {printable(path)}")
-        else:
-            scan.error("read", path, exc)
-        return None
-    if stat.S_ISDIR(info.st_mode):
-        identity = (info.st_dev, info.st_ino)
-        if identity not in ancestors:
-            return (relative + "/", path, None, ancestors | {identity})
-        scan.warning(f"symbolic link loop not followed: {printable(path)}")
-    elif stat.S_ISREG(info.st_mode) and TEMPORARY_NAME.fullmatch(entry.name):
-        scan.detail(f"skipped, restore's temporary file: {printable(path)}")
-    elif stat.S_ISREG(info.st_mode):
-        file = LocalFile(path, info.st_size, info.st_mtime_ns, info.st_mode)
-        return (relative, path, file, None)
-    else:
-        scan.warning(f"not a regular file, skipped: {printable(path)}")
-    return None
 
 
 def stat_local(local: str) -> os.stat_result:
@@ -878,13 +866,17 @@ def local_files(
     return iter([(key_for(prefix, name), file)])
 
 
-def recorded_mtime(store: Store, key: str) -> Optional[int]:
-    """The mtime recorded on the object (HeadObject), None where there is none."""
+def stored_already(store: Store, upload: Upload, now: float) -> bool:
+    """Whether a future-dated upload (at `now`) is to be skipped: its object
+    records the file's very mtime (a HeadObject; after_recheck)."""
+    if not future_dated(upload, now):
+        return False
     try:
-        head = store.head(key)
+        head = store.head(upload.key)
     except botocore.exceptions.ClientError:
-        return None  # uploaded again, which says what is wrong if anything is
-    return parse_mtime(head.get("Metadata", {}).get("mtime"))
+        return False  # uploaded again, which says what is wrong if anything is
+    recorded = parse_mtime(head.get("Metadata", {}).get("mtime"))
+    return isinstance(after_recheck(upload, recorded), Keep)
 
 
 def content_decided(
@@ -983,24 +975,19 @@ def set_up_history(store: Store, keep_days: Optional[int], new: bool) -> bool:
     return changed
 
 
-def own_keep_days(rules: list[dict]) -> Optional[int]:
-    """The days our own rule keeps old versions for, None without one (or with the
-    rule of --no-versioning, which keeps none)."""
-    for rule in rules:
-        if rule.get("ID") == HISTORY_RULE_ID:
-            return rule.get("NoncurrentVersionExpiration", {}).get("NoncurrentDays")
-    return None
-
-
 def unfinished_keep_days(store: Store) -> Optional[int]:
-    """own_keep_days of a bucket whose versioning was never turned on; None where
-    its rules cannot be read (a server without lifecycle rules, as s3rver, or keys
-    not allowed to read them): then it is not ours to finish."""
+    """The days our own rule keeps old versions for, in a bucket whose versioning
+    was never turned on; None without the rule (or with --no-versioning's, which
+    keeps none), or where the rules cannot be read (a server without lifecycle
+    rules, as s3rver, or keys not allowed to read them): not ours to finish."""
     try:
         rules, _ = store.lifecycle()
     except botocore.exceptions.ClientError:
         return None
-    return own_keep_days(rules)
+    for rule in rules:
+        if rule.get("ID") == HISTORY_RULE_ID:
+            return rule.get("NoncurrentVersionExpiration", {}).get("NoncurrentDays")
+    return None
 
 
 def unversioned_warning(bucket: str, status: str, deleting: bool = False) -> str:
@@ -1118,20 +1105,33 @@ def read_digests(
 class Uploader:
     """One file up (called by run_collecting_failures), as one PUT or a parallel
     multipart upload, from one read of it during which it did not change. Its
-    call gives the file as stored (its size is what the object holds); None when
-    it is future-dated (at `now`) and its object records its very mtime; it
-    raises Vanished when the file is gone since the walk."""
+    call counts the bytes stored (what the object holds) into `outcome` and the
+    key into `locks`, and aborts the key's stale uploads; False (skipped) when
+    the file is future-dated and its object records its very mtime; it raises
+    Vanished when the file is gone since the walk."""
 
-    def __init__(self, store: Store, console: Console, now: float):
-        self.store, self.console, self.now = store, console, now
+    def __init__(
+        self,
+        store: Store,
+        console: Console,
+        outcome: Outcome,
+        locks: Optional["LockRun"],
+        prefix: str,
+    ):
+        self.store, self.console = store, console
+        self.outcome, self.locks = outcome, locks
+        self.now = time.time()
+        # The server's time when the run began is within the second its first
+        # answers' Date header names: uploads initiated before its end are taken
+        # for a killed run's (by then, this run has none of its own on the key).
+        before = store.clock.latest + 1 if store.clock.latest else self.now
+        self.stale = StaleUploads(store, prefix, before, console)
+        self.counting = threading.Lock()
 
-    def __call__(self, item: Upload, cancel: threading.Event) -> Optional[LocalFile]:
-        if future_dated(item, self.now):
-            recheck = after_recheck(item, recorded_mtime(self.store, item.key))
-            if isinstance(recheck, Keep):
-                return None
-        start = self.read_and_put(item, cancel)
-        file = start.file()
+    def __call__(self, item: Upload, cancel: threading.Event) -> bool:
+        if stored_already(self.store, item, self.now):
+            return False
+        file = self.read_and_put(item, cancel).file()
         if file.size < MULTIPART_THRESHOLD:
             self.console.advance(nbytes=file.size)
         self.console.advance(files=1)
@@ -1139,7 +1139,13 @@ class Uploader:
             f"upload: {printable(file.path)} -> "
             f"{printable(f's3://{self.store.bucket}/{item.key}')}"
         )
-        return file
+        # The size as stored: the file may have shrunk since the walk.
+        with self.counting:
+            self.outcome.nbytes += file.size
+            if self.locks:
+                self.locks.uploaded.append(item.key)
+        self.stale.uploaded(item.key)
+        return True
 
     def read_and_put(self, item: Upload, cancel: threading.Event) -> ReadStart:
         """put_once, as many as READ_ATTEMPTS times while the file changes."""
@@ -1315,7 +1321,10 @@ def lock_bucket(
             "back up to a new bucket with --lock-days)",
             exc,
         ) from None
-    mode, days = default_retention_days(configuration)
+    # The bucket's default retention, a year counted as 365 days.
+    retention = configuration.get("Rule", {}).get("DefaultRetention", {})
+    days = retention.get("Days") or 365 * retention.get("Years", 0)
+    mode = retention.get("Mode") if days else None
     if days > policy.days:
         raise usage_error(
             f"--lock-days {policy.days} is shorter than the default retention of "
@@ -1345,11 +1354,6 @@ def read_lock_state(store: Store, key: str) -> Optional[dict]:
         return json.loads(body)
     except ValueError:
         return None
-
-
-def write_lock_state(store: Store, key: str, state: dict) -> None:
-    body = json.dumps(state, indent=1).encode()
-    store.put(key, body, {"ContentType": "application/json"}, plain=True)
 
 
 def renew_locks(
@@ -1398,13 +1402,9 @@ def keep_locked(
     kept, target = locks.kept(), policy.until(point)
     if due:
         until = target if kept else None
+        read_first = must_read_locks(known, target)
         failures, seen = renew_locks(
-            store,
-            kept,
-            policy,
-            target,
-            must_read_locks(known, target),
-            locks.workers,
+            store, kept, policy, target, read_first, locks.workers
         )
         if failures:
             return None, failures
@@ -1420,11 +1420,9 @@ def keep_locked(
             "nothing of this backup is protected from deletion"
         )
     if due and until is not None:
-        write_lock_state(
-            store,
-            state_key,
-            lock_state(policy, locks.filters, point, until, longest),
-        )
+        state = lock_state(policy, locks.filters, point, until, longest)
+        body = json.dumps(state, indent=1).encode()
+        store.put(state_key, body, {"ContentType": "application/json"}, plain=True)
     return {"mode": policy.mode, "until": until and format_when(until)}, []
 
 
@@ -1455,10 +1453,10 @@ class LockRun:
         return [key for key in self.listed if key not in gone]
 
 
-def check_locks(store: Store, locks: LockRun, policy: LockPolicy) -> list[str]:
+def check_locks(store: Store, locks: LockRun) -> list[str]:
     """--check --lock-days: the keys whose lock ends before `kept` from now, or
     that have none (one HeadObject each, side by side)."""
-    soon = time.time() + policy.kept
+    soon = time.time() + locks.policy.kept
 
     def unlocked(key: str) -> bool:
         try:
@@ -1649,7 +1647,7 @@ def run(args, console: Console) -> int:
         steps = content_decided(steps, store, args.workers, unread)
     if args.check:
         plan = BackupPlan.of(steps)  # the listing is read whole by then
-        unlocked = job.policy and check_locks(store, locks, job.policy)
+        unlocked = locks and check_locks(store, locks)
         return report_check(plan, unread, scan, job.location, started, unlocked)
     if args.dry_run:
         outcome = show_plan(steps, store, job.location, args.no_versioning, console)
@@ -1665,8 +1663,9 @@ def plan_job(
     listing: Iterator[RemoteObject],
     exists: bool,
 ) -> Iterator[Step]:
-    """The plan, its first step drawn (refused_or_started); --check of a missing
-    bucket is an error."""
+    """The plan with its first step drawn, before anything changes: a --delete
+    that would empty the prefix is refused by then (exit 2); --check of a
+    missing bucket is an error."""
     if not exists and args.check:
         raise CliError(
             f"the bucket {job.location.bucket} does not exist: nothing is backed up "
@@ -1682,7 +1681,14 @@ def plan_job(
         single_file=not job.is_folder,
         refuse_empty=not args.check,
     )
-    return refused_or_started(steps, args.local)
+    try:
+        first = next(steps, None)
+    except EmptySource:
+        raise usage_error(
+            f"refusing --delete: {args.local!r} has no files to back up, "
+            "so every object under the prefix would be deleted"
+        ) from None
+    return itertools.chain(() if first is None else (first,), steps)
 
 
 def prepare_bucket(
@@ -1694,14 +1700,24 @@ def prepare_bucket(
     console: Console,
 ) -> None:
     """The bucket made ready for the run: created if missing, its history set up
-    or said to be missing, its Object Lock for --lock-days (in `locks`)."""
+    or said to be missing, its Object Lock for --lock-days (in `locks`; a bucket
+    created now has it), with the warning of --keep-days shorter than the lock."""
     if found.exists:
         update_history(args, store, found.versioning, console)
+        keep_days = args.keep_days
     else:
         keep_days = None if args.no_versioning else args.keep_days or DEFAULT_KEEP_DAYS
         create_bucket(store, keep_days, args.dry_run, console, lock=bool(job.policy))
     if locks:
-        locks.policy = set_up_lock(args, store, found.exists, job.policy, console)
+        if found.exists and not args.dry_run:
+            mode_given = args.lock_mode is not None
+            locks.policy = lock_bucket(store, locks.policy, mode_given, console)
+        if keep_days and keep_days < locks.policy.days:
+            console.warning(
+                f"--keep-days {keep_days} is shorter than --lock-days "
+                f"{locks.policy.days}: replaced and deleted versions live until "
+                "their lock ends"
+            )
         store.lock = locks.policy
     if store.key and not args.dry_run and store.customer_keys_blocked():
         raise CliError(blocked_customer_keys(store.bucket))
@@ -1769,22 +1785,6 @@ def report_backup(
     return ExitCode.FAILURE if summary.failed else ExitCode.OK
 
 
-def set_up_lock(
-    args, store: Store, exists: bool, policy: LockPolicy, console: Console
-) -> LockPolicy:
-    """The bucket's Object Lock for this run (a bucket created now has it), and
-    the warning of --keep-days shorter than the lock."""
-    if exists and not args.dry_run:
-        policy = lock_bucket(store, policy, args.lock_mode is not None, console)
-    keep_days = args.keep_days or (None if exists else DEFAULT_KEEP_DAYS)
-    if keep_days and keep_days < policy.days:
-        console.warning(
-            f"--keep-days {keep_days} is shorter than --lock-days {policy.days}: "
-            "replaced and deleted versions live until their lock ends"
-        )
-    return policy
-
-
 def finish_locks(
     store: Store,
     location: Location,
@@ -1806,19 +1806,6 @@ def finish_locks(
             key=failure.item,
         )
     return lock, len(failures)
-
-
-def refused_or_started(steps: Iterator[Step], local: str) -> Iterator[Step]:
-    """The plan with its first step drawn, before anything changes: a --delete
-    that would empty the prefix is refused by then (exit 2)."""
-    try:
-        first = next(steps, None)
-    except EmptySource:
-        raise usage_error(
-            f"refusing --delete: {local!r} has no files to back up, "
-            "so every object under the prefix would be deleted"
-        ) from None
-    return itertools.chain(() if first is None else (first,), steps)
 
 
 def update_history(
@@ -1862,11 +1849,9 @@ def show_plan(
     now = time.time()
     outcome = Outcome()
     for upload in uploads_of(steps, outcome, location, console):
-        if future_dated(upload, now):
-            recorded = recorded_mtime(store, upload.key)
-            if isinstance(after_recheck(upload, recorded), Keep):
-                outcome.skipped += 1
-                continue
+        if stored_already(store, upload, now):
+            outcome.skipped += 1
+            continue
         outcome.transferred += 1
         outcome.nbytes += upload.file.size
         console.info(
@@ -1899,29 +1884,11 @@ def execute_backup(
     console.start(known=False)
     if locks:
         locks.started = time.time()
-    uploader = Uploader(store, console, time.time())
-    # The server's time when the run began is within the second its first
-    # answers' Date header names: uploads initiated before its end are taken
-    # for a killed run's (by then, this run has none of its own on the key).
-    before = store.clock.latest + 1 if store.clock.latest else time.time()
-    stale = StaleUploads(store, location.prefix, before, console)
-    counting = threading.Lock()
-
-    def upload(item: Upload, cancel: threading.Event) -> bool:
-        file = uploader(item, cancel)
-        if file is None:
-            return False
-        with counting:  # the size as stored: the file may have shrunk since the walk
-            outcome.nbytes += file.size
-            if locks:
-                locks.uploaded.append(item.key)
-        stale.uploaded(item.key)
-        return True
-
+    uploader = Uploader(store, console, outcome, locks, location.prefix)
     uploads = uploads_of(steps, outcome, location, console)
     try:
         failures, skipped = run_collecting_failures(
-            uploads, upload, args.workers, PLAN_AHEAD, store
+            uploads, uploader, args.workers, PLAN_AHEAD, store
         )
     finally:
         store.close()
