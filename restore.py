@@ -129,8 +129,7 @@ Step = Union[Download, Refused, Conflict]
 
 @dataclass
 class Outcome:
-    """What running (or, with --dry-run, showing) the plan did, counted as its steps
-    came: the closing summary is made of this."""
+    """What running (or showing, --dry-run) the plan did, counted as it came."""
 
     transferred: int = 0
     skipped: int = 0  # already restored, or the same content (--checksum)
@@ -141,9 +140,8 @@ class Outcome:
     conflicts: int = 0
 
 
-# Downloads the plan runs ahead of the workers: their count and bytes are in the
-# progress line's totals, which are final once the plan ends; the first download
-# starts once this many are planned (or the plan has ended).
+# Downloads the plan runs ahead of the workers (in the progress line's totals, final
+# once the plan ends); the first starts once this many are planned.
 PLAN_AHEAD = 1_000
 
 
@@ -338,17 +336,15 @@ def plan_restore(
     filters: Filters,
     case_insensitive: bool,
 ) -> Iterator[Step]:
-    """Which objects to write where, which to refuse, which collide: the steps, from
-    the listing in key order, as it comes (a few keys behind it, never held whole).
+    """The steps (where each object goes, which are refused, which collide) from the
+    listing in key order, as it comes. `base_prefix` is the prefix folder whose
+    contents land directly in root.
 
-    `base_prefix` is the prefix folder whose contents land directly in root. A file
-    waits on a stack while keys under its name plus "/" may still come: after "a",
-    "a-b" and "a.txt" sort before "a/x" ("-" and "." before "/"), and each file that
-    waits is a prefix of the next. Once past its folder's keys, a file with objects
-    under its name is a conflict: the folder is restored. On a case-insensitive
-    file system names compare casefolded, in their casefolded order: the listing
-    is held whole and sorted so, what such a file system costs.
-    """
+    A file waits on a stack while keys under its name plus "/" may still come ("a",
+    then "a-b" and "a.txt", then "a/x"): each one waiting is a prefix of the next.
+    A file with objects under its name is a conflict: the folder is restored. On a
+    case-insensitive file system names compare casefolded, in that order: the
+    listing is held whole and sorted, what such a file system costs."""
     fold = str.casefold if case_insensitive else str
     named = placed(objects, base_prefix, root, filters, fold)
     if case_insensitive:
@@ -382,9 +378,8 @@ def placed(
     filters: Filters,
     fold: Callable[[str], str],
 ) -> Iterator[tuple[str, Union[Download, Refused]]]:
-    """(its name as compared, folded, and its step) for each object the filters
-    select: a Download, or Refused for a key that would land outside root.
-    Folder markers are left out."""
+    """(its name, folded, and its Download or Refused) for each object but folder
+    markers that the filters select."""
     for obj in objects:
         if obj.key.endswith("/"):
             continue
@@ -400,8 +395,8 @@ def placed(
 
 
 def settled(download: Download, folder_time: Optional[float]) -> Step:
-    """A waiting file's step once no key under its name can come: its download,
-    or, with objects under it (the newest at `folder_time`), a conflict."""
+    """A waiting file's step: its download, or with objects under it (the newest at
+    `folder_time`), a conflict."""
     if folder_time is None:
         return download
     return Conflict(download.key, folder_conflict(download.last_modified, folder_time))
@@ -446,8 +441,7 @@ def parent_prefix(prefix: str) -> str:
 
 
 def listed(store: Store, prefix: str) -> Iterator[RemoteObject]:
-    """The objects under PREFIX/, in key order, as they are listed; a failure to
-    list them, whenever it comes, as the line that says so."""
+    """The objects under PREFIX/, as listed; a failure to list, whenever, as a CliError."""
     try:
         yield from store.list(folder_prefix(prefix))
     except botocore.exceptions.ClientError as exc:
@@ -459,25 +453,16 @@ def list_error(bucket: str, prefix: str, exc: BaseException) -> CliError:
 
 
 def first_file(objects: Iterator[RemoteObject]) -> Optional[Iterator[RemoteObject]]:
-    """The objects from the first one that is not a folder marker on, read no
-    further than it; None when there is none."""
+    """The objects from the first one that is not a folder marker on; None if none."""
     for obj in objects:
         if not obj.key.endswith("/"):
             return itertools.chain((obj,), objects)
     return None
 
 
-def in_key_order(objects: dict[str, RemoteObject]) -> Iterator[RemoteObject]:
-    return (objects[key] for key in sorted(objects))
-
-
 def find_objects(store: Store, prefix: str) -> tuple[Iterator[RemoteObject], str]:
-    """The objects to restore, in key order, and their base prefix (what to take
-    off their keys).
-
-    Everything under PREFIX/, as it is listed, if there is anything; else the one
-    object named PREFIX.
-    """
+    """The objects to restore, in key order, and their base prefix (what to take off
+    their keys): everything under PREFIX/ as listed, if any; else the one object PREFIX."""
     objects = first_file(listed(store, prefix))
     if objects is not None or not prefix:
         return objects or iter(()), prefix
@@ -500,18 +485,18 @@ def find_objects(store: Store, prefix: str) -> tuple[Iterator[RemoteObject], str
 def find_objects_at(
     store: Store, prefix: str, when: float
 ) -> tuple[Iterator[RemoteObject], str]:
-    """find_objects as at `when`: each key's version at that moment. The versions
-    are held by key (objects_at), then given in key order."""
-    versions = itertools.chain.from_iterable
+    """find_objects as at `when`: each key's version at that moment (held by key
+    in objects_at, then given in key order)."""
+    versions, base_prefix = itertools.chain.from_iterable, prefix
     try:
         objects = objects_at(versions(store.version_pages(folder_prefix(prefix))), when)
-        if any(not key.endswith("/") for key in objects) or not prefix:
-            return in_key_order(objects), prefix
-        pages = store.version_pages(prefix, through=prefix)
-        single = objects_at((v for v in versions(pages) if v.key == prefix), when)
+        if prefix and all(key.endswith("/") for key in objects):
+            pages = store.version_pages(prefix, through=prefix)
+            objects = objects_at((v for v in versions(pages) if v.key == prefix), when)
+            base_prefix = parent_prefix(prefix)
     except botocore.exceptions.ClientError as exc:
         raise versions_error(store.bucket, prefix, exc) from None
-    return in_key_order(single), parent_prefix(prefix)
+    return (objects[key] for key in sorted(objects)), base_prefix
 
 
 def versions_error(bucket: str, prefix: str, exc: BaseException) -> CliError:
@@ -684,9 +669,8 @@ def objects_to_restore(
 def content_checked(
     steps: Iterable[Step], store: Store, workers: int
 ) -> Iterator[Step]:
-    """--checksum: the steps, each download whose file already holds its object's
-    bytes (by MD5s) marked same_content, files hashed on `workers` threads as the
-    steps come. A file that cannot be read is simply restored over."""
+    """--checksum: the steps, a download whose file holds its object's bytes (MD5s,
+    hashed on `workers` threads) marked same_content; an unreadable file is restored over."""
 
     def check(step: Step) -> Step:
         if not (isinstance(step, Download) and is_same_size_file(step)):
@@ -698,8 +682,7 @@ def content_checked(
 
 
 def is_same_size_file(item: Download) -> bool:
-    """Whether the download's file is one to compare by content: a regular file
-    (not a link) of its object's size."""
+    """Whether the download's file is a regular file (not a link) of its size."""
     try:
         info = at_any_length(os.lstat, str(item.path))
     except OSError:

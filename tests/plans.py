@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 from backup import BackupPlan, Compare, LocalFile, Step, plan_backup
 from backup import by_content as decide_by_content
-from restore import Conflict, Download, Refused, in_key_order, plan_restore
+from restore import Conflict, Download, Refused, plan_restore
 from s3common import Contents, Filters, RemoteObject
 
 
@@ -57,7 +57,8 @@ class RestoreSteps(NamedTuple):
 
 def restore_plan_of(objects: dict[str, RemoteObject], *args, **kwargs) -> RestoreSteps:
     """plan_restore(...) of the objects given in key order, as the scripts list them."""
-    steps = list(plan_restore(in_key_order(objects), *args, **kwargs))
+    in_key_order = [objects[key] for key in sorted(objects)]
+    steps = list(plan_restore(in_key_order, *args, **kwargs))
     return RestoreSteps(
         tuple(step for step in steps if isinstance(step, Download)),
         tuple((s.key, s.why) for s in steps if isinstance(s, Refused)),
