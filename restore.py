@@ -82,6 +82,7 @@ from s3common import (
     is_within,
     key_error,
     map_failing_fast,
+    may_come_under,
     open_folder,
     parse_location,
     parse_mode,
@@ -351,9 +352,7 @@ def plan_restore(
         named = iter(sorted(named, key=lambda pair: pair[0]))
     waiting: list[list] = []  # [name, download, newest LastModified under name/]
     for name, step in named:
-        while waiting and not (
-            name < waiting[-1][0] + "/" or name.startswith(waiting[-1][0] + "/")
-        ):
+        while waiting and not may_come_under(name, waiting[-1][0]):
             yield settled(*waiting.pop()[1:])
         if isinstance(step, Refused):
             yield step
@@ -1232,11 +1231,7 @@ def run(args, console: Console) -> int:
 
 
 def report_restore(
-    args,
-    outcome: Outcome,
-    when: Optional[float],
-    console: Console,
-    started: float,
+    args, outcome: Outcome, when: Optional[float], console: Console, started: float
 ) -> int:
     """The closing summary; the exit code."""
     summary = Summary(

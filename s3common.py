@@ -1826,6 +1826,12 @@ def listed_objects(page: dict, any_order: bool = False) -> list[RemoteObject]:
     ]
 
 
+def may_come_under(key: str, name: str) -> bool:
+    """Whether keys under `name` + "/" may still come in a listing that has reached
+    `key`: in key order "a-b" and "a.txt" come between "a" and "a/x"."""
+    return key < name + "/" or key.startswith(name + "/")
+
+
 def list_range(
     paginator,
     bucket: str,
