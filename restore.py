@@ -342,10 +342,11 @@ def plan_restore(
     contents land directly in root.
 
     A file waits on a stack while keys under its name plus "/" may still come ("a",
-    then "a-b" and "a.txt", then "a/x"): each one waiting is a prefix of the next.
-    A file with objects under its name is a conflict: the folder is restored. On a
-    case-insensitive file system names compare casefolded, in that order: the
-    listing is held whole and sorted, what such a file system costs."""
+    then "a-b" and "a.txt", then "a/x"); each one waiting is a prefix of the next,
+    so no more wait than a key has characters. A file with objects under its name
+    is a conflict: the folder is restored. On a case-insensitive file system names
+    compare casefolded, in that order: the listing is held whole and sorted, what
+    such a file system costs."""
     fold = str.casefold if case_insensitive else str
     named = placed(objects, base_prefix, root, filters, fold)
     if case_insensitive:
