@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, tzinfo
+from operator import attrgetter
 from pathlib import Path, PurePath, PurePosixPath
 from typing import BinaryIO, Optional, TypeVar, Union
 
@@ -485,18 +486,32 @@ def find_objects(store: Store, prefix: str) -> tuple[Iterator[RemoteObject], str
 def find_objects_at(
     store: Store, prefix: str, when: float
 ) -> tuple[Iterator[RemoteObject], str]:
-    """find_objects as at `when`: each key's version at that moment (held by key
-    in objects_at, then given in key order)."""
-    versions, base_prefix = itertools.chain.from_iterable, prefix
+    """find_objects as at `when`: each key's version at that moment."""
+    objects = first_file(versions_at(store, prefix, when))
+    if objects is not None or not prefix:
+        return objects or iter(()), prefix
+    return versions_at(store, prefix, when, one=True), parent_prefix(prefix)
+
+
+def versions_at(
+    store: Store, prefix: str, when: float, one: bool = False
+) -> Iterator[RemoteObject]:
+    """Each key's version at `when` under PREFIX/ (or, `one`, of the object PREFIX), in
+    key order, a key at a time as listed (by_key_newest_first gives each key's entries
+    together); a failure to list them, whenever it comes, as a CliError."""
+    if one:
+        pages = store.version_pages(prefix, through=prefix)
+    else:
+        pages = store.version_pages(folder_prefix(prefix))
     try:
-        objects = objects_at(versions(store.version_pages(folder_prefix(prefix))), when)
-        if prefix and all(key.endswith("/") for key in objects):
-            pages = store.version_pages(prefix, through=prefix)
-            objects = objects_at((v for v in versions(pages) if v.key == prefix), when)
-            base_prefix = parent_prefix(prefix)
+        entries_by_key = itertools.groupby(
+            by_key_newest_first(pages), attrgetter("key")
+        )
+        for key, entries in entries_by_key:
+            if not one or key == prefix:
+                yield from objects_at(entries, when).values()
     except botocore.exceptions.ClientError as exc:
         raise versions_error(store.bucket, prefix, exc) from None
-    return (objects[key] for key in sorted(objects)), base_prefix
 
 
 def versions_error(bucket: str, prefix: str, exc: BaseException) -> CliError:
