@@ -2,10 +2,12 @@
 
     python3 bench/restore_memory.py . 200000             # --dry-run: list and plan
     python3 bench/restore_memory.py . 200000 --restore   # every object written
+    python3 bench/restore_memory.py . 200000 --at        # --at a day later, --dry-run
 
 A tiny local server on 127.0.0.1 stands in for S3: it answers ListObjectsV2 with N
 keys in 1,000-key folders (`mem/d0001/f0001000.bin`), paged as S3 pages them
-(max-keys, continuation-token), and GetObject of any of them with 16 bytes;
+(max-keys, continuation-token), ListObjectVersions with one version of each
+(key-marker, version-id-marker), and GetObject of any of them with 16 bytes;
 everything else is 404. Objects made by a formula, not put: a million cost
 nothing to make. With --restore the files land in a temporary folder in
 /dev/shm, removed after. Peak RSS, wall and CPU time as bench/run.py measures
@@ -22,7 +24,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 repo, total = Path(sys.argv[1]), int(sys.argv[2])
-restoring = "--restore" in sys.argv
+restoring, at = "--restore" in sys.argv, "--at" in sys.argv
 BODY = b"0123456789abcdef"
 STAMP = "2026-12-07T10:00:00.000Z"
 ETAG = '"4032af8d61035123906e58e067140cc5"'  # BODY's MD5
@@ -53,6 +55,33 @@ def listing(query: dict) -> bytes:
     ).encode()
 
 
+def versions(query: dict) -> bytes:
+    marker = query.get("version-id-marker", [""])[0]
+    start = int(marker[1:]) + 1 if marker else 0
+    end = min(start + int(query.get("max-keys", ["1000"])[0]), total)
+    more = end < total
+    entries = "".join(
+        f"<Version><Key>{key(n)}</Key><VersionId>v{n}</VersionId><IsLatest>true</IsLatest>"
+        f"<LastModified>{STAMP}</LastModified><ETag>{ETAG}</ETag><Size>{len(BODY)}</Size>"
+        "<StorageClass>STANDARD</StorageClass></Version>"
+        for n in range(start, end)
+    )
+    return (
+        '<?xml version="1.0" encoding="UTF-8"?><ListVersionsResult '
+        'xmlns="http://s3.amazonaws.com/doc/2006-03-01/"><Name>mem</Name>'
+        f"<Prefix>mem/</Prefix><MaxKeys>1000</MaxKeys>"
+        f"<IsTruncated>{'true' if more else 'false'}</IsTruncated>"
+        + (
+            f"<NextKeyMarker>{key(end - 1)}</NextKeyMarker>"
+            f"<NextVersionIdMarker>v{end - 1}</NextVersionIdMarker>"
+            if more
+            else ""
+        )
+        + entries
+        + "</ListVersionsResult>"
+    ).encode()
+
+
 class Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as S3 does
 
@@ -74,6 +103,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         name = unquote(parts.path).removeprefix("/mem/")
         if query.get("list-type") == ["2"] and parts.path.rstrip("/") == "/mem":
             self.answer(listing(query), "application/xml")
+        elif "versions" in query and parts.path.rstrip("/") == "/mem":
+            self.answer(versions(query), "application/xml")
         elif name.startswith("mem/d") and name.endswith(".bin"):
             modified = "Mon, 07 Dec 2026 10:00:00 GMT"
             self.answer(BODY, "binary/octet-stream", ETag=ETAG, Last_Modified=modified)
@@ -106,12 +137,13 @@ with (
     env = bench.base_env(Path(home))
     argv = [sys.executable, str(repo / "restore.py"), "mem::mem", into + "/out", "-q"]
     argv += ["--endpoint-url", url] + ([] if restoring else ["--dry-run"])
+    argv += ["--at", "2026-12-08T00:00:00Z"] if at else []
     result = bench.measure(argv, env)
     if restoring:
         restored = sum(1 for path in Path(into, "out").rglob("*.bin"))
         assert restored == total, f"{restored} files restored of {total}"
         shutil.rmtree(Path(into, "out"))
-    what = "restore" if restoring else "--dry-run"
+    what = ("restore" if restoring else "--dry-run") + (" --at" if at else "")
     print(
         f"{total} objects, {what}: {result.seconds:.1f} s, CPU {result.cpu_seconds:.1f} s, "
         f"peak RSS {result.peak_rss_mib:.1f} MiB"
