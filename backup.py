@@ -35,6 +35,7 @@ import stat
 import tempfile
 import threading
 import time
+import zlib
 from argparse import ArgumentTypeError
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
@@ -45,17 +46,18 @@ from typing import BinaryIO, Optional, TextIO, TypeVar, Union
 import botocore.exceptions
 
 from s3common import (
+    CHUNK,
     LIST_PAGE,
     MD5_METADATA,
     MULTIPART_THRESHOLD,
     READ_ATTEMPTS,
     TEMPORARY_NAME,
     ArgumentParser,
-    ByteBudget,
     CliError,
     Console,
     ExitCode,
     Failure,
+    FileBody,
     FileChanged,
     Filters,
     Location,
@@ -109,10 +111,6 @@ DELETES_HELD = 10_000
 # Uploads the plan runs ahead of the executor: their count and bytes are in the
 # progress line's totals, which are final once the plan ends.
 PLAN_AHEAD = 10_000
-# The bytes of small files read whole for their upload that the workers hold at
-# once: without a bound, 64 workers held 64 MiB of 1 MiB files
-# (bench/RESULTS.md, measured choices).
-BODY_BYTES_AT_ONCE = 8 * 1024 * 1024
 # The one lifecycle rule of our own in a bucket: found and updated by this ID.
 HISTORY_RULE_ID = "s3backup-retention"
 DEFAULT_KEEP_DAYS = 30
@@ -1099,6 +1097,24 @@ def read_whole(source: BinaryIO, start: ReadStart) -> bytes:
     return data
 
 
+def read_digests(
+    source: BinaryIO, start: ReadStart, with_md5: bool
+) -> tuple[int, Optional[str]]:
+    """The CRC32 and (with_md5) the hex MD5 of the open file, from one read in
+    chunks during which it did not change."""
+    crc, md5 = 0, hashlib.md5(usedforsecurity=False) if with_md5 else None
+    size = 0
+    while chunk := source.read(CHUNK):
+        crc = zlib.crc32(chunk, crc)
+        if md5:
+            md5.update(chunk)
+        size += len(chunk)
+    if size != start.before.st_size:
+        raise FileChanged()
+    start.check(os.fstat(source.fileno()))
+    return crc, md5 and md5.hexdigest()
+
+
 class Uploader:
     """One file up (called by run_collecting_failures), as one PUT or a parallel
     multipart upload, from one read of it during which it did not change. Its
@@ -1108,8 +1124,6 @@ class Uploader:
 
     def __init__(self, store: Store, console: Console, now: float):
         self.store, self.console, self.now = store, console, now
-        # The bodies of small files, held whole from their read to their PUT.
-        self.bodies = ByteBudget(BODY_BYTES_AT_ONCE)
 
     def __call__(self, item: Upload, cancel: threading.Event) -> Optional[LocalFile]:
         if future_dated(item, self.now):
@@ -1151,24 +1165,28 @@ class Uploader:
             start = ReadStart.of(path, source)
             # One PutObject is the cheapest request for a small file; the transfer
             # manager's futures and callbacks cost more than the upload itself.
-            # Its bytes are read once, so that its checksum and body are the same read,
-            # and held within the budget from the read to the end of the PUT.
-            size = start.before.st_size
-            if size < MULTIPART_THRESHOLD:
-                with self.bodies.held(size, cancel):
-                    self.put_whole(item.key, start.file(), read_whole(source, start))
+            if start.before.st_size < MULTIPART_THRESHOLD:
+                self.put_small(item.key, start, source)
                 return start
         md5 = item.md5 if start.file() == item.file else None
         self.put_multipart(item.key, start, md5)
         return start
 
-    def put_whole(self, key: str, file: LocalFile, data: bytes) -> None:
-        """One PutObject of the bytes read; md5chksum, when the object needs it, is
-        of those bytes."""
-        md5 = None
-        if not self.store.etag_is_md5(file.size):
-            md5 = hashlib.md5(data, usedforsecurity=False).hexdigest()
-        self.store.put(key, data, upload_args(file, md5))
+    def put_small(self, key: str, start: ReadStart, source: BinaryIO) -> None:
+        """One PutObject, its checksums (and md5chksum, when the object needs it)
+        from one read of the file. A body of up to a CHUNK is held from that read;
+        a larger one streams from the file (FileBody), each send checked against
+        that read, so that workers hold chunks, not bodies, and as many bodies
+        are in flight as there are workers (a server far away wants them)."""
+        file = start.file()
+        with_md5 = not self.store.etag_is_md5(file.size)
+        if file.size <= CHUNK:
+            data = read_whole(source, start)
+            md5 = hashlib.md5(data, usedforsecurity=False) if with_md5 else None
+            self.store.put(key, data, upload_args(file, md5 and md5.hexdigest()))
+            return
+        crc, md5 = read_digests(source, start, with_md5)
+        self.store.put(key, FileBody(source, file.size, crc), upload_args(file, md5))
 
     def put_multipart(self, key: str, start: ReadStart, md5: Optional[str]) -> None:
         """Parallel parts read from the file by name, as s3transfer does: each

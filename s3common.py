@@ -7,11 +7,12 @@
   the customer key of --sse-c-key-file;
 - locations, keys, bucket names and the metadata format, all pure: BUCKET::PREFIX,
   key to path and back, mtime and mode metadata, the MD5 an ETag or md5chksum states;
-- local paths of any length, and the MD5s of files (--checksum, --check);
+- local paths of any length, the MD5s of files (--checksum, --check), and the
+  body of a PUT that streams from its file (FileBody);
 - worker pools, named by what they do on a failure (and on Ctrl-C):
   map_failing_fast and call_failing_fast for reads, run_collecting_failures for
   transfers, PartWorkers for the parts of large downloads; the --bwlimit token
-  bucket, and the byte budget of what workers hold in memory;
+  bucket;
 - console and summary: messages, the progress line, the closing summary, the JSON
   report, and run_cli, where each script's main begins and ends;
 - the Store, the one door to S3: every request of both scripts goes through its
@@ -61,7 +62,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from enum import IntEnum
 from pathlib import PurePath, PureWindowsPath
-from typing import Generic, NoReturn, TextIO, TypeVar
+from typing import BinaryIO, Generic, NoReturn, TextIO, TypeVar
 from urllib.parse import quote, urlsplit
 
 import botocore
@@ -929,6 +930,62 @@ def file_md5(path: str) -> str:
     return digest.hexdigest()
 
 
+class FileBody:
+    """A PutObject body that streams from an open file, read again from its start
+    for every send (a retry's included), so that no worker holds a body whole.
+
+    `crc32` is the checksum of the read that decided the upload, which its
+    header states. Each send's last bytes are held back until the bytes before
+    them and they match it: a file changed since that read is never stored, on
+    any server, but raises FileChanged (and the upload reads it again). A read
+    of a given size returns at most CHUNK bytes (botocore asks for 1 MiB at a
+    time). Seekable to its start and end only, which is all botocore
+    does with a body it may send again."""
+
+    def __init__(self, file: BinaryIO, size: int, crc32: int):
+        self.file, self.size, self.crc32 = file, size, crc32
+        self._at = 0
+        self.seek(0)  # from the read that made crc32, the file is at its end
+
+    def __len__(self) -> int:
+        return self.size
+
+    def read(self, amount: int | None = -1) -> bytes:
+        left = self.size - self._at
+        amount = left if amount is None or amount < 0 else min(amount, left, CHUNK)
+        data = self.file.read(amount)
+        if len(data) < amount:
+            raise FileChanged()  # it shrank
+        self._crc = zlib.crc32(data, self._crc)
+        self._at += len(data)
+        if data and self._at == self.size and self._crc != self.crc32:
+            raise FileChanged()
+        return data
+
+    def sha256(self) -> str:
+        """The hex SHA-256 of the file's bytes now, for the signature of a send:
+        the send itself is checked."""
+        digest = hashlib.sha256()
+        self.seek(0)
+        for _ in range(0, self.size, CHUNK):
+            digest.update(self.file.read(CHUNK))
+        self.seek(0)
+        return digest.hexdigest()
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        at = {os.SEEK_SET: 0, os.SEEK_CUR: self._at, os.SEEK_END: self.size}[whence]
+        if at + offset not in (0, self.size):
+            raise io.UnsupportedOperation("a FileBody seeks to its start or end")
+        self._at = at + offset
+        if self._at == 0:
+            self.file.seek(0)
+            self._crc = 0
+        return self._at
+
+    def tell(self) -> int:
+        return self._at
+
+
 @dataclass
 class Contents:
     """MD5s (hex) of files and of their objects, keyed by S3 key."""
@@ -981,7 +1038,7 @@ def compare_contents(
     return contents
 
 
-# --- Worker pools, the --bwlimit token bucket, the byte budget ---------------
+# --- Worker pools and the --bwlimit token bucket -----------------------------
 
 
 @dataclass(frozen=True)
@@ -1062,68 +1119,6 @@ def without_locals(error: BaseException) -> BaseException:
         traceback.clear_frames(link.__traceback__)
         chain += [link.__cause__, link.__context__]
     return error
-
-
-# A thread waiting for room in a ByteBudget looks at the run's cancel event this
-# often: Ctrl-C stops it within this many seconds.
-CANCEL_CHECK_SECONDS = 0.1
-
-
-class ByteBudget:
-    """At most `limit` bytes held at once across every thread that takes from it.
-
-    Takers are served in the order they came: one that does not fit waits, and
-    so do those behind it, so a large taker is never passed over for ever. A
-    taker of more than the whole budget takes the whole budget (it waits until
-    nothing else is held): any size passes.
-    """
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self._free = limit
-        self._lock = threading.Lock()
-        self._waiting: collections.deque[threading.Condition] = collections.deque()
-
-    def take(self, nbytes: int, cancel: threading.Event) -> int:
-        """Wait until nbytes fit; the bytes taken (at most the whole budget).
-        Cancelled when the run is interrupted meanwhile."""
-        nbytes = min(nbytes, self.limit)
-        with self._lock:
-            if not self._waiting and nbytes <= self._free:
-                self._free -= nbytes
-                return nbytes
-            turn = threading.Condition(self._lock)
-            self._waiting.append(turn)
-            try:
-                while self._waiting[0] is not turn or nbytes > self._free:
-                    if cancel.is_set():
-                        raise Cancelled()
-                    turn.wait(CANCEL_CHECK_SECONDS)
-                self._free -= nbytes
-            finally:
-                self._waiting.remove(turn)
-                self._wake_next()
-        return nbytes
-
-    def give(self, nbytes: int) -> None:
-        """Give back bytes that take() returned."""
-        with self._lock:
-            self._free += nbytes
-            self._wake_next()
-
-    @contextlib.contextmanager
-    def held(self, nbytes: int, cancel: threading.Event) -> Iterator[None]:
-        """nbytes taken for the time of the with block, given back however it ends."""
-        taken = self.take(nbytes, cancel)
-        try:
-            yield
-        finally:
-            self.give(taken)
-
-    def _wake_next(self) -> None:
-        # Under the lock: the first in line may fit in what is free now.
-        if self._waiting:
-            self._waiting[0].notify()
 
 
 _END = object()  # the end of the items, in a worker's queue
@@ -1972,9 +1967,11 @@ class SigV4:
         payload: bytes,
         now: time.struct_time,
         query: str = "",
+        payload_sha256: str | None = None,
     ) -> dict[str, str]:
         """The headers to send: `headers` and Host, X-Amz-Date, the payload's
-        SHA-256, the session token if any, and the Authorization.
+        SHA-256 (`payload_sha256` where the payload is not at hand: a FileBody),
+        the session token if any, and the Authorization.
 
         `query` is the URL's query string, already encoded and in sorted order
         (as version_query writes it), which is then its canonical form."""
@@ -1984,7 +1981,9 @@ class SigV4:
         }
         signed["host"] = host
         signed["x-amz-date"] = timestamp
-        signed["x-amz-content-sha256"] = hashlib.sha256(payload).hexdigest()
+        signed["x-amz-content-sha256"] = (
+            payload_sha256 or hashlib.sha256(payload).hexdigest()
+        )
         if credentials.token:
             signed["x-amz-security-token"] = credentials.token
         names = sorted(signed)
@@ -2044,6 +2043,8 @@ class FetchedObject:
     chunks: Iterator[bytes]
 
 
+# The payload hash of a signature that leaves the body out.
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 # Parameters of put_object that a direct PUT sends, as the headers botocore sends them.
 PUT_HEADERS = {
     "ChecksumAlgorithm": "x-amz-sdk-checksum-algorithm",
@@ -2188,11 +2189,14 @@ class DirectRequests:
                         cafile=self._ca_bundle
                     )
                 connections[origin] = http.client.HTTPSConnection(
-                    netloc, timeout=DIRECT_TIMEOUT, context=self._ssl_context
+                    netloc,
+                    timeout=DIRECT_TIMEOUT,
+                    context=self._ssl_context,
+                    blocksize=CHUNK,
                 )
             else:
                 connections[origin] = http.client.HTTPConnection(
-                    netloc, timeout=DIRECT_TIMEOUT
+                    netloc, timeout=DIRECT_TIMEOUT, blocksize=CHUNK
                 )
         return connections[origin]
 
@@ -2208,13 +2212,14 @@ class DirectRequests:
         bucket: str,
         key: str,
         method: str,
-        body: bytes,
+        body: bytes | FileBody,
         headers,
         query: str = "",
         status: int = 200,
     ) -> tuple[http.client.HTTPResponse, tuple[str, str]]:
         """One signed request; its response of that status (a GET's body unread)
-        and its origin."""
+        and its origin. What a FileBody raises while it is sent (FileChanged)
+        goes on up, the request left unfinished: the server stores nothing."""
         route = self._routes.get((operation, bucket))
         if route is None:
             raise DirectFailed(
@@ -2223,9 +2228,18 @@ class DirectRequests:
         path = route.base_path + key_path(key)
         origin = route.origin
         credentials = self._credentials.get_frozen_credentials()
+        if isinstance(body, FileBody):
+            # As botocore signs a streamed body with a checksum header: over TLS
+            # unsigned (TLS and the CRC32 guard it), else by its SHA-256.
+            tls = origin[0] == "https"
+            streamed = UNSIGNED_PAYLOAD if tls else body.sha256()
+            payload, headers = b"", {**headers, "Content-Length": str(len(body))}
+        else:
+            streamed, payload = None, body
         headers = route.signer.sign(
-            credentials, method, route.host, path, headers, body, time.gmtime(), query
-        )
+            credentials, method, route.host, path, headers, payload, time.gmtime(),
+            query, streamed,
+        )  # fmt: skip
         headers["User-Agent"] = DIRECT_USER_AGENT
         try:
             connection = self._connection(origin)
@@ -2238,6 +2252,9 @@ class DirectRequests:
         except (OSError, http.client.HTTPException, ValueError) as exc:
             self._drop(origin)
             raise DirectFailed(f"{type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            self._drop(origin)
+            raise
         if response.status != status:
             stale = response.status in STALE_ROUTE_STATUSES
             if stale and self._routes.pop((operation, bucket), None) is not None:
@@ -2246,7 +2263,7 @@ class DirectRequests:
         self._clock.saw(response.getheader("Date"))
         return response, origin
 
-    def put(self, bucket: str, key: str, data: bytes, args: dict) -> None:
+    def put(self, bucket: str, key: str, data: bytes | FileBody, args: dict) -> None:
         """PutObject of data with put_object's Metadata and PUT_HEADERS parameters."""
         unknown = set(args) - {"Metadata", *PUT_HEADERS}
         if unknown:
@@ -2563,8 +2580,13 @@ class Store:
             self._manager.__exit__(KeyboardInterrupt, KeyboardInterrupt(), None)
 
     def close(self) -> None:
-        """Wait for the transfers under way, and end the part workers."""
-        if self._manager is not None:
+        """Wait for the transfers under way, and end the part workers. After
+        cancel(), cancel again instead: an upload handed to the manager while it
+        was shutting down stays registered but never runs, and waiting for it
+        would never end."""
+        if self.cancelled.is_set():
+            self.cancel()
+        elif self._manager is not None:
             self._manager.shutdown()
         self._parts.close()
 
@@ -3001,22 +3023,26 @@ class Store:
             args.update(self.lock.upload_args(time.time()))
         return args
 
-    def put(self, key: str, data: bytes, args: dict, plain: bool = False) -> None:
-        """One PutObject of data with put_object's `args` (Metadata, ContentType),
-        the options of every upload (none if `plain`: a record of the tool's own)
-        and a CRC32 of data: direct for a small body, else through botocore.
+    def put(
+        self, key: str, data: bytes | FileBody, args: dict, plain: bool = False
+    ) -> None:
+        """One PutObject of data (bytes, or a FileBody streamed from its file)
+        with put_object's `args` (Metadata, ContentType), the options of every
+        upload (none if `plain`: a record of the tool's own) and a CRC32 of the
+        data: direct for a small body, else through botocore.
 
         Our own checksum header, so that botocore streams no aws-chunked body
         with a trailing one (see connect), direct or not; a locked bucket takes
-        no upload without one. The body is let through --bwlimit whole (it is at
-        most 8 MiB): botocore reads it more than once, for its checksums, before
-        it sends it.
+        no upload without one. The body is let through --bwlimit whole (it is
+        under MULTIPART_THRESHOLD): both ways read it more than once, for the
+        payload's hash, before they send it.
         """
         self._pace(len(data))
+        crc = data.crc32 if isinstance(data, FileBody) else zlib.crc32(data)
         args = {
             **(args if plain else self._upload_args(args)),
             "ChecksumAlgorithm": "CRC32",
-            "ChecksumCRC32": crc32_header(zlib.crc32(data)),
+            "ChecksumCRC32": crc32_header(crc),
         }
         client = self.client
         if len(data) <= SMALL_OBJECT:
@@ -3025,6 +3051,8 @@ class Store:
                 return
             except DirectFailed as failure:
                 client = self._direct.fallback_client(failure)
+        if isinstance(data, FileBody):
+            data.seek(0)  # botocore sends it again from where it finds it
         client.put_object(Bucket=self.bucket, Key=key, Body=data, **args)
 
     def upload_file(

@@ -165,8 +165,17 @@ def read_chunked_body(reader: BinaryIO) -> bytes:
     return b"".join(chunks)
 
 
-def read_request(reader: BinaryIO, writer: socket.socket) -> Request | None:
-    """The next request on the connection, body included; None once the client hangs up."""
+class BodyCut(Exception):
+    """A request whose body the proxy stopped reading halfway, to cut it off."""
+
+
+def read_request(
+    reader: BinaryIO,
+    writer: socket.socket,
+    cuts: Callable[[Request], bool] = lambda request: False,
+) -> Request | None:
+    """The next request on the connection, body included; None once the client
+    hangs up. BodyCut, half its body read, for a request that cuts(request)."""
     try:
         line = reader.readline(MAX_LINE + 1)
         while line in (b"\r\n", b"\n"):
@@ -182,10 +191,14 @@ def read_request(reader: BinaryIO, writer: socket.socket) -> Request | None:
         # botocore waits (up to a second) for this before it sends a large body.
         if (request.header("expect") or "").lower() == "100-continue":
             writer.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        length = int(request.header("content-length") or 0)
+        if cuts(request):
+            read_exactly(reader, length // 2)
+            raise BodyCut()
         if "chunked" in (request.header("transfer-encoding") or "").lower():
             body = read_chunked_body(reader)
         else:
-            body = read_exactly(reader, int(request.header("content-length") or 0))
+            body = read_exactly(reader, length)
     except (ValueError, OSError):
         raise ClientGone() from None
     return Request(method, target, version, headers, body)
@@ -242,7 +255,9 @@ class FaultProxy:
     Object Lock headers of PutObject and CreateMultipartUpload nor those of HEAD
     answers, as by a server that ignores Object Lock (moto only: it checks no
     signatures). The answers to the first `cut_ranges`
-    GETs of a range (direct or not) break off before the end of their body. With
+    GETs of a range (direct or not) break off before the end of their body; the
+    bodies of the first `cut_puts` PutObject requests of more than 64 KiB (direct
+    or not) are cut off halfway, the connection reset there ("cut put"). With
     `version_times`, each <LastModified> of a ListObjectVersions answer becomes
     version_times(that time) (aware UTC datetimes), written to the millisecond: a
     backup's history as if it had been written then. `faults`
@@ -267,6 +282,7 @@ class FaultProxy:
         ignore_if_match: bool = False,
         strip_lock: bool = False,
         cut_ranges: int = 0,
+        cut_puts: int = 0,
         errors: Mapping[str, tuple[str, int]] | None = None,
         hold: Collection[str] = (),
         version_times: Callable[[datetime.datetime], datetime.datetime] | None = None,
@@ -284,6 +300,7 @@ class FaultProxy:
         self.ignore_if_match = ignore_if_match
         self.strip_lock = strip_lock
         self.cut_ranges = cut_ranges
+        self.cut_puts = cut_puts
         self.errors = dict(errors or {})
         self.version_times = version_times
         self.hold = set(hold)
@@ -327,6 +344,17 @@ class FaultProxy:
             self.slowdown_rate = self.internal_error_rate = self.reset_rate = 0.0
             self.throttled_keys = set()
             self.throttled_part_keys = set()
+
+    def cuts_body(self, request: Request) -> bool:
+        """Whether to cut off this request's body halfway (cut_puts)."""
+        large = int(request.header("content-length") or 0) > 64 * 1024
+        with self._lock:
+            if not (self.cut_puts and request.operation == "PutObject" and large):
+                return False
+            self.cut_puts -= 1
+            self.faults["cut put"] += 1
+            self.requests.append((request.method, request.path, request.is_direct))
+            return True
 
     def fault_for(self, request: Request) -> str | None:
         """The fault to inject for this request: "SlowDown", "InternalError",
@@ -454,6 +482,13 @@ class _Server(socketserver.ThreadingTCPServer):
     proxy: FaultProxy
 
 
+def reset(connection: socket.socket, reader: BinaryIO) -> None:
+    """End the connection with a reset (RST), as a crashed server's does."""
+    reader.close()
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.close()
+
+
 class _Handler(socketserver.BaseRequestHandler):
     """One client connection: requests one after another (keep-alive) until it ends."""
 
@@ -464,19 +499,18 @@ class _Handler(socketserver.BaseRequestHandler):
         try:
             while True:
                 try:
-                    request = read_request(reader, connection)
+                    request = read_request(reader, connection, proxy.cuts_body)
                 except ClientGone:
+                    return
+                except BodyCut:
+                    reset(connection, reader)
                     return
                 if request is None:
                     return
                 fault = proxy.fault_for(request)
                 if fault == "reset":
                     # The request was read but never answered: the client sees a reset.
-                    reader.close()
-                    connection.setsockopt(
-                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                    )
-                    connection.close()
+                    reset(connection, reader)
                     return
                 if fault == "cut":
                     # The answer starts, then the connection ends 1,000 bytes short.

@@ -30,6 +30,7 @@ import backup
 import restore
 from s3common import (
     MAX_ROUTE_CHANGES,
+    UNSIGNED_PAYLOAD,
     SigV4,
     crc32_header,
     host_header,
@@ -129,6 +130,33 @@ def test_sigv4_signs_exactly_as_botocore_does(
     assert ours.get("x-amz-security-token") == request.headers.get(
         "X-Amz-Security-Token"
     )
+
+
+def test_a_streamed_body_over_tls_is_signed_unsigned_as_botocore_signs_it(
+    monkeypatch,
+):
+    """botocore leaves a streamed body with a checksum header out of the
+    signature over TLS; the direct path signs a FileBody so over https."""
+    now = datetime(2026, 12, 7, 15, 0, 0)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime", lambda: now)
+    credentials = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY")
+    url = "https://my-bucket.s3.eu-west-1.amazonaws.com/backup/photo.jpg"
+    headers = {"x-amz-checksum-crc32": "NhCmhg==", "Content-Type": "image/jpeg"}
+    request = AWSRequest("PUT", url, data=b"hello", headers=headers)
+    request.context["has_streaming_input"] = True
+    request.context["checksum"] = {
+        "request_algorithm": {"in": "header", "name": "x-amz-checksum-crc32"}
+    }
+    botocore.auth.S3SigV4Auth(credentials, "s3", "eu-west-1").add_auth(request)
+    assert request.headers["X-Amz-Content-SHA256"] == UNSIGNED_PAYLOAD
+
+    parts = urlsplit(url)
+    ours = SigV4("eu-west-1", "s3").sign(
+        credentials, "PUT", host_header(parts), parts.path, headers, b"",
+        time.gmtime(calendar.timegm(now.timetuple())), "", UNSIGNED_PAYLOAD,
+    )  # fmt: skip
+    assert ours["x-amz-content-sha256"] == UNSIGNED_PAYLOAD
+    assert ours["authorization"] == request.headers["Authorization"]
 
 
 def test_sigv4_signs_the_example_of_the_s3_documentation():
@@ -257,6 +285,24 @@ def test_small_objects_go_direct_over_https_too(
     assert snapshot(target) == snapshot(small_tree)
 
 
+def test_streamed_bodies_go_direct_over_https_unsigned(
+    start_proxy, cli_env, tmp_path, bucket_name
+):
+    """Files over a CHUNK stream from their file, direct after botocore's first
+    PUT; over TLS their payload is left out of the signature, as botocore leaves
+    it (Ceph RGW checks every signature)."""
+    rng = random.Random(4)
+    files = {"a-first.txt": b"sent by botocore"}
+    files.update({f"s{n}.bin": rng.randbytes(200 * 1024 + n) for n in range(2)})
+    source = make_tree(tmp_path / "src", files)
+    proxy = start_proxy()
+    target = round_trip_over_tls(
+        proxy, cli_env, source, bucket_name, tmp_path, "--workers", "1"
+    )
+    assert object_requests(proxy, "PUT") == [False, True, True]
+    assert {path.name: path.read_bytes() for path in target.iterdir()} == files
+
+
 def test_files_over_the_direct_size_go_up_and_down_over_https(
     start_proxy, cli_env, tmp_path, bucket_name
 ):
@@ -321,6 +367,39 @@ def test_refused_direct_requests_fall_back_to_botocore_and_soon_stop(
     assert result.returncode == 0, result.stderr
     assert object_requests(proxy, "GET").count(True) == MAX_ROUTE_CHANGES
     assert {path.name: path.read_bytes() for path in target.iterdir()} == files
+
+
+def test_a_streamed_put_cut_off_midway_is_sent_again_whole_from_its_file(
+    start_proxy, server_client, cli_env, tmp_path, bucket_name
+):
+    """Bodies over a CHUNK stream from their file. The first three such PUTs are
+    cut off halfway through their body: the direct one, then botocore's in its
+    place and botocore's own retry of that. Each is sent again from the start of
+    the file (its checksum, from the read before, checked as it goes), and what
+    is stored is the file, whole."""
+    rng = random.Random(28)
+    files = {"a-first.txt": b"sent by botocore"}
+    files.update({f"s{n}.bin": rng.randbytes(300 * 1024 + n) for n in range(3)})
+    source = make_tree(tmp_path / "src", files)
+    proxy = start_proxy(cut_puts=3)
+    result = run_script(
+        "backup.py", str(source), bucket_name, "--endpoint-url", proxy.url,
+        "--workers", "1", env=cli_env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert proxy.faults["cut put"] == 3
+    assert object_requests(proxy, "PUT") == [
+        False,
+        True,
+        False,
+        False,
+        False,
+        True,
+        True,
+    ]
+    for name, data in files.items():
+        body = server_client.get_object(Bucket=bucket_name, Key=name)["Body"].read()
+        assert body == data, name
 
 
 @pytest.fixture

@@ -357,7 +357,9 @@ def test_mixed_reads_of_the_rewritten_file(body):
 
 
 @pytest.mark.parametrize("truncate", [False, True], ids=["in-place", "truncated"])
-@pytest.mark.parametrize("size", [2 * MiB, 20 * MiB], ids=["put", "multipart"])
+@pytest.mark.parametrize(
+    "size", [512 * 1024, 2 * MiB, 20 * MiB], ids=["small-put", "put", "multipart"]
+)
 def test_a_file_rewritten_during_the_upload_is_never_stored_mixed(
     s3_server, server_client, cli_env, tmp_path, bucket_name, size, truncate
 ):

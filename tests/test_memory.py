@@ -1,18 +1,20 @@
-"""Memory bounds: the byte budget of file bodies in flight, failures kept without
-their bodies, malloc arenas, --delete's keys spilled to a temporary file, and
+"""Memory bounds: PUT bodies streamed from their files (FileBody), failures kept
+without their bodies, malloc arenas, --delete's keys spilled to a temporary file, and
 restore's listing streamed through its plan into the workers."""
 
 from __future__ import annotations
 
 import gc
+import hashlib
+import io
 import json
 import os
 import random
 import sys
 import tempfile
-import threading
 import tracemalloc
 import weakref
+import zlib
 from datetime import datetime
 from pathlib import Path
 
@@ -32,8 +34,9 @@ import restore
 import s3common
 from backup import DeleteKeys
 from s3common import (
-    ByteBudget,
-    Cancelled,
+    CHUNK,
+    FileBody,
+    FileChanged,
     Filters,
     RemoteObject,
     limit_malloc_arenas,
@@ -41,109 +44,72 @@ from s3common import (
 )
 
 MiB = 1024 * 1024
-# Long enough for a thread that should go on to have gone on: a thread still
-# waiting after it is one that waits, and one that should wait and does not
-# fails the test on a slow machine as well (no test of speed).
-LOOK_SECONDS = 0.2
-ENDED_SECONDS = 10
 
 
-class Taker:
-    """budget.take(nbytes) on a thread of its own, which keeps what it got (or raised)."""
-
-    def __init__(self, budget: ByteBudget, nbytes: int, cancel=None):
-        self.cancel = cancel or threading.Event()
-        self.taken: int | None = None
-        self.error: BaseException | None = None
-
-        def take() -> None:
-            try:
-                self.taken = budget.take(nbytes, self.cancel)
-            except Cancelled as exc:
-                self.error = exc
-
-        self.thread = threading.Thread(target=take, daemon=True)
-        self.thread.start()
-
-    def waits(self) -> bool:
-        self.thread.join(LOOK_SECONDS)
-        return self.thread.is_alive()
-
-    def ended(self) -> bool:
-        self.thread.join(ENDED_SECONDS)
-        return not self.thread.is_alive()
+def body_of(path, data: bytes):
+    """A FileBody of the file at path, made (as backup.py makes it) from data's
+    CRC32, after a read of it to the end."""
+    file = open(path, "rb")  # noqa: SIM115 (the body reads it while it lives)
+    file.read()
+    return FileBody(file, len(data), zlib.crc32(data))
 
 
-# --- The byte budget ----------------------------------------------------------------
+def read_all(body, amount: int) -> list[bytes]:
+    chunks = []
+    while chunk := body.read(amount):
+        chunks.append(chunk)
+    return chunks
 
 
-def test_takers_wait_until_what_they_take_fits_and_get_it_when_it_is_given_back():
-    budget = ByteBudget(8)
-    never = threading.Event()
-    assert budget.take(3, never) == 3
-    assert budget.take(5, never) == 5
-    third = Taker(budget, 2)
-    assert third.waits()
-    budget.give(3)
-    assert third.ended() and third.taken == 2
-    budget.give(5)
-    budget.give(2)
-    assert budget.take(8, never) == 8  # everything came back
+# --- PUT bodies stream from their files ---------------------------------------------
 
 
-def test_a_taker_of_more_than_the_budget_takes_all_of_it_once_nothing_is_held():
-    budget = ByteBudget(8)
-    never = threading.Event()
-    small = budget.take(1, never)
-    large = Taker(budget, 100)
-    assert large.waits()
-    budget.give(small)
-    assert large.ended() and large.taken == 8
-    behind = Taker(budget, 1)
-    assert behind.waits()
-    budget.give(large.taken)
-    assert behind.ended() and behind.taken == 1
+def test_a_file_body_reads_the_file_in_chunks_again_from_its_start(tmp_path):
+    data = random.Random(1).randbytes(3 * CHUNK + 5)
+    (tmp_path / "f").write_bytes(data)
+    body = body_of(tmp_path / "f", data)
+    assert len(body) == len(data)
+    chunks = read_all(body, MiB)  # as botocore asks, for its payload hash
+    assert max(map(len, chunks)) == CHUNK and b"".join(chunks) == data
+    assert body.seek(0) == 0 and body.tell() == 0
+    assert b"".join(read_all(body, 8192)) == data  # sent again, as http.client reads
+    assert body.sha256() == hashlib.sha256(data).hexdigest() and body.tell() == 0
+    assert body.seek(0, os.SEEK_END) == len(data) and body.read(CHUNK) == b""
+    with pytest.raises(io.UnsupportedOperation):
+        body.seek(CHUNK)
 
 
-def test_takers_are_served_in_the_order_they_came():
-    budget = ByteBudget(8)
-    never = threading.Event()
-    budget.take(6, never)
-    large = Taker(budget, 8)
-    assert large.waits()
-    small = Taker(budget, 1)  # fits beside the 6, but comes after the large one
-    assert small.waits()
-    budget.give(6)
-    assert large.ended() and large.taken == 8
-    assert small.waits()
-    budget.give(8)
-    assert small.ended() and small.taken == 1
+@pytest.mark.parametrize(
+    "now",
+    [
+        lambda data: data[:-1] + bytes([data[-1] ^ 1]),  # its last byte changed
+        lambda data: bytes([data[0] ^ 1]) + data[1:],  # its first
+        lambda data: data[: CHUNK + 1],  # it shrank
+    ],
+    ids=["last-byte", "first-byte", "shrank"],
+)
+def test_a_file_changed_since_its_checksum_never_gives_its_last_bytes(tmp_path, now):
+    data = random.Random(2).randbytes(2 * CHUNK + 1)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    body = body_of(path, data)
+    path.write_bytes(now(data))
+    sent = []
+    with pytest.raises(FileChanged):
+        while chunk := body.read(CHUNK):
+            sent.append(chunk)
+    # What the server got is short of the Content-Length: it stores nothing.
+    assert sum(map(len, sent)) < len(data)
 
 
-def test_a_taker_waiting_for_room_stops_on_cancel_and_takes_nothing():
-    budget = ByteBudget(8)
-    never = threading.Event()
-    budget.take(8, never)
-    cancelled = Taker(budget, 4)
-    after = Taker(budget, 4)
-    assert cancelled.waits() and after.waits()
-    cancelled.cancel.set()
-    assert cancelled.ended()
-    assert isinstance(cancelled.error, Cancelled) and cancelled.taken is None
-    budget.give(8)
-    # The cancelled taker left its place in line and took nothing with it.
-    assert after.ended() and after.taken == 4
-    assert budget.take(4, never) == 4
-
-
-def test_held_gives_back_however_the_block_ends():
-    budget = ByteBudget(8)
-    never = threading.Event()
-    with pytest.raises(OSError), budget.held(8, never):
-        raise OSError("the read failed")
-    with budget.held(8, never):
-        pass
-    assert budget.take(8, never) == 8
+def test_a_file_that_grew_sends_the_bytes_its_checksum_was_made_of(tmp_path):
+    data = random.Random(3).randbytes(CHUNK + 7)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    body = body_of(path, data)
+    with open(path, "ab") as file:
+        file.write(b"appended since")
+    assert b"".join(read_all(body, CHUNK)) == data
 
 
 # --- Failures are kept without their bodies -----------------------------------------
@@ -190,8 +156,8 @@ def test_malloc_arenas_are_limited_where_the_c_library_is_glibc():
 def test_small_files_of_many_sizes_on_many_workers_arrive_byte_identical(
     s3_server, cli_env, tmp_path, bucket_name, server_client
 ):
-    """More bytes than the budget holds at once, in files of 1-8 MiB (one PUT
-    each), so that workers queue for it; and small ones beside them."""
+    """Files of 1-8 MiB (one PUT each, streamed from the file) on 64 workers at
+    once, and small ones (held whole) beside them."""
     rng = random.Random(17)
     sizes = [MiB - 1, MiB, MiB + 1, 3 * MiB + 7, 5 * MiB, 7 * MiB, 8 * MiB - 1]
     files = {f"big/{n}.bin": rng.randbytes(size) for n, size in enumerate(sizes)}
@@ -212,12 +178,12 @@ def test_small_files_of_many_sizes_on_many_workers_arrive_byte_identical(
     assert objects_in(server_client, bucket_name) == under_prefix(files, "many")
 
 
-def test_ctrl_c_stops_workers_waiting_for_the_budget(
+def test_ctrl_c_stops_workers_waiting_for_the_rate(
     s3_server, cli_env, tmp_path, bucket_name, server_client
 ):
-    """Files of 7 MiB, one at a time within the 8 MiB budget, at 8 MiB/s: once
-    the first is up, the others are waiting for room when Ctrl-C comes, and
-    every one of them stops (none holds its place in line for ever)."""
+    """Files of 7 MiB, each let through --bwlimit whole before its PUT, at 8 MiB/s:
+    once the first is up, the others are waiting for the rate when Ctrl-C comes,
+    and every one of them stops (none holds its place in line for ever)."""
     rng = random.Random(130)
     files = {f"f{n:02d}.bin": rng.randbytes(7 * MiB) for n in range(12)}
     source = make_tree(tmp_path / "src", files)

@@ -118,6 +118,24 @@ def test_upload_file_whose_check_fails_aborts_the_upload(s3, store, tmp_path):
     assert "Uploads" not in s3.list_multipart_uploads(Bucket="bkt")
 
 
+def test_close_after_cancel_does_not_wait_for_an_upload_handed_over_meanwhile(
+    s3, store, tmp_path
+):
+    path = tmp_path / "large"
+    path.write_bytes(b"x" * (9 * MiB))
+    store.upload_file(str(path), "first", 9 * MiB, {}, lambda n: None, lambda: None)
+    store.cancel()
+    # A worker that had not yet seen the cancel hands over one more upload: the
+    # manager refuses it, but keeps it registered as a transfer to wait for.
+    with pytest.raises(RuntimeError):
+        store.upload_file(str(path), "late", 9 * MiB, {}, lambda n: None, lambda: None)
+    closing = threading.Thread(target=store.close, daemon=True)
+    closing.start()
+    closing.join(timeout=60)  # a bound on a hang, not a timing: it returns at once
+    assert not closing.is_alive(), "close() waits for an upload that never runs"
+    assert "Uploads" not in s3.list_multipart_uploads(Bucket="bkt")
+
+
 class Lock:
     """A LockPolicy's part that the Store uses."""
 
