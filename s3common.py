@@ -1276,11 +1276,15 @@ class QueueThreads:
                 self._changed.notify_all()
 
     def start(self, count: int) -> None:
-        with self._changed:
-            self.started += count
-            self._alive += count
+        # Each counted just before it starts: Ctrl-C while Thread.start waits for
+        # one to run (restore's workers start once its plan ends, as its first
+        # downloads begin) leaves none counted that never ran, for stop to wait on.
         for _ in range(count):
-            threading.Thread(target=self._work, daemon=True).start()
+            thread = threading.Thread(target=self._work, daemon=True)
+            with self._changed:
+                self.started += 1
+                self._alive += 1
+            thread.start()
 
     def stop(self) -> None:
         """Let each thread meet the end, and wait until none is alive."""
