@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, tzinfo
+from operator import attrgetter
 from pathlib import Path, PurePath, PurePosixPath
 from typing import BinaryIO, Optional, TypeVar, Union
 
@@ -59,7 +60,6 @@ from s3common import (
     Cancelled,
     CliError,
     Console,
-    Contents,
     ExitCode,
     FetchedObject,
     Filters,
@@ -71,8 +71,8 @@ from s3common import (
     UnsafeKey,
     add_shared_options,
     at_any_length,
+    both_md5s,
     client_error_code,
-    compare_contents,
     connect,
     exit_script,
     failure_line,
@@ -82,6 +82,8 @@ from s3common import (
     is_long,
     is_within,
     key_error,
+    map_failing_fast,
+    may_come_under,
     open_folder,
     parse_location,
     parse_mode,
@@ -99,37 +101,50 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class Download:
-    """One object to write to one file."""
+class Download(RemoteObject):
+    """One object (with --at, one version: its version_id) to write to one file."""
 
-    key: str
-    path: PurePath
-    size: int
-    last_modified: float
-    storage_class: str
-    version_id: Optional[str] = None  # with --at: the version to fetch
+    # A default only because the fields before it have one (the plan gives each its path).
+    path: PurePath = PurePath()  # noqa: RUF009 (immutable)
     # --checksum: the local file already holds these bytes; only mtime and mode are set.
     same_content: bool = False
 
 
 @dataclass(frozen=True)
-class RestorePlan:
-    """What a restore does: the downloads, and the keys it refuses or cannot place."""
+class Refused:
+    """A key that would land outside LOCAL: never written."""
 
-    downloads: tuple[Download, ...]
-    refused: tuple[tuple[str, str], ...]  # (key, why), keys that would escape LOCAL
-    conflicts: tuple[tuple[str, str], ...]  # (key, why), keys that collide locally
+    key: str
+    why: str
 
 
 @dataclass(frozen=True)
-class Outcome:
-    """What running (or, with --dry-run, showing) a plan did, for the closing summary."""
+class Conflict:
+    """A key that collides locally with another one: not written."""
 
-    transferred: int
-    skipped: int  # already restored, or the same content (--checksum)
-    failed: int  # downloads that failed; refused keys and conflicts are the plan's
-    nbytes: int
-    archived: int  # objects in an archive storage class, not restored
+    key: str
+    why: str
+
+
+Step = Union[Download, Refused, Conflict]
+
+
+@dataclass
+class Outcome:
+    """What running (or showing, --dry-run) the plan did, counted as it came."""
+
+    transferred: int = 0
+    skipped: int = 0  # already restored, or the same content (--checksum)
+    failed: int = 0  # downloads that failed
+    nbytes: int = 0
+    archived: int = 0  # objects in an archive storage class, not restored
+    refused: int = 0
+    conflicts: int = 0
+
+
+# Downloads the plan runs ahead of the workers (in the progress line's totals, final
+# once the plan ends); the first starts once this many are planned.
+PLAN_AHEAD = 1_000
 
 
 # --- Deciding: pure functions --------------------------------------------------
@@ -317,75 +332,84 @@ def folder_conflict(file_time: float, folder_time: float) -> str:
 
 
 def plan_restore(
-    objects: dict[str, RemoteObject],
+    objects: Iterable[RemoteObject],
     base_prefix: str,
     root: PurePath,
     filters: Filters,
     case_insensitive: bool,
-) -> RestorePlan:
-    """Which objects to write where, and which to refuse, from the listing keyed by S3 key.
+) -> Iterator[Step]:
+    """The steps (where each object goes, which are refused, which collide) from the
+    listing in key order, as it comes. `base_prefix` is the prefix folder whose
+    contents land directly in root.
 
-    `base_prefix` is the prefix folder whose contents land directly in root.
-    """
-    refused, placed = [], []
-    for key in sorted(objects):
-        if key.endswith("/"):
-            continue  # a folder marker
-        relative = relative_key(base_prefix, key)
+    A file waits on a stack while keys under its name plus "/" may still come ("a",
+    then "a-b" and "a.txt", then "a/x"); each one waiting is a prefix of the next,
+    so no more wait than a key has characters. A file with objects under its name
+    is a conflict: the folder is restored. On a case-insensitive file system names
+    compare casefolded, in that order: the listing is held whole and sorted, what
+    such a file system costs."""
+    fold = str.casefold if case_insensitive else str
+    named = placed(objects, base_prefix, root, filters, fold)
+    if case_insensitive:
+        named = iter(sorted(named, key=lambda pair: pair[0]))
+    waiting: list[list] = []  # [name, download, newest LastModified under name/]
+    for name, step in named:
+        while waiting and not may_come_under(name, waiting[-1][0]):
+            yield settled(*waiting.pop()[1:])
+        if isinstance(step, Refused):
+            yield step
+            continue
+        for folder in waiting:
+            if name.startswith(folder[0] + "/"):
+                folder[2] = max(folder[2] or 0.0, step.last_modified)
+        if waiting and name == waiting[-1][0]:  # only when casefolded
+            same = waiting[-1][1].key
+            why = f"conflict: same name as {same} on this case-insensitive file system"
+            yield Conflict(step.key, why)
+        else:
+            waiting.append([name, step, None])
+    while waiting:
+        yield settled(*waiting.pop()[1:])
+
+
+def placed(
+    objects: Iterable[RemoteObject],
+    base_prefix: str,
+    root: PurePath,
+    filters: Filters,
+    fold: Callable[[str], str],
+) -> Iterator[tuple[str, Union[Download, Refused]]]:
+    """(its name, folded, and its Download or Refused) for each object but folder
+    markers that the filters select."""
+    for obj in objects:
+        if obj.key.endswith("/"):
+            continue
+        relative = relative_key(base_prefix, obj.key)
         if not filters.includes(relative):
             continue
         try:
-            placed.append((key, relative, path_for_key(relative, root)))
+            path = path_for_key(relative, root)
         except UnsafeKey as exc:
-            refused.append((key, f"refused: the key {exc}"))
-
-    fold = str.casefold if case_insensitive else str
-    folders: dict[str, float] = {}  # the newest LastModified under each folder
-    for key, relative, _ in placed:
-        parts = relative.split("/")
-        for depth in range(1, len(parts)):
-            folder = fold("/".join(parts[:depth]))
-            folders[folder] = max(folders.get(folder, 0.0), objects[key].last_modified)
-    downloads, conflicts, taken = [], [], {}
-    for key, relative, path in placed:
-        name = fold(relative)
-        if name in folders:
-            conflicts.append(
-                (key, folder_conflict(objects[key].last_modified, folders[name]))
-            )
-        elif name in taken:
-            conflicts.append(
-                (
-                    key,
-                    f"conflict: same name as {taken[name]} on this case-insensitive file system",
-                )
-            )
-        else:
-            taken[name] = key
-            obj = objects[key]
-            downloads.append(
-                Download(
-                    key,
-                    path,
-                    obj.size,
-                    obj.last_modified,
-                    obj.storage_class,
-                    obj.version_id,
-                )
-            )
-    return RestorePlan(tuple(downloads), tuple(refused), tuple(conflicts))
+            yield fold(relative), Refused(obj.key, f"refused: the key {exc}")
+            continue
+        yield fold(relative), Download(**vars(obj), path=path)
 
 
-def with_same_content(plan: RestorePlan, contents: Contents) -> RestorePlan:
-    """The plan with the downloads whose local file has the object's MD5 marked same_content."""
-    downloads = tuple(
-        replace(item, same_content=True)
-        if contents.local.get(item.key) is not None
-        and contents.local.get(item.key) == contents.remote.get(item.key)
-        else item
-        for item in plan.downloads
-    )
-    return replace(plan, downloads=downloads)
+def settled(download: Download, folder_time: Optional[float]) -> Step:
+    """A waiting file's step: its download, or with objects under it (the newest at
+    `folder_time`), a conflict."""
+    if folder_time is None:
+        return download
+    return Conflict(download.key, folder_conflict(download.last_modified, folder_time))
+
+
+def same_content(
+    item: Download, local_md5: Optional[str], remote_md5: Optional[str]
+) -> Download:
+    """The download marked same_content when its file's MD5 is its object's (None: not known)."""
+    if local_md5 is not None and local_md5 == remote_md5:
+        return replace(item, same_content=True)
+    return item
 
 
 def restored_mtime_ns(metadata: dict, last_modified: float) -> int:
@@ -417,22 +441,38 @@ def parent_prefix(prefix: str) -> str:
     return "" if parent == "." else parent
 
 
-def find_objects(store: Store, prefix: str) -> tuple[dict[str, RemoteObject], str]:
-    """The objects to restore and their base prefix (what to take off their keys).
-
-    Everything under PREFIX/ if there is anything; else the one object named PREFIX.
-    """
+def listed(store: Store, prefix: str) -> Iterator[RemoteObject]:
+    """The objects under PREFIX/, as listed; a failure to list, whenever, as a CliError."""
     try:
-        objects = {obj.key: obj for obj in store.list(folder_prefix(prefix))}
-        if any(not key.endswith("/") for key in objects) or not prefix:
-            return objects, prefix
+        yield from store.list(folder_prefix(prefix))
+    except botocore.exceptions.ClientError as exc:
+        raise list_error(store.bucket, prefix, exc) from None
+
+
+def list_error(bucket: str, prefix: str, exc: BaseException) -> CliError:
+    return runtime_error(f"cannot list {printable(f's3://{bucket}/{prefix}')}", exc)
+
+
+def first_file(objects: Iterator[RemoteObject]) -> Optional[Iterator[RemoteObject]]:
+    """The objects from the first one that is not a folder marker on; None if none."""
+    for obj in objects:
+        if not obj.key.endswith("/"):
+            return itertools.chain((obj,), objects)
+    return None
+
+
+def find_objects(store: Store, prefix: str) -> tuple[Iterator[RemoteObject], str]:
+    """The objects to restore, in key order, and their base prefix (what to take off
+    their keys): everything under PREFIX/ as listed, if any; else the one object PREFIX."""
+    objects = first_file(listed(store, prefix))
+    if objects is not None or not prefix:
+        return objects or iter(()), prefix
+    try:
         head = store.head(prefix)
     except botocore.exceptions.ClientError as exc:
         if client_error_code(exc) in ("404", "NoSuchKey"):
-            return {}, prefix
-        raise runtime_error(
-            f"cannot list {printable(f's3://{store.bucket}/{prefix}')}", exc
-        ) from None
+            return iter(()), prefix
+        raise list_error(store.bucket, prefix, exc) from None
     single = RemoteObject(
         prefix,
         head["ContentLength"],
@@ -440,23 +480,38 @@ def find_objects(store: Store, prefix: str) -> tuple[dict[str, RemoteObject], st
         head.get("StorageClass", "STANDARD"),
         head.get("ETag", "").strip('"'),
     )
-    return {prefix: single}, parent_prefix(prefix)
+    return iter((single,)), parent_prefix(prefix)
 
 
 def find_objects_at(
     store: Store, prefix: str, when: float
-) -> tuple[dict[str, RemoteObject], str]:
+) -> tuple[Iterator[RemoteObject], str]:
     """find_objects as at `when`: each key's version at that moment."""
-    versions = itertools.chain.from_iterable
-    try:
-        objects = objects_at(versions(store.version_pages(folder_prefix(prefix))), when)
-        if any(not key.endswith("/") for key in objects) or not prefix:
-            return objects, prefix
+    objects = first_file(versions_at(store, prefix, when))
+    if objects is not None or not prefix:
+        return objects or iter(()), prefix
+    return versions_at(store, prefix, when, one=True), parent_prefix(prefix)
+
+
+def versions_at(
+    store: Store, prefix: str, when: float, one: bool = False
+) -> Iterator[RemoteObject]:
+    """Each key's version at `when` under PREFIX/ (or, `one`, of the object PREFIX), in
+    key order, a key at a time as listed (by_key_newest_first gives each key's entries
+    together); a failure to list them, whenever it comes, as a CliError."""
+    if one:
         pages = store.version_pages(prefix, through=prefix)
-        single = objects_at((v for v in versions(pages) if v.key == prefix), when)
+    else:
+        pages = store.version_pages(folder_prefix(prefix))
+    try:
+        entries_by_key = itertools.groupby(
+            by_key_newest_first(pages), attrgetter("key")
+        )
+        for key, entries in entries_by_key:
+            if not one or key == prefix:
+                yield from objects_at(entries, when).values()
     except botocore.exceptions.ClientError as exc:
         raise versions_error(store.bucket, prefix, exc) from None
-    return single, parent_prefix(prefix)
 
 
 def versions_error(bucket: str, prefix: str, exc: BaseException) -> CliError:
@@ -608,36 +663,46 @@ def show_history(args, console: Console) -> int:
 
 def objects_to_restore(
     store: Store, location: Location, when: Optional[float]
-) -> tuple[dict[str, RemoteObject], str]:
-    """The objects under the location (as at `when`, if given) and their base prefix;
-    CliError when there are none."""
+) -> tuple[Iterator[RemoteObject], str]:
+    """The objects under the location (as at `when`, if given), in key order, and
+    their base prefix; CliError when there are none."""
     if when is None:
         objects, base_prefix = find_objects(store, location.prefix)
     else:
         objects, base_prefix = find_objects_at(store, location.prefix, when)
     if not location.prefix:  # backup.py --lock-days's records, no files of the backup
-        objects = {k: v for k, v in objects.items() if not is_lock_state(k)}
-    if not any(not key.endswith("/") for key in objects):
+        objects = (obj for obj in objects if not is_lock_state(obj.key))
+    files = first_file(objects)
+    if files is None:
         at = "" if when is None else f" at {format_when(when)}"
         raise CliError(
             f"nothing to restore: no objects under {printable(location.url())}{at}"
         )
-    return objects, base_prefix
+    return files, base_prefix
 
 
-def same_size_files(
-    downloads: tuple[Download, ...], objects: dict[str, RemoteObject]
-) -> dict[str, tuple[str, RemoteObject]]:
-    """The local files to compare by content: regular files (not links) of their object's size."""
-    candidates = {}
-    for item in downloads:
-        try:
-            info = at_any_length(os.lstat, str(item.path))
-        except OSError:
-            continue
-        if stat.S_ISREG(info.st_mode) and info.st_size == item.size:
-            candidates[item.key] = (str(item.path), objects[item.key])
-    return candidates
+def content_checked(
+    steps: Iterable[Step], store: Store, workers: int
+) -> Iterator[Step]:
+    """--checksum: the steps, a download whose file holds its object's bytes (MD5s,
+    hashed on `workers` threads) marked same_content; an unreadable file is restored over."""
+
+    def check(step: Step) -> Step:
+        if not (isinstance(step, Download) and is_same_size_file(step)):
+            return step
+        local, remote = both_md5s(store, step.key, str(step.path), step)
+        return same_content(step, None if isinstance(local, OSError) else local, remote)
+
+    return map_failing_fast(check, steps, workers)
+
+
+def is_same_size_file(item: Download) -> bool:
+    """Whether the download's file is a regular file (not a link) of its size."""
+    try:
+        info = at_any_length(os.lstat, str(item.path))
+    except OSError:
+        return False
+    return stat.S_ISREG(info.st_mode) and info.st_size == item.size
 
 
 def exists(path: str) -> bool:
@@ -1066,36 +1131,65 @@ def when_argument(text: str) -> datetime:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def show_plan(plan: RestorePlan, location: Location, console: Console) -> Outcome:
+def downloads_of(
+    steps: Iterable[Step], outcome: Outcome, location: Location, console: Console
+) -> Iterator[Download]:
+    """The plan's downloads, added to the progress line's totals as they come; its
+    refused keys and conflicts said, one error line each, and counted."""
+    for step in steps:
+        if isinstance(step, Download):
+            console.planned(1, step.size)
+            yield step
+            continue
+        console.error(f"{printable(location.url(step.key))}: {step.why}", key=step.key)
+        if isinstance(step, Refused):
+            outcome.refused += 1
+        else:
+            outcome.conflicts += 1
+    console.totals_known()
+
+
+def show_plan(steps: Iterable[Step], location: Location, console: Console) -> Outcome:
     """--dry-run: one line for each object a restore would fetch, and what it would do."""
-    fetched = [item for item in plan.downloads if not item.same_content]
-    for item in fetched:
+    outcome = Outcome()
+    for item in downloads_of(steps, outcome, location, console):
+        outcome.archived += item.storage_class in ARCHIVE_STORAGE_CLASSES
+        if item.same_content:
+            outcome.skipped += 1
+            continue
+        outcome.transferred += 1
+        outcome.nbytes += item.size
         console.info(
             f"(dry run) restore: {printable(location.url(item.key))} -> {printable(item.path)}"
         )
-    return Outcome(
-        transferred=len(fetched),
-        skipped=len(plan.downloads) - len(fetched),
-        failed=0,
-        nbytes=sum(item.size for item in fetched),
-        archived=sum(
-            item.storage_class in ARCHIVE_STORAGE_CLASSES for item in plan.downloads
-        ),
-    )
+    return outcome
 
 
 def execute_restore(
-    plan: RestorePlan, store: Store, location: Location, local: str, args, console
+    steps: Iterable[Step], store: Store, location: Location, local: str, args, console
 ) -> Outcome:
-    """Download the plan's objects on --workers threads; one error line for each that fails."""
-    total_bytes = sum(item.size for item in plan.downloads)
-    console.start(len(plan.downloads), total_bytes)
+    """Download the plan's objects on --workers threads, the plan drawn PLAN_AHEAD
+    downloads ahead of them; one error line for each that fails."""
+    outcome = Outcome()
+    console.start(known=False)
     folders = Folders(local)
     folders.ensure(local)  # where the case probe was
     restorer = Restorer(store, folders, 0o666 & ~current_umask(), console)
+    counting = threading.Lock()
+
+    def restore(item: Download, cancel: threading.Event) -> None:
+        restored = restorer(item, cancel)
+        with counting:
+            if restored:
+                outcome.transferred += 1
+                outcome.nbytes += item.size
+            else:
+                outcome.skipped += 1
+
+    downloads = downloads_of(steps, outcome, location, console)
     try:
-        failures, skipped = run_collecting_failures(
-            plan.downloads, restorer, args.workers, store=store
+        failures, _ = run_collecting_failures(
+            downloads, restore, args.workers, PLAN_AHEAD, store
         )
     finally:
         store.close()
@@ -1108,17 +1202,11 @@ def execute_restore(
             failure.error, failure.item.key, ", or it was deleted since it was listed"
         )
         console.error(failure_line("restore", where, error), key=failure.item.key)
-
-    untouched_bytes = sum(item.size for item in skipped) + sum(
-        f.item.size for f in failures
+    outcome.failed = len(failures)
+    outcome.archived = sum(
+        f.item.storage_class in ARCHIVE_STORAGE_CLASSES for f in failures
     )
-    return Outcome(
-        transferred=len(plan.downloads) - len(failures) - len(skipped),
-        skipped=len(skipped),
-        failed=len(failures),
-        nbytes=total_bytes - untouched_bytes,
-        archived=sum(f.item.storage_class in ARCHIVE_STORAGE_CLASSES for f in failures),
-    )
+    return outcome
 
 
 def checked_local(args) -> str:
@@ -1131,7 +1219,8 @@ def checked_local(args) -> str:
 
 
 def run(args, console: Console) -> int:
-    """gather (list the objects) -> plan -> execute (or show, with --dry-run) -> report."""
+    """gather (list the objects) -> plan -> execute (or show, with --dry-run) ->
+    report, the listing flowing through the plan into the workers as it comes."""
     if args.history or args.local is None:
         return show_history(args, console)
     started = time.monotonic()
@@ -1147,41 +1236,29 @@ def run(args, console: Console) -> int:
     # A dry run probes where LOCAL would be made, and removes its probe: it
     # reports the conflicts the real run would.
     case_insensitive = probe_case_insensitive(nearest_existing(local))
-    plan = plan_restore(objects, base_prefix, Path(local), filters, case_insensitive)
+    steps = plan_restore(objects, base_prefix, Path(local), filters, case_insensitive)
     if args.checksum:
-        # A file that cannot be read is simply restored over.
-        candidates = same_size_files(plan.downloads, objects)
-        plan = with_same_content(
-            plan, compare_contents(store, candidates, args.workers)
-        )
-    for key, why in plan.refused + plan.conflicts:
-        console.error(f"{printable(location.url(key))}: {why}", key=key)
-
+        steps = content_checked(steps, store, args.workers)
     if args.dry_run:
-        outcome = show_plan(plan, location, console)
+        outcome = show_plan(steps, location, console)
     else:
-        outcome = execute_restore(plan, store, location, local, args, console)
-    return report_restore(args, plan, outcome, when, console, started)
+        outcome = execute_restore(steps, store, location, local, args, console)
+    return report_restore(args, outcome, when, console, started)
 
 
 def report_restore(
-    args,
-    plan: RestorePlan,
-    outcome: Outcome,
-    when: Optional[float],
-    console: Console,
-    started: float,
+    args, outcome: Outcome, when: Optional[float], console: Console, started: float
 ) -> int:
     """The closing summary; the exit code."""
     summary = Summary(
         "restored",
         transferred=outcome.transferred,
         skipped=outcome.skipped,
-        failed=outcome.failed + len(plan.refused) + len(plan.conflicts),
+        failed=outcome.failed + outcome.refused + outcome.conflicts,
         nbytes=outcome.nbytes,
         seconds=time.monotonic() - started,
-        refused=len(plan.refused),
-        conflicts=len(plan.conflicts),
+        refused=outcome.refused,
+        conflicts=outcome.conflicts,
         archived=outcome.archived,
         at=None if when is None else format_when(when),
     )

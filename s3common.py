@@ -1276,11 +1276,15 @@ class QueueThreads:
                 self._changed.notify_all()
 
     def start(self, count: int) -> None:
-        with self._changed:
-            self.started += count
-            self._alive += count
+        # Each counted just before it starts: Ctrl-C while Thread.start waits for
+        # one to run (restore's workers start once its plan ends, as its first
+        # downloads begin) leaves none counted that never ran, for stop to wait on.
         for _ in range(count):
-            threading.Thread(target=self._work, daemon=True).start()
+            thread = threading.Thread(target=self._work, daemon=True)
+            with self._changed:
+                self.started += 1
+                self._alive += 1
+            thread.start()
 
     def stop(self) -> None:
         """Let each thread meet the end, and wait until none is alive."""
@@ -1802,6 +1806,31 @@ class UnorderedServer(Exception):
 UNORDERED_SERVERS = ("SeaweedFS",)
 
 
+def listed_objects(page: dict, any_order: bool = False) -> list[RemoteObject]:
+    """The objects of one ListObjectsV2 page; UnorderedServer from an
+    UNORDERED_SERVERS one, unless `any_order` (the caller lists it whole and sorts it)."""
+    headers = page.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    server = headers.get("server", "")
+    if not any_order and server.startswith(UNORDERED_SERVERS):
+        raise UnorderedServer(server)
+    return [
+        RemoteObject(
+            item["Key"],
+            item["Size"],
+            item["LastModified"].timestamp(),
+            item.get("StorageClass", "STANDARD"),
+            item.get("ETag", "").strip('"'),
+        )
+        for item in page.get("Contents", [])
+    ]
+
+
+def may_come_under(key: str, name: str) -> bool:
+    """Whether keys under `name` + "/" may still come in a listing that has reached
+    `key`: in key order "a-b" and "a.txt" come between "a" and "a/x"."""
+    return key < name + "/" or key.startswith(name + "/")
+
+
 def list_range(
     paginator,
     bucket: str,
@@ -1812,38 +1841,36 @@ def list_range(
 ) -> tuple[list[RemoteObject], bool]:
     """The objects under `prefix` whose keys sort after `after` and up to `through`
     (None: no end), and whether the listing met the end of the prefix (no key
-    under it sorts after them), from a client's list_objects_v2 paginator.
-
-    UnorderedServer from an UNORDERED_SERVERS one, unless `any_order` (the
-    caller lists it whole and sorts it)."""
+    under it sorts after them), from a client's list_objects_v2 paginator."""
     params = {"Bucket": bucket, "Prefix": prefix}
     if after:
         params["StartAfter"] = after
     pages = paginator.paginate(**params, PaginationConfig={"PageSize": LIST_PAGE})
-    objects = []
+    objects: list[RemoteObject] = []
     for page in pages:
-        headers = page.get("ResponseMetadata", {}).get("HTTPHeaders", {})
-        server = headers.get("server", "")
-        if not any_order and server.startswith(UNORDERED_SERVERS):
-            raise UnorderedServer(server)
-        contents = page.get("Contents", [])
-        for item in contents:
-            # S3 lists keys in UTF-8 byte order, which is the order of str.
-            if through is not None and item["Key"] > through:
-                return objects, False
-            objects.append(
-                RemoteObject(
-                    item["Key"],
-                    item["Size"],
-                    item["LastModified"].timestamp(),
-                    item.get("StorageClass", "STANDARD"),
-                    item.get("ETag", "").strip('"'),
-                )
-            )
-        # A page that ends on `through` ends the range, without asking for another.
-        if through is not None and contents and contents[-1]["Key"] == through:
-            return objects, not page.get("IsTruncated")
+        listed = listed_objects(page, any_order)
+        # S3 lists keys in UTF-8 byte order, which is the order of str.
+        if through is not None and listed and listed[-1].key >= through:
+            objects += (obj for obj in listed if obj.key <= through)
+            # A page that ends on `through` ends the range, without asking for another.
+            return objects, listed[-1].key == through and not page.get("IsTruncated")
+        objects += listed
     return objects, True
+
+
+def pages_ahead(pages: Iterable[T]) -> Iterator[T]:
+    """The pages, the first asked for at once and each next one (on a thread of
+    its own) while the one before is read: one page ahead, never more."""
+    source = iter(pages)
+    coming = call_failing_fast(lambda: next(source, None))
+
+    def read() -> Iterator[T]:
+        nonlocal coming
+        while (page := coming.result()) is not None:
+            coming = call_failing_fast(lambda: next(source, None))
+            yield page
+
+    return read()
 
 
 def create_transfer_manager(client):
@@ -2675,7 +2702,9 @@ class Store:
         of the one read: the first range ends with boundaries[0], the next starts
         after it, and the last is everything after boundaries[-1]. A range is held
         whole until it is read; one that reaches the end of the prefix ends the
-        listing, without asking for the ranges after it (all empty). A directory
+        listing, without asking for the ranges after it (all empty). With no
+        boundaries the pages come one ahead of the one read, none held longer:
+        memory stays flat however many keys the prefix holds. A directory
         bucket, or a server that lists out of order (UnorderedServer), is listed
         whole, without ranges, and sorted.
         """
@@ -2696,14 +2725,20 @@ class Store:
 
         if bucket.endswith(DIRECTORY_BUCKET_SUFFIX):
             return whole()
-        ranges = zip(("", *boundaries), (*boundaries, None))
-        at_once = min(workers, LIST_RANGES_AT_ONCE)
-        listings = map_failing_fast(
-            lambda bounds: list_range(paginator, bucket, prefix, *bounds),
-            ranges,
-            at_once,
-            ahead=at_once,
-        )
+        if boundaries:
+            ranges = zip(("", *boundaries), (*boundaries, None))
+            at_once = min(workers, LIST_RANGES_AT_ONCE)
+            listings = map_failing_fast(
+                lambda bounds: list_range(paginator, bucket, prefix, *bounds),
+                ranges,
+                at_once,
+                ahead=at_once,
+            )
+        else:
+            pages = paginator.paginate(
+                Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": LIST_PAGE}
+            )
+            listings = ((listed_objects(page), False) for page in pages_ahead(pages))
 
         def objects() -> Iterator[RemoteObject]:
             try:

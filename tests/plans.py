@@ -1,9 +1,12 @@
-"""backup.py's streaming plan over literals: two dicts keyed by S3 key in, its steps out."""
+"""The scripts' streaming plans over literals: dicts keyed by S3 key in, steps out."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from backup import BackupPlan, Compare, LocalFile, Step, plan_backup
 from backup import by_content as decide_by_content
+from restore import Conflict, Download, Refused, plan_restore
 from s3common import Contents, Filters, RemoteObject
 
 
@@ -41,3 +44,23 @@ def steps_of(
 def plan_of(*args, **kwargs) -> BackupPlan:
     """steps_of(...) gathered into uploads, deletes and the count skipped."""
     return BackupPlan.of(steps_of(*args, **kwargs))
+
+
+class RestoreSteps(NamedTuple):
+    """restore.py's plan gathered: the downloads, and (key, why) of the keys refused
+    and of the conflicts."""
+
+    downloads: tuple[Download, ...]
+    refused: tuple[tuple[str, str], ...]
+    conflicts: tuple[tuple[str, str], ...]
+
+
+def restore_plan_of(objects: dict[str, RemoteObject], *args, **kwargs) -> RestoreSteps:
+    """plan_restore(...) of the objects given in key order, as the scripts list them."""
+    in_key_order = [objects[key] for key in sorted(objects)]
+    steps = list(plan_restore(in_key_order, *args, **kwargs))
+    return RestoreSteps(
+        tuple(step for step in steps if isinstance(step, Download)),
+        tuple((s.key, s.why) for s in steps if isinstance(s, Refused)),
+        tuple((s.key, s.why) for s in steps if isinstance(s, Conflict)),
+    )

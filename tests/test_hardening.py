@@ -17,7 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 from conftest import ROOT, TEST_SERVER, free_port, make_tree, run_script
-from plans import steps_of
+from plans import restore_plan_of, steps_of
 
 import backup
 from backup import (
@@ -31,7 +31,7 @@ from backup import (
     read_unchanged,
     read_whole,
 )
-from restore import folder_conflict, plan_restore
+from restore import folder_conflict
 from s3common import (
     MAX_KEY_BYTES,
     CliError,
@@ -275,7 +275,7 @@ def test_restore_conflict_says_which_is_newer():
         "p/sub/a": RemoteObject("p/sub/a", 1, 1000.0),
         "p/sub/b/c": RemoteObject("p/sub/b/c", 1, 1500.0),
     }
-    plan = plan_restore(objects, "p", PurePosixPath("/r"), Filters(), False)
+    plan = restore_plan_of(objects, "p", PurePosixPath("/r"), Filters(), False)
     [(key, why)] = plan.conflicts
     assert key == "p/sub"
     assert why == folder_conflict(2000.0, 1500.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import calendar
+import dataclasses
 import io
 import json
 import os
@@ -172,6 +173,38 @@ HISTORY = [
 def test_objects_at_picks_each_keys_newest_version_at_or_before_when(when, expected):
     objects = objects_at(HISTORY, when)
     assert {key: obj.version_id for key, obj in objects.items()} == expected
+
+
+class HistoryPages:
+    """A store whose version listing under "p/" is HISTORY's two pages, counting those read."""
+
+    bucket = "b"
+
+    def __init__(self):
+        self.read = 0
+
+    def version_pages(self, prefix, through=None):
+        for page in (HISTORY[:5], HISTORY[5:]):
+            self.read += 1
+            yield [dataclasses.replace(v, key=f"p/{v.key}") for v in page]
+
+
+@pytest.mark.parametrize("when", [50, 100, 150, 200, 250, 300, 399, 400, 10**10])
+def test_restore_at_when_streams_the_versions_a_key_at_a_time(when):
+    store = HistoryPages()
+    objects, base_prefix = restore.find_objects_at(store, "p", when)
+    first = next(objects, None)
+    if first is not None and first.key == "p/a":
+        assert store.read == 1  # out before the second page is asked for
+    listed = {
+        obj.key: obj.version_id for obj in ([first] if first else []) + [*objects]
+    }
+    expected = {
+        f"p/{k}": obj.version_id for k, obj in objects_at(HISTORY, when).items()
+    }
+    assert listed == expected and list(listed) == sorted(listed)
+    # With nothing under p/ at `when`, the object named p, as at `when` (none here).
+    assert base_prefix == ("p" if expected else "")
 
 
 def test_objects_at_keeps_the_versions_size_time_and_storage_class():

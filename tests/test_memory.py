@@ -1,5 +1,6 @@
 """Memory bounds: PUT bodies streamed from their files (FileBody), failures kept
-without their bodies, malloc arenas, and --delete's keys spilled to a temporary file."""
+without their bodies, malloc arenas, --delete's keys spilled to a temporary file, and
+restore's listing streamed through its plan into the workers."""
 
 from __future__ import annotations
 
@@ -11,10 +12,15 @@ import os
 import random
 import sys
 import tempfile
+import tracemalloc
 import weakref
 import zlib
+from datetime import datetime
+from pathlib import Path
 
+import boto3
 import pytest
+from botocore.stub import Stubber
 from conftest import make_tree, run_script
 from test_reliability import (
     interrupted_when,
@@ -24,12 +30,15 @@ from test_reliability import (
 )
 
 import backup
+import restore
 import s3common
 from backup import DeleteKeys
 from s3common import (
     CHUNK,
     FileBody,
     FileChanged,
+    Filters,
+    RemoteObject,
     limit_malloc_arenas,
     run_collecting_failures,
 )
@@ -291,3 +300,75 @@ def test_delete_past_the_bound_removes_exactly_the_objects_without_files(
     assert sorted(item["Key"] for item in listing) == ["p/kept.txt", "p2/beside"]
     assert len(temporary_files) == 2  # one for each run that had keys to delete
     assert all(file.closed for file in temporary_files)
+
+
+# --- restore.py: the listing flows through the plan into the workers ----------------
+
+
+def test_a_listing_without_ranges_is_read_one_page_ahead(monkeypatch):
+    monkeypatch.setattr(s3common, "LIST_PAGE", 2)
+    client = boto3.client("s3", region_name="us-east-1")
+    asked = []
+    client.meta.events.register(
+        "before-parameter-build.s3.ListObjectsV2", lambda params, **_: asked.append(1)
+    )
+    keys = [f"p/k{n:02d}" for n in range(10)]
+    with Stubber(client) as stubber:
+        for start in range(0, len(keys), 2):
+            more = start + 2 < len(keys)
+            response = {
+                "Contents": [
+                    {"Key": key, "Size": 0, "LastModified": datetime(2026, 1, 1)}
+                    for key in keys[start : start + 2]
+                ],
+                "IsTruncated": more,
+                **({"NextContinuationToken": f"after-{start}"} if more else {}),
+            }
+            stubber.add_response("list_objects_v2", response)
+        for n, obj in enumerate(s3common.Store(client, "b").list("p/")):
+            assert obj.key == keys[n]
+            assert len(asked) <= n // 2 + 2  # the page read, and the next one
+        stubber.assert_no_pending_responses()
+
+
+def test_restore_plans_a_long_listing_in_memory_that_does_not_grow():
+    def listing(count: int):
+        for n in range(count):
+            yield RemoteObject(f"p/d{n // 1000:04d}/f{n:07d}.bin", 16, 1000.0)
+
+    tracemalloc.start()
+    try:
+        steps = restore.plan_restore(listing(30_000), "p", Path("/r"), Filters(), False)
+        assert sum(1 for _ in steps) == 30_000
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Held whole, as before issue 28, the listing and its plan took 1.4 KB an object.
+    assert peak < 4 * MiB
+
+
+def test_restore_draws_the_plan_a_bounded_way_ahead_of_the_downloads(
+    s3, tmp_path, monkeypatch
+):
+    s3.create_bucket(Bucket="ahead")
+    for n in range(40):
+        s3.put_object(Bucket="ahead", Key=f"p/f{n:02d}", Body=b"x")
+    monkeypatch.setattr(restore, "PLAN_AHEAD", 3)
+    drawn, ahead = [0], []
+    planned, restored = restore.plan_restore, restore.Restorer.__call__
+
+    def counted(*args, **kwargs):
+        for step in planned(*args, **kwargs):
+            drawn[0] += 1
+            yield step
+
+    def restoring(self, item, cancel):
+        ahead.append(drawn[0] - len(ahead))
+        return restored(self, item, cancel)
+
+    monkeypatch.setattr(restore, "plan_restore", counted)
+    monkeypatch.setattr(restore.Restorer, "__call__", restoring)
+    assert restore.main(["ahead::p", str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert len(list((tmp_path / "out").iterdir())) == 40
+    # The queue's 3, the one a worker holds and the one waiting to go in the queue.
+    assert max(ahead) <= 3 + 1 + 1

@@ -337,13 +337,12 @@ def test_a_server_listing_out_of_order_stops_before_anything_changes(
     tree = make_tree(tmp_path / "src", {"a": b"1", "b": b"2"})
     assert backup.main([str(tree), "order::p"]) == 0
     s3.put_object(Bucket="order", Key="p/c", Body=b"")
-    listed = s3common.list_range
+    listed = s3common.listed_objects
 
-    def reversed_range(*args, **kwargs):
-        objects, at_end = listed(*args, **kwargs)
-        return sorted(objects, key=lambda o: o.key, reverse=True), at_end
+    def reversed_page(*args, **kwargs):
+        return sorted(listed(*args, **kwargs), key=lambda o: o.key, reverse=True)
 
-    monkeypatch.setattr(s3common, "list_range", reversed_range)
+    monkeypatch.setattr(s3common, "listed_objects", reversed_page)
     capsys.readouterr()
     assert backup.main([str(tree), "order::p", "--delete"]) == 1
     err = capsys.readouterr().err

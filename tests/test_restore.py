@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import sys
@@ -166,6 +167,29 @@ def test_file_and_folder_of_one_name_is_a_conflict(s3, bucket, tmp_path, capsys)
     assert restore.main(["vault::p", str(tmp_path / "out")]) == 1
     assert tree_files(tmp_path / "out") == {"a/b": b"file b"}
     assert "conflict" in capsys.readouterr().err
+
+
+def test_a_file_beside_its_folder_is_found_across_the_keys_between_them(
+    s3, bucket, tmp_path, capsys
+):
+    # In key order "p/a-b", "p/a.txt" and the refused key come between "p/a" and "p/a/x".
+    keys = ["p/a", "p/a-b", "p/a.txt", "p/a/../../x", "p/a/", "p/a/x", "p/a0"]
+    for key in keys:
+        put(s3, key, key.encode())
+    target = tmp_path / "out"
+    assert restore.main(["vault::p", str(target), "--dry-run", "--json"]) == 1
+    dry = json.loads(capsys.readouterr().out)
+    assert restore.main(["vault::p", str(target), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert tree_files(target) == {
+        name: f"p/{name}".encode() for name in ("a-b", "a.txt", "a/x", "a0")
+    }
+    for run in (dry, report):
+        assert (run["refused"], run["conflicts"], run["transferred"]) == (1, 1, 4)
+        assert sorted(error["key"] for error in run["errors"]) == [
+            "p/a",
+            "p/a/../../x",
+        ]
 
 
 def test_missing_bucket_is_one_line_and_writes_nothing(s3, tmp_path, capsys):

@@ -4,17 +4,19 @@ the parts of a large download (and the threads that fetch them)."""
 from __future__ import annotations
 
 import io
+import itertools
 import os
+import random
 import threading
 from pathlib import PurePosixPath, PureWindowsPath
 
 import botocore.exceptions
 import pytest
-from plans import plan_of
+from plans import plan_of, restore_plan_of
 
 import backup
 from backup import LocalFile, upload_args, upload_reason
-from restore import plan_restore
+from restore import folder_conflict, plan_restore
 from s3common import (
     CliError,
     ExitCode,
@@ -30,6 +32,7 @@ from s3common import (
     format_mtime,
     is_within,
     key_for,
+    key_problem,
     parse_location,
     parse_mode,
     parse_mtime,
@@ -368,7 +371,7 @@ def objects_for(*keys):
 
 
 def test_plan_restore_maps_keys_and_skips_markers():
-    plan = plan_restore(
+    plan = restore_plan_of(
         objects_for("p/a", "p/d/", "p/d/b"),
         "p",
         ROOT,
@@ -383,7 +386,7 @@ def test_plan_restore_maps_keys_and_skips_markers():
 
 
 def test_plan_restore_refuses_escaping_keys_and_goes_on():
-    plan = plan_restore(
+    plan = restore_plan_of(
         objects_for("p/ok", "p/../evil", "p/a/../../x"), "p", ROOT, Filters(), False
     )
     assert [d.key for d in plan.downloads] == ["p/ok"]
@@ -391,7 +394,7 @@ def test_plan_restore_refuses_escaping_keys_and_goes_on():
 
 
 def test_plan_restore_file_beside_folder_is_a_conflict():
-    plan = plan_restore(objects_for("a", "a/b", "a/c"), "", ROOT, Filters(), False)
+    plan = restore_plan_of(objects_for("a", "a/b", "a/c"), "", ROOT, Filters(), False)
     assert [d.key for d in plan.downloads] == ["a/b", "a/c"]
     assert [key for key, _ in plan.conflicts] == ["a"]
 
@@ -401,7 +404,7 @@ def test_plan_restore_file_beside_folder_is_a_conflict():
     [(False, ["Photo.jpg", "photo.jpg"]), (True, ["Photo.jpg"])],
 )
 def test_plan_restore_case_collisions(case_insensitive, restored):
-    plan = plan_restore(
+    plan = restore_plan_of(
         objects_for("Photo.jpg", "photo.jpg"), "", ROOT, Filters(), case_insensitive
     )
     assert [d.key for d in plan.downloads] == restored
@@ -409,7 +412,7 @@ def test_plan_restore_case_collisions(case_insensitive, restored):
 
 
 def test_plan_restore_applies_filters_to_relative_paths():
-    plan = plan_restore(
+    plan = restore_plan_of(
         objects_for("p/a.log", "p/b.txt"),
         "p",
         ROOT,
@@ -420,10 +423,137 @@ def test_plan_restore_applies_filters_to_relative_paths():
 
 
 def test_plan_restore_single_object_lands_in_root():
-    plan = plan_restore(
+    plan = restore_plan_of(
         objects_for("docs/2024/report.pdf"), "docs/2024", ROOT, Filters(), False
     )
     assert [str(d.path) for d in plan.downloads] == ["/restore/report.pdf"]
+
+
+# The streaming plan: a file beside a folder of its name, whatever sorts between.
+
+
+def steps_for(keys, times=None, case_insensitive=False, filters=None):
+    times = times or {}
+    objects = {key: RemoteObject(key, 1, times.get(key, 1000.0)) for key in keys}
+    return restore_plan_of(objects, "", ROOT, filters or Filters(), case_insensitive)
+
+
+@pytest.mark.parametrize(
+    ("keys", "conflicts"),
+    [
+        (["a", "a-b", "a.txt", "a/x", "a0"], ["a"]),
+        (["a", "a b", "a!/c", "a-b", "a-b/c", "a.txt", "a/x"], ["a", "a-b"]),
+        (
+            ["a", "a-b/c/d", "a-b/c", "a.d/e", "a/b", "a/b.txt", "a/b/c"],
+            ["a", "a-b/c", "a/b"],
+        ),
+        (["a/b", "a/b/c", "a/bc"], ["a/b"]),
+        (["a", "ab/c", "a0/x", "b"], []),
+        (["a", "a/", "b"], []),  # a folder marker alone makes no folder
+        (["x", "x" + "-" * 40, "x" + "-" * 40 + "/y", "x/z"], ["x", "x" + "-" * 40]),
+    ],
+)
+def test_plan_restore_finds_a_file_beside_its_folder_in_any_key_order(keys, conflicts):
+    plan = steps_for(sorted(keys))
+    assert sorted(key for key, _ in plan.conflicts) == conflicts
+    restored = [key for key in sorted(keys) if key not in conflicts and key[-1] != "/"]
+    assert sorted(d.key for d in plan.downloads) == restored
+
+
+def test_plan_restore_compares_the_file_with_the_newest_object_under_its_folder():
+    keys = ["a", "a-b", "a.txt", "a/x", "a/y/z", "a0"]
+    times = {"a": 2000.0, "a/x": 1200.0, "a/y/z": 1500.0, "a-b": 9000.0}
+    [(key, why)] = steps_for(keys, times).conflicts
+    assert (key, why) == ("a", folder_conflict(2000.0, 1500.0))
+
+
+def test_plan_restore_refuses_keys_as_they_come_and_goes_on():
+    plan = steps_for(["a", "a/../../x", "a/y", "b/../../z", "c"])
+    assert [key for key, _ in plan.refused] == ["a/../../x", "b/../../z"]
+    assert [key for key, _ in plan.conflicts] == ["a"]
+    assert [d.key for d in plan.downloads] == ["a/y", "c"]
+
+
+def test_plan_restore_leaves_out_of_a_folder_what_the_filters_leave_out():
+    plan = steps_for(["a", "a.txt", "a/x.log"], filters=Filters(((False, "*.log"),)))
+    assert plan.conflicts == ()
+    assert sorted(d.key for d in plan.downloads) == ["a", "a.txt"]
+
+
+@pytest.mark.parametrize(
+    ("keys", "restored", "conflicts"),
+    [
+        (["A", "a/x"], ["a/x"], ["A"]),  # the folder wins, whatever the case
+        (["B", "a", "b"], ["B", "a"], ["b"]),
+        (["Dir/x", "dir/x", "dir/y"], ["Dir/x", "dir/y"], ["dir/x"]),
+    ],
+)
+def test_plan_restore_on_a_case_insensitive_file_system(keys, restored, conflicts):
+    plan = steps_for(keys, case_insensitive=True)
+    assert sorted(d.key for d in plan.downloads) == restored
+    assert [key for key, _ in plan.conflicts] == conflicts
+    assert sorted(d.key for d in steps_for(keys).downloads) == sorted(keys)
+
+
+def listing_that_ends_the_test_after(count: int):
+    """A listing of a million keys that fails the test if more than `count` are read."""
+    for n in range(1_000_000):
+        assert n < count, "the plan read on past the steps it was asked for"
+        yield RemoteObject(f"p/d{n // 100:05d}/f{n:07d}", 1, 1000.0)
+
+
+def test_plan_restore_gives_its_first_steps_before_the_listing_ends():
+    steps = plan_restore(
+        listing_that_ends_the_test_after(5), "p", ROOT, Filters(), False
+    )
+    first = list(itertools.islice(steps, 3))
+    assert [str(d.path) for d in first] == [
+        "/restore/d00000/f0000000",
+        "/restore/d00000/f0000001",
+        "/restore/d00000/f0000002",
+    ]
+
+
+def plan_by_the_whole_listing(keys, case_insensitive):
+    """The plan as restore.py made it from the whole listing held (before issue 28):
+    the downloads and the conflicts."""
+    fold = str.casefold if case_insensitive else str
+    files = [key for key in sorted(keys) if not key.endswith("/")]
+    folders = {fold(k[:i]) for k in files for i, c in enumerate(k) if c == "/"}
+    downloads, conflicts, taken = [], [], set()
+    for key in files:
+        if fold(key) in folders or fold(key) in taken:
+            conflicts.append(key)
+        else:
+            taken.add(fold(key))
+            downloads.append(key)
+    return sorted(downloads), sorted(conflicts)
+
+
+@pytest.mark.parametrize("case_insensitive", [False, True])
+def test_plan_restore_streamed_decides_as_the_whole_listing_did(case_insensitive):
+    names = random.Random(28)
+    alphabet = ["a", "A", "b", "-", ".", "/", " ", "0"]
+    for _ in range(300):
+        keys = set()
+        for _ in range(names.randint(1, 12)):
+            key = "".join(names.choice(alphabet) for _ in range(names.randint(1, 6)))
+            if "//" not in key and not key.startswith("/"):
+                keys.add(key)
+        keys = sorted(k for k in keys if key_problem(k) is None)
+        plan = steps_for(keys, case_insensitive=case_insensitive)
+        got = (
+            sorted(d.key for d in plan.downloads),
+            sorted(k for k, _ in plan.conflicts),
+        )
+        if not case_insensitive:
+            assert got == plan_by_the_whole_listing(keys, False), keys
+        else:  # the same conflicts, though another of a pair may be the one left out
+            expected = plan_by_the_whole_listing(keys, True)
+            assert len(got[1]) == len(expected[1]), keys
+            assert {k.casefold() for k in got[0]} == {
+                k.casefold() for k in expected[0]
+            }, keys
 
 
 def client_error(code, status=400, message="m"):

@@ -16,7 +16,7 @@ from plans import plan_of, steps_of
 import backup
 import restore
 from backup import BackupPlan, LocalFile, Upload
-from restore import Download, RestorePlan
+from restore import Download
 from s3common import (
     MULTIPART_THRESHOLD,
     CliError,
@@ -234,15 +234,20 @@ def test_check_summary_line_and_fields():
 
 def test_restore_plan_marks_only_matching_files_same_content():
     downloads = tuple(
-        Download(key, Path("/dst", key), 5, 1.0, "STANDARD")
+        Download(key, 5, 1.0, "STANDARD", path=Path("/dst", key))
         for key in ("same", "other", "unknown", "absent")
     )
     contents = Contents(
         local={"same": HELLO_MD5, "other": HELLO_MD5, "unknown": HELLO_MD5},
         remote={"same": HELLO_MD5, "other": OTHER_MD5, "unknown": None},
     )
-    plan = restore.with_same_content(RestorePlan(downloads, (), ()), contents)
-    assert [item.same_content for item in plan.downloads] == [
+    marked = [
+        restore.same_content(
+            item, contents.local.get(item.key), contents.remote.get(item.key)
+        )
+        for item in downloads
+    ]
+    assert [item.same_content for item in marked] == [
         True,
         False,
         False,
