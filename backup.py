@@ -88,6 +88,7 @@ from s3common import (
     key_problem,
     lock_state_key,
     map_failing_fast,
+    may_come_under,
     md5chksum,
     open_any,
     open_folder,
@@ -426,9 +427,7 @@ def plan_backup(
     for key, file, obj in pair_by_key(files(), remote):
         if held is not None and not files_left:
             break  # no file to back up: the rest of the listing changes nothing
-        while folders and not (
-            key < folders[-1][0] + "/" or key.startswith(folders[-1][0] + "/")
-        ):
+        while folders and not may_come_under(key, folders[-1][0]):
             yield from stale_step(*folders.pop())
         if file is None:
             others = single_file or key.endswith("/")  # another file's, a marker

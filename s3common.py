@@ -986,16 +986,6 @@ class FileBody:
         return self._at
 
 
-@dataclass
-class Contents:
-    """MD5s (hex) of files and of their objects, keyed by S3 key."""
-
-    local: dict[str, str] = field(default_factory=dict)
-    remote: dict[str, str | None] = field(default_factory=dict)  # None: not known
-    # Files that could not be read, by key.
-    failures: list[Failure] = field(default_factory=list)
-
-
 def both_md5s(
     store: Store, key: str, path: str, obj: RemoteObject
 ) -> tuple[str | OSError, str | None]:
@@ -1016,26 +1006,6 @@ def both_md5s(
         raise runtime_error(
             f"cannot read the metadata of s3://{store.bucket}/{key}", exc
         ) from None
-
-
-def compare_contents(
-    store: Store, candidates: dict[str, tuple[str, RemoteObject]], workers: int
-) -> Contents:
-    """Hash each candidate (key: (file path, its object)) and find its object's MD5
-    (both_md5s), on `workers` threads."""
-
-    keys = sorted(candidates)
-    md5s = map_failing_fast(
-        lambda key: both_md5s(store, key, *candidates[key]), keys, workers
-    )
-    contents = Contents()
-    for key in keys:
-        local, remote = next(md5s)
-        if isinstance(local, OSError):
-            contents.failures.append(Failure(key, local))
-        else:
-            contents.local[key], contents.remote[key] = local, remote
-    return contents
 
 
 # --- Worker pools and the --bwlimit token bucket -----------------------------
@@ -2708,10 +2678,8 @@ class Store:
         bucket, or a server that lists out of order (UnorderedServer), is listed
         whole, without ranges, and sorted.
         """
-        # One paginator for all ranges: each thread asking the client for its own would
-        # load botocore's paginator model again (it looks through the data folder of
-        # every AWS service) before the first request goes out (bench/RESULTS.md,
-        # W4 without HeadBucket).
+        # One paginator for all ranges: one a thread would load botocore's paginator
+        # model again before its first request (bench/RESULTS.md, W4 without HeadBucket).
         paginator = self.client.get_paginator("list_objects_v2")
         bucket = self.bucket
 

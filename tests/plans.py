@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from backup import BackupPlan, Compare, LocalFile, Step, plan_backup
 from backup import by_content as decide_by_content
 from restore import Conflict, Download, Refused, plan_restore
-from s3common import Contents, Filters, RemoteObject
+from s3common import Filters, RemoteObject
+
+
+@dataclass
+class Contents:
+    """MD5s (hex) of files and of their objects, keyed by S3 key, as both_md5s
+    would find them (None: the object's is not known)."""
+
+    local: dict[str, str] = field(default_factory=dict)
+    remote: dict[str, str | None] = field(default_factory=dict)
 
 
 def steps_of(

@@ -11,7 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 from conftest import client_for, make_tree
-from plans import plan_of, steps_of
+from plans import Contents, plan_of, steps_of
 
 import backup
 import restore
@@ -20,13 +20,12 @@ from restore import Download
 from s3common import (
     MULTIPART_THRESHOLD,
     CliError,
-    Contents,
     CustomerKey,
     Filters,
     RemoteObject,
     Store,
     Summary,
-    compare_contents,
+    both_md5s,
     md5_of_etag,
     md5_of_md5chksum,
     md5chksum,
@@ -325,43 +324,40 @@ def test_sse_kms_objects_get_md5chksum_and_are_checked_by_it(s3, src, capsys):
     # On S3 an SSE-KMS object's ETag is not its MD5 (moto's is): a listed ETag
     # that is not the file's MD5 sends one HEAD, which says KMS and gives md5chksum.
     listed = RemoteObject("p/a.txt", 5, 0.0, etag=OTHER_MD5)
-    candidates = {"p/a.txt": (str(src / "a.txt"), listed)}
-    contents = compare_contents(Store(s3, "vbk4"), candidates, workers=2)
-    assert contents.local == contents.remote == {"p/a.txt": HELLO_MD5}
+    md5s = both_md5s(Store(s3, "vbk4"), "p/a.txt", str(src / "a.txt"), listed)
+    assert md5s == (HELLO_MD5, HELLO_MD5)
 
 
-def test_compare_contents_a_plain_etag_that_differs_is_the_md5(s3, src):
+def test_both_md5s_a_plain_etag_that_differs_is_the_md5(s3, src):
     assert backup.main([str(src), "vbk5::p"]) == 0
     (src / "a.txt").write_bytes(b"HELLO")
+    store = Store(s3, "vbk5")
     listed = RemoteObject("p/a.txt", 5, 0.0, etag=HELLO_MD5)
-    candidates = {
-        "p/a.txt": (str(src / "a.txt"), listed),
-        "p/gone": (str(src / "sub" / "b.txt"), RemoteObject("p/gone", 5, 0.0)),
-        "p/sub/unreadable": (str(src / "nothing here"), listed),
-    }
-    contents = compare_contents(Store(s3, "vbk5"), candidates, workers=3)
-    assert contents.local["p/a.txt"] == hashlib.md5(b"HELLO").hexdigest()
-    assert contents.remote == {"p/a.txt": HELLO_MD5, "p/gone": None}
-    assert [f.item for f in contents.failures] == ["p/sub/unreadable"]
+    local, remote = both_md5s(store, "p/a.txt", str(src / "a.txt"), listed)
+    assert (local, remote) == (hashlib.md5(b"HELLO").hexdigest(), HELLO_MD5)
+    gone = RemoteObject("p/gone", 5, 0.0)
+    assert both_md5s(store, "p/gone", str(src / "sub" / "b.txt"), gone)[1] is None
+    unreadable = both_md5s(store, "p/x", str(src / "nothing here"), listed)
+    assert isinstance(unreadable[0], FileNotFoundError) and unreadable[1] is None
 
 
-def test_compare_contents_an_sse_c_object_has_no_md5_and_a_denied_head_stops(
+def test_both_md5s_an_sse_c_object_has_no_md5_and_a_denied_head_stops(
     src, failing_proxy
 ):
     proxy = failing_proxy({}, buckets=("vbk13",))
     assert backup.main([str(src), "vbk13::p", "--endpoint-url", proxy.url]) == 0
     listed = RemoteObject("p/a.txt", 5, 0.0, etag=OTHER_MD5)
-    candidates = {"p/a.txt": (str(src / "a.txt"), listed)}
+    path = str(src / "a.txt")
     client = client_for(proxy.url)
     # S3 answers a HEAD of an SSE-C object without its key with a bare 400.
     proxy.errors["HeadObject"] = ("400", 400)
-    contents = compare_contents(Store(client, "vbk13"), candidates, workers=1)
-    assert contents.remote == {"p/a.txt": None}
+    store = Store(client, "vbk13")
+    assert both_md5s(store, "p/a.txt", path, listed) == (HELLO_MD5, None)
     proxy.errors["HeadObject"] = ("403", 403)
     with pytest.raises(
         CliError, match="cannot read the metadata of s3://vbk13/p/a.txt"
     ):
-        compare_contents(Store(client, "vbk13"), candidates, workers=1)
+        both_md5s(store, "p/a.txt", path, listed)
 
 
 def test_multipart_object_without_md5chksum_counts_as_changed(s3, src, capsys):
