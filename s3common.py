@@ -1941,11 +1941,12 @@ class SigV4:
         payload: bytes,
         now: time.struct_time,
         query: str = "",
-        payload_sha256: str | None = None,
+        payload_hash: str | None = None,
     ) -> dict[str, str]:
         """The headers to send: `headers` and Host, X-Amz-Date, the payload's
-        SHA-256 (`payload_sha256` where the payload is not at hand: a FileBody),
-        the session token if any, and the Authorization.
+        SHA-256 (or `payload_hash` where the payload is not at hand, a FileBody's:
+        its SHA-256 or UNSIGNED_PAYLOAD), the session token if any, and the
+        Authorization.
 
         `query` is the URL's query string, already encoded and in sorted order
         (as version_query writes it), which is then its canonical form."""
@@ -1956,7 +1957,7 @@ class SigV4:
         signed["host"] = host
         signed["x-amz-date"] = timestamp
         signed["x-amz-content-sha256"] = (
-            payload_sha256 or hashlib.sha256(payload).hexdigest()
+            payload_hash or hashlib.sha256(payload).hexdigest()
         )
         if credentials.token:
             signed["x-amz-security-token"] = credentials.token
@@ -2206,13 +2207,13 @@ class DirectRequests:
             # As botocore signs a streamed body with a checksum header: over TLS
             # unsigned (TLS and the CRC32 guard it), else by its SHA-256.
             tls = origin[0] == "https"
-            streamed = UNSIGNED_PAYLOAD if tls else body.sha256()
+            payload_hash = UNSIGNED_PAYLOAD if tls else body.sha256()
             payload, headers = b"", {**headers, "Content-Length": str(len(body))}
         else:
-            streamed, payload = None, body
+            payload_hash, payload = None, body
         headers = route.signer.sign(
             credentials, method, route.host, path, headers, payload, time.gmtime(),
-            query, streamed,
+            query, payload_hash,
         )  # fmt: skip
         headers["User-Agent"] = DIRECT_USER_AGENT
         try:
@@ -3006,8 +3007,8 @@ class Store:
         Our own checksum header, so that botocore streams no aws-chunked body
         with a trailing one (see connect), direct or not; a locked bucket takes
         no upload without one. The body is let through --bwlimit whole (it is
-        under MULTIPART_THRESHOLD): both ways read it more than once, for the
-        payload's hash, before they send it.
+        under MULTIPART_THRESHOLD): over http both ways read it once more for
+        the payload's hash before they send it.
         """
         self._pace(len(data))
         crc = data.crc32 if isinstance(data, FileBody) else zlib.crc32(data)
